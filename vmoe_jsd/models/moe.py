@@ -1,0 +1,420 @@
+"""Sparse MoE dispatch/combine and the expert-parallel exchange.
+
+Shape glossary, used across the package:
+  B batch (images), V views, P patches per image, T tokens per image (P, plus
+  one with a class token), D hidden, G groups, S group size (tokens), E
+  experts, C capacity (buffer slots per expert and group), K experts per
+  token.
+
+All tokens of a batch are cut into G routing groups of S tokens, and each
+group is routed independently ([V-MoE] Sec. 2.2, Riquelme et al. 2021,
+arXiv:2106.05974). A dispatcher moves each group's tokens into per-expert
+buffers, (G, S, D) -> (G, E, C, D), and combines the experts' outputs back,
+(G, E, C, D') -> (G, S, D'), weighting each by its gate. Tokens that do not
+fit in an expert's buffer are dropped: their MoE output is zero and the
+residual connection carries them.
+
+Expert parallelism: under a device mesh with axes ('data', 'expert') the
+groups are sharded over both axes (every device holds whole groups), the
+expert parameters over 'expert'. `to_experts` reshapes the dispatched
+buffers to (E, G * C, D) under sharding constraints that put E on 'expert'
+and the groups on 'data', so XLA's SPMD partitioner exchanges the buffers
+with one all-to-all over the 'expert' axis; `from_experts` undoes it.
+Without a mesh the constraints are skipped and the same code runs on one
+device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from vmoe_jsd import sharding
+
+Array = jax.Array
+
+
+def compute_capacity(
+  num_tokens: int,
+  num_experts: int,
+  capacity_factor: float,
+  ceil_or_round: str = 'ceil',
+  multiple_of: int | None = 4,
+) -> int:
+  """Buffer slots per expert: ceil(num_tokens * cf / E), up to a multiple.
+
+  For top-K routing num_tokens = K * S, so C = ceil(K S cf / E) rounded up
+  to a multiple of `multiple_of` (4 in vmoe, to avoid padding on TPUs).
+
+  Args:
+    num_tokens: tokens (times K) to distribute in one group.
+    num_experts: E.
+    capacity_factor: cf > 0.
+    ceil_or_round: 'ceil' or 'round' the fractional capacity.
+    multiple_of: round the capacity up to a multiple of this; None or 0: no.
+
+  Returns:
+    The capacity C >= 1.
+  """
+  if capacity_factor <= 0:
+    raise ValueError(f'capacity_factor={capacity_factor} must be > 0')
+  exact = num_tokens * capacity_factor / num_experts
+  if ceil_or_round == 'ceil':
+    capacity = int(math.ceil(exact))
+  elif ceil_or_round == 'round':
+    capacity = int(round(exact))
+  else:
+    raise ValueError(
+      f"capacity_ceil_or_round={ceil_or_round!r} is unknown; choose 'ceil' "
+      "or 'round'"
+    )
+  if capacity < 1:
+    raise ValueError(
+      f'num_tokens={num_tokens}, num_experts={num_experts} and '
+      f'capacity_factor={capacity_factor} give capacity {capacity}; it must '
+      'be >= 1'
+    )
+  if multiple_of:
+    capacity += (-capacity) % multiple_of
+  return capacity
+
+
+# ----------------------------------------------------------------------------
+# Dispatchers. Each holds the routing decision of every group.
+# ----------------------------------------------------------------------------
+def _maybe_bfloat16(x: Array, enabled: bool) -> Array:
+  if enabled and jnp.issubdtype(x.dtype, jnp.floating):
+    return x.astype(jnp.bfloat16)
+  return x
+
+
+@flax.struct.dataclass
+class EinsumDispatcher:
+  """Dispatch and combine with dense (G, S, E, C) weight tensors.
+
+  The most general form: any routing (top-K, expert choice, soft slots of
+  Soft MoE) is a dispatch tensor and a combine tensor. Cost grows with
+  G * S * E * C, so prefer `IndicesDispatcher` for large top-K groups.
+
+  Attributes:
+    dispatch_weights: (G, S, E, C) weight of token s in slot c of expert e
+      (0/1 for hard routing, soft for Soft MoE).
+    combine_weights: (G, S, E, C) weight of that slot's output in token s's
+      combined output.
+    bfloat16: send data through dispatch/combine in bfloat16.
+  """
+
+  dispatch_weights: Array
+  combine_weights: Array
+  bfloat16: bool = flax.struct.field(pytree_node=False, default=False)
+
+  def dispatch(self, data: Array) -> Array:
+    """(G, S, ...) -> (G, E, C, ...)."""
+    dtype = data.dtype
+    weights = self.dispatch_weights.astype(
+      jnp.bfloat16 if self.bfloat16 else dtype
+    )
+    out = jnp.einsum(
+      'GSEC,GS...->GEC...', weights, _maybe_bfloat16(data, self.bfloat16)
+    )
+    return out.astype(dtype)
+
+  def combine(self, data: Array) -> Array:
+    """(G, E, C, ...) -> (G, S, ...)."""
+    dtype = data.dtype
+    weights = self.combine_weights.astype(
+      jnp.bfloat16 if self.bfloat16 else dtype
+    )
+    out = jnp.einsum(
+      'GSEC,GEC...->GS...', weights, _maybe_bfloat16(data, self.bfloat16)
+    )
+    return out.astype(dtype)
+
+
+@flax.struct.dataclass
+class IndicesDispatcher:
+  """Dispatch and combine top-K routing by gathering rows.
+
+  Memory and time grow with G * (S * K + E * C) * D, independent of the
+  product S * E * C that the einsum form materialises.
+
+  Attributes:
+    expert_index: (G, S, K) int32 expert of each of a token's K choices.
+    buffer_index: (G, S, K) int32 slot in that expert's buffer; >= capacity
+      means the choice was dropped.
+    combine_weights: (G, S, K) gate of each choice, 0 where dropped.
+    num_experts: E.
+    capacity: C.
+    bfloat16: send data through dispatch/combine in bfloat16.
+  """
+
+  expert_index: Array
+  buffer_index: Array
+  combine_weights: Array
+  num_experts: int = flax.struct.field(pytree_node=False)
+  capacity: int = flax.struct.field(pytree_node=False)
+  bfloat16: bool = flax.struct.field(pytree_node=False, default=False)
+
+  def _slot_ids(self) -> Array:
+    """(G, S, K) flat slot e * C + c of each choice; E * C when dropped."""
+    kept = self.buffer_index < self.capacity
+    slot = self.expert_index * self.capacity + self.buffer_index
+    return jnp.where(kept, slot, self.num_experts * self.capacity)
+
+  def dispatch(self, data: Array) -> Array:
+    """(G, S, ...) -> (G, E, C, ...)."""
+    num_groups, group_size = data.shape[:2]
+    num_slots = self.num_experts * self.capacity
+    slot = self._slot_ids().reshape(num_groups, -1)  # (G, S*K)
+    token = jnp.broadcast_to(
+      jnp.arange(group_size, dtype=jnp.int32)[:, None],
+      self.expert_index.shape[1:],
+    ).reshape(-1)
+    # Which token fills each slot (S = an all-zero padding row). The slot of
+    # a dropped choice is the extra index num_slots, cut off below.
+    slot_token = jax.vmap(
+      lambda s: (
+        jnp.full((num_slots + 1,), group_size, jnp.int32).at[s].set(token)
+      )
+    )(slot)[:, :num_slots]
+    dtype = data.dtype
+    data = _maybe_bfloat16(data, self.bfloat16)
+    padded = jnp.concatenate(
+      [data, jnp.zeros_like(data[:, :1])], axis=1
+    )  # (G, S+1, ...)
+    out = jax.vmap(lambda x, i: x[i])(padded, slot_token)
+    return out.reshape(
+      num_groups, self.num_experts, self.capacity, *data.shape[2:]
+    ).astype(dtype)
+
+  def combine(self, data: Array) -> Array:
+    """(G, E, C, ...) -> (G, S, ...)."""
+    num_groups = data.shape[0]
+    item_shape = data.shape[3:]
+    dtype = data.dtype
+    data = _maybe_bfloat16(data, self.bfloat16)
+    flat = data.reshape(num_groups, -1, *item_shape)
+    flat = jnp.concatenate([flat, jnp.zeros_like(flat[:, :1])], axis=1)
+    gathered = jax.vmap(lambda x, i: x[i])(flat, self._slot_ids())
+    weights = self.combine_weights.astype(gathered.dtype)
+    weights = weights.reshape(weights.shape + (1,) * len(item_shape))
+    return jnp.sum(gathered * weights, axis=2).astype(dtype)
+
+
+# ----------------------------------------------------------------------------
+# Top-K routing decisions (one group; vmap over groups).
+# ----------------------------------------------------------------------------
+def top_experts_per_item(
+  gates: Array, num_selected_experts: int, batch_priority: bool
+) -> tuple[Array, Array, Array]:
+  """Top-K expert choice per token and each choice's position in the buffer.
+
+  All first choices are served before any second choice, and so on. Within
+  one rank, tokens earlier in the group come first ('vanilla' routing), or,
+  with batch_priority, tokens whose largest gate is larger come first (Batch
+  Prioritized Routing, [V-MoE] Sec. 4.1; ties keep the original order).
+
+  Args:
+    gates: (S, E) gate values (router softmax) of one group.
+    num_selected_experts: K.
+    batch_priority: use BPR order instead of the token order.
+
+  Returns:
+    (gate (S, K), expert_index (S, K) int32, buffer_index (S, K) int32): the
+    K largest gates per token in decreasing order, their experts, and the
+    0-based slot each choice takes in its expert's buffer when buffers are
+    unbounded; compare with the capacity to find dropped choices.
+  """
+  group_size, num_experts = gates.shape
+  top_gate, expert_index = jax.lax.top_k(gates, num_selected_experts)
+  expert_index = expert_index.astype(jnp.int32)
+  if batch_priority:
+    order = jnp.argsort(-top_gate[:, 0], stable=True)
+  else:
+    order = jnp.arange(group_size)
+  # (K * S,) choices in priority order: rank-major, then token priority.
+  ranked = expert_index[order].T.reshape(-1)
+  one_hot = jax.nn.one_hot(ranked, num_experts, dtype=jnp.int32)
+  position = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)
+  position = position.reshape(num_selected_experts, group_size).T  # (S, K)
+  buffer_index = jnp.zeros_like(position).at[order].set(position)
+  return top_gate, expert_index, buffer_index.astype(jnp.int32)
+
+
+def make_top_k_dispatcher(
+  gates: Array,
+  num_selected_experts: int,
+  *,
+  name: str = 'einsum',
+  capacity: int | None = None,
+  capacity_factor: float | None = None,
+  batch_priority: bool = False,
+  capacity_ceil_or_round: str = 'ceil',
+  capacity_multiple_of: int | None = 4,
+  bfloat16: bool = False,
+) -> tuple[EinsumDispatcher | IndicesDispatcher, dict[str, Array]]:
+  """Builds the dispatcher of top-K (experts choose per token) routing.
+
+  Args:
+    gates: (G, S, E) gate values; also the combine weights of kept choices.
+    num_selected_experts: K.
+    name: 'einsum' or 'indices' (see the dispatcher classes).
+    capacity: slots per expert and group; exclusive with capacity_factor.
+    capacity_factor: C = ceil(K * S * cf / E) rounded up to a multiple of
+      capacity_multiple_of.
+    batch_priority: Batch Prioritized Routing.
+    capacity_ceil_or_round: see compute_capacity.
+    capacity_multiple_of: see compute_capacity.
+    bfloat16: dispatch/combine data in bfloat16.
+
+  Returns:
+    The dispatcher and metrics: 'dropped_fraction' (G,), the fraction of the
+    group's K * S choices that did not fit, and 'dropped_tokens' (G,), the
+    fraction of tokens that lost every choice.
+  """
+  if (capacity is None) == (capacity_factor is None):
+    raise ValueError(
+      'Set exactly one of dispatcher.capacity and dispatcher.capacity_factor;'
+      f' got capacity={capacity!r}, capacity_factor={capacity_factor!r}'
+    )
+  _, group_size, num_experts = gates.shape
+  if capacity is None:
+    capacity = compute_capacity(
+      group_size * num_selected_experts,
+      num_experts,
+      capacity_factor,
+      capacity_ceil_or_round,
+      capacity_multiple_of,
+    )
+  top_gate, expert_index, buffer_index = jax.vmap(
+    lambda g: top_experts_per_item(g, num_selected_experts, batch_priority)
+  )(gates)
+  kept = buffer_index < capacity
+  combine = jnp.where(kept, top_gate, 0.0)
+  metrics = {
+    'dropped_fraction': 1.0 - jnp.mean(kept, axis=(1, 2)),
+    'dropped_tokens': jnp.mean(~jnp.any(kept, axis=2), axis=1),
+  }
+  if name == 'indices':
+    dispatcher = IndicesDispatcher(
+      expert_index=expert_index,
+      buffer_index=buffer_index,
+      combine_weights=combine,
+      num_experts=num_experts,
+      capacity=capacity,
+      bfloat16=bfloat16,
+    )
+  elif name == 'einsum':
+    # (G, S, K, E) x (G, S, K, C) -> (G, S, E, C); a dropped choice's slot
+    # index is >= C, so its one-hot row is all zeros.
+    expert_oh = jax.nn.one_hot(expert_index, num_experts, dtype=gates.dtype)
+    slot_oh = jax.nn.one_hot(buffer_index, capacity, dtype=gates.dtype)
+    dispatch = jnp.einsum('GSKE,GSKC->GSEC', expert_oh, slot_oh)
+    combine_w = jnp.einsum('GSKE,GSKC,GSK->GSEC', expert_oh, slot_oh, combine)
+    dispatcher = EinsumDispatcher(
+      dispatch_weights=dispatch, combine_weights=combine_w, bfloat16=bfloat16
+    )
+  else:
+    raise ValueError(
+      f"dispatcher.name={name!r} is unknown; choose one of ['einsum', "
+      "'indices']"
+    )
+  return dispatcher, metrics
+
+
+def make_top_items_per_expert_dispatcher(
+  gates: Array,
+  *,
+  capacity: int | None = None,
+  capacity_factor: float | None = None,
+  capacity_ceil_or_round: str = 'ceil',
+  capacity_multiple_of: int | None = 4,
+  bfloat16: bool = False,
+  name: str = 'einsum',
+) -> tuple[EinsumDispatcher, dict[str, Array]]:
+  """Expert-choice routing: every expert takes its top-C tokens.
+
+  Zhou et al., "Mixture-of-Experts with Expert Choice Routing",
+  arXiv:2202.09368. Loads are balanced by construction; a token may be taken
+  by 0..E experts. C = ceil(S * cf / E), rounded up as in compute_capacity.
+
+  Args:
+    gates: (G, S, E) gate values; also the combine weights.
+    capacity, capacity_factor, capacity_ceil_or_round, capacity_multiple_of:
+      as in make_top_k_dispatcher, with num_tokens = S.
+    bfloat16: dispatch/combine data in bfloat16.
+    name: only 'einsum' is implemented for this routing.
+
+  Returns:
+    The dispatcher and metrics: 'dropped_tokens' (G,) the fraction of tokens
+    no expert took, 'experts_per_token' (G,) the mean number of experts that
+    took a token.
+  """
+  if name != 'einsum':
+    raise ValueError(
+      f'dispatcher.name={name!r} is not available for expert-choice routing;'
+      " choose 'einsum'"
+    )
+  if (capacity is None) == (capacity_factor is None):
+    raise ValueError(
+      'Set exactly one of dispatcher.capacity and dispatcher.capacity_factor;'
+      f' got capacity={capacity!r}, capacity_factor={capacity_factor!r}'
+    )
+  _, group_size, num_experts = gates.shape
+  if capacity is None:
+    capacity = compute_capacity(
+      group_size,
+      num_experts,
+      capacity_factor,
+      capacity_ceil_or_round,
+      capacity_multiple_of,
+    )
+  if capacity > group_size:
+    raise ValueError(
+      f'expert-choice capacity {capacity} exceeds the group size '
+      f'{group_size}; lower capacity_factor'
+    )
+  # (G, E, C) the C tokens with the largest gate, per expert.
+  _, token_index = jax.lax.top_k(jnp.swapaxes(gates, 1, 2), capacity)
+  dispatch = jax.nn.one_hot(token_index, group_size, axis=1, dtype=gates.dtype)
+  combine = dispatch * gates[..., None]
+  experts_per_token = jnp.sum(dispatch, axis=(2, 3))  # (G, S)
+  metrics = {
+    'dropped_tokens': jnp.mean(experts_per_token == 0, axis=1),
+    'experts_per_token': jnp.mean(experts_per_token, axis=1),
+  }
+  return (
+    EinsumDispatcher(
+      dispatch_weights=dispatch, combine_weights=combine, bfloat16=bfloat16
+    ),
+    metrics,
+  )
+
+
+# ----------------------------------------------------------------------------
+# Expert-parallel exchange.
+# ----------------------------------------------------------------------------
+def to_experts(data: Array) -> Array:
+  """(G, E, C, ...) buffers, groups sharded -> (E, G * C, ...), E sharded."""
+  num_groups, num_experts, capacity = data.shape[:3]
+  data = sharding.constrain(data, PartitionSpec(sharding.BATCH_AXES))
+  data = jnp.swapaxes(data, 0, 1)
+  data = sharding.constrain(
+    data, PartitionSpec(sharding.EXPERT_AXIS, sharding.DATA_AXIS)
+  )
+  return data.reshape(num_experts, num_groups * capacity, *data.shape[3:])
+
+
+def from_experts(data: Array, num_groups: int) -> Array:
+  """(E, G * C, ...) expert outputs -> (G, E, C, ...), groups sharded."""
+  num_experts = data.shape[0]
+  data = data.reshape(num_experts, num_groups, -1, *data.shape[2:])
+  data = sharding.constrain(
+    data, PartitionSpec(sharding.EXPERT_AXIS, sharding.DATA_AXIS)
+  )
+  data = jnp.swapaxes(data, 0, 1)
+  return sharding.constrain(data, PartitionSpec(sharding.BATCH_AXES))

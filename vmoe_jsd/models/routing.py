@@ -1,0 +1,196 @@
+"""Routers: from a group of tokens to a dispatcher, metrics and router logits.
+
+Every router computes its gating logits with a bias-free dense layer named
+'dense' (the parameter `.../Moe/Router/dense/kernel`, as in vmoe), and sows
+the CLEAN logits (before noise, before top-k) into the 'intermediates'
+collection under the name 'router_logits', shape (G, S, E). The train step
+and evaluation read them from there (apply with mutable=['intermediates'])
+for the router-consistency loss and the routing figures, so no module
+signature carries correspondence arguments. Soft MoE sows its dispatch
+logits (token-slot affinities), its analogue of a router distribution.
+
+Routers ([V-MoE] = Riquelme et al. 2021, arXiv:2106.05974):
+  - NoisyTopExpertsPerItemRouter: top-K experts per token, Gaussian noise of
+    std noise_std / E on the logits during training ([V-MoE] Sec. 2.2 and
+    Appendix A), vanilla or Batch Prioritized Routing, capacity.
+  - NoisyTopItemsPerExpertRouter: expert choice (arXiv:2202.09368).
+Each returns (dispatcher, metrics); metrics values have shape (G,) and
+include 'auxiliary_loss', the weighted sum of the router's auxiliary losses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vmoe_jsd import losses
+from vmoe_jsd.models import moe
+
+Array = jax.Array
+KwArgs = Mapping[str, Any]
+
+ROUTER_LOGITS = 'router_logits'
+
+
+def _weighted_sum(*pairs):
+  """Sum of weight * value over pairs with weight > 0 (others may be NaN)."""
+  terms = [w * v for w, v in pairs if w > 0]
+  return sum(terms) if terms else 0.0
+
+
+def _dispatcher_kwargs(dispatcher: KwArgs | None) -> dict[str, Any]:
+  kwargs = dict(dispatcher or {})
+  # Sharding hints of vmoe's configs: this package shards groups over the
+  # mesh itself (see moe.to_experts), so the hint carries no information.
+  kwargs.pop('partition_spec', None)
+  kwargs.pop('einsum_precision', None)
+  return kwargs
+
+
+class NoisyTopExpertsPerItemRouter(nn.Module):
+  """Noisy top-K router of V-MoE ([V-MoE] Sec. 2.2, Appendix A).
+
+  Gates are softmax(W x) (clean) or softmax(W x + eps), eps ~ N(0, (noise_std
+  / E)^2) during training; each token goes to its K largest gates, which are
+  also its combine weights (not renormalised). Auxiliary losses per group:
+  importance (clean gates), load (training only: it needs the noise), and
+  optionally GShard's and the ST-MoE z-loss.
+
+  Attributes:
+    num_experts: E.
+    num_selected_experts: K, 1 <= K <= E.
+    noise_std: noise std in units of 1 / E (vmoe's convention).
+    importance_loss_weight: weight of the importance loss.
+    load_loss_weight: weight of the load loss.
+    gshard_loss_weight: weight of GShard's l_aux.
+    z_loss_weight: weight of the router z-loss.
+    dispatcher: kwargs of moe.make_top_k_dispatcher (name, capacity_factor,
+      batch_priority, capacity_multiple_of, bfloat16, ...).
+    deterministic: no noise (evaluation).
+    dtype: dtype of the gating computation.
+  """
+
+  num_experts: int
+  num_selected_experts: int = 1
+  noise_std: float = 1.0
+  importance_loss_weight: float = 1.0
+  load_loss_weight: float = 1.0
+  gshard_loss_weight: float = 0.0
+  z_loss_weight: float = 0.0
+  dispatcher: KwArgs | None = None
+  deterministic: bool = False
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, inputs: Array):
+    if inputs.ndim != 3:
+      raise ValueError(f'router inputs must be (G, S, D), got {inputs.shape}')
+    if not 1 <= self.num_selected_experts <= self.num_experts:
+      raise ValueError(
+        f'num_selected_experts={self.num_selected_experts} must be in '
+        f'[1, num_experts={self.num_experts}]'
+      )
+    logits = nn.Dense(
+      self.num_experts,
+      use_bias=False,
+      dtype=self.dtype or inputs.dtype,
+      name='dense',
+    )(inputs)  # (G, S, E)
+    self.sow('intermediates', ROUTER_LOGITS, logits)
+    gates = jax.nn.softmax(logits.astype(jnp.float32))
+    metrics = {'importance_loss': jax.vmap(losses.importance_loss)(gates)}
+    if self.deterministic or self.noise_std == 0.0:
+      gates_dispatch = gates
+    else:
+      noise_std = self.noise_std / self.num_experts
+      noisy_logits = logits + noise_std * jax.random.normal(
+        self.make_rng('gating'), logits.shape, logits.dtype
+      )
+      gates_dispatch = jax.nn.softmax(noisy_logits.astype(jnp.float32))
+      metrics['load_loss'] = jax.vmap(
+        lambda a, b: losses.load_loss(
+          a, b, noise_std, self.num_selected_experts
+        )
+      )(logits, noisy_logits)
+    metrics['gshard_loss'] = jax.vmap(losses.gshard_loss)(gates_dispatch)
+    metrics['z_loss'] = jax.vmap(losses.router_z_loss)(logits)
+    metrics['auxiliary_loss'] = _weighted_sum(
+      (self.importance_loss_weight, metrics['importance_loss']),
+      (self.load_loss_weight, metrics.get('load_loss', 0.0)),
+      (self.gshard_loss_weight, metrics['gshard_loss']),
+      (self.z_loss_weight, metrics['z_loss']),
+    ) + jnp.zeros(logits.shape[0])
+    dispatcher, dispatch_metrics = moe.make_top_k_dispatcher(
+      gates_dispatch.astype(inputs.dtype),
+      self.num_selected_experts,
+      **_dispatcher_kwargs(self.dispatcher),
+    )
+    metrics.update(dispatch_metrics)
+    return dispatcher, metrics
+
+
+class NoisyTopItemsPerExpertRouter(nn.Module):
+  """Expert-choice router (Zhou et al. 2022, arXiv:2202.09368).
+
+  Each expert takes the C tokens with the largest gate; no auxiliary loss is
+  needed for balance (its auxiliary_loss is the optional z-loss).
+
+  Attributes:
+    num_experts: E.
+    noise_std: noise std in units of 1 / E during training.
+    z_loss_weight: weight of the router z-loss.
+    dispatcher: kwargs of moe.make_top_items_per_expert_dispatcher.
+    deterministic: no noise (evaluation).
+    dtype: dtype of the gating computation.
+  """
+
+  num_experts: int
+  noise_std: float = 1.0
+  z_loss_weight: float = 0.0
+  dispatcher: KwArgs | None = None
+  deterministic: bool = False
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, inputs: Array):
+    logits = nn.Dense(
+      self.num_experts,
+      use_bias=False,
+      dtype=self.dtype or inputs.dtype,
+      name='dense',
+    )(inputs)
+    self.sow('intermediates', ROUTER_LOGITS, logits)
+    if not (self.deterministic or self.noise_std == 0.0):
+      noise_std = self.noise_std / self.num_experts
+      logits_dispatch = logits + noise_std * jax.random.normal(
+        self.make_rng('gating'), logits.shape, logits.dtype
+      )
+    else:
+      logits_dispatch = logits
+    gates = jax.nn.softmax(logits_dispatch.astype(jnp.float32))
+    dispatcher, metrics = moe.make_top_items_per_expert_dispatcher(
+      gates.astype(inputs.dtype), **_dispatcher_kwargs(self.dispatcher)
+    )
+    metrics['z_loss'] = jax.vmap(losses.router_z_loss)(logits)
+    metrics['auxiliary_loss'] = _weighted_sum(
+      (self.z_loss_weight, metrics['z_loss'])
+    ) + jnp.zeros(logits.shape[0])
+    return dispatcher, metrics
+
+
+ROUTERS = {
+  'NoisyTopExpertsPerItemRouter': NoisyTopExpertsPerItemRouter,
+  'NoisyTopItemsPerExpertRouter': NoisyTopItemsPerExpertRouter,
+}
+
+
+def get_router_cls(name: str):
+  if name not in ROUTERS:
+    raise ValueError(
+      f'router.name={name!r} is unknown; choose one of {sorted(ROUTERS)}'
+    )
+  return ROUTERS[name]
