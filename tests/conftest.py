@@ -22,7 +22,7 @@ jax.config.update(
     os.path.join(tempfile.gettempdir(), 'vmoe_jsd_jax_cache'),
   ),
 )
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 
 FIXTURES = os.path.join(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

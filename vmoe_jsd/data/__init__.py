@@ -1,0 +1,48 @@
+"""Host-side datasets. One registry maps config.dataset.<split>.name to code.
+
+Every dataset has `num_classes`, `image_shape`, `__len__`,
+`train_batches(batch_size, seed=, start_step=, process_index=,
+process_count=)` and `eval_batches(batch_size, process_index=,
+process_count=, limit=)`, yielding uint8 images (B, H, W, C) and int32
+labels (eval batches add a boolean 'mask' for padding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+DATASETS = ('fashion_mnist', 'synthetic', 'tfds')
+
+
+def get_dataset(cfg: Mapping[str, Any]):
+  """Builds the dataset described by one config.dataset.<split> block."""
+  name = cfg['name']
+  if name == 'fashion_mnist':
+    from vmoe_jsd.data import fashion_mnist  # noqa: PLC0415
+
+    return fashion_mnist.load(cfg['split'], cfg.get('data_dir'))
+  if name == 'synthetic':
+    from vmoe_jsd.data import synthetic  # noqa: PLC0415
+
+    return synthetic.load(
+      cfg['split'],
+      num_examples=cfg.get('num_examples', 512),
+      image_size=cfg.get('image_size', 16),
+      channels=cfg.get('channels', 1),
+      num_classes=cfg.get('num_classes', 4),
+      seed=cfg.get('seed', 0),
+    )
+  if name == 'tfds':
+    from vmoe_jsd.data import tfds_data  # noqa: PLC0415
+
+    return tfds_data.TfdsDataset(
+      cfg['tfds_name'],
+      cfg['split'],
+      image_size=cfg['image_size'],
+      data_dir=cfg.get('data_dir'),
+      shuffle_buffer=cfg.get('shuffle_buffer', 10_000),
+    )
+  raise ValueError(
+    f'dataset.name={name!r} is unknown; choose one of {sorted(DATASETS)}'
+  )

@@ -296,7 +296,7 @@ def make_top_k_dispatcher(
   kept = buffer_index < capacity
   combine = jnp.where(kept, top_gate, 0.0)
   metrics = {
-    'dropped_fraction': 1.0 - jnp.mean(kept, axis=(1, 2)),
+    'dropped_fraction': jnp.mean(~kept, axis=(1, 2)),
     'dropped_tokens': jnp.mean(~jnp.any(kept, axis=2), axis=1),
   }
   if name == 'indices':

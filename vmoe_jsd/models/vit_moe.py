@@ -164,7 +164,7 @@ class MapHead(nn.Module):
       deterministic=True,
       normalize_qk=self.qk_norm,
       name='MultiHeadDotProductAttention',
-    )(inputs_q=probe, inputs_kv=x)
+    )(inputs_q=probe, inputs_k=x, inputs_v=x)
     y = nn.LayerNorm(name='LayerNorm')(x)
     y = MlpBlock(mlp_dim=self.mlp_dim, deterministic=True, name='Mlp')(y)
     return (x + y)[:, 0, :]
@@ -205,7 +205,7 @@ class EncoderBlock(nn.Module):
       dropout_rate=self.attention_dropout_rate,
       normalize_qk=self.attention_qk_norm,
       name='SelfAttention',
-    )(inputs_q=x, inputs_kv=x)
+    )(inputs_q=x, inputs_k=x, inputs_v=x)
     x = nn.Dropout(self.dropout_rate, deterministic=self.deterministic)(x)
     x = x + inputs
     y = nn.LayerNorm(dtype=self.dtype)(x)

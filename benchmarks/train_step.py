@@ -1,0 +1,78 @@
+r"""Times the jitted train step (and its augmentation alone) for a config.
+
+  python benchmarks/train_step.py --config=configs/default.py \
+      [--config.model.patch_size='(7,7)' ...] [--steps=20]
+
+Prints ms per step and images/s (each image = 2 views), after compilation.
+"""
+
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'config file')
+_STEPS = flags.DEFINE_integer('steps', 20, 'timed steps')
+
+
+def main(_):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from vmoe_jsd import augment, config_lib, data, sharding, train
+  from vmoe_jsd.models import build_model
+
+  config = _CONFIG.value
+  config_lib.validate(config, jax.device_count())
+  mesh = sharding.make_mesh(config.num_expert_partitions)
+  ds = data.get_dataset(config.dataset.train)
+  settings = augment.ViewSettings.from_config(
+    {k: v for k, v in config.augment.to_dict().items() if k != 'size'},
+    size=config.augment.size,
+    patch_size=config.model.patch_size[0],
+  )
+  model = build_model(config.model, deterministic=False)
+  tx, schedule = train.make_optimizer(config.optimizer, 1000)
+  b = config.dataset.train.batch_size
+  batch = next(ds.train_batches(b, seed=0))
+  images, labels = jnp.asarray(batch['image']), jnp.asarray(batch['label'])
+  key = jax.random.key(0)
+  with jax.set_mesh(mesh):
+    dummy = jnp.zeros((2 * b, settings.size, settings.size, images.shape[-1]))
+    params = model.init({'params': key, 'dropout': key, 'gating': key}, dummy)[
+      'params'
+    ]
+    state = train.TrainState(jnp.int32(0), params, tx.init(params))
+    step = jax.jit(
+      train.make_train_step(config, model, tx, schedule, settings),
+      donate_argnums=(0,),
+    )
+    aug = jax.jit(lambda k, x: augment.batched_paired_views(k, x, settings))
+    t = time.time()
+    state, m = step(state, images, labels)
+    jax.block_until_ready(m)
+    print(f'compile+first step: {time.time() - t:.1f}s')
+    jax.block_until_ready(aug(key, images))
+    # Keys made outside the timed loop: an eager op under a mesh context
+    # costs tens of ms on CPU and would dominate.
+    keys = [jax.random.fold_in(key, i) for i in range(_STEPS.value)]
+    t = time.time()
+    for i in range(_STEPS.value):
+      out = aug(keys[i], images)
+    jax.block_until_ready(out)
+    ta = (time.time() - t) / _STEPS.value
+    t = time.time()
+    for _ in range(_STEPS.value):
+      state, m = step(state, images, labels)
+    jax.block_until_ready(m)
+    ts = (time.time() - t) / _STEPS.value
+  n = sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
+  print(
+    f'params {n:,}  batch {b}x2 views  step {ts * 1e3:.1f} ms  '
+    f'({b / ts:.0f} img/s)  augmentation alone {ta * 1e3:.1f} ms'
+  )
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,96 @@
+r"""Default: a small V-MoE with router consistency on Fashion-MNIST, on CPU.
+
+  python -m vmoe_jsd.main --config=configs/default.py --workdir=/tmp/default
+
+Hardware: 2 CPU cores. Time and accuracy: see README (measured).
+`--config=configs/default.py:runlocal` shrinks it to a 20-step smoke run.
+"""
+
+import ml_collections
+
+from vmoe_jsd import config_common
+
+IMAGE_SIZE = 28
+PATCH = 4
+TOKENS = (IMAGE_SIZE // PATCH) ** 2 + 1  # class token
+
+
+def get_config(arg=None):
+  config = config_common.base_config()
+  config.seed = 0
+  config.num_train_steps = 2000
+
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.train = dict(
+    name='fashion_mnist', split='train', batch_size=128, data_dir=None
+  )
+  config.dataset.test = dict(
+    name='fashion_mnist', split='test', batch_size=400, data_dir=None
+  )
+
+  config.augment = dict(
+    size=IMAGE_SIZE,
+    crop_scale=(0.35, 1.0),
+    crop_ratio=(3 / 4, 4 / 3),
+    flip=True,
+    brightness=0.1,
+    contrast=0.1,
+    photometric=True,
+  )
+
+  config.model = dict(
+    name='VisionTransformerMoe',
+    num_classes=10,
+    patch_size=(PATCH, PATCH),
+    hidden_size=96,
+    classifier='token',
+    representation_size=None,
+    head_kernel_zero_init=True,
+    encoder=dict(
+      num_layers=4,
+      mlp_dim=192,
+      num_heads=4,
+      dropout_rate=0.0,
+      attention_dropout_rate=0.0,
+      moe=dict(
+        layers=(1, 3),
+        num_experts=4,
+        group_size=8 * TOKENS,
+        split_rngs=False,
+        router=dict(
+          num_selected_experts=2,
+          noise_std=1.0,
+          importance_loss_weight=0.005,
+          load_loss_weight=0.005,
+          dispatcher=dict(
+            name='einsum', capacity_factor=1.25, batch_priority=False
+          ),
+        ),
+      ),
+    ),
+  )
+
+  config.optimizer = dict(
+    name='adamw',
+    b1=0.9,
+    b2=0.999,
+    weight_decay=[('.*/kernel$', 0.05)],
+    gradient_clip=dict(global_norm=1.0),
+    learning_rate=dict(
+      schedule='warmup_cosine_decay',
+      peak_value=1e-3,
+      end_value=1e-5,
+      warmup_steps=100,
+    ),
+  )
+
+  config.consistency.weight = 0.1
+  config.consistency.temperature = 1.0
+  config.report_progress.every_steps = 50
+  config.save_checkpoint.every_steps = 500
+
+  if arg == 'runlocal':
+    config_common.shrink_for_local_run(config)
+  elif arg:
+    raise ValueError(f"config argument {arg!r} is unknown; use 'runlocal'")
+  return ml_collections.ConfigDict(config)

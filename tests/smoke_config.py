@@ -1,0 +1,51 @@
+"""A tiny V-MoE on synthetic data: seconds per run, for end-to-end tests."""
+
+import ml_collections
+
+from vmoe_jsd import config_common
+
+
+def get_config(arg=None):
+  del arg
+  config = config_common.base_config()
+  config.num_train_steps = 6
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.train = dict(
+    name='synthetic',
+    split='train',
+    batch_size=8,
+    num_examples=64,
+    image_size=16,
+  )
+  config.dataset.test = dict(
+    name='synthetic',
+    split='test',
+    batch_size=16,
+    num_examples=32,
+    image_size=16,
+  )
+  config.augment = dict(
+    size=16, crop_scale=(0.5, 1.0), brightness=0.1, contrast=0.1
+  )
+  config.model = dict(
+    num_classes=4, patch_size=(4, 4), hidden_size=16, classifier='token',
+    encoder=dict(
+      num_layers=2, mlp_dim=32, num_heads=2,
+      moe=dict(layers=(1,), num_experts=4, group_size=2 * 17,
+               router=dict(num_selected_experts=2, noise_std=1.0,
+                           importance_loss_weight=0.005,
+                           load_loss_weight=0.005,
+                           dispatcher=dict(name='indices',
+                                           capacity_factor=1.25))),
+    ),
+  )  # fmt: skip
+  config.optimizer = dict(
+    name='adamw', weight_decay=0.01, gradient_clip=dict(global_norm=1.0),
+    learning_rate=dict(schedule='warmup_cosine_decay', peak_value=1e-3,
+                       end_value=1e-5, warmup_steps=2),
+  )  # fmt: skip
+  config.consistency.weight = 0.5
+  config.save_checkpoint.every_steps = 2
+  config.report_progress.every_steps = 1
+  config.evaluate.every_steps = 0
+  return ml_collections.ConfigDict(config)

@@ -1,0 +1,615 @@
+"""Tests for vmoe_jsd.augment: geometry, rendering, correspondences, jitter.
+
+The patch correspondences are checked against a brute-force reference that
+looks only at pixels: a source image whose pixels hold their own coordinates
+is rendered into both views, and each patch centre of view a is located in
+view b from the rendered coordinates alone.
+"""
+
+import dataclasses
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from vmoe_jsd import augment
+
+FILL = -1000.0
+
+# One compiled program per (settings, image shape), shared by the tests.
+_paired_views = jax.jit(augment.paired_views, static_argnames='settings')
+_batched_paired_views = jax.jit(
+  augment.batched_paired_views, static_argnames='settings'
+)
+
+
+def _coordinate_image(height, width):
+  """(H, W, 2) float32: channel 0 is the row centre, 1 the column centre."""
+  rows = np.arange(height) + 0.5
+  cols = np.arange(width) + 0.5
+  grid_y, grid_x = np.meshgrid(rows, cols, indexing='ij')
+  return np.stack([grid_y, grid_x], axis=-1).astype(np.float32)
+
+
+def _random_image(shape, seed=0):
+  return np.random.RandomState(seed).randint(0, 256, shape).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- settings
+
+
+def test_settings_are_hashable_and_have_the_documented_defaults():
+  settings = augment.ViewSettings(size=24, patch_size=4)
+  assert settings.crop_scale == (0.35, 1.0)
+  assert settings.crop_ratio == (3 / 4, 4 / 3)
+  assert settings.flip and settings.photometric
+  assert settings.rotate_degrees == settings.translate == 0.0
+  assert settings.brightness == settings.contrast == settings.fill_value == 0.0
+  assert (settings.grid_size, settings.num_patches) == (6, 36)
+  assert hash(settings) == hash(augment.ViewSettings(size=24, patch_size=4))
+
+
+def test_from_config_accepts_lists_and_config_dicts():
+  cfg = {'crop_scale': [0.5, 1.0], 'crop_ratio': [1, 2], 'brightness': 0.1}
+  from_dict = augment.ViewSettings.from_config(cfg, size=16, patch_size=4)
+  from_config_dict = augment.ViewSettings.from_config(
+    ml_collections.ConfigDict(cfg), size=16, patch_size=4
+  )
+  expected = augment.ViewSettings(
+    size=16,
+    patch_size=4,
+    crop_scale=(0.5, 1.0),
+    crop_ratio=(1.0, 2.0),
+    brightness=0.1,
+  )
+  assert from_dict == from_config_dict == expected
+  hash(from_dict)
+  assert augment.ViewSettings.from_config(
+    None, size=16, patch_size=4
+  ) == augment.ViewSettings(size=16, patch_size=4)
+
+
+@pytest.mark.parametrize(
+  'kwargs, fragments',
+  [
+    (dict(size=24, patch_size=5), ['size=24', 'patch_size=5']),
+    (dict(size=0), ['size=0']),
+    (dict(crop_scale=(0.0, 1.0)), ['crop_scale', '(0.0, 1.0)']),
+    (dict(crop_scale=(0.5, 1.5)), ['crop_scale', '1.5']),
+    (dict(crop_scale=(0.9, 0.5)), ['crop_scale', '(0.9, 0.5)']),
+    (dict(crop_scale=(0.5,)), ['crop_scale', '(0.5,)']),
+    (dict(crop_ratio=(0.0, 1.0)), ['crop_ratio', '(0.0, 1.0)']),
+    (dict(crop_ratio=(2.0, 1.0)), ['crop_ratio', '(2.0, 1.0)']),
+    (dict(brightness=-0.25), ['brightness', '-0.25']),
+    (dict(contrast=-0.5), ['contrast', '-0.5']),
+    (dict(contrast=1.5), ['contrast', '1.5']),
+    (dict(rotate_degrees=-5), ['rotate_degrees', '-5']),
+    (dict(translate=-0.1), ['translate', '-0.1']),
+    (dict(flip='yes'), ['flip', 'yes']),
+    (dict(fill_value=float('nan')), ['fill_value', 'nan']),
+  ],
+)
+def test_bad_settings_raise_naming_the_value(kwargs, fragments):
+  kwargs = dict(dict(size=24, patch_size=4), **kwargs)
+  with pytest.raises(ValueError) as error:
+    augment.ViewSettings(**kwargs)
+  for fragment in fragments:
+    assert fragment in str(error.value)
+  config = {k: v for k, v in kwargs.items() if k not in ('size', 'patch_size')}
+  with pytest.raises(ValueError) as error:
+    augment.ViewSettings.from_config(
+      config, size=kwargs['size'], patch_size=kwargs['patch_size']
+    )
+  for fragment in fragments:
+    assert fragment in str(error.value)
+
+
+def test_from_config_rejects_unknown_keys_listing_valid_ones():
+  with pytest.raises(ValueError, match=re.escape("['crop_scal']")) as error:
+    augment.ViewSettings.from_config(
+      {'crop_scal': (0.3, 1.0)}, size=16, patch_size=4
+    )
+  assert "'crop_scale'" in str(error.value)
+  assert "'size'" not in str(error.value)
+
+
+# ---------------------------------------------------------------- matrices
+
+
+def _apply(affine, y, x):
+  return np.asarray(affine, np.float64) @ np.array([y, x, 1.0])
+
+
+@jax.jit
+def _example_matrices():
+  # One program instead of many eagerly compiled small ops.
+  composed = (
+    augment.translation(1.0, 2.0)
+    @ augment.rotation(0.3, (4.0, 5.0))
+    @ augment.scaling(1.5, -0.7)
+  )
+  return dict(
+    translation=augment.translation(2.0, -3.0),
+    scaling=augment.scaling(2.0, 0.5),
+    hflip=augment.hflip(10),
+    quarter=augment.rotation(np.pi / 2, center=(2.0, 3.0)),
+    composed=composed,
+    inverse=augment.invert_affine(composed),
+  )
+
+
+def test_matrix_helpers_move_points_as_documented():
+  matrices = _example_matrices()
+  assert all(m.dtype == jnp.float32 for m in matrices.values())
+  np.testing.assert_allclose(
+    _apply(matrices['translation'], 1.0, 1.0), [3, -2, 1]
+  )
+  np.testing.assert_allclose(_apply(matrices['scaling'], 3.0, 4.0), [6, 2, 1])
+  # Column c of a width-10 image maps onto column 9 - c (centres 0.5, 9.5).
+  np.testing.assert_allclose(_apply(matrices['hflip'], 5.0, 0.5), [5, 9.5, 1])
+  # A quarter turn about (2, 3): one step right of the centre becomes one
+  # step up (counter-clockwise on screen, y pointing down).
+  quarter = matrices['quarter']
+  np.testing.assert_allclose(_apply(quarter, 2.0, 4.0), [1, 3, 1], atol=1e-6)
+  np.testing.assert_allclose(_apply(quarter, 2.0, 3.0), [2, 3, 1], atol=1e-6)
+  np.testing.assert_allclose(
+    matrices['inverse'],
+    np.linalg.inv(np.asarray(matrices['composed'], np.float64)),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+
+
+# ---------------------------------------------- brute-force correspondences
+
+
+def _in_linear_region(values, source_hw, eps=1e-3):
+  """Rendered coordinates that bilinear sampling reproduces exactly.
+
+  Within half a pixel of the source border the renderer clamps to the border
+  pixels, and outside it writes FILL; both are excluded.
+  """
+  height, width = source_hw
+  y, x = values[..., 0], values[..., 1]
+  return (
+    (y > 0.5 + eps)
+    & (y < height - 0.5 - eps)
+    & (x > 0.5 + eps)
+    & (x < width - 0.5 - eps)
+  )
+
+
+def _patch_centre_source_point(view, row, col, patch_size, source_hw):
+  """Reads the source point at a patch centre of a rendered coordinate view.
+
+  Returns:
+    'fill' if the centre shows no source content (odd p: the centre is a pixel
+    centre), the (2,) point where the field is linear there, else None.
+  """
+  half = patch_size // 2
+  if patch_size % 2:
+    pixels = [(row * patch_size + half, col * patch_size + half)]
+  else:  # The centre is the corner shared by four pixels: average them.
+    pixels = [
+      (row * patch_size + half - 1 + dy, col * patch_size + half - 1 + dx)
+      for dy in (0, 1)
+      for dx in (0, 1)
+    ]
+  values = np.stack([view[r, c] for r, c in pixels]).astype(np.float64)
+  if patch_size % 2 and np.all(values == FILL):
+    return 'fill'
+  if np.all(_in_linear_region(values, source_hw)):
+    return values.mean(axis=0)
+  return None
+
+
+def _locate_in_view(point, view, patch_size, source_hw, tol=1e-2):
+  """Brute force: which patch of a rendered coordinate view shows `point`?
+
+  Finds the pixel whose rendered source coordinate is nearest, then refines
+  to a continuous position with finite differences of the neighbouring
+  pixels (exact, as the rendered field is linear there).
+
+  Returns:
+    The patch index, -1 if the point is clearly outside the view, or None
+    when it lies within `tol` pixels of a patch or view boundary.
+  """
+  size = view.shape[0]
+  grid = size // patch_size
+  view = view.astype(np.float64)
+  linear = _in_linear_region(view, source_hw)
+  if not linear.any():
+    return None
+  distances = np.where(linear, np.sum((view - point) ** 2, axis=-1), np.inf)
+  r, c = np.unravel_index(np.argmin(distances), distances.shape)
+
+  def difference(dr, dc):
+    for sign in (1, -1):
+      rr, cc = r + sign * dr, c + sign * dc
+      if 0 <= rr < size and 0 <= cc < size and linear[rr, cc]:
+        return sign * (view[rr, cc] - view[r, c])
+    return None
+
+  d_row, d_col = difference(1, 0), difference(0, 1)
+  if d_row is None or d_col is None:
+    return None
+  jacobian = np.stack([d_row, d_col], axis=1)  # d(source) / d(view)
+  position = np.array([r + 0.5, c + 0.5]) + np.linalg.solve(
+    jacobian, point - view[r, c]
+  )
+  if np.any(position < -tol) or np.any(position >= size + tol):
+    return -1
+  offsets = np.mod(position, patch_size)
+  if (
+    np.any(position < tol)
+    or np.any(position > size - tol)
+    or np.any(offsets < tol)
+    or np.any(offsets > patch_size - tol)
+  ):
+    return None
+  row, col = (position // patch_size).astype(int)
+  return int(row * grid + col)
+
+
+_SOURCE_HW = (40, 28)  # Non-square, so a transposed axis would show.
+_PATCH_SIZES = (3, 4)  # Patch centres on pixel centres / on pixel corners.
+
+
+def _brute_force_settings(patch_size):
+  return augment.ViewSettings(
+    size=24,
+    patch_size=patch_size,
+    fill_value=FILL,
+    rotate_degrees=30.0,
+    translate=0.2,
+    # Jitter amounts are set but switched off: views are geometric renders.
+    brightness=0.5,
+    contrast=0.5,
+    photometric=False,
+  )
+
+
+@functools.partial(jax.jit, static_argnames='settings')
+def _render_pairs(keys, image, settings):
+  """Coordinate renders of many view pairs and their maps for each p."""
+  source_hw = image.shape[:2]
+  size = settings.size
+
+  def one(key):
+    affines = augment.paired_affines(key, source_hw, settings)
+    views = jax.vmap(
+      lambda a: augment.render_view(image, a, size, settings.fill_value)
+    )(affines)
+    maps = {
+      p: jnp.stack(
+        [
+          augment.patch_index_map(
+            affines[i], affines[1 - i], size, p, source_hw
+          )
+          for i in range(2)
+        ]
+      )
+      for p in _PATCH_SIZES
+    }
+    # Key 1: each view against itself with 1-pixel patches, -1 exactly where
+    # the pixel centre is outside the source.
+    maps[1] = jax.vmap(
+      lambda a: augment.patch_index_map(a, a, size, 1, source_hw)
+    )(affines)
+    return views, maps
+
+  return jax.vmap(one)(keys)
+
+
+@functools.cache
+def _geometric_pairs():
+  """paired_views' keys, the renders of their geometry and the maps per p."""
+  keys = jax.random.split(jax.random.key(0), 32)
+  # paired_views(key) draws its geometry from the first half of split(key).
+  geometry_keys = jax.vmap(jax.random.split)(keys)[:, 0]
+  image = jnp.asarray(_coordinate_image(*_SOURCE_HW))
+  # The geometry does not depend on the patch size.
+  views, maps = _render_pairs(geometry_keys, image, _brute_force_settings(4))
+  return keys, image, np.asarray(views), jax.device_get(maps)
+
+
+@pytest.mark.parametrize('patch_size', _PATCH_SIZES)
+def test_patch_index_map_matches_brute_force_pixel_search(patch_size):
+  source_hw = _SOURCE_HW
+  _, _, views, all_maps = _geometric_pairs()
+  maps = all_maps[patch_size]
+  grid = 24 // patch_size
+  counts = dict(patch=0, outside_view=0, outside_source=0, skipped=0)
+  for views_k, maps_k in zip(views, maps, strict=True):
+    for a in range(2):
+      for index in range(grid * grid):
+        row, col = divmod(index, grid)
+        point = _patch_centre_source_point(
+          views_k[a], row, col, patch_size, source_hw
+        )
+        if isinstance(point, str):  # 'fill': the centre shows no content.
+          assert maps_k[a, index] == -1
+          counts['outside_source'] += 1
+          continue
+        expected = None
+        if point is not None:
+          expected = _locate_in_view(
+            point, views_k[1 - a], patch_size, source_hw
+          )
+        if expected is None:
+          counts['skipped'] += 1
+          continue
+        assert maps_k[a, index] == expected, (a, index, point)
+        counts['patch' if expected >= 0 else 'outside_view'] += 1
+  total = sum(counts.values())
+  assert counts['patch'] > 0.3 * total, counts
+  assert counts['skipped'] < 0.35 * total, counts
+  assert counts['outside_view'] > 20, counts
+  if patch_size % 2:
+    assert counts['outside_source'] > 20, counts
+
+
+def test_fill_and_outside_source_agree_between_render_and_map():
+  _, _, views, maps = _geometric_pairs()
+  size = views.shape[2]
+  self_maps = maps[1].reshape(views.shape[:4])  # (N, 2, S, S)
+  is_fill = np.all(views == FILL, axis=-1)
+  np.testing.assert_array_equal(self_maps == -1, is_fill)
+  assert 0.02 < is_fill.mean() < 0.5  # Rotations and shifts do leave fill.
+  pixel_ids = np.arange(size * size).reshape(size, size)
+  np.testing.assert_array_equal(
+    self_maps[~is_fill], np.broadcast_to(pixel_ids, is_fill.shape)[~is_fill]
+  )
+
+
+def test_photometric_off_views_are_the_geometric_renders():
+  keys, image, views, maps = _geometric_pairs()
+  settings = _brute_force_settings(4)
+  maps = maps[4]
+  for k in range(2):
+    paired, paired_maps = _paired_views(keys[k], image, settings)
+    # Fill (-1000) and coordinates (> 1) pass: nothing was jittered or clipped.
+    # (Not bit-exact: the two programs may round the affines differently.)
+    np.testing.assert_allclose(paired, views[k], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(paired_maps, maps[k])
+
+
+# ---------------------------------------------------- identity and flipping
+
+
+def _unit(image):
+  return np.asarray(image, np.float32) / np.float32(255)
+
+
+def _identity_settings(source_hw, size, patch_size, **kwargs):
+  ratio = source_hw[1] / source_hw[0]
+  defaults = dict(
+    crop_scale=(1.0, 1.0), crop_ratio=(ratio, ratio), photometric=False
+  )
+  return augment.ViewSettings(
+    size=size, patch_size=patch_size, **dict(defaults, flip=False, **kwargs)
+  )
+
+
+def test_identity_settings_resample_a_non_square_source():
+  # Coordinates scaled into [0.25, 0.75], so brightness jitter never clips.
+  to_unit = np.array([1 / 80, 1 / 56], np.float32)
+  image = _coordinate_image(40, 28) * to_unit + 0.25
+  settings = _identity_settings(
+    (40, 28), 20, 4, brightness=0.2, photometric=True
+  )
+  views, maps = _paired_views(jax.random.key(4), image, settings)
+  # View pixel (r, c) shows source point ((r + .5) * 40/20, (c + .5) * 28/20).
+  expected = _coordinate_image(20, 20) * np.array([2.0, 1.4], np.float32)
+  expected = expected * to_unit + 0.25
+  deltas = np.asarray(views) - expected
+  # Each view is the resampled image plus its own brightness delta.
+  np.testing.assert_allclose(
+    deltas, np.broadcast_to(deltas[:, :1, :1, :1], deltas.shape), atol=1e-6
+  )
+  assert abs(deltas[0, 0, 0, 0] - deltas[1, 0, 0, 0]) > 1e-3
+  np.testing.assert_array_equal(maps, np.tile(np.arange(25), (2, 1)))
+
+
+def test_center_view_is_the_whole_image_resized():
+  center_view = jax.jit(augment.center_view, static_argnames='settings')
+  settings = augment.ViewSettings(size=20, patch_size=4, brightness=0.5)
+  expected = _coordinate_image(20, 20) * np.array([2.0, 1.4], np.float32)
+  np.testing.assert_allclose(
+    center_view(_coordinate_image(40, 28), settings), expected, atol=1e-4
+  )
+  # uint8 input: the image / 255, up to the rounding of the division (XLA may
+  # multiply by the reciprocal instead).
+  image = _random_image((20, 20, 1))
+  np.testing.assert_allclose(
+    center_view(image, settings), _unit(image), rtol=0, atol=1e-7
+  )
+
+
+def _mirrored(grid):
+  rows, cols = np.divmod(np.arange(grid * grid), grid)
+  return rows * grid + (grid - 1 - cols)
+
+
+def test_hflip_of_one_view_mirrors_the_map():
+  grid, patch_size = 6, 4
+  size = grid * patch_size
+  identity = np.eye(3, dtype=np.float32)
+  # x -> S - x, written out rather than taken from augment.hflip.
+  flipped = np.array([[1, 0, 0], [0, -1, size], [0, 0, 1]], np.float32)
+  index_map = jax.jit(augment.patch_index_map, static_argnums=(2, 3, 4))
+  for a, b in [(identity, flipped), (flipped, identity)]:
+    np.testing.assert_array_equal(
+      index_map(a, b, size, patch_size, (size, size)), _mirrored(grid)
+    )
+
+
+def test_identity_crops_with_random_flips_give_the_image_or_its_mirror():
+  # Crop = whole image, S = source size: an unflipped view is exactly the
+  # image, a flipped one exactly its mirror; maps are the identity or mirrored.
+  image = _unit(_random_image((24, 24, 1), seed=1))
+  settings = dataclasses.replace(
+    _identity_settings((24, 24), 24, 4, brightness=0.5), flip=True
+  )
+  images = np.broadcast_to(image, (16, *image.shape))
+  views, maps = _batched_paired_views(jax.random.key(5), images, settings)
+  seen = set()
+  for views_k, maps_k in zip(np.asarray(views), np.asarray(maps), strict=True):
+    flips = []
+    for view in views_k:
+      is_mirror = np.array_equal(view, image[:, ::-1])
+      assert is_mirror or np.array_equal(view, image)
+      flips.append(is_mirror)
+    expected = _mirrored(6) if flips[0] != flips[1] else np.arange(36)
+    np.testing.assert_array_equal(maps_k, np.tile(expected, (2, 1)))
+    seen.add(tuple(flips))
+  assert seen == {(False, False), (False, True), (True, False), (True, True)}
+
+
+# ------------------------------------------------------ crop distribution
+
+
+@jax.jit
+def _default_crops(keys, source_hw):
+  settings = augment.ViewSettings(size=16, patch_size=4)
+  return jax.vmap(
+    lambda k: augment.sample_view_geometry(k, source_hw, settings)
+  )(keys)
+
+
+@pytest.mark.parametrize(
+  'source_hw, largest_area',
+  [
+    ((32, 32), 1.0),
+    # Too tall for ratio 3/4: at most 28 x 37.33 of 28 x 40.
+    ((40, 28), 14 / 15),
+    # Height-bound: no crop of ratio <= 4/3 covers more than 4/9 of it.
+    ((20, 60), 4 / 9),
+  ],
+)
+def test_crops_respect_scale_ratio_and_source_bounds(source_hw, largest_area):
+  keys = jax.random.split(jax.random.key(6), 512)
+  # The source size may be traced: one program serves every shape here.
+  affines = np.asarray(
+    _default_crops(keys, jnp.asarray(source_hw, jnp.float32)), np.float64
+  )
+  height, width = source_hw
+  np.testing.assert_array_equal(affines[:, 0, 1], 0)
+  np.testing.assert_array_equal(affines[:, 1, 0], 0)
+  np.testing.assert_array_equal(affines[:, 2], np.tile([0, 0, 1], (512, 1)))
+  crop_h = affines[:, 0, 0] * 16
+  crop_w = np.abs(affines[:, 1, 1]) * 16
+  area = np.abs(np.linalg.det(affines[:, :2, :2])) * 16**2 / (height * width)
+  assert np.all(area >= 0.35 - 1e-5)
+  assert np.all(area <= largest_area + 1e-5)
+  assert area.min() < 0.37 and area.max() > largest_area - 0.05
+  ratio = crop_w / crop_h
+  assert np.all(ratio >= 3 / 4 - 1e-5) and np.all(ratio <= 4 / 3 + 1e-5)
+  assert ratio.max() > 4 / 3 - 0.05
+  assert ratio.min() < 3 / 4 + 0.05 or largest_area < 1 / 2
+  corners = np.array([[0, 0, 1], [0, 16, 1], [16, 0, 1], [16, 16, 1]], float)
+  mapped = np.einsum('nij,kj->nki', affines, corners)
+  assert np.all(mapped[..., 0] >= -1e-4)
+  assert np.all(mapped[..., 0] <= height + 1e-4)
+  assert np.all(mapped[..., 1] >= -1e-4)
+  assert np.all(mapped[..., 1] <= width + 1e-4)
+  flipped = np.mean(affines[:, 1, 1] < 0)
+  assert 0.4 < flipped < 0.6
+
+
+def test_crop_falls_back_to_the_largest_central_crop():
+  # No crop of ratio <= 4/3 and area >= 0.35 fits in a 10x100 strip: every
+  # crop must be the central 10 x 13.33 box, as in torchvision.
+  keys = jax.random.split(jax.random.key(6), 512)
+  affines = np.asarray(_default_crops(keys, jnp.array([10.0, 100.0])))
+  np.testing.assert_allclose(affines[:, 0, 0] * 16, 10, rtol=1e-5)
+  np.testing.assert_allclose(np.abs(affines[:, 1, 1]) * 16, 40 / 3, rtol=1e-5)
+  centres = affines @ np.array([8.0, 8.0, 1.0])  # The view centre.
+  np.testing.assert_allclose(centres[:, :2], np.tile([5, 50], (512, 1)))
+
+
+# ------------------------------------------- determinism, jit, vmap, shapes
+
+
+SETTINGS = augment.ViewSettings(
+  size=16,
+  patch_size=4,
+  rotate_degrees=10.0,
+  translate=0.1,
+  brightness=0.2,
+  contrast=0.2,
+)
+
+
+def test_same_key_same_views_different_key_different_views():
+  image = _unit(_random_image((20, 18, 3)))
+  key = jax.random.PRNGKey(7)  # A raw uint32 key.
+  views, maps = _paired_views(key, image, SETTINGS)
+  again, again_maps = _paired_views(key, image, SETTINGS)
+  np.testing.assert_array_equal(views, again)
+  np.testing.assert_array_equal(maps, again_maps)
+  other, _ = _paired_views(jax.random.PRNGKey(8), image, SETTINGS)
+  assert not np.allclose(views, other)
+  assert not np.allclose(views[0], views[1])
+
+
+def test_batched_views_match_single_views_with_right_shapes():
+  images = _unit(_random_image((3, 20, 18, 3), seed=3))
+  key = jax.random.key(9)  # A typed key.
+  views, maps = _batched_paired_views(key, images, SETTINGS)
+  assert views.shape == (3, 2, 16, 16, 3)
+  assert views.dtype == jnp.float32
+  assert maps.shape == (3, 2, 16)
+  assert maps.dtype == jnp.int32
+  assert float(views.min()) >= 0 and float(views.max()) <= 1
+  assert np.all((maps >= -1) & (maps < 16))
+  for i, k in enumerate(jax.random.split(key, 3)):
+    # Raw uint32 keys give the same streams as typed threefry keys.
+    raw = jax.random.key_data(k)
+    single_views, single_maps = _paired_views(raw, images[i], SETTINGS)
+    np.testing.assert_allclose(views[i], single_views, atol=1e-5)
+    np.testing.assert_array_equal(maps[i], single_maps)
+
+
+# ------------------------------------------------------------- photometric
+
+
+@functools.partial(jax.jit, static_argnames='settings')
+def _photometric_many(keys, view, settings):
+  return jax.vmap(lambda k: augment.photometric(k, view, settings))(keys)
+
+
+def test_photometric_brightness_and_contrast_follow_their_formulas():
+  base = augment.ViewSettings(size=8, patch_size=4)
+  keys = jax.random.split(jax.random.key(12), 16)
+  # Mid-grey values: no clipping, so out = mean + f * (view - mean) + delta.
+  view = np.random.RandomState(3).uniform(0.4, 0.6, (8, 8, 3))
+  view = view.astype(np.float32)
+  # No jitter: the view itself comes back, not even clipped.
+  for settings in [
+    base,
+    dataclasses.replace(base, brightness=0.5, photometric=False),
+  ]:
+    assert augment.photometric(keys[0], view, settings) is view
+  settings = dataclasses.replace(base, brightness=0.3, contrast=0.5)
+  jittered = np.asarray(_photometric_many(keys, view, settings), np.float64)
+  centred = (view - view.mean()).ravel().astype(np.float64)
+  design = np.stack([np.ones_like(centred), centred], axis=1)
+  deltas, factors = [], []
+  for out in jittered:
+    target = out.ravel() - view.mean()
+    (delta, factor), *_ = np.linalg.lstsq(design, target, rcond=None)
+    np.testing.assert_allclose(design @ [delta, factor], target, atol=1e-6)
+    deltas.append(delta)
+    factors.append(factor)
+  assert np.all(np.abs(deltas) <= 0.3) and np.ptp(deltas) > 0.1
+  assert np.all(np.abs(np.subtract(factors, 1)) <= 0.5)
+  assert np.ptp(factors) > 0.1
+  # Full-range values get clipped back into [0, 1].
+  view = np.random.RandomState(4).uniform(0, 1, (8, 8, 3)).astype(np.float32)
+  jittered = _photometric_many(keys, view, settings)
+  assert float(jittered.min()) == 0 and float(jittered.max()) == 1

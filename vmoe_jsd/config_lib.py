@@ -1,0 +1,288 @@
+"""Config validation and the arithmetic derived from a config.
+
+`validate(config, num_devices)` runs before any dataset is read or anything
+is compiled, and raises ValueError naming the key, the bad value and what
+would be valid. Configs describe; the registries here and in the modules
+(routers, losses, datasets, schedules) decide.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from vmoe_jsd import augment, losses
+from vmoe_jsd.data import DATASETS
+from vmoe_jsd.models import routing
+
+CONSISTENCY_LOSSES = ('jsd',)
+OPTIMIZERS = ('adam', 'adamw', 'sgd')
+SCHEDULES = (
+  'constant',
+  'warmup_cosine_decay',
+  'warmup_linear_decay',
+  'warmup_rsqrt_decay',
+)
+CLASSIFIERS = ('0', 'gap', 'map', 'token')
+
+
+def to_dict(cfg) -> dict[str, Any]:
+  if cfg is None:
+    return {}
+  if isinstance(cfg, ml_collections.ConfigDict):
+    return cfg.to_dict()
+  return dict(cfg)
+
+
+def _fail(key: str, value: Any, valid: str):
+  raise ValueError(f'config.{key}={value!r} is invalid: {valid}')
+
+
+def deep_update(base: Mapping, overrides: Mapping | None) -> dict:
+  """Recursively merged copy of `base` with `overrides` (dicts merge)."""
+  out = dict(base)
+  for key, value in to_dict(overrides).items():
+    if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+      out[key] = deep_update(out[key], value)
+    else:
+      out[key] = value
+  return out
+
+
+def eval_model_config(config) -> dict:
+  """config.model with config.evaluate.model_overrides applied."""
+  overrides = config.get('evaluate', {}).get('model_overrides')
+  return deep_update(to_dict(config.model), overrides)
+
+
+def tokens_per_image(model_cfg: Mapping, image_size: int) -> int:
+  patch = tuple(model_cfg['patch_size'])
+  grid = (image_size // patch[0]) * (image_size // patch[1])
+  return grid + (1 if model_cfg.get('classifier', 'token') == 'token' else 0)
+
+
+def num_prefix_tokens(model_cfg: Mapping) -> int:
+  return 1 if model_cfg.get('classifier', 'token') == 'token' else 0
+
+
+def moe_layers(model_cfg: Mapping) -> tuple[int, ...]:
+  moe = model_cfg.get('encoder', {}).get('moe') or {}
+  return tuple(moe.get('layers', ()))
+
+
+def consistency_layers(config) -> tuple[int, ...]:
+  layers = config.consistency.get('layers')
+  return moe_layers(config.model) if layers is None else tuple(layers)
+
+
+def num_train_steps(config, num_train_examples: int | None) -> int:
+  """config.num_train_steps, or train_epochs * N / batch_size (rounded up)."""
+  if config.get('num_train_steps'):
+    return int(config.num_train_steps)
+  epochs = config.get('train_epochs')
+  if not epochs or num_train_examples is None:
+    raise ValueError(
+      'Set config.num_train_steps or config.train_epochs (> 0); got '
+      f'num_train_steps={config.get("num_train_steps")!r}, '
+      f'train_epochs={epochs!r}'
+    )
+  batch = config.dataset.train.batch_size
+  return int(math.ceil(epochs * num_train_examples / batch))
+
+
+def validate(config, num_devices: int) -> None:
+  """Raises ValueError if the config cannot work on `num_devices` devices."""
+  model = to_dict(config.model)
+  encoder = model.get('encoder') or {}
+  moe = encoder.get('moe') or {}
+  router = dict(moe.get('router') or {})
+  dispatcher = router.get('dispatcher') or {}
+  image_size = config.augment.size
+  patch = tuple(model.get('patch_size', ()))
+
+  # Model shape.
+  if model.get('name', 'VisionTransformerMoe') != 'VisionTransformerMoe':
+    _fail('model.name', model.get('name'), "choose 'VisionTransformerMoe'")
+  if len(patch) != 2 or any(p <= 0 for p in patch):
+    _fail('model.patch_size', model.get('patch_size'), 'use (p, p), p > 0')
+  if patch[0] != patch[1]:
+    _fail('model.patch_size', patch, 'square patches only (views are square)')
+  if image_size % patch[0]:
+    _fail(
+      'augment.size',
+      image_size,
+      f'must be a multiple of model.patch_size={patch[0]}',
+    )
+  if model.get('classifier', 'token') not in CLASSIFIERS:
+    _fail('model.classifier', model.get('classifier'), f'one of {CLASSIFIERS}')
+  pos = (encoder.get('position_emb') or {}).get('name', 'learned')
+  if pos not in ('learned', 'sincos2d', 'none'):
+    _fail(
+      'model.encoder.position_emb.name',
+      pos,
+      "one of ['learned', 'none', 'sincos2d']",
+    )
+  num_layers = encoder.get('num_layers', 0)
+  if encoder.get('num_heads', 0) <= 0 or model['hidden_size'] % encoder.get(
+    'num_heads', 1
+  ):
+    _fail(
+      'model.encoder.num_heads',
+      encoder.get('num_heads'),
+      f'must be > 0 and divide hidden_size={model["hidden_size"]}',
+    )
+
+  # MoE.
+  layers = tuple(moe.get('layers', ()))
+  bad = [x for x in layers if not 0 <= x < num_layers]
+  if bad:
+    _fail(
+      'model.encoder.moe.layers',
+      layers,
+      f'block indices in [0, num_layers={num_layers})',
+    )
+  num_experts = moe.get('num_experts', 0)
+  if layers:
+    router_name = router.get('name', 'NoisyTopExpertsPerItemRouter')
+    if router_name not in routing.ROUTERS:
+      _fail(
+        'model.encoder.moe.router.name',
+        router_name,
+        f'one of {sorted(routing.ROUTERS)}',
+      )
+    if num_experts < 1:
+      _fail('model.encoder.moe.num_experts', num_experts, 'must be >= 1')
+    k = router.get('num_selected_experts', 1)
+    if router_name == 'NoisyTopExpertsPerItemRouter' and not (
+      1 <= k <= num_experts
+    ):
+      _fail(
+        'model.encoder.moe.router.num_selected_experts',
+        k,
+        f'K must be in [1, num_experts={num_experts}]',
+      )
+    if dispatcher.get('name', 'einsum') not in ('einsum', 'indices'):
+      _fail(
+        'model.encoder.moe.router.dispatcher.name',
+        dispatcher.get('name'),
+        "one of ['einsum', 'indices']",
+      )
+    num_parts = config.get('num_expert_partitions', 1)
+    if num_experts % num_parts:
+      _fail(
+        'num_expert_partitions',
+        num_parts,
+        f'must divide model.encoder.moe.num_experts={num_experts}',
+      )
+    if num_devices % num_parts:
+      _fail(
+        'num_expert_partitions',
+        num_parts,
+        f'must divide the number of devices ({num_devices})',
+      )
+    if (dispatcher.get('capacity') is None) == (
+      dispatcher.get('capacity_factor') is None
+    ):
+      _fail(
+        'model.encoder.moe.router.dispatcher',
+        dispatcher,
+        'set exactly one of capacity and capacity_factor',
+      )
+
+  # Batches and groups. Two views per training image.
+  tokens = tokens_per_image(model, image_size)
+  group_size = moe.get('group_size')
+  checks = [('dataset.train.batch_size', config.dataset.train.batch_size, 2)]
+  if 'test' in config.dataset:
+    checks.append(
+      ('dataset.test.batch_size', config.dataset.test.batch_size, 1)
+    )
+  for key, batch, views in checks:
+    if batch <= 0 or batch % num_devices:
+      _fail(
+        key,
+        batch,
+        f'must be a positive multiple of the device count ({num_devices})',
+      )
+    if layers:
+      per_device = batch * views // num_devices * tokens
+      if not group_size or per_device % group_size:
+        _fail(
+          'model.encoder.moe.group_size',
+          group_size,
+          f'must divide the tokens per device of {key}={batch} ({views} '
+          f'view(s) x {batch // num_devices} images x {tokens} tokens = '
+          f'{per_device}); e.g. a multiple of {tokens} tokens per image that'
+          f' divides it',
+        )
+
+  # Losses.
+  if config.loss.name not in losses.CLASSIFICATION_LOSSES:
+    _fail(
+      'loss.name',
+      config.loss.name,
+      f'one of {sorted(losses.CLASSIFICATION_LOSSES)}',
+    )
+  cons = config.consistency
+  if cons.loss not in CONSISTENCY_LOSSES:
+    _fail('consistency.loss', cons.loss, f'one of {list(CONSISTENCY_LOSSES)}')
+  if not cons.weight >= 0:
+    _fail('consistency.weight', cons.weight, 'must be >= 0')
+  if not cons.get('temperature', 1.0) > 0:
+    _fail('consistency.temperature', cons.temperature, 'must be > 0')
+  if cons.get('layers') is not None:
+    bad = [x for x in cons.layers if x not in layers]
+    if bad:
+      _fail(
+        'consistency.layers',
+        tuple(cons.layers),
+        f'a subset of the MoE blocks {layers} (or None for all)',
+      )
+  if cons.weight > 0 and not layers:
+    _fail('consistency.weight', cons.weight, 'needs MoE layers (set to 0)')
+
+  # Augmentation (raises with the key and the value).
+  augment.ViewSettings.from_config(
+    {k: v for k, v in to_dict(config.augment).items() if k != 'size'},
+    size=image_size,
+    patch_size=patch[0],
+  )
+
+  # Optimizer.
+  opt = config.optimizer
+  if opt.name not in OPTIMIZERS:
+    _fail('optimizer.name', opt.name, f'one of {list(OPTIMIZERS)}')
+  schedule = opt.learning_rate.get('schedule', 'constant')
+  if schedule not in SCHEDULES:
+    _fail('optimizer.learning_rate.schedule', schedule, f'one of {SCHEDULES}')
+
+  # Data: names and files, before anything is built.
+  for split in config.dataset:
+    cfg = config.dataset[split]
+    if cfg.name not in DATASETS:
+      _fail(f'dataset.{split}.name', cfg.name, f'one of {sorted(DATASETS)}')
+    if cfg.name == 'fashion_mnist':
+      from vmoe_jsd.data import fashion_mnist  # noqa: PLC0415
+
+      base = cfg.split.partition('[')[0]
+      if base not in fashion_mnist.FILES:
+        _fail(
+          f'dataset.{split}.split',
+          cfg.split,
+          f'one of {sorted(fashion_mnist.FILES)}',
+        )
+      data_dir = cfg.get('data_dir') or fashion_mnist.DEFAULT_DIR
+      missing = [
+        f
+        for f in fashion_mnist.FILES[base]
+        if not os.path.exists(os.path.join(data_dir, f))
+      ]
+      if missing:
+        raise FileNotFoundError(
+          f'config.dataset.{split}: Fashion-MNIST files {missing} are not in '
+          f'{data_dir!r}. {fashion_mnist.HOW_TO_GET}'
+        )

@@ -1,0 +1,619 @@
+"""Training and evaluation of V-MoE with router-consistency learning.
+
+One jitted train step (DESIGN.md):
+  1. two augmented views of every image and their patch correspondences,
+     on device (augment.batched_paired_views), views of an image adjacent;
+  2. the model on all 2B views; clean router logits leave each MoE layer
+     through the 'intermediates' collection;
+  3. loss = xent(both views) + auxiliary (importance + load)
+            + consistency.weight * mean_layers JSD(router(view1), router(view2))
+     over matched patches (Kada et al., MIRU 2023);
+  4. optax update.
+
+Random streams are derived from (config.seed, step): augmentation, dropout
+and router noise each get their own key, so a resumed run repeats exactly
+what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import queue
+import re
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metric_writers
+from jax.sharding import NamedSharding, PartitionSpec
+
+from vmoe_jsd import (
+  augment,
+  checkpoints,
+  config_lib,
+  data,
+  evaluate,
+  losses,
+  sharding,
+)
+from vmoe_jsd.models import build_model, routing
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array
+  params: Any
+  opt_state: Any
+
+
+# ----------------------------------------------------------------------------
+# Optimizer.
+# ----------------------------------------------------------------------------
+def make_schedule(lr_cfg: Mapping, num_steps: int) -> optax.Schedule:
+  """Learning-rate schedule from config.optimizer.learning_rate."""
+  name = lr_cfg.get('schedule', 'constant')
+  peak = lr_cfg['peak_value']
+  end = lr_cfg.get('end_value', 0.0)
+  warmup = int(lr_cfg.get('warmup_steps', 0))
+  if name == 'constant':
+    return optax.constant_schedule(peak)
+  warm = optax.linear_schedule(0.0, peak, max(warmup, 1))
+  decay_steps = max(num_steps - warmup, 1)
+  if name == 'warmup_cosine_decay':
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak)
+  elif name == 'warmup_linear_decay':
+    decay = optax.linear_schedule(peak, end, decay_steps)
+  elif name == 'warmup_rsqrt_decay':
+    decay = lambda s: peak * jnp.sqrt(max(warmup, 1) / (s + max(warmup, 1)))
+  else:
+    raise ValueError(
+      f'optimizer.learning_rate.schedule={name!r} is unknown; choose one of '
+      f'{config_lib.SCHEDULES}'
+    )
+  return optax.join_schedules([warm, decay], [warmup])
+
+
+def _decay_rules(weight_decay) -> list[tuple[str, float]]:
+  if weight_decay is None:
+    return []
+  if isinstance(weight_decay, (int, float)):
+    # A single number decays kernels only (not biases, norms, embeddings).
+    return [('.*/kernel$', float(weight_decay))] if weight_decay else []
+  return [(str(p), float(v)) for p, v in weight_decay]
+
+
+def make_optimizer(opt_cfg: Mapping, num_steps: int):
+  """optax transformation and schedule from config.optimizer.
+
+  Global-norm clipping, then Adam (or SGD with momentum), then decoupled
+  weight decay (AdamW, Loshchilov & Hutter 2019) on the parameters matched by
+  weight_decay's regexes, all scaled by the learning-rate schedule.
+  """
+  schedule = make_schedule(opt_cfg['learning_rate'], num_steps)
+  parts = []
+  clip = (opt_cfg.get('gradient_clip') or {}).get('global_norm')
+  if clip:
+    parts.append(optax.clip_by_global_norm(clip))
+  name = opt_cfg.get('name', 'adamw')
+  if name in ('adam', 'adamw'):
+    parts.append(
+      optax.scale_by_adam(
+        b1=opt_cfg.get('b1', 0.9),
+        b2=opt_cfg.get('b2', 0.999),
+        eps=opt_cfg.get('eps', 1e-8),
+      )
+    )
+  elif name == 'sgd':
+    parts.append(optax.trace(decay=opt_cfg.get('momentum', 0.9)))
+  else:
+    raise ValueError(
+      f'optimizer.name={name!r} is unknown; choose one of '
+      f'{list(config_lib.OPTIMIZERS)}'
+    )
+  for pattern, value in _decay_rules(opt_cfg.get('weight_decay')):
+    regex = re.compile(pattern)
+    parts.append(
+      optax.add_decayed_weights(
+        value,
+        mask=functools.partial(_name_mask, regex),
+      )
+    )
+  parts.append(optax.scale_by_learning_rate(schedule))
+  return optax.chain(*parts), schedule
+
+
+def _name_mask(regex, params):
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: bool(
+      regex.fullmatch('/'.join(sharding._key_name(k) for k in path))
+    ),
+    params,
+  )
+
+
+# ----------------------------------------------------------------------------
+# Pieces of the step.
+# ----------------------------------------------------------------------------
+def router_logits_by_layer(intermediates, layers) -> dict[int, Array]:
+  """{block: (G, S, E) clean router logits} from the sown intermediates."""
+  encoder = intermediates['Encoder']
+  out = {}
+  for block in layers:
+    moe = encoder[f'encoderblock_{block}']['Moe']
+    out[block] = moe['Router'][routing.ROUTER_LOGITS][0]
+  return out
+
+
+def per_image_patches(logits: Array, num_images: int, prefix: int) -> Array:
+  """(G, S, E) router logits -> (num_images, P, E) of the patch tokens."""
+  per_image = logits.reshape(num_images, -1, logits.shape[-1])
+  return per_image[:, prefix:]
+
+
+def to_model_range(views: Array) -> Array:
+  """[0, 1] pixels -> [-1, 1], vmoe's `value_range(-1, 1)`."""
+  return views * 2.0 - 1.0
+
+
+def consistency_loss(
+  intermediates, maps: Array, *, layers, prefix: int, temperature: float
+) -> tuple[Array, dict[str, Array]]:
+  """Mean over `layers` of the matched-patch JSD between the two views.
+
+  Args:
+    intermediates: the model's sown 'intermediates' on (2B, ...) views with
+      the two views of each image adjacent.
+    maps: (B, 2, P) patch correspondences.
+    layers: MoE blocks to include.
+    prefix: tokens before the patches (1 with a class token).
+    temperature: softmax temperature of the compared distributions.
+
+  Returns:
+    (mean JSD, {'jsd/encoderblock_i': ..., 'matched_pairs': ...}).
+  """
+  num_images, _, num_patches = maps.shape
+  per_layer = {}
+  pairs = 0
+  for block, logits in router_logits_by_layer(intermediates, layers).items():
+    patches = per_image_patches(logits, 2 * num_images, prefix)
+    patches = patches.reshape(num_images, 2, num_patches, -1)
+    value, pairs = losses.router_consistency(
+      patches[:, 0], patches[:, 1], maps[:, 0], maps[:, 1], temperature
+    )
+    per_layer[f'jsd/encoderblock_{block}'] = value
+  mean = sum(per_layer.values()) / len(per_layer)
+  return mean, {**per_layer, 'matched_pairs': pairs}
+
+
+# ----------------------------------------------------------------------------
+# Train and eval steps.
+# ----------------------------------------------------------------------------
+def make_train_step(config, model, tx, schedule, settings):
+  """The pure train step: (state, images, labels) -> (state, metrics)."""
+  loss_fn = losses.get_classification_loss(config.loss.name)
+  cons = config.consistency
+  cons_layers = config_lib.consistency_layers(config)
+  has_moe = bool(config_lib.moe_layers(config.model))
+  weight = float(cons.weight)
+  prefix = config_lib.num_prefix_tokens(config.model)
+  train_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+
+  def train_step(state: TrainState, images: Array, labels: Array):
+    step_key = jax.random.fold_in(train_key, state.step)
+    aug_key, dropout_key, gating_key = jax.random.split(step_key, 3)
+    views, maps = augment.batched_paired_views(aug_key, images, settings)
+    num_images = images.shape[0]
+    views = views.reshape(2 * num_images, *views.shape[2:])
+    labels2 = jnp.repeat(labels, 2)
+
+    def objective(params):
+      (logits, metrics), state_vars = model.apply(
+        {'params': params},
+        to_model_range(views),
+        rngs={'dropout': dropout_key, 'gating': gating_key},
+        mutable=['intermediates'],
+      )
+      xent = jnp.mean(loss_fn(logits, labels2))
+      aux = jnp.mean(metrics['auxiliary_loss']) if has_moe else 0.0
+      out = {'xent': xent, 'auxiliary_loss': aux}
+      total = xent + aux
+      if cons_layers:
+        jsd, jsd_metrics = consistency_loss(
+          state_vars['intermediates'],
+          maps,
+          layers=cons_layers,
+          prefix=prefix,
+          temperature=cons.get('temperature', 1.0),
+        )
+        if weight > 0:
+          total = total + weight * jsd
+        else:  # Logged, not trained on.
+          jsd = jax.lax.stop_gradient(jsd)
+          jsd_metrics = jax.lax.stop_gradient(jsd_metrics)
+        out.update(jsd_metrics, consistency=jsd)
+      for name, m in metrics.items():
+        if isinstance(m, Mapping) and 'dropped_fraction' in m:
+          out[f'dropped/{name}'] = jnp.mean(m['dropped_fraction'])
+      out['train_accuracy'] = jnp.mean(jnp.argmax(logits, -1) == labels2)
+      out['total_loss'] = total
+      return total, out
+
+    grads, metrics = jax.grad(objective, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics['grad_norm'] = optax.tree.norm(grads)
+    metrics['learning_rate'] = schedule(state.step)
+    new_state = TrainState(state.step + 1, params, opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(config, eval_model, settings):
+  """(params, images, labels, mask, batch_index) -> sums for evaluation."""
+  layers = config_lib.moe_layers(config.model)
+  prefix = config_lib.num_prefix_tokens(config.model)
+  eval_key = jax.random.fold_in(jax.random.key(config.seed), 2)
+
+  def eval_step(params, images, labels, mask, batch_index):
+    center = jax.vmap(lambda im: augment.center_view(im, settings))(images)
+    logits, metrics = eval_model.apply(
+      {'params': params}, to_model_range(center)
+    )
+    correct = (jnp.argmax(logits, -1) == labels) & mask
+    sums = {'correct': jnp.sum(correct), 'count': jnp.sum(mask)}
+    for block in layers:
+      m = metrics[f'encoderblock_{block}']
+      if 'dropped_fraction' in m:
+        sums[f'dropped/encoderblock_{block}'] = jnp.mean(m['dropped_fraction'])
+    if layers:
+      key = jax.random.fold_in(eval_key, batch_index)
+      views, maps = augment.batched_paired_views(key, images, settings)
+      num_images = images.shape[0]
+      views = views.reshape(2 * num_images, *views.shape[2:])
+      _, state_vars = eval_model.apply(
+        {'params': params}, to_model_range(views), mutable=['intermediates']
+      )
+      by_layer = router_logits_by_layer(state_vars['intermediates'], layers)
+      for block, lg in by_layer.items():
+        patches = per_image_patches(lg, 2 * num_images, prefix)
+        patches = patches.reshape(num_images, 2, maps.shape[-1], -1)
+        for k, v in evaluate.routing_sums(patches, maps, mask).items():
+          sums[f'routing/encoderblock_{block}/{k}'] = v
+    return sums
+
+  return eval_step
+
+
+def run_evaluation(eval_step_fn, params, dataset, config, put_batch):
+  """Accuracy and routing figures over config.dataset.test."""
+  totals: dict[str, Any] = {}
+  num_batches = 0
+  for i, batch in enumerate(
+    dataset.eval_batches(
+      config.dataset.test.batch_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      limit=config.evaluate.get('limit'),
+    )
+  ):
+    images, labels, mask = put_batch(batch['image'], batch['label'],
+                                     batch['mask'])  # fmt: skip
+    sums = eval_step_fn(params, images, labels, mask, jnp.int32(i))
+    sums = jax.device_get(sums)
+    for k, v in sums.items():
+      totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
+    num_batches += 1
+  result = {'accuracy': float(totals['correct'] / max(totals['count'], 1)),
+            'num_examples': int(totals['count'])}  # fmt: skip
+  routing_figs = {}
+  for block in config_lib.moe_layers(config.model):
+    prefix = f'routing/encoderblock_{block}/'
+    layer_sums = {
+      k[len(prefix) :]: v for k, v in totals.items() if k.startswith(prefix)
+    }
+    if not layer_sums:
+      continue
+    figs = evaluate.finalize_routing(layer_sums)
+    dropped = totals.get(f'dropped/encoderblock_{block}')
+    figs['dropped'] = float(dropped / num_batches) if num_batches else 0.0
+    routing_figs[f'encoderblock_{block}'] = figs
+  result['routing'] = routing_figs
+  return result
+
+
+def routing_scalars(result) -> dict[str, float]:
+  out = {'accuracy': result['accuracy']}
+  for layer, figs in result['routing'].items():
+    for k, v in figs.items():
+      if isinstance(v, list):
+        for e, x in enumerate(v):
+          out[f'routing/{layer}/load_{e}'] = x
+      else:
+        out[f'routing/{layer}/{k}'] = v
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Host input.
+# ----------------------------------------------------------------------------
+def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
+  """Runs `iterator` in a background thread, `size` items ahead."""
+  q: queue.Queue = queue.Queue(maxsize=size)
+  sentinel = object()
+
+  def worker():
+    try:
+      for item in iterator:
+        q.put(item)
+    except BaseException as e:  # noqa: BLE001 - re-raised in the consumer.
+      q.put(e)
+    q.put(sentinel)
+
+  threading.Thread(target=worker, daemon=True).start()
+  while True:
+    item = q.get()
+    if item is sentinel:
+      return
+    if isinstance(item, BaseException):
+      raise item
+    yield item
+
+
+def make_put_batch(mesh):
+  """Host-local numpy arrays -> global arrays sharded over the batch."""
+  spec = sharding.batch_sharding(mesh)
+
+  def put(*arrays):
+    return tuple(
+      jax.make_array_from_process_local_data(spec, np.asarray(a))
+      for a in arrays
+    )
+
+  return put
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+  """Trains (resuming from workdir if it holds checkpoints) and evaluates.
+
+  Returns:
+    The final evaluation result (also written to workdir/results.json).
+  """
+  # --- Config and mesh. -------------------------------------------------
+  config_lib.validate(config, jax.device_count())
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(config.get('num_expert_partitions', 1))
+  is_main = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(
+    workdir, just_logging=not is_main, asynchronous=False
+  )
+  log = print if is_main else (lambda *a, **k: None)
+
+  # --- Input. -----------------------------------------------------------
+  train_ds = data.get_dataset(config.dataset.train)
+  test_ds = data.get_dataset(config.dataset.test)
+  num_steps = config_lib.num_train_steps(config, len(train_ds))
+  patch = config.model.patch_size[0]
+  settings = augment.ViewSettings.from_config(
+    {k: v for k, v in config_lib.to_dict(config.augment).items()
+     if k != 'size'},
+    size=config.augment.size, patch_size=patch,
+  )  # fmt: skip
+  put_batch = make_put_batch(mesh)
+
+  # --- Model and optimizer. ---------------------------------------------
+  model = build_model(config.model, deterministic=False)
+  eval_model = build_model(
+    config_lib.eval_model_config(config), deterministic=True
+  )
+  tx, schedule = make_optimizer(config.optimizer, num_steps)
+  batch_size = config.dataset.train.batch_size
+  image_shape = train_ds.image_shape
+
+  def init_state(key):
+    dummy = jnp.zeros(
+      (2 * batch_size, settings.size, settings.size, image_shape[-1])
+    )
+    params = model.init({'params': key, 'dropout': key, 'gating': key}, dummy)[
+      'params'
+    ]
+    return TrainState(jnp.int32(0), params, tx.init(params))
+
+  init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
+  abstract = jax.eval_shape(init_state, init_key)
+  rules = config.get('params_axis_resources') or sharding.DEFAULT_RULES
+  state_shardings = sharding.tree_shardings(abstract, mesh, rules)
+  state_shardings = state_shardings.replace(
+    step=NamedSharding(mesh, PartitionSpec())
+  )
+
+  # --- Restore or initialise. -------------------------------------------
+  ckpt = checkpoints.Checkpointer(
+    workdir,
+    every_steps=config.save_checkpoint.every_steps,
+    keep_last=config.save_checkpoint.get('keep_last', 2),
+  )
+  latest = ckpt.latest_step()
+  with jax.set_mesh(mesh):
+    if latest is not None:
+      state = ckpt.restore(
+        latest, checkpoints.abstract_like(abstract, state_shardings)
+      )
+      log(f'Resumed from {ckpt.directory} at step {latest}.', flush=True)
+    else:
+      state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
+  start_step = int(jax.device_get(state.step))
+  num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+  log(
+    f'Model: {num_params:,} parameters; {num_steps} steps of {batch_size} '
+    f'images x 2 views; devices: {jax.device_count()} (mesh '
+    f'{dict(mesh.shape)}).',
+    flush=True,
+  )
+  if is_main and start_step == 0:
+    writer.write_hparams(_flat_hparams(config))
+
+  # --- Compiled steps. --------------------------------------------------
+  data_sharding = sharding.batch_sharding(mesh)
+  train_step = jax.jit(
+    make_train_step(config, model, tx, schedule, settings),
+    in_shardings=(state_shardings, data_sharding, data_sharding),
+    out_shardings=(state_shardings, None),
+    donate_argnums=(0,),
+  )
+  eval_step = jax.jit(make_eval_step(config, eval_model, settings))
+
+  def do_eval(step):
+    with jax.set_mesh(mesh):
+      t0 = time.time()
+      result = run_evaluation(eval_step, state.params, test_ds, config,
+                              put_batch)  # fmt: skip
+    result['step'] = step
+    result['eval_seconds'] = time.time() - t0
+    writer.write_scalars(step, routing_scalars(result))
+    log(
+      f'[eval step {step}] test accuracy {result["accuracy"]:.4f} on '
+      f'{result["num_examples"]} images ({result["eval_seconds"]:.1f}s)',
+      flush=True,
+    )
+    if result['routing']:
+      log(evaluate.format_routing_table(result['routing']), flush=True)
+    return result
+
+  # --- Train loop. ------------------------------------------------------
+  batches = prefetch(
+    train_ds.train_batches(
+      batch_size,
+      seed=config.seed,
+      start_step=start_step,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
+  )
+  report_every = config.report_progress.every_steps
+  eval_every = config.evaluate.get('every_steps')
+  result = None
+  train_time = 0.0
+  t_last = time.time()
+  steps_since = 0
+  history = []
+  for step in range(start_step + 1, num_steps + 1):
+    batch = next(batches)
+    images, labels = put_batch(batch['image'], batch['label'])
+    with jax.set_mesh(mesh):
+      state, metrics = train_step(state, images, labels)
+    steps_since += 1
+    if step % report_every == 0 or step == num_steps or step == start_step + 1:
+      metrics = jax.device_get(metrics)
+      now = time.time()
+      dt = now - t_last
+      # The first step after (re)start includes compilation.
+      if step != start_step + 1:
+        train_time += dt
+      t_last = now
+      _check_finite(metrics, step)
+      img_per_s = steps_since * batch_size / max(dt, 1e-9)
+      steps_since = 0
+      scalars = {k: float(v) for k, v in metrics.items()}
+      scalars['images_per_second'] = img_per_s
+      writer.write_scalars(step, scalars)
+      history.append({'step': step, **scalars})
+      eta = (num_steps - step) * batch_size / max(img_per_s, 1e-9)
+      log(_progress_line(step, num_steps, scalars, img_per_s, eta), flush=True)
+    if eval_every and step % eval_every == 0 and step != num_steps:
+      do_eval(step)
+      t_last = time.time()
+      steps_since = 0
+    if ckpt.every_steps and step % ckpt.every_steps == 0 and step != num_steps:
+      _check_finite(jax.device_get(metrics), step)
+      ckpt.maybe_save(step, state)
+      t_last = time.time()
+      steps_since = 0
+
+  # --- Final evaluation and checkpoint. ---------------------------------
+  ckpt.maybe_save(num_steps, state, force=True)
+  ckpt.close()
+  result = do_eval(num_steps)
+  result['train_seconds_excluding_compile'] = train_time
+  result['num_train_steps'] = num_steps
+  result['consistency_weight'] = float(config.consistency.weight)
+  if is_main:
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+      json.dump(result, f, indent=1)
+    with open(os.path.join(workdir, 'train_history.json'), 'a') as f:
+      for h in history:
+        f.write(json.dumps(h) + '\n')
+  writer.flush()
+  writer.close()
+  return result
+
+
+def _check_finite(metrics, step):
+  bad = [
+    k
+    for k, v in metrics.items()
+    if np.issubdtype(np.asarray(v).dtype, np.floating)
+    and not np.all(np.isfinite(v))
+  ]
+  if bad:
+    raise FloatingPointError(
+      f'Non-finite training metrics at step {step}: {sorted(bad)} = '
+      f'{[float(np.asarray(metrics[k])) for k in sorted(bad)]}. No checkpoint '
+      'was written for this step; lower the learning rate or check the data.'
+    )
+
+
+def _progress_line(step, num_steps, s, img_per_s, eta) -> str:
+  parts = [
+    f'[step {step}/{num_steps}]',
+    f'loss {s["total_loss"]:.4f}',
+    f'xent {s["xent"]:.4f}',
+    f'aux {s["auxiliary_loss"]:.4f}',
+  ]
+  if 'consistency' in s:
+    parts.append(f'jsd {s["consistency"]:.4f}')
+  parts += [
+    f'acc {s["train_accuracy"]:.3f}',
+    f'lr {s["learning_rate"]:.2e}',
+    f'{img_per_s:.0f} img/s',
+    f'ETA {_hms(eta)}',
+  ]
+  return '  '.join(parts)
+
+
+def _hms(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return '?'
+  seconds = int(seconds)
+  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+def _flat_hparams(config) -> dict[str, Any]:
+  flat = {}
+
+  def walk(prefix, value):
+    if isinstance(value, Mapping):
+      for k, v in value.items():
+        walk(f'{prefix}{k}.', v)
+    elif isinstance(value, (int, float, str, bool)):
+      flat[prefix[:-1]] = value
+    else:
+      flat[prefix[:-1]] = str(value)
+
+  walk('', config_lib.to_dict(config))
+  return flat
