@@ -27,11 +27,7 @@ def main(_):
   config_lib.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config.num_expert_partitions)
   ds = data.get_dataset(config.dataset.train)
-  settings = augment.ViewSettings.from_config(
-    {k: v for k, v in config.augment.to_dict().items() if k != 'size'},
-    size=config.augment.size,
-    patch_size=config.model.patch_size[0],
-  )
+  settings = config_lib.view_settings(config)
   model = build_model(config.model, deterministic=False)
   tx, schedule = train.make_optimizer(config.optimizer, 1000)
   b = config.dataset.train.batch_size
@@ -54,9 +50,9 @@ def main(_):
     jax.block_until_ready(m)
     print(f'compile+first step: {time.time() - t:.1f}s')
     jax.block_until_ready(aug(key, images))
-    # Keys made outside the timed loop: an eager op under a mesh context
-    # costs tens of ms on CPU and would dominate.
-    keys = [jax.random.fold_in(key, i) for i in range(_STEPS.value)]
+    # One split, not eager fold_ins: keys made by eager ops under a mesh
+    # context make every later call tens of ms slower on CPU.
+    keys = jax.random.split(key, _STEPS.value)
     t = time.time()
     for i in range(_STEPS.value):
       out = aug(keys[i], images)

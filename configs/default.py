@@ -11,14 +11,14 @@ import ml_collections
 from vmoe_jsd import config_common
 
 IMAGE_SIZE = 28
-PATCH = 4
+PATCH = 7
 TOKENS = (IMAGE_SIZE // PATCH) ** 2 + 1  # class token
 
 
 def get_config(arg=None):
   config = config_common.base_config()
   config.seed = 0
-  config.num_train_steps = 2000
+  config.num_train_steps = 2300
 
   config.dataset = ml_collections.ConfigDict()
   config.dataset.train = dict(
@@ -63,7 +63,7 @@ def get_config(arg=None):
           importance_loss_weight=0.005,
           load_loss_weight=0.005,
           dispatcher=dict(
-            name='einsum', capacity_factor=1.25, batch_priority=False
+            name='indices', capacity_factor=1.25, batch_priority=False
           ),
         ),
       ),
@@ -80,7 +80,7 @@ def get_config(arg=None):
       schedule='warmup_cosine_decay',
       peak_value=1e-3,
       end_value=1e-5,
-      warmup_steps=100,
+      warmup_steps=200,
     ),
   )
 

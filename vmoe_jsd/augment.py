@@ -623,3 +623,8 @@ def center_view(image: Array, settings: ViewSettings) -> Array:
   size = settings.size
   affine = scaling(src_h / size, src_w / size)
   return render_view(image, affine, size, settings.fill_value)
+
+
+def to_model_range(views: Array) -> Array:
+  """[0, 1] pixels -> [-1, 1], vmoe's `value_range(-1, 1)`."""
+  return views * 2.0 - 1.0

@@ -15,7 +15,7 @@ from typing import Any
 
 import ml_collections
 
-from vmoe_jsd import augment, losses
+from vmoe_jsd import augment, losses, models
 from vmoe_jsd.data import DATASETS
 from vmoe_jsd.models import routing
 
@@ -60,9 +60,32 @@ def eval_model_config(config) -> dict:
 
 
 def tokens_per_image(model_cfg: Mapping, image_size: int) -> int:
-  patch = tuple(model_cfg['patch_size'])
+  patch = models.resolve_model_config(model_cfg)['patch_size']
   grid = (image_size // patch[0]) * (image_size // patch[1])
   return grid + (1 if model_cfg.get('classifier', 'token') == 'token' else 0)
+
+
+def min_images_per_batch(model_cfg: Mapping, image_size: int) -> int:
+  """Fewest images whose tokens split into whole routing groups."""
+  if not moe_layers(model_cfg):
+    return 1
+  tokens = tokens_per_image(model_cfg, image_size)
+  group = models.resolve_model_config(model_cfg)['encoder']['moe']['group_size']
+  return group // math.gcd(group, tokens)
+
+
+def patch_size(model_cfg: Mapping) -> int:
+  """The (square) patch size of config.model, variant included."""
+  return models.resolve_model_config(model_cfg)['patch_size'][0]
+
+
+def view_settings(config) -> augment.ViewSettings:
+  """Augmentation settings from config.augment (size = view side)."""
+  return augment.ViewSettings.from_config(
+    {k: v for k, v in to_dict(config.augment).items() if k != 'size'},
+    size=config.augment.size,
+    patch_size=patch_size(config.model),
+  )
 
 
 def num_prefix_tokens(model_cfg: Mapping) -> int:
@@ -70,6 +93,7 @@ def num_prefix_tokens(model_cfg: Mapping) -> int:
 
 
 def moe_layers(model_cfg: Mapping) -> tuple[int, ...]:
+  model_cfg = models.resolve_model_config(model_cfg)
   moe = model_cfg.get('encoder', {}).get('moe') or {}
   return tuple(moe.get('layers', ()))
 
@@ -96,7 +120,8 @@ def num_train_steps(config, num_train_examples: int | None) -> int:
 
 def validate(config, num_devices: int) -> None:
   """Raises ValueError if the config cannot work on `num_devices` devices."""
-  model = to_dict(config.model)
+  model = models.resolve_model_config(config.model)
+  models.check_model_config(model)
   encoder = model.get('encoder') or {}
   moe = encoder.get('moe') or {}
   router = dict(moe.get('router') or {})
@@ -138,6 +163,8 @@ def validate(config, num_devices: int) -> None:
 
   # MoE.
   layers = tuple(moe.get('layers', ()))
+  if num_layers <= 0:
+    _fail('model.encoder.num_layers', num_layers, 'must be >= 1')
   bad = [x for x in layers if not 0 <= x < num_layers]
   if bad:
     _fail(

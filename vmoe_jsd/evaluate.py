@@ -25,12 +25,13 @@ exactly; `finalize_routing` turns the sums into the figures above.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vmoe_jsd import losses
+from vmoe_jsd import augment, config_lib, losses, models
 
 Array = jax.Array
 
@@ -122,3 +123,92 @@ def format_routing_table(routing: dict[str, dict]) -> str:
       f'  [{load}]'
     )
   return '\n'.join(rows)
+
+
+def make_eval_step(config, eval_model, settings):
+  """(params, images, labels, mask, batch_index) -> sums for evaluation."""
+  layers = config_lib.moe_layers(config.model)
+  prefix = config_lib.num_prefix_tokens(config.model)
+  eval_key = jax.random.fold_in(jax.random.key(config.seed), 2)
+
+  def eval_step(params, images, labels, mask, batch_index):
+    center = jax.vmap(lambda im: augment.center_view(im, settings))(images)
+    logits, metrics = eval_model.apply(
+      {'params': params}, augment.to_model_range(center)
+    )
+    correct = (jnp.argmax(logits, -1) == labels) & mask
+    sums = {'correct': jnp.sum(correct), 'count': jnp.sum(mask)}
+    for block in layers:
+      m = metrics[f'encoderblock_{block}']
+      if 'dropped_fraction' in m:
+        sums[f'dropped/encoderblock_{block}'] = jnp.mean(m['dropped_fraction'])
+    if layers:
+      key = jax.random.fold_in(eval_key, batch_index)
+      views, maps = augment.batched_paired_views(key, images, settings)
+      num_images = images.shape[0]
+      views = views.reshape(2 * num_images, *views.shape[2:])
+      _, state_vars = eval_model.apply(
+        {'params': params},
+        augment.to_model_range(views),
+        mutable=['intermediates'],
+      )
+      by_layer = models.router_logits_by_layer(
+        state_vars['intermediates'], layers
+      )
+      for block, lg in by_layer.items():
+        patches = models.per_image_patches(lg, 2 * num_images, prefix)
+        patches = patches.reshape(num_images, 2, maps.shape[-1], -1)
+        for k, v in routing_sums(patches, maps, mask).items():
+          sums[f'routing/encoderblock_{block}/{k}'] = v
+    return sums
+
+  return eval_step
+
+
+def run_evaluation(eval_step_fn, params, dataset, config, put_batch):
+  """Accuracy and routing figures over config.dataset.test."""
+  totals: dict[str, Any] = {}
+  num_batches = 0
+  for i, batch in enumerate(
+    dataset.eval_batches(
+      config.dataset.test.batch_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      limit=config.evaluate.get('limit'),
+    )
+  ):
+    images, labels, mask = put_batch(batch['image'], batch['label'],
+                                     batch['mask'])  # fmt: skip
+    sums = eval_step_fn(params, images, labels, mask, np.int32(i))
+    sums = jax.device_get(sums)
+    for k, v in sums.items():
+      totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
+    num_batches += 1
+  result = {'accuracy': float(totals['correct'] / max(totals['count'], 1)),
+            'num_examples': int(totals['count'])}  # fmt: skip
+  routing_figs = {}
+  for block in config_lib.moe_layers(config.model):
+    prefix = f'routing/encoderblock_{block}/'
+    layer_sums = {
+      k[len(prefix) :]: v for k, v in totals.items() if k.startswith(prefix)
+    }
+    if not layer_sums:
+      continue
+    figs = finalize_routing(layer_sums)
+    dropped = totals.get(f'dropped/encoderblock_{block}')
+    figs['dropped'] = float(dropped / num_batches) if num_batches else 0.0
+    routing_figs[f'encoderblock_{block}'] = figs
+  result['routing'] = routing_figs
+  return result
+
+
+def routing_scalars(result) -> dict[str, float]:
+  out = {'accuracy': result['accuracy']}
+  for layer, figs in result['routing'].items():
+    for k, v in figs.items():
+      if isinstance(v, list):
+        for e, x in enumerate(v):
+          out[f'routing/{layer}/load_{e}'] = x
+      else:
+        out[f'routing/{layer}/{k}'] = v
+  return out

@@ -125,3 +125,16 @@ def flatten_names(tree) -> dict[str, object]:
   return {
     '/'.join(k): v for k, v in flax.traverse_util.flatten_dict(tree).items()
   }
+
+
+def make_put_batch(mesh):
+  """Host-local numpy arrays -> global arrays sharded over the batch."""
+  spec = batch_sharding(mesh)
+
+  def put(*arrays):
+    return tuple(
+      jax.make_array_from_process_local_data(spec, np.asarray(a))
+      for a in arrays
+    )
+
+  return put

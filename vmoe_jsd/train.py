@@ -21,11 +21,9 @@ import functools
 import json
 import math
 import os
-import queue
 import re
-import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.struct
@@ -44,9 +42,10 @@ from vmoe_jsd import (
   data,
   evaluate,
   losses,
+  models,
   sharding,
 )
-from vmoe_jsd.models import build_model, routing
+from vmoe_jsd.models import build_model
 
 Array = jax.Array
 
@@ -146,27 +145,6 @@ def _name_mask(regex, params):
 # ----------------------------------------------------------------------------
 # Pieces of the step.
 # ----------------------------------------------------------------------------
-def router_logits_by_layer(intermediates, layers) -> dict[int, Array]:
-  """{block: (G, S, E) clean router logits} from the sown intermediates."""
-  encoder = intermediates['Encoder']
-  out = {}
-  for block in layers:
-    moe = encoder[f'encoderblock_{block}']['Moe']
-    out[block] = moe['Router'][routing.ROUTER_LOGITS][0]
-  return out
-
-
-def per_image_patches(logits: Array, num_images: int, prefix: int) -> Array:
-  """(G, S, E) router logits -> (num_images, P, E) of the patch tokens."""
-  per_image = logits.reshape(num_images, -1, logits.shape[-1])
-  return per_image[:, prefix:]
-
-
-def to_model_range(views: Array) -> Array:
-  """[0, 1] pixels -> [-1, 1], vmoe's `value_range(-1, 1)`."""
-  return views * 2.0 - 1.0
-
-
 def consistency_loss(
   intermediates, maps: Array, *, layers, prefix: int, temperature: float
 ) -> tuple[Array, dict[str, Array]]:
@@ -186,8 +164,10 @@ def consistency_loss(
   num_images, _, num_patches = maps.shape
   per_layer = {}
   pairs = 0
-  for block, logits in router_logits_by_layer(intermediates, layers).items():
-    patches = per_image_patches(logits, 2 * num_images, prefix)
+  for block, logits in models.router_logits_by_layer(
+    intermediates, layers
+  ).items():
+    patches = models.per_image_patches(logits, 2 * num_images, prefix)
     patches = patches.reshape(num_images, 2, num_patches, -1)
     value, pairs = losses.router_consistency(
       patches[:, 0], patches[:, 1], maps[:, 0], maps[:, 1], temperature
@@ -221,7 +201,7 @@ def make_train_step(config, model, tx, schedule, settings):
     def objective(params):
       (logits, metrics), state_vars = model.apply(
         {'params': params},
-        to_model_range(views),
+        augment.to_model_range(views),
         rngs={'dropout': dropout_key, 'gating': gating_key},
         mutable=['intermediates'],
       )
@@ -261,130 +241,6 @@ def make_train_step(config, model, tx, schedule, settings):
   return train_step
 
 
-def make_eval_step(config, eval_model, settings):
-  """(params, images, labels, mask, batch_index) -> sums for evaluation."""
-  layers = config_lib.moe_layers(config.model)
-  prefix = config_lib.num_prefix_tokens(config.model)
-  eval_key = jax.random.fold_in(jax.random.key(config.seed), 2)
-
-  def eval_step(params, images, labels, mask, batch_index):
-    center = jax.vmap(lambda im: augment.center_view(im, settings))(images)
-    logits, metrics = eval_model.apply(
-      {'params': params}, to_model_range(center)
-    )
-    correct = (jnp.argmax(logits, -1) == labels) & mask
-    sums = {'correct': jnp.sum(correct), 'count': jnp.sum(mask)}
-    for block in layers:
-      m = metrics[f'encoderblock_{block}']
-      if 'dropped_fraction' in m:
-        sums[f'dropped/encoderblock_{block}'] = jnp.mean(m['dropped_fraction'])
-    if layers:
-      key = jax.random.fold_in(eval_key, batch_index)
-      views, maps = augment.batched_paired_views(key, images, settings)
-      num_images = images.shape[0]
-      views = views.reshape(2 * num_images, *views.shape[2:])
-      _, state_vars = eval_model.apply(
-        {'params': params}, to_model_range(views), mutable=['intermediates']
-      )
-      by_layer = router_logits_by_layer(state_vars['intermediates'], layers)
-      for block, lg in by_layer.items():
-        patches = per_image_patches(lg, 2 * num_images, prefix)
-        patches = patches.reshape(num_images, 2, maps.shape[-1], -1)
-        for k, v in evaluate.routing_sums(patches, maps, mask).items():
-          sums[f'routing/encoderblock_{block}/{k}'] = v
-    return sums
-
-  return eval_step
-
-
-def run_evaluation(eval_step_fn, params, dataset, config, put_batch):
-  """Accuracy and routing figures over config.dataset.test."""
-  totals: dict[str, Any] = {}
-  num_batches = 0
-  for i, batch in enumerate(
-    dataset.eval_batches(
-      config.dataset.test.batch_size,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      limit=config.evaluate.get('limit'),
-    )
-  ):
-    images, labels, mask = put_batch(batch['image'], batch['label'],
-                                     batch['mask'])  # fmt: skip
-    sums = eval_step_fn(params, images, labels, mask, jnp.int32(i))
-    sums = jax.device_get(sums)
-    for k, v in sums.items():
-      totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
-    num_batches += 1
-  result = {'accuracy': float(totals['correct'] / max(totals['count'], 1)),
-            'num_examples': int(totals['count'])}  # fmt: skip
-  routing_figs = {}
-  for block in config_lib.moe_layers(config.model):
-    prefix = f'routing/encoderblock_{block}/'
-    layer_sums = {
-      k[len(prefix) :]: v for k, v in totals.items() if k.startswith(prefix)
-    }
-    if not layer_sums:
-      continue
-    figs = evaluate.finalize_routing(layer_sums)
-    dropped = totals.get(f'dropped/encoderblock_{block}')
-    figs['dropped'] = float(dropped / num_batches) if num_batches else 0.0
-    routing_figs[f'encoderblock_{block}'] = figs
-  result['routing'] = routing_figs
-  return result
-
-
-def routing_scalars(result) -> dict[str, float]:
-  out = {'accuracy': result['accuracy']}
-  for layer, figs in result['routing'].items():
-    for k, v in figs.items():
-      if isinstance(v, list):
-        for e, x in enumerate(v):
-          out[f'routing/{layer}/load_{e}'] = x
-      else:
-        out[f'routing/{layer}/{k}'] = v
-  return out
-
-
-# ----------------------------------------------------------------------------
-# Host input.
-# ----------------------------------------------------------------------------
-def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
-  """Runs `iterator` in a background thread, `size` items ahead."""
-  q: queue.Queue = queue.Queue(maxsize=size)
-  sentinel = object()
-
-  def worker():
-    try:
-      for item in iterator:
-        q.put(item)
-    except BaseException as e:  # noqa: BLE001 - re-raised in the consumer.
-      q.put(e)
-    q.put(sentinel)
-
-  threading.Thread(target=worker, daemon=True).start()
-  while True:
-    item = q.get()
-    if item is sentinel:
-      return
-    if isinstance(item, BaseException):
-      raise item
-    yield item
-
-
-def make_put_batch(mesh):
-  """Host-local numpy arrays -> global arrays sharded over the batch."""
-  spec = sharding.batch_sharding(mesh)
-
-  def put(*arrays):
-    return tuple(
-      jax.make_array_from_process_local_data(spec, np.asarray(a))
-      for a in arrays
-    )
-
-  return put
-
-
 # ----------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------
@@ -408,13 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   train_ds = data.get_dataset(config.dataset.train)
   test_ds = data.get_dataset(config.dataset.test)
   num_steps = config_lib.num_train_steps(config, len(train_ds))
-  patch = config.model.patch_size[0]
-  settings = augment.ViewSettings.from_config(
-    {k: v for k, v in config_lib.to_dict(config.augment).items()
-     if k != 'size'},
-    size=config.augment.size, patch_size=patch,
-  )  # fmt: skip
-  put_batch = make_put_batch(mesh)
+  settings = config_lib.view_settings(config)
+  put_batch = sharding.make_put_batch(mesh)
 
   # --- Model and optimizer. ---------------------------------------------
   model = build_model(config.model, deterministic=False)
@@ -476,16 +327,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     out_shardings=(state_shardings, None),
     donate_argnums=(0,),
   )
-  eval_step = jax.jit(make_eval_step(config, eval_model, settings))
+  eval_step = jax.jit(evaluate.make_eval_step(config, eval_model, settings))
 
   def do_eval(step):
     with jax.set_mesh(mesh):
       t0 = time.time()
-      result = run_evaluation(eval_step, state.params, test_ds, config,
+      result = evaluate.run_evaluation(eval_step, state.params, test_ds, config,
                               put_batch)  # fmt: skip
     result['step'] = step
     result['eval_seconds'] = time.time() - t0
-    writer.write_scalars(step, routing_scalars(result))
+    writer.write_scalars(step, evaluate.routing_scalars(result))
     log(
       f'[eval step {step}] test accuracy {result["accuracy"]:.4f} on '
       f'{result["num_examples"]} images ({result["eval_seconds"]:.1f}s)',
@@ -496,7 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     return result
 
   # --- Train loop. ------------------------------------------------------
-  batches = prefetch(
+  batches = data.prefetch(
     train_ds.train_batches(
       batch_size,
       seed=config.seed,
@@ -531,9 +382,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       steps_since = 0
       scalars = {k: float(v) for k, v in metrics.items()}
       scalars['images_per_second'] = img_per_s
+      if step == start_step + 1:
+        eta = float('nan')  # This step's time is mostly compilation.
+        scalars.pop('images_per_second')
+      else:
+        eta = (num_steps - step) * batch_size / max(img_per_s, 1e-9)
       writer.write_scalars(step, scalars)
       history.append({'step': step, **scalars})
-      eta = (num_steps - step) * batch_size / max(img_per_s, 1e-9)
       log(_progress_line(step, num_steps, scalars, img_per_s, eta), flush=True)
     if eval_every and step % eval_every == 0 and step != num_steps:
       do_eval(step)
@@ -590,9 +445,11 @@ def _progress_line(step, num_steps, s, img_per_s, eta) -> str:
   parts += [
     f'acc {s["train_accuracy"]:.3f}',
     f'lr {s["learning_rate"]:.2e}',
-    f'{img_per_s:.0f} img/s',
-    f'ETA {_hms(eta)}',
   ]
+  if math.isfinite(eta):
+    parts += [f'{img_per_s:.0f} img/s', f'ETA {_hms(eta)}']
+  else:
+    parts.append('(compiling)')
   return '  '.join(parts)
 
 

@@ -9,7 +9,9 @@ labels (eval batches add a boolean 'mask' for padding).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import queue
+import threading
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 DATASETS = ('fashion_mnist', 'synthetic', 'tfds')
@@ -46,3 +48,26 @@ def get_dataset(cfg: Mapping[str, Any]):
   raise ValueError(
     f'dataset.name={name!r} is unknown; choose one of {sorted(DATASETS)}'
   )
+
+
+def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
+  """Runs `iterator` in a background thread, `size` items ahead."""
+  q: queue.Queue = queue.Queue(maxsize=size)
+  sentinel = object()
+
+  def worker():
+    try:
+      for item in iterator:
+        q.put(item)
+    except BaseException as e:  # noqa: BLE001 - re-raised in the consumer.
+      q.put(e)
+    q.put(sentinel)
+
+  threading.Thread(target=worker, daemon=True).start()
+  while True:
+    item = q.get()
+    if item is sentinel:
+      return
+    if isinstance(item, BaseException):
+      raise item
+    yield item

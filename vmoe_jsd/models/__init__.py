@@ -1,30 +1,189 @@
 """Models: V-MoE (vit_moe.py), routers (routing.py), dispatch (moe.py).
 
 `build_model(model_config, deterministic=...)` builds a model from the
-`config.model` block (vmoe's layout: num_classes, patch_size, hidden_size,
-classifier, representation_size, encoder={num_layers, mlp_dim, num_heads,
-dropout_rate, attention_dropout_rate, moe={layers, num_experts, group_size,
-router={...}}}).
+`config.model` block, which follows vmoe's layout (num_classes, patch_size,
+hidden_size, classifier, representation_size, encoder={num_layers, mlp_dim,
+num_heads, dropout_rate, attention_dropout_rate, position_emb, moe={layers,
+num_experts, group_size, router={...}}}), plus two conveniences decoded by
+`resolve_model_config`:
+
+  variant='S/32': backbone size and patch size (keys given explicitly win);
+  encoder.moe.layers='every 2' | 'last 2' | (1, 3, ...): MoE placement.
+
+`from_vmoe_config(vmoe_model_config, deterministic=...)` takes a model config
+exactly as google-research/vmoe passes it to its `VisionTransformerMoe`.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 
-from vmoe_jsd.models.vit_moe import VisionTransformerMoe
+from vmoe_jsd.models import routing
+from vmoe_jsd.models.vit_moe import (
+  EncoderMoe,
+  MlpMoeBlock,
+  VisionTransformerMoe,
+)
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, None: None}
+
+# name: (hidden_size, num_layers, mlp_dim, num_heads). S, B, L, H are vmoe's
+# backbones (V-MoE paper, Table 8). NOTE: vmoe's "S" has 8 blocks, not the 12
+# of the ViT-S in Steiner et al. / DeiT; Ti is big_vision's (12 blocks).
+VARIANTS = {
+  'Ti': (192, 12, 768, 3),
+  'S': (512, 8, 2048, 8),
+  'B': (768, 12, 3072, 12),
+  'L': (1024, 24, 4096, 16),
+  'H': (1280, 32, 5120, 16),
+}
+_VARIANT_RE = re.compile(r'^(Ti|S|B|L|H)/(\d+)$')
+_PLACEMENT_RE = re.compile(r'^(every|last)\s+(\d+)$', re.IGNORECASE)
+
+
+def _to_dict(cfg) -> dict[str, Any]:
+  if cfg is None:
+    return {}
+  if hasattr(cfg, 'to_dict'):
+    return cfg.to_dict()
+  return copy.deepcopy(dict(cfg))
+
+
+def moe_placement(spec, num_layers: int) -> tuple[int, ...]:
+  """MoE block indices from a placement spec.
+
+  Args:
+    spec: a sequence of 0-based block indices; 'every N' (blocks N-1, 2N-1,
+      ...); or 'last N': the last N of the odd blocks (1, 3, 5, ...), as
+      vmoe's "Last N" (ViT-S with 8 blocks, 'last 2' -> (5, 7)).
+    num_layers: blocks in the encoder.
+
+  Returns:
+    Sorted tuple of block indices.
+  """
+  if spec is None:
+    return ()
+  if isinstance(spec, str):
+    m = _PLACEMENT_RE.match(spec.strip())
+    if not m or int(m.group(2)) < 1:
+      raise ValueError(
+        f"model.encoder.moe.layers={spec!r} is invalid; use 'every N', "
+        "'last N' (N >= 1) or a list of block indices"
+      )
+    n = int(m.group(2))
+    if m.group(1).lower() == 'every':
+      return tuple(range(n - 1, num_layers, n))
+    odd = tuple(range(1, num_layers, 2))
+    if n > len(odd):
+      raise ValueError(
+        f'model.encoder.moe.layers={spec!r}: only {len(odd)} odd blocks in '
+        f'{num_layers}'
+      )
+    return odd[-n:]
+  return tuple(sorted(int(x) for x in spec))
+
+
+def resolve_model_config(model_config) -> dict[str, Any]:
+  """config.model with the variant and MoE placement made explicit."""
+  cfg = _to_dict(model_config)
+  encoder = dict(cfg.get('encoder') or {})
+  variant = cfg.pop('variant', None)
+  if variant:
+    m = _VARIANT_RE.match(str(variant))
+    if not m:
+      raise ValueError(
+        f'model.variant={variant!r} is invalid; use NAME/PATCH with NAME in '
+        f'{list(VARIANTS)}, e.g. "S/32"'
+      )
+    hidden, layers, mlp, heads = VARIANTS[m.group(1)]
+    patch = int(m.group(2))
+    cfg.setdefault('hidden_size', hidden)
+    cfg.setdefault('patch_size', (patch, patch))
+    encoder.setdefault('num_layers', layers)
+    encoder.setdefault('mlp_dim', mlp)
+    encoder.setdefault('num_heads', heads)
+  if encoder.get('moe'):
+    moe = dict(encoder['moe'])
+    moe['layers'] = moe_placement(
+      moe.get('layers', ()), encoder.get('num_layers', 0)
+    )
+    encoder['moe'] = moe
+  cfg['encoder'] = encoder
+  if 'patch_size' in cfg:
+    patch = cfg['patch_size']
+    cfg['patch_size'] = (
+      (patch, patch) if isinstance(patch, int) else tuple(patch)
+    )
+  return cfg
+
+
+_INTERNAL = {'parent', 'name', 'deterministic', 'dtype'}
+DISPATCHER_KEYS = {
+  'name', 'capacity', 'capacity_factor', 'batch_priority',
+  'capacity_ceil_or_round', 'capacity_multiple_of', 'bfloat16',
+  'partition_spec', 'einsum_precision',
+}  # fmt: skip
+
+
+def _fields(cls, extra=(), internal=_INTERNAL) -> set[str]:
+  return {f.name for f in dataclasses.fields(cls)} - internal | set(extra)
+
+
+def _check_keys(given: Mapping, valid: set[str], where: str) -> None:
+  unknown = sorted(set(given) - valid)
+  if unknown:
+    raise ValueError(
+      f'{where} has unknown keys {unknown}; valid keys: {sorted(valid)}'
+    )
+
+
+def check_model_config(cfg: Mapping[str, Any]) -> None:
+  """Raises ValueError naming any misspelt or unsupported model key."""
+  _check_keys(cfg, _fields(VisionTransformerMoe, ('name', 'dtype')), 'model')
+  encoder = cfg.get('encoder') or {}
+  _check_keys(
+    encoder,
+    _fields(EncoderMoe) - {'patch_grid', 'num_prefix_tokens'},
+    'model.encoder',
+  )
+  moe = encoder.get('moe') or {}
+  if not moe:
+    return
+  _check_keys(
+    moe,
+    _fields(MlpMoeBlock, ('layers',)) - {'router'} | {'router'},
+    'model.encoder.moe',
+  )
+  router = dict(moe.get('router') or {})
+  router_cls = routing.get_router_cls(
+    router.get('name', 'NoisyTopExpertsPerItemRouter')
+  )
+  _check_keys(
+    router,
+    _fields(router_cls, ('name', 'deterministic', 'dtype'), {'parent'})
+    - {'num_experts'},
+    'model.encoder.moe.router',
+  )
+  if isinstance(router.get('dispatcher'), Mapping):
+    _check_keys(
+      router['dispatcher'],
+      DISPATCHER_KEYS,
+      'model.encoder.moe.router.dispatcher',
+    )
 
 
 def build_model(
   model_config: Mapping[str, Any], *, deterministic: bool
 ) -> VisionTransformerMoe:
   """VisionTransformerMoe from a config.model dict (or ConfigDict)."""
-  cfg = dict(model_config.to_dict() if hasattr(model_config, 'to_dict')
-             else model_config)  # fmt: skip
+  cfg = resolve_model_config(model_config)
+  check_model_config(cfg)
   name = cfg.pop('name', 'VisionTransformerMoe')
   if name != 'VisionTransformerMoe':
     raise ValueError(
@@ -36,7 +195,69 @@ def build_model(
       f'model.dtype={dtype!r} is unknown; choose one of '
       f'{[k for k in DTYPES if k]} or None'
     )
-  cfg['patch_size'] = tuple(cfg['patch_size'])
   return VisionTransformerMoe(
     deterministic=deterministic, dtype=DTYPES[dtype], **cfg
   )
+
+
+def from_vmoe_config(
+  model_config: Mapping[str, Any], *, deterministic: bool
+) -> VisionTransformerMoe:
+  """Our model from a google-research/vmoe model config.
+
+  `model_config` is what vmoe passes to its `VisionTransformerMoe` (as in
+  its configs' `config.model`, or the parity fixture's config.json without
+  image_size/eval_capacity_factors). `apply({'params': p}, images)` returns
+  (logits, metrics) as vmoe's does, with vmoe's parameter tree.
+
+  Every option of vmoe's model is mapped: classifier ('token', 'gap', 'map',
+  '0'), representation_size, head_bias_init, head_kernel_zero_init,
+  encoder.{num_layers, mlp_dim, num_heads, dropout_rate,
+  attention_dropout_rate, attention_qk_norm, position_emb}, moe.{layers,
+  num_experts, group_size, dropout_rate, split_rngs, router}, routers by name
+  (vmoe's dotted paths are reduced to the class name: 'NoisyTopExperts-
+  PerItemRouter', 'NoisyTopItemsPerExpertRouter', soft_moe's 'SoftRouter')
+  with all their arguments, and the dispatcher's (name, capacity,
+  capacity_factor, batch_priority, capacity_ceil_or_round,
+  capacity_multiple_of, bfloat16). `partition_spec` and `einsum_precision`
+  are sharding/precision hints that this package decides itself (on CPU and
+  in float32 the result is the same).
+
+  Args:
+    model_config: vmoe model config (dict or ConfigDict).
+    deterministic: evaluation mode (no router noise, no dropout).
+
+  Returns:
+    A VisionTransformerMoe.
+  """
+  cfg = _to_dict(model_config)
+  name = cfg.pop('name', 'VisionTransformerMoe')
+  if name not in (
+    'VisionTransformerMoe',
+    'vmoe.nn.vit_moe.VisionTransformerMoe',
+  ):
+    raise ValueError(
+      f'vmoe model name {name!r} is not supported; only '
+      "'VisionTransformerMoe' (vmoe.nn.vit_moe) is"
+    )
+  moe = (cfg.get('encoder') or {}).get('moe') or {}
+  router = moe.get('router') or {}
+  if 'name' in router:
+    router['name'] = str(router['name']).rsplit('.', 1)[-1]
+  return build_model(cfg, deterministic=deterministic)
+
+
+def router_logits_by_layer(intermediates, layers) -> dict[int, Any]:
+  """{block: (G, S, E) clean router logits} from the sown intermediates."""
+  encoder = intermediates['Encoder']
+  out = {}
+  for block in layers:
+    moe = encoder[f'encoderblock_{block}']['Moe']
+    out[block] = moe['Router'][routing.ROUTER_LOGITS][0]
+  return out
+
+
+def per_image_patches(logits, num_images: int, prefix: int):
+  """(G, S, E) router logits -> (num_images, P, E) of the patch tokens."""
+  per_image = logits.reshape(num_images, -1, logits.shape[-1])
+  return per_image[:, prefix:]

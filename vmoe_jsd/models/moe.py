@@ -105,7 +105,9 @@ class EinsumDispatcher:
       (0/1 for hard routing, soft for Soft MoE).
     combine_weights: (G, S, E, C) weight of that slot's output in token s's
       combined output.
-    bfloat16: send data through dispatch/combine in bfloat16.
+    bfloat16: round the data to bfloat16 before dispatch and combine (to
+      halve what crosses devices); the weights keep their dtype and the
+      result is cast back, as vmoe's Bfloat16Dispatcher.
   """
 
   dispatch_weights: Array
@@ -115,22 +117,20 @@ class EinsumDispatcher:
   def dispatch(self, data: Array) -> Array:
     """(G, S, ...) -> (G, E, C, ...)."""
     dtype = data.dtype
-    weights = self.dispatch_weights.astype(
-      jnp.bfloat16 if self.bfloat16 else dtype
-    )
     out = jnp.einsum(
-      'GSEC,GS...->GEC...', weights, _maybe_bfloat16(data, self.bfloat16)
+      'GSEC,GS...->GEC...',
+      self.dispatch_weights,
+      _maybe_bfloat16(data, self.bfloat16),
     )
     return out.astype(dtype)
 
   def combine(self, data: Array) -> Array:
     """(G, E, C, ...) -> (G, S, ...)."""
     dtype = data.dtype
-    weights = self.combine_weights.astype(
-      jnp.bfloat16 if self.bfloat16 else dtype
-    )
     out = jnp.einsum(
-      'GSEC,GEC...->GS...', weights, _maybe_bfloat16(data, self.bfloat16)
+      'GSEC,GEC...->GS...',
+      self.combine_weights,
+      _maybe_bfloat16(data, self.bfloat16),
     )
     return out.astype(dtype)
 
@@ -200,7 +200,7 @@ class IndicesDispatcher:
     flat = data.reshape(num_groups, -1, *item_shape)
     flat = jnp.concatenate([flat, jnp.zeros_like(flat[:, :1])], axis=1)
     gathered = jax.vmap(lambda x, i: x[i])(flat, self._slot_ids())
-    weights = self.combine_weights.astype(gathered.dtype)
+    weights = self.combine_weights
     weights = weights.reshape(weights.shape + (1,) * len(item_shape))
     return jnp.sum(gathered * weights, axis=2).astype(dtype)
 

@@ -182,9 +182,101 @@ class NoisyTopItemsPerExpertRouter(nn.Module):
     return dispatcher, metrics
 
 
+def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-6) -> Array:
+  """x / sqrt(sum x^2 + eps) along `axis` (Soft MoE's normalisation)."""
+  return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis, keepdims=True) + eps)
+
+
+class SoftRouter(nn.Module):
+  """Soft MoE router (Puigcerver et al., "From Sparse to Soft Mixtures of
+  Experts", ICLR 2024, arXiv:2308.00951, Algorithm 1 with the normalisation
+  of its Sec. 2.3).
+
+  Every expert has `num_slots` slots; slot (e, p) has a learned vector
+  mu[:, e, p]. With unit-norm tokens x and slot vectors, logits =
+  scale * <x_m, mu_ep>; each slot's input is a convex combination of the
+  group's tokens (dispatch = softmax over tokens), each token's output a
+  convex combination of all slots' outputs (combine = softmax over slots).
+  Parameters 'mu' (D, E, P) and 'scale' () as in vmoe's soft_moe project.
+
+  What it sows as 'router_logits' (G, S, E): logsumexp over each expert's
+  slots of the clean token-slot logits, so that softmax over experts is the
+  share of each expert in the token's combine weights: Soft MoE's per-token
+  distribution over experts, the analogue of a router softmax.
+  (The dispatch weights are distributions over tokens, one per slot, and
+  have no per-token form.)
+
+  Attributes:
+    num_experts: E.
+    num_slots: slots per expert P; default round(S * capacity_factor / E).
+    capacity_factor: used when num_slots is None.
+    noise_std: Gaussian noise std on the logits during training.
+    bfloat16: dispatch/combine data in bfloat16 (vmoe always does).
+    deterministic: no noise.
+    dtype: computation dtype.
+  """
+
+  num_experts: int
+  num_slots: int | None = None
+  capacity_factor: float | None = 1.0
+  noise_std: float = 0.0
+  bfloat16: bool = True
+  deterministic: bool = False
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, inputs: Array):
+    dtype = self.dtype or inputs.dtype
+    x = l2_normalize(inputs.astype(dtype))
+    _, group_size, dim = x.shape
+    num_slots = self.num_slots or moe.compute_capacity(
+      group_size, self.num_experts, self.capacity_factor, 'round', None
+    )
+    mu = self.param(
+      'mu',
+      nn.initializers.lecun_normal(),
+      (dim, self.num_experts, num_slots),
+    )
+    mu = l2_normalize(mu.astype(dtype), axis=0)
+    scale = self.param('scale', nn.initializers.ones, ()).astype(dtype)
+    # Scale the smaller operand (fewer multiplications), as vmoe does.
+    if x.size < mu.size:
+      x = x * scale
+    else:
+      mu = mu * scale
+    logits = jnp.einsum('GSD,DEP->GSEP', x, mu)
+    self.sow(
+      'intermediates',
+      ROUTER_LOGITS,
+      jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1),
+    )
+    if not self.deterministic and self.noise_std > 0:
+      logits = logits + self.noise_std * jax.random.normal(
+        self.make_rng('gating'), logits.shape, logits.dtype
+      )
+    dispatch = jax.nn.softmax(logits, axis=1)
+    combine = jax.nn.softmax(logits, axis=(2, 3))
+    dispatcher = moe.EinsumDispatcher(
+      dispatch_weights=dispatch,
+      combine_weights=combine,
+      bfloat16=self.bfloat16,
+    )
+    metrics = {
+      'auxiliary_loss': jnp.zeros(logits.shape[0], jnp.float32),
+      'combine_weights_max_mean': jnp.mean(
+        jnp.max(combine, axis=(2, 3)), axis=1
+      ),
+      'dispatch_weights_max_mean': jnp.mean(
+        jnp.max(dispatch, axis=1), axis=(1, 2)
+      ),
+    }
+    return dispatcher, metrics
+
+
 ROUTERS = {
   'NoisyTopExpertsPerItemRouter': NoisyTopExpertsPerItemRouter,
   'NoisyTopItemsPerExpertRouter': NoisyTopItemsPerExpertRouter,
+  'SoftRouter': SoftRouter,
 }
 
 

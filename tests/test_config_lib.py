@@ -1,0 +1,111 @@
+"""Bad configs fail before any work, naming the key, value and valid ones."""
+
+import os
+import sys
+
+import pytest
+
+from vmoe_jsd import config_lib
+
+sys.path.insert(0, os.path.dirname(__file__))
+import smoke_config  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke(**overrides):
+  config = smoke_config.get_config()
+  with config.unlocked():
+    for key, value in overrides.items():
+      node = config
+      *parents, leaf = key.split('.')
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return config
+
+
+def test_smoke_and_default_configs_are_valid():
+  config_lib.validate(smoke(), num_devices=8)
+  sys.path.insert(0, os.path.join(ROOT, 'configs'))
+  import default  # noqa: PLC0415
+
+  config = default.get_config()
+  with config.unlocked():
+    # Validation checks that the data exists; point it at fake files.
+    for split in ('train', 'test'):
+      config.dataset[split].name = 'synthetic'
+  config_lib.validate(config, num_devices=1)
+
+
+@pytest.mark.parametrize(
+  'overrides,message',
+  [
+    (
+      {'model.encoder.moe.router.name': 'TopK'},
+      "router.name='TopK' is unknown; choose one of ['NoisyTopExpertsPerItem",
+    ),
+    (
+      {'model.encoder.moe.router.num_selected_experts': 5},
+      'num_selected_experts=5 is invalid: K must be in [1, num_experts=4]',
+    ),
+    (
+      {'model.encoder.moe.group_size': 30},
+      'group_size=30 is invalid: must divide the tokens per device',
+    ),
+    ({'dataset.train.batch_size': 12}, 'dataset.train.batch_size=12'),
+    ({'loss.name': 'hinge'}, "loss.name='hinge' is invalid: one of"),
+    ({'consistency.loss': 'kl'}, "consistency.loss='kl' is invalid"),
+    ({'consistency.temperature': 0.0}, 'consistency.temperature=0.0'),
+    ({'consistency.layers': (0,)}, 'consistency.layers=(0,)'),
+    ({'model.encoder.moe.layers': (5,)}, 'moe.layers=(5,)'),
+    ({'augment.crop_scale': (0.0, 1.0)}, 'crop_scale=(0.0, 1.0)'),
+    ({'optimizer.name': 'lamb'}, "optimizer.name='lamb'"),
+    ({'num_expert_partitions': 3}, 'num_expert_partitions=3'),
+    ({'model.classifier': 'pool'}, "classifier='pool'"),
+    ({'dataset.train.name': 'imagenet'}, "dataset.train.name='imagenet'"),
+    (
+      {'model.encoder.moe.router.dispatcher.capacity': 4},
+      'set exactly one of capacity and capacity_factor',
+    ),
+  ],
+)
+def test_bad_config_is_rejected_with_the_key_and_value(overrides, message):
+  with pytest.raises(ValueError) as e:
+    config_lib.validate(smoke(**overrides), num_devices=8)
+  assert message in str(e.value)
+
+
+def test_misspelt_model_key_lists_valid_keys():
+  config = smoke()
+  with config.unlocked():
+    config.model.encoder.moe.router.num_selected_expert = 2
+  with pytest.raises(ValueError, match="unknown keys \\['num_selected_expert'"):
+    config_lib.validate(config, num_devices=8)
+
+
+def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
+  config = smoke()
+  with config.unlocked():
+    config.dataset.train = dict(
+      name='fashion_mnist', split='train', batch_size=8, data_dir=str(tmp_path)
+    )
+  with pytest.raises(FileNotFoundError) as e:
+    config_lib.validate(config, num_devices=8)
+  assert 'apt-get install -y dataset-fashion-mnist' in str(e.value)
+  assert str(tmp_path) in str(e.value)
+
+
+def test_main_rejects_bad_config_before_compiling(tmp_path):
+  import subprocess  # noqa: PLC0415
+
+  proc = subprocess.run(
+    [sys.executable, '-m', 'vmoe_jsd.main',
+     f'--config={os.path.join(ROOT, "tests", "smoke_config.py")}',
+     f'--workdir={tmp_path}', '--config.model.encoder.moe.group_size=7'],
+    cwd=ROOT, capture_output=True, text=True, timeout=120,
+    env={**os.environ, 'XLA_FLAGS': ''},
+  )  # fmt: skip
+  assert proc.returncode != 0
+  assert 'group_size=7 is invalid' in proc.stderr
+  assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))

@@ -1,0 +1,106 @@
+"""Host datasets: IDX parsing, resumable order, evaluation padding."""
+
+import gzip
+import os
+
+import numpy as np
+import pytest
+
+from vmoe_jsd import data
+from vmoe_jsd.data import arrays, fashion_mnist
+
+
+def write_idx(path, array, type_code=0x08):
+  header = bytes([0, 0, type_code, array.ndim]) + b''.join(
+    int(n).to_bytes(4, 'big') for n in array.shape
+  )
+  with gzip.open(path, 'wb') as f:
+    f.write(header + array.astype('>u1' if type_code == 8 else '>i4').tobytes())
+
+
+@pytest.fixture
+def fake_fmnist(tmp_path):
+  rng = np.random.default_rng(0)
+  images = {s: rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+            for s, n in (('train', 30), ('test', 12))}  # fmt: skip
+  labels = {s: rng.integers(0, 10, len(images[s]), dtype=np.uint8)
+            for s in images}  # fmt: skip
+  for split, (img_file, lbl_file) in fashion_mnist.FILES.items():
+    write_idx(str(tmp_path / img_file), images[split])
+    write_idx(str(tmp_path / lbl_file), labels[split])
+  return tmp_path, images, labels
+
+
+def test_fashion_mnist_reads_idx_files(fake_fmnist):
+  path, images, labels = fake_fmnist
+  ds = data.get_dataset(
+    {'name': 'fashion_mnist', 'split': 'train', 'data_dir': str(path)}
+  )
+  assert ds.image_shape == (28, 28, 1) and ds.num_classes == 10
+  np.testing.assert_array_equal(ds.images[..., 0], images['train'])
+  np.testing.assert_array_equal(ds.labels, labels['train'])
+  sub = fashion_mnist.load('test[4:10]', str(path))
+  np.testing.assert_array_equal(sub.labels, labels['test'][4:10])
+
+
+def test_idx_errors_name_the_problem(fake_fmnist, tmp_path):
+  path, _, _ = fake_fmnist
+  truncated = str(tmp_path / 'bad.gz')
+  with gzip.open(os.path.join(path, 't10k-images-idx3-ubyte.gz')) as f:
+    content = f.read()
+  with gzip.open(truncated, 'wb') as f:
+    f.write(content[:-10])
+  with pytest.raises(ValueError, match='truncated or corrupt'):
+    fashion_mnist.read_idx(truncated)
+  with pytest.raises(FileNotFoundError, match='dataset-fashion-mnist'):
+    fashion_mnist.load('train', str(tmp_path / 'nowhere'))
+  with pytest.raises(ValueError, match="split='valid' is unknown"):
+    fashion_mnist.load('valid', str(path))
+
+
+def test_train_order_is_a_function_of_the_step_and_covers_epochs():
+  ds = arrays.ArrayDataset(
+    np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1),
+    np.arange(10, dtype=np.int32), num_classes=10,
+  )  # fmt: skip
+  it = ds.train_batches(4, seed=3)
+  stream = np.concatenate([next(it)['label'] for _ in range(5)])  # 20
+  # Each epoch of 10 is a permutation; epochs differ.
+  assert sorted(stream[:10]) == list(range(10))
+  assert sorted(stream[10:20]) == list(range(10))
+  assert list(stream[:10]) != list(stream[10:20])
+  # Resuming at step 3 yields exactly batches 3, 4.
+  resumed = ds.train_batches(4, seed=3, start_step=3)
+  np.testing.assert_array_equal(next(resumed)['label'], stream[12:16])
+  # Two processes split every global batch.
+  p0 = ds.train_batches(4, seed=3, process_index=0, process_count=2)
+  p1 = ds.train_batches(4, seed=3, process_index=1, process_count=2)
+  np.testing.assert_array_equal(
+    np.concatenate([next(p0)['label'], next(p1)['label']]), stream[:4]
+  )
+
+
+def test_eval_batches_pad_with_mask():
+  ds = data.get_dataset({'name': 'synthetic', 'split': 'test',
+                         'num_examples': 10, 'image_size': 8})  # fmt: skip
+  batches = list(ds.eval_batches(4))
+  assert [b['mask'].sum() for b in batches] == [4, 4, 2]
+  assert all(len(b['label']) == 4 for b in batches)
+  real = np.concatenate([b['label'][b['mask']] for b in batches])
+  np.testing.assert_array_equal(real, ds.labels)
+
+
+def test_unknown_dataset_lists_valid_names():
+  with pytest.raises(ValueError, match="'mnist' is unknown; choose one of"):
+    data.get_dataset({'name': 'mnist', 'split': 'train'})
+
+
+def test_prefetch_reraises_producer_errors():
+  def gen():
+    yield 1
+    raise RuntimeError('boom')
+
+  it = data.prefetch(gen())
+  assert next(it) == 1
+  with pytest.raises(RuntimeError, match='boom'):
+    next(it)

@@ -1,0 +1,131 @@
+r"""Evaluates a checkpoint (ours or vmoe's) on a dataset split, no training.
+
+  python -m vmoe_jsd.eval_main --config=configs/default.py \
+      --checkpoint=runs/default [--split=test] [--output=eval.json]
+
+--checkpoint is one of our workdirs (its latest checkpoint), a checkpoints/
+folder or a step folder, or a vmoe-format checkpoint prefix (the path
+without `.index`). The config gives the model (its evaluation overrides
+apply: e.g. the evaluation capacity factor), the augmentation size and
+config.dataset.test; --split overrides its split. Prints the accuracy and
+the routing table (agreement, chance, kappa, JSD, confidence, entropy, load,
+dropped) and writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'Config file describing the model and data.',
+  lock_config=True,
+)  # fmt: skip
+_CHECKPOINT = flags.DEFINE_string(
+  'checkpoint', None, 'Our workdir/checkpoint folder or a vmoe prefix.'
+)
+_SPLIT = flags.DEFINE_string('split', None, 'Overrides dataset.test.split.')
+_OUTPUT = flags.DEFINE_string(
+  'output', None, 'JSON output path (default: eval_<split>.json beside an '
+  'orbax checkpoint, or PREFIX.eval_<split>.json).',
+)  # fmt: skip
+flags.mark_flags_as_required(['config', 'checkpoint'])
+
+
+def checkpoint_source(path: str) -> str:
+  """'vmoe' for a vmoe prefix (PREFIX.index exists), else 'orbax'."""
+  if path.endswith('.index') or os.path.exists(path + '.index'):
+    return 'vmoe'
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+      f'--checkpoint={path!r} exists neither as a folder nor as a vmoe '
+      'prefix (PREFIX.index)'
+    )
+  return 'orbax'
+
+
+def evaluate_checkpoint(config, checkpoint: str, split: str | None = None):
+  """Loads `checkpoint` into config.model and evaluates config.dataset.test.
+
+  Returns:
+    The result dict (accuracy, num_examples, routing per MoE layer).
+  """
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from vmoe_jsd import (  # noqa: PLC0415
+    config_lib,
+    data,
+    evaluate,
+    initialization,
+    sharding,
+  )
+  from vmoe_jsd.models import build_model  # noqa: PLC0415
+
+  if split:
+    with config.unlocked():
+      config.dataset.test.split = split
+  config_lib.validate(config, jax.device_count())
+  source = checkpoint_source(checkpoint)
+  mesh = sharding.make_mesh(config.get('num_expert_partitions', 1))
+  settings = config_lib.view_settings(config)
+  test_ds = data.get_dataset(config.dataset.test)
+  eval_model = build_model(
+    config_lib.eval_model_config(config), deterministic=True
+  )
+  images = config_lib.min_images_per_batch(config.model, settings.size)
+  shape = (images, settings.size, settings.size, test_ds.image_shape[-1])
+  abstract = jax.eval_shape(
+    lambda: eval_model.init(jax.random.key(0), jnp.zeros(shape))['params']
+  )
+  params, _ = initialization.load_initial_params(
+    {'source': source, 'path': checkpoint, 'keep_head': True, 'strict': True},
+    abstract,
+  )
+  with jax.set_mesh(mesh):
+    params = jax.device_put(
+      params, sharding.tree_shardings(params, mesh,
+                                      config.get('params_axis_resources')
+                                      or sharding.DEFAULT_RULES),
+    )  # fmt: skip
+    eval_step = jax.jit(evaluate.make_eval_step(config, eval_model, settings))
+    result = evaluate.run_evaluation(
+      eval_step, params, test_ds, config, sharding.make_put_batch(mesh)
+    )
+  result['checkpoint'] = checkpoint
+  result['split'] = config.dataset.test.split
+  return result
+
+
+def main(argv):
+  del argv
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  from vmoe_jsd import evaluate  # noqa: PLC0415
+
+  config = _CONFIG.value
+  result = evaluate_checkpoint(config, _CHECKPOINT.value, _SPLIT.value)
+  split = result['split'].replace('/', '_')
+  output = _OUTPUT.value
+  if output is None:
+    ckpt = _CHECKPOINT.value.removesuffix('.index')
+    output = (
+      f'{ckpt}.eval_{split}.json'
+      if checkpoint_source(_CHECKPOINT.value) == 'vmoe'
+      else os.path.join(ckpt, f'eval_{split}.json')
+    )
+  print(
+    f'{result["checkpoint"]} on {result["split"]}: accuracy '
+    f'{result["accuracy"]:.4f} ({result["num_examples"]} images)'
+  )
+  if result['routing']:
+    print(evaluate.format_routing_table(result['routing']))
+  with open(output, 'w') as f:
+    json.dump(result, f, indent=1)
+  print(f'Wrote {output}')
+
+
+if __name__ == '__main__':
+  app.run(main)
