@@ -109,3 +109,17 @@ def test_main_rejects_bad_config_before_compiling(tmp_path):
   assert proc.returncode != 0
   assert 'group_size=7 is invalid' in proc.stderr
   assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))
+
+
+def test_initialization_block_is_checked(tmp_path):
+  with pytest.raises(ValueError, match="initialization.source='hub'"):
+    config_lib.validate(
+      smoke(**{'initialization.source': 'hub', 'initialization.path': 'x'}),
+      num_devices=8,
+    )
+  with pytest.raises(FileNotFoundError, match='nowhere.npz'):
+    config_lib.validate(
+      smoke(**{'initialization.source': 'vit_npz',
+               'initialization.path': str(tmp_path / 'nowhere.npz')}),
+      num_devices=8,
+    )  # fmt: skip

@@ -28,6 +28,18 @@ def base_config() -> ml_collections.ConfigDict:
       },
     }
   )
+  # Start from pretrained weights instead of random ones (ignored when the
+  # workdir already holds a checkpoint to resume): source 'vit_npz' (sparse
+  # upcycling of a dense ViT), 'vmoe' (vmoe-format checkpoint) or 'orbax'.
+  config.initialization = ml_collections.ConfigDict(
+    {
+      'source': None,
+      'path': None,
+      'upcycle': True,
+      'keep_head': False,
+      'strict': True,
+    }
+  )
   config.loss = ml_collections.ConfigDict({'name': 'softmax_xent'})
   config.consistency = ml_collections.ConfigDict(
     {

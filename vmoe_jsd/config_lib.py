@@ -287,6 +287,30 @@ def validate(config, num_devices: int) -> None:
   if schedule not in SCHEDULES:
     _fail('optimizer.learning_rate.schedule', schedule, f'one of {SCHEDULES}')
 
+  # Initialization.
+  init = to_dict(config.get('initialization'))
+  if init.get('source') is not None:
+    from vmoe_jsd import initialization  # noqa: PLC0415
+
+    unknown = sorted(set(init) - set(initialization.CONFIG_KEYS))
+    if unknown:
+      _fail('initialization', unknown, f'keys in {initialization.CONFIG_KEYS}')
+    if init['source'] not in initialization.SOURCES:
+      _fail(
+        'initialization.source',
+        init['source'],
+        f'one of {list(initialization.SOURCES)} or None',
+      )
+    path = init.get('path') or ''
+    exists = os.path.exists(path) or (
+      init['source'] == 'vmoe' and os.path.exists(path + '.index')
+    )
+    if not exists:
+      raise FileNotFoundError(
+        f'config.initialization.path={path!r} does not exist (local paths '
+        'only: copy gs:// checkpoints to local disk first)'
+      )
+
   # Data: names and files, before anything is built.
   for split in config.dataset:
     cfg = config.dataset[split]

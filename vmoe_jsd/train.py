@@ -41,6 +41,7 @@ from vmoe_jsd import (
   config_lib,
   data,
   evaluate,
+  initialization,
   losses,
   models,
   sharding,
@@ -308,6 +309,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       log(f'Resumed from {ckpt.directory} at step {latest}.', flush=True)
     else:
       state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
+      init_cfg = config.get('initialization')
+      if init_cfg and init_cfg.get('source'):
+        params, report = initialization.load_initial_params(
+          init_cfg, jax.device_get(state.params)
+        )
+        log(initialization.format_report(report), flush=True)
+        state = state.replace(
+          params=jax.device_put(params, state_shardings.params)
+        )
   start_step = int(jax.device_get(state.step))
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
   log(

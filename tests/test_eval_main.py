@@ -1,0 +1,91 @@
+"""The evaluation-only entry point on our checkpoints and on vmoe's."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, '..', 'shared', 'fixtures', 'vmoe_parity')
+SMOKE = os.path.join(ROOT, 'tests', 'smoke_config.py')
+
+
+def run(module, *args):
+  env = {
+    **os.environ,
+    'XLA_FLAGS': '',
+    'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir,
+    'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+  }
+  proc = subprocess.run(
+    [sys.executable, '-m', module, *args], cwd=ROOT, env=env,
+    capture_output=True, text=True, timeout=600,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  return proc.stdout
+
+
+def test_eval_main_on_our_checkpoint_matches_training_eval(tmp_path):
+  workdir = str(tmp_path / 'run')
+  run(
+    'vmoe_jsd.main',
+    f'--config={SMOKE}',
+    f'--workdir={workdir}',
+    '--config.num_train_steps=4',
+    '--config.save_checkpoint.every_steps=4',
+  )
+  out = run('vmoe_jsd.eval_main', f'--config={SMOKE}',
+            f'--checkpoint={workdir}')  # fmt: skip
+  assert 'accuracy' in out and 'kappa' in out
+  with open(os.path.join(workdir, 'eval_test.json')) as f:
+    evaluated = json.load(f)
+  with open(os.path.join(workdir, 'results.json')) as f:
+    trained = json.load(f)
+  # Same params, same data, same fixed routing key: same figures.
+  assert evaluated['accuracy'] == trained['accuracy']
+  assert evaluated['routing'] == trained['routing']
+
+
+@pytest.mark.skipif(
+  not os.path.isdir(FIXTURE), reason=f'fixture folder {FIXTURE} is absent'
+)
+def test_eval_main_on_vmoe_checkpoint(tmp_path):
+  config_file = tmp_path / 'fixture_config.py'
+  config_file.write_text(
+    f"""
+import json
+import ml_collections
+from vmoe_jsd import config_common
+
+def get_config():
+  with open({os.path.join(FIXTURE, 'config.json')!r}) as f:
+    fixture = json.load(f)
+  config = config_common.base_config()
+  config.num_train_steps = 1
+  model = {{k: v for k, v in fixture.items()
+           if k not in ('image_size', 'eval_capacity_factors')}}
+  model['encoder']['moe']['router']['dispatcher']['capacity_factor'] = 1.0
+  config.model = model
+  config.augment = dict(size=32)
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.train = dict(name='synthetic', split='train', batch_size=4,
+                              image_size=32, channels=3, num_classes=10)
+  config.dataset.test = dict(name='synthetic', split='test', batch_size=8,
+                             num_examples=40, image_size=32, channels=3,
+                             num_classes=10)
+  config.optimizer = dict(name='adam', learning_rate=dict(peak_value=1e-3))
+  return ml_collections.ConfigDict(config)
+"""
+  )
+  output = str(tmp_path / 'out.json')
+  out = run('vmoe_jsd.eval_main', f'--config={config_file}',
+            f'--checkpoint={os.path.join(FIXTURE, "checkpoint")}',
+            f'--output={output}')  # fmt: skip
+  with open(output) as f:
+    result = json.load(f)
+  assert result['num_examples'] == 40
+  assert set(result['routing']) == {'encoderblock_1', 'encoderblock_3'}
+  assert 'encoderblock_3' in out

@@ -1,0 +1,187 @@
+"""Converts parameters between our orbax checkpoints and vmoe's format.
+
+  python -m vmoe_jsd.convert --input=WORKDIR --output=/ckpt/vmoe_s32 \\
+      [--num_shards=N]
+  python -m vmoe_jsd.convert --input=/ckpt/vmoe_s32 --output=/ckpt/orbax_s32
+
+The direction follows the input. A vmoe checkpoint (Riquelme et al., 2021,
+google-research/vmoe; see vmoe_format.py) is a prefix with a `.index` file;
+it is written as a params-only orbax step folder, `OUTPUT/state/` holding
+{'params': ...} as our training checkpoints do, which
+initialization.load_initial_params({'source': 'orbax', 'path': OUTPUT}, ...)
+reads. Our orbax checkpoints (a workdir, its checkpoints/ folder for the
+latest step, or a step folder) are written as vmoe checkpoints of their
+params only, in `--num_shards` data shards. Nothing is overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from vmoe_jsd import initialization, vmoe_format
+
+FORMATS = ('orbax', 'vmoe')
+
+
+def detect_format(path: str) -> str:
+  """'vmoe' (a prefix with a .index file) or 'orbax' (our checkpoints).
+
+  Args:
+    path: a vmoe prefix or its .index file; or an orbax workdir,
+      checkpoints/ folder or step folder.
+
+  Returns:
+    One of FORMATS.
+
+  Raises:
+    FileNotFoundError: if nothing exists at `path`.
+    ValueError: if it is neither format.
+  """
+  prefix = path[: -len('.index')] if path.endswith('.index') else path
+  if os.path.isfile(prefix + '.index'):
+    return 'vmoe'
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+      errno.ENOENT,
+      'Input not found (neither a vmoe prefix with a .index file nor an '
+      'orbax checkpoint folder)',
+      path,
+    )
+  try:
+    initialization.find_orbax_state_dir(path)
+  except ValueError as e:
+    raise ValueError(
+      f'Cannot recognise the format of {path!r}: no {prefix + ".index"!r} '
+      f'(vmoe), and not an orbax checkpoint ({e})'
+    ) from None
+  return 'orbax'
+
+
+def write_orbax_params(directory: str, params: Mapping[str, Any]) -> None:
+  """Writes {'params': params} as a step folder like our training's.
+
+  Args:
+    directory: the step folder to create (must not exist).
+    params: nested dict of arrays.
+  """
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    checkpointer.save(
+      epath.Path(os.path.abspath(directory)),
+      ocp.args.Composite(state=ocp.args.StandardSave({'params': dict(params)})),
+    )
+
+
+def _files_under(directory: str) -> list[str]:
+  return sorted(
+    os.path.join(root, name)
+    for root, _, names in os.walk(directory)
+    for name in names
+  )
+
+
+def convert(
+  input_path: str, output_path: str, *, num_shards: int | None = None
+) -> dict[str, Any]:
+  """Converts the params at `input_path` into the other format.
+
+  Args:
+    input_path: vmoe prefix, or orbax workdir / checkpoints / step folder.
+    output_path: vmoe prefix (orbax input) or new orbax step folder (vmoe
+      input).
+    num_shards: data shards of a vmoe output (default 1).
+
+  Returns:
+    A summary: 'direction', 'num_arrays', 'num_params', 'files', 'step'
+    (orbax input only).
+
+  Raises:
+    FileNotFoundError: if the input does not exist.
+    ValueError: for an unrecognised input, an existing output, or
+      --num_shards with an orbax output.
+  """
+  source = detect_format(input_path)
+  summary: dict[str, Any] = {'step': None}
+  if source == 'orbax':
+    prefix = output_path
+    if prefix.endswith('.index'):
+      prefix = prefix[: -len('.index')]
+    if os.path.exists(prefix + '.index'):
+      raise ValueError(f'Output {prefix + ".index"!r} exists; not overwriting.')
+    params, info = initialization.read_orbax_params(input_path)
+    files = vmoe_format.write_vmoe_checkpoint(
+      prefix, params, num_shards=1 if num_shards is None else num_shards
+    )
+    summary.update(direction='orbax -> vmoe', step=info['step'])
+  else:
+    if num_shards is not None:
+      raise ValueError(
+        '--num_shards applies to vmoe outputs; this input is a vmoe '
+        'checkpoint, so the output is orbax.'
+      )
+    if os.path.exists(output_path):
+      raise ValueError(f'Output {output_path!r} exists; not overwriting.')
+    params = vmoe_format.read_vmoe_checkpoint(input_path)
+    write_orbax_params(output_path, params)
+    files = _files_under(output_path)
+    summary.update(direction='vmoe -> orbax')
+  leaves = list(vmoe_format.flatten_tree(params).values())
+  summary.update(
+    num_arrays=len(leaves),
+    num_params=int(sum(np.size(x) for x in leaves)),
+    files=files,
+  )
+  return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+    prog='python -m vmoe_jsd.convert',
+    description=(
+      'Convert params between our orbax checkpoints and vmoe checkpoints; '
+      'the direction follows the input.'
+    ),
+  )
+  parser.add_argument(
+    '--input',
+    required=True,
+    help='vmoe prefix (with a .index file), or orbax workdir, checkpoints/ '
+    'folder or step folder.',
+  )
+  parser.add_argument(
+    '--output',
+    required=True,
+    help='vmoe prefix (for an orbax input) or new orbax step folder.',
+  )
+  parser.add_argument(
+    '--num_shards',
+    type=int,
+    default=None,
+    help='data shards of a vmoe output (default 1).',
+  )
+  args = parser.parse_args(argv)
+  try:
+    summary = convert(args.input, args.output, num_shards=args.num_shards)
+  except (FileNotFoundError, ValueError) as e:
+    print(f'convert: error: {e}', file=sys.stderr)
+    return 1
+  step = '' if summary['step'] is None else f' (step {summary["step"]})'
+  print(
+    f'{summary["direction"]}{step}: wrote {summary["num_arrays"]} arrays, '
+    f'{summary["num_params"]:,} parameters, {len(summary["files"])} files:'
+  )
+  for path in summary['files']:
+    print(f'  {path}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
