@@ -30,7 +30,7 @@ def get_config(arg=None):
 
   config.augment = dict(
     size=IMAGE_SIZE,
-    crop_scale=(0.35, 1.0),
+    crop_scale=(0.75, 1.0),
     crop_ratio=(3 / 4, 4 / 3),
     flip=True,
     brightness=0.1,
@@ -78,7 +78,7 @@ def get_config(arg=None):
     gradient_clip=dict(global_norm=1.0),
     learning_rate=dict(
       schedule='warmup_cosine_decay',
-      peak_value=1e-3,
+      peak_value=2e-3,
       end_value=1e-5,
       warmup_steps=200,
     ),

@@ -157,3 +157,43 @@ def test_soft_router_against_reference():
     jax.nn.softmax(sown), token_expert, rtol=1e-5, atol=1e-6
   )
   assert np.all(np.asarray(metrics['auxiliary_loss']) == 0)
+
+
+def test_parse_call_reads_vmoe_router_names():
+  assert models.parse_call('NoisyTopExpertsPerItemRouter') == (
+    'NoisyTopExpertsPerItemRouter',
+    {},
+  )
+  assert models.parse_call(
+    'vmoe.nn.routing.NoisyTopItemsPerExpertRouter(noise_std=1.5, '
+    'dispatcher={"capacity_factor": 2.0})'
+  ) == (
+    'NoisyTopItemsPerExpertRouter',
+    {'noise_std': 1.5, 'dispatcher': {'capacity_factor': 2.0}},
+  )
+  with pytest.raises(ValueError, match='Python literals'):
+    models.parse_call('SoftRouter(num_slots=x)')
+
+
+def test_vmoe_soft_moe_router_config_is_accepted():
+  # As vmoe's soft_moe project writes it: sharding/monitoring keys included.
+  cfg = {
+    'num_classes': 3, 'patch_size': (4, 4), 'hidden_size': 8,
+    'classifier': 'gap',
+    'encoder': {'num_layers': 1, 'mlp_dim': 16, 'num_heads': 2,
+                'dtype': 'float32',
+                'moe': {'layers': (0,), 'num_experts': 2, 'group_size': 16,
+                        'router': {'name': 'SoftRouter(num_slots=2)',
+                                   'partition_spec': (('expert',),),
+                                   'compute_similarity_metrics': True}}},
+  }  # fmt: skip
+  model = models.from_vmoe_config(cfg, deterministic=True)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params']
+  assert params['Encoder']['encoderblock_0']['Moe']['Router']['mu'].shape == (
+    8,
+    2,
+    2,
+  )
+  cfg['encoder_cls'] = 'x'
+  with pytest.raises(ValueError, match='encoder_cls'):
+    models.from_vmoe_config(cfg, deterministic=True)

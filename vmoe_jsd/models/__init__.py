@@ -240,11 +240,67 @@ def from_vmoe_config(
       f'vmoe model name {name!r} is not supported; only '
       "'VisionTransformerMoe' (vmoe.nn.vit_moe) is"
     )
-  moe = (cfg.get('encoder') or {}).get('moe') or {}
+  if 'encoder_cls' in cfg:
+    raise ValueError(
+      'vmoe model key encoder_cls (a Python class) is not supported; only '
+      "vmoe's EncoderMoe"
+    )
+  encoder = cfg.get('encoder') or {}
+  if 'dtype' in encoder:
+    # vmoe applies its dtype in the encoder; ours is the model's dtype,
+    # which the patch embedding and head do not use either.
+    cfg['dtype'] = _dtype_name(encoder.pop('dtype'))
+  moe = encoder.get('moe') or {}
   router = moe.get('router') or {}
   if 'name' in router:
-    router['name'] = str(router['name']).rsplit('.', 1)[-1]
+    name, kwargs = parse_call(router['name'])
+    # As vmoe: keys given in the router config win over the call's.
+    router.update({k: v for k, v in kwargs.items() if k not in router})
+    router['name'] = name
   return build_model(cfg, deterministic=deterministic)
+
+
+def _dtype_name(dtype) -> str | None:
+  if dtype is None:
+    return None
+  name = jnp.dtype(dtype).name
+  if name not in DTYPES:
+    raise ValueError(f'dtype {dtype!r} is not supported; use float32/bfloat16')
+  return name
+
+
+def parse_call(spec: str) -> tuple[str, dict[str, Any]]:
+  """'pkg.Name(a=1, b=(2, 3))' -> ('Name', {'a': 1, 'b': (2, 3)}).
+
+  vmoe names routers by (dotted) class name, optionally written as a call
+  with literal keyword arguments; the module path is dropped.
+  """
+  import ast  # noqa: PLC0415
+
+  try:
+    node = ast.parse(str(spec).strip(), mode='eval').body
+  except SyntaxError:
+    raise ValueError(f'router name {spec!r} is not a name or a call') from None
+  kwargs = {}
+  if isinstance(node, ast.Call):
+    if node.args:
+      raise ValueError(
+        f'router {spec!r}: only keyword arguments are supported in the call'
+      )
+    try:
+      kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+    except ValueError:
+      raise ValueError(
+        f'router {spec!r}: arguments must be Python literals'
+      ) from None
+    node = node.func
+  parts = []
+  while isinstance(node, ast.Attribute):
+    parts.append(node.attr)
+    node = node.value
+  if not isinstance(node, ast.Name):
+    raise ValueError(f'router name {spec!r} is not a name or a call')
+  return (parts[0] if parts else node.id), kwargs
 
 
 def router_logits_by_layer(intermediates, layers) -> dict[int, Any]:

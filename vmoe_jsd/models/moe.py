@@ -27,6 +27,7 @@ device.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.struct
 import jax
@@ -108,11 +109,13 @@ class EinsumDispatcher:
     bfloat16: round the data to bfloat16 before dispatch and combine (to
       halve what crosses devices); the weights keep their dtype and the
       result is cast back, as vmoe's Bfloat16Dispatcher.
+    precision: jax.lax.Precision of both einsums (vmoe's einsum_precision).
   """
 
   dispatch_weights: Array
   combine_weights: Array
   bfloat16: bool = flax.struct.field(pytree_node=False, default=False)
+  precision: Any = flax.struct.field(pytree_node=False, default=None)
 
   def dispatch(self, data: Array) -> Array:
     """(G, S, ...) -> (G, E, C, ...)."""
@@ -121,6 +124,7 @@ class EinsumDispatcher:
       'GSEC,GS...->GEC...',
       self.dispatch_weights,
       _maybe_bfloat16(data, self.bfloat16),
+      precision=self.precision,
     )
     return out.astype(dtype)
 
@@ -131,6 +135,7 @@ class EinsumDispatcher:
       'GSEC,GEC...->GS...',
       self.combine_weights,
       _maybe_bfloat16(data, self.bfloat16),
+      precision=self.precision,
     )
     return out.astype(dtype)
 
@@ -256,6 +261,7 @@ def make_top_k_dispatcher(
   capacity_ceil_or_round: str = 'ceil',
   capacity_multiple_of: int | None = 4,
   bfloat16: bool = False,
+  einsum_precision: Any = None,
 ) -> tuple[EinsumDispatcher | IndicesDispatcher, dict[str, Array]]:
   """Builds the dispatcher of top-K (experts choose per token) routing.
 
@@ -270,6 +276,7 @@ def make_top_k_dispatcher(
     capacity_ceil_or_round: see compute_capacity.
     capacity_multiple_of: see compute_capacity.
     bfloat16: dispatch/combine data in bfloat16.
+    einsum_precision: precision of the einsum dispatcher's einsums.
 
   Returns:
     The dispatcher and metrics: 'dropped_fraction' (G,), the fraction of the
@@ -313,10 +320,15 @@ def make_top_k_dispatcher(
     # index is >= C, so its one-hot row is all zeros.
     expert_oh = jax.nn.one_hot(expert_index, num_experts, dtype=gates.dtype)
     slot_oh = jax.nn.one_hot(buffer_index, capacity, dtype=gates.dtype)
-    dispatch = jnp.einsum('GSKE,GSKC->GSEC', expert_oh, slot_oh)
+    # Boolean dispatch weights, as vmoe: with bfloat16 data the dispatch
+    # einsum then runs (and accumulates its gradient) in bfloat16 as there.
+    dispatch = jnp.einsum('GSKE,GSKC->GSEC', expert_oh, slot_oh) > 0
     combine_w = jnp.einsum('GSKE,GSKC,GSK->GSEC', expert_oh, slot_oh, combine)
     dispatcher = EinsumDispatcher(
-      dispatch_weights=dispatch, combine_weights=combine_w, bfloat16=bfloat16
+      dispatch_weights=dispatch,
+      combine_weights=combine_w,
+      bfloat16=bfloat16,
+      precision=einsum_precision,
     )
   else:
     raise ValueError(
@@ -335,6 +347,7 @@ def make_top_items_per_expert_dispatcher(
   capacity_multiple_of: int | None = 4,
   bfloat16: bool = False,
   name: str = 'einsum',
+  einsum_precision: Any = None,
 ) -> tuple[EinsumDispatcher, dict[str, Array]]:
   """Expert-choice routing: every expert takes its top-C tokens.
 
@@ -380,16 +393,19 @@ def make_top_items_per_expert_dispatcher(
     )
   # (G, E, C) the C tokens with the largest gate, per expert.
   _, token_index = jax.lax.top_k(jnp.swapaxes(gates, 1, 2), capacity)
-  dispatch = jax.nn.one_hot(token_index, group_size, axis=1, dtype=gates.dtype)
+  dispatch = jax.nn.one_hot(token_index, group_size, axis=1, dtype=jnp.bool_)
   combine = dispatch * gates[..., None]
-  experts_per_token = jnp.sum(dispatch, axis=(2, 3))  # (G, S)
+  experts_per_token = jnp.sum(dispatch, axis=(2, 3), dtype=jnp.int32)
   metrics = {
     'dropped_tokens': jnp.mean(experts_per_token == 0, axis=1),
     'experts_per_token': jnp.mean(experts_per_token, axis=1),
   }
   return (
     EinsumDispatcher(
-      dispatch_weights=dispatch, combine_weights=combine, bfloat16=bfloat16
+      dispatch_weights=dispatch,
+      combine_weights=combine,
+      bfloat16=bfloat16,
+      precision=einsum_precision,
     ),
     metrics,
   )
@@ -399,22 +415,41 @@ def make_top_items_per_expert_dispatcher(
 # Expert-parallel exchange.
 # ----------------------------------------------------------------------------
 def to_experts(data: Array) -> Array:
-  """(G, E, C, ...) buffers, groups sharded -> (E, G * C, ...), E sharded."""
+  """(G, E, C, ...) buffers, groups sharded -> (E, G * C, ...), E sharded.
+
+  When E divides G, group g = a * (G / E) + b lands in rows of block
+  (b, a) of each expert's buffer, as in vmoe (so that with G / E groups per
+  device one all-to-all suffices). The order of rows changes which token gets
+  which dropout mask inside the experts, so it is kept identical to vmoe's.
+  """
   num_groups, num_experts, capacity = data.shape[:3]
+  item_shape = data.shape[3:]
   data = sharding.constrain(data, PartitionSpec(sharding.BATCH_AXES))
-  data = jnp.swapaxes(data, 0, 1)
-  data = sharding.constrain(
+  if num_groups % num_experts == 0:
+    data = data.reshape(num_experts, -1, num_experts, capacity, *item_shape)
+    data = jnp.swapaxes(data, 0, 2)  # (E, G / E, E_blocks, C, ...)
+  else:
+    data = jnp.swapaxes(data, 0, 1)  # (E, G, C, ...)
+  data = data.reshape(num_experts, num_groups * capacity, *item_shape)
+  return sharding.constrain(
     data, PartitionSpec(sharding.EXPERT_AXIS, sharding.DATA_AXIS)
   )
-  return data.reshape(num_experts, num_groups * capacity, *data.shape[3:])
 
 
 def from_experts(data: Array, num_groups: int) -> Array:
   """(E, G * C, ...) expert outputs -> (G, E, C, ...), groups sharded."""
   num_experts = data.shape[0]
-  data = data.reshape(num_experts, num_groups, -1, *data.shape[2:])
+  item_shape = data.shape[2:]
   data = sharding.constrain(
     data, PartitionSpec(sharding.EXPERT_AXIS, sharding.DATA_AXIS)
   )
-  data = jnp.swapaxes(data, 0, 1)
+  if num_groups % num_experts == 0:
+    data = data.reshape(
+      num_experts, num_groups // num_experts, num_experts, -1, *item_shape
+    )
+    data = jnp.swapaxes(data, 0, 2)  # (E_blocks, G / E, E, C, ...)
+    data = data.reshape(num_groups, num_experts, -1, *item_shape)
+  else:
+    data = data.reshape(num_experts, num_groups, -1, *item_shape)
+    data = jnp.swapaxes(data, 0, 1)
   return sharding.constrain(data, PartitionSpec(sharding.BATCH_AXES))

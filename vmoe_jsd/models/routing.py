@@ -20,7 +20,7 @@ include 'auxiliary_loss', the weighted sum of the router's auxiliary losses.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -44,10 +44,9 @@ def _weighted_sum(*pairs):
 
 def _dispatcher_kwargs(dispatcher: KwArgs | None) -> dict[str, Any]:
   kwargs = dict(dispatcher or {})
-  # Sharding hints of vmoe's configs: this package shards groups over the
+  # Sharding hint of vmoe's configs: this package shards groups over the
   # mesh itself (see moe.to_experts), so the hint carries no information.
   kwargs.pop('partition_spec', None)
-  kwargs.pop('einsum_precision', None)
   return kwargs
 
 
@@ -214,6 +213,14 @@ class SoftRouter(nn.Module):
     bfloat16: dispatch/combine data in bfloat16 (vmoe always does).
     deterministic: no noise.
     dtype: computation dtype.
+    mu_init: initializer of mu.
+    scale_init: initializer of scale.
+    precision: precision of the logits and dispatch/combine einsums.
+    partition_spec: vmoe's sharding hint; accepted and unused (this package
+      shards groups itself, see moe.to_experts).
+    compute_similarity_metrics: accepted for vmoe configs; the cosine
+      similarity monitoring metrics of vmoe's soft_moe project are not
+      computed.
   """
 
   num_experts: int
@@ -223,6 +230,11 @@ class SoftRouter(nn.Module):
   bfloat16: bool = True
   deterministic: bool = False
   dtype: Any = None
+  mu_init: Callable = nn.initializers.lecun_normal()
+  scale_init: Callable = nn.initializers.ones
+  precision: Any = None
+  partition_spec: Any = None
+  compute_similarity_metrics: bool = True
 
   @nn.compact
   def __call__(self, inputs: Array):
@@ -232,19 +244,15 @@ class SoftRouter(nn.Module):
     num_slots = self.num_slots or moe.compute_capacity(
       group_size, self.num_experts, self.capacity_factor, 'round', None
     )
-    mu = self.param(
-      'mu',
-      nn.initializers.lecun_normal(),
-      (dim, self.num_experts, num_slots),
-    )
+    mu = self.param('mu', self.mu_init, (dim, self.num_experts, num_slots))
     mu = l2_normalize(mu.astype(dtype), axis=0)
-    scale = self.param('scale', nn.initializers.ones, ()).astype(dtype)
+    scale = self.param('scale', self.scale_init, ()).astype(dtype)
     # Scale the smaller operand (fewer multiplications), as vmoe does.
     if x.size < mu.size:
       x = x * scale
     else:
       mu = mu * scale
-    logits = jnp.einsum('GSD,DEP->GSEP', x, mu)
+    logits = jnp.einsum('GSD,DEP->GSEP', x, mu, precision=self.precision)
     self.sow(
       'intermediates',
       ROUTER_LOGITS,

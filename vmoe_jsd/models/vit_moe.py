@@ -359,7 +359,9 @@ class VisionTransformerMoe(nn.Module):
     deterministic: evaluation mode (no dropout, no router noise).
     head_bias_init: initial bias of the head.
     head_kernel_zero_init: zero-initialised head kernel (else LeCun normal).
-    dtype: computation dtype (e.g. jnp.bfloat16); params stay float32.
+    dtype: computation dtype of the encoder (e.g. jnp.bfloat16), as vmoe's
+      encoder dtype; the patch embedding and head compute in float32 and
+      params stay float32.
   """
 
   num_classes: int | None
@@ -380,7 +382,6 @@ class VisionTransformerMoe(nn.Module):
       kernel_size=tuple(self.patch_size),
       strides=tuple(self.patch_size),
       padding='VALID',
-      dtype=self.dtype,
       name='embedding',
     )(images)
     batch, grid_h, grid_w, hidden = x.shape
