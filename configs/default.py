@@ -1,8 +1,21 @@
 r"""Default: a small V-MoE with router consistency on Fashion-MNIST, on CPU.
 
-  python -m vmoe_jsd.main --config=configs/default.py --workdir=/tmp/default
+  python -m vmoe_jsd.main --config=configs/default.py --workdir=runs/default
 
-Hardware: 2 CPU cores. Time and accuracy: see README (measured).
+Hardware: 2 CPU cores (no GPU). Measured 2026-11-28, seed 0: 9 min 10 s for
+the whole command (about 580 images/s, each with 2 views; 2300 steps), test
+accuracy 86.34%; routing across views (block 1 / block 3): agreement
+0.718 / 0.626, kappa 0.619 / 0.494, router entropy 90% / 97% of the maximum.
+With --config.consistency.weight=0.0: 9 min 33 s, 86.18%, agreement
+0.579 / 0.520, kappa 0.439 / 0.360, entropy 57% / 84% (see README).
+
+ViT patch 7 (16 patches + class token), width 96, 4 blocks, MoE on blocks 1
+and 3: 4 experts, top-2, capacity factor 1.25 (4.0 at evaluation), routing
+groups of 8 images. Crops of 75-100% of the area: with peak lr 2e-3 and 800
+steps they reached 82.1% against 77.7% for 50-100%; after 2300 steps, 50-100%
+(lr 2e-3) reached 84.2% and 35-100% (lr 1e-3) 83.0%. Milder crops win at
+this budget.
+
 `--config=configs/default.py:runlocal` shrinks it to a 20-step smoke run.
 """
 

@@ -103,7 +103,7 @@ def test_from_vmoe_config_maps_dotted_router_names_and_rejects_unknown_keys():
   }  # fmt: skip
   model = models.from_vmoe_config(cfg, deterministic=True)
   x = jnp.zeros((1, 16, 16, 3))
-  params = model.init(jax.random.key(0), x)['params']
+  params = jax.jit(model.init)(jax.random.key(0), x)['params']
   router = params['Encoder']['encoderblock_1']['Moe']['Router']
   assert router['mu'].shape == (8, 2, 4) and router['scale'].shape == ()
   cfg['encoder']['moe']['router']['num_slot'] = 4
@@ -188,7 +188,9 @@ def test_vmoe_soft_moe_router_config_is_accepted():
                                    'compute_similarity_metrics': True}}},
   }  # fmt: skip
   model = models.from_vmoe_config(cfg, deterministic=True)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params']
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))[
+    'params'
+  ]
   assert params['Encoder']['encoderblock_0']['Moe']['Router']['mu'].shape == (
     8,
     2,
