@@ -45,9 +45,10 @@ def _launch(workdir, num_devices, *extra):
 def test_two_processes_match_one(tmp_path):
   port = _free_port()
   multi = str(tmp_path / 'multi')
+  coordinator = f'--coordinator_address=127.0.0.1:{port}'
   procs = [
-    _launch(multi, 2, '--distributed', f'--coordinator_address=127.0.0.1:{port}',
-            '--num_processes=2', f'--process_id={i}')
+    _launch(multi, 2, '--distributed', coordinator, '--num_processes=2',
+            f'--process_id={i}')
     for i in range(2)
   ]  # fmt: skip
   single = _launch(str(tmp_path / 'single'), 4)
