@@ -60,6 +60,13 @@ class TfdsDataset:
     self.name = f'tfds:{tfds_name}:{split}'
     self._builder = tfds.builder(tfds_name, data_dir=data_dir)
     info = self._builder.info
+    if not info.splits:
+      raise FileNotFoundError(
+        f'tfds dataset {tfds_name!r} is not prepared in data_dir='
+        f'{data_dir or tfds.core.constants.DATA_DIR!r}. Prepare it first '
+        f'(`tfds build {tfds_name} --data_dir=...`; ImageNet needs its '
+        'archives in the manual_dir), or set config.dataset.<split>.data_dir.'
+      )
     self.num_classes = info.features[label_key].num_classes
     self.num_examples = info.splits[split].num_examples
     channels = info.features[image_key].shape[-1] or 3
