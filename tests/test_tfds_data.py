@@ -40,8 +40,14 @@ class TinyImages(tfds.core.GeneratorBasedBuilder):
 
 def test_tfds_train_and_eval_batches(tmp_path):
   TinyImages(data_dir=str(tmp_path)).download_and_prepare()
-  cfg = {'name': 'tfds', 'tfds_name': 'tiny_images', 'split': 'train',
-         'image_size': 16, 'data_dir': str(tmp_path), 'shuffle_buffer': 4}
+  cfg = {
+    'name': 'tfds',
+    'tfds_name': 'tiny_images',
+    'split': 'train',
+    'image_size': 16,
+    'data_dir': str(tmp_path),
+    'shuffle_buffer': 4,
+  }
   ds = data.get_dataset(cfg)
   assert (len(ds), ds.num_classes, ds.image_shape) == (12, 3, (16, 16, 3))
   it = ds.train_batches(4, seed=0)

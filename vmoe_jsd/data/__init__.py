@@ -44,6 +44,7 @@ def get_dataset(cfg: Mapping[str, Any]):
       image_size=cfg['image_size'],
       data_dir=cfg.get('data_dir'),
       shuffle_buffer=cfg.get('shuffle_buffer', 10_000),
+      resize_size=cfg.get('resize_size'),
     )
   raise ValueError(
     f'dataset.name={name!r} is unknown; choose one of {sorted(DATASETS)}'

@@ -1,9 +1,10 @@
 """TensorFlow Datasets through tf.data (ImageNet-size data, needs TensorFlow).
 
-The host decodes each image, resizes its shorter side to `image_size` and
-takes the central square (`resize_small` + `central_crop`), then batches
-uint8 images. Random crops, flips and colour jitter run on device, inside
-the train step (see augment.py), so they are sampled within that square.
+The host decodes each image, resizes its shorter side to `resize_size`
+(default: `image_size`) and takes the central `image_size` square
+(`resize_small` + `central_crop`), then batches uint8 images. Random crops,
+flips and colour jitter run on device, inside the train step (see
+augment.py), so they are sampled within that square.
 
 Every process reads its own part of the split (tfds.even_splits), shuffles
 with a fixed seed and skips `start_step` batches on resume, so a resumed run
@@ -34,7 +35,10 @@ class TfdsDataset:
   Attributes:
     tfds_name: e.g. 'imagenet2012', 'cifar10', 'fashion_mnist'.
     split: tfds split string, e.g. 'train[:99%]'.
-    image_size: host working size (square).
+    image_size: host working size (square): the central image_size square
+      after the shorter side is resized to resize_size.
+    resize_size: shorter side before the central crop (default image_size;
+      vmoe evaluates ImageNet with 256 then a central 224 crop).
     data_dir: tfds data dir.
     shuffle_buffer: examples in the shuffle buffer.
   """
@@ -48,12 +52,18 @@ class TfdsDataset:
     shuffle_buffer: int = 10_000,
     image_key: str = 'image',
     label_key: str = 'label',
+    resize_size: int | None = None,
   ):
     import tensorflow_datasets as tfds  # noqa: PLC0415
 
     self.tfds_name = tfds_name
     self.split = split
     self.image_size = image_size
+    self.resize_size = resize_size or image_size
+    if self.resize_size < image_size:
+      raise ValueError(
+        f'resize_size={resize_size} must be >= image_size={image_size}'
+      )
     self.shuffle_buffer = shuffle_buffer
     self.image_key = image_key
     self.label_key = label_key
@@ -86,12 +96,13 @@ class TfdsDataset:
       read_config=tfds.ReadConfig(shuffle_seed=seed),
     )
     size = self.image_size
+    resize = self.resize_size
 
     def prepare(example):
       image = example[self.image_key]
       h = tf.cast(tf.shape(image)[0], tf.float32)
       w = tf.cast(tf.shape(image)[1], tf.float32)
-      scale = size / tf.minimum(h, w)
+      scale = resize / tf.minimum(h, w)
       new_hw = tf.cast(tf.math.ceil(tf.stack([h, w]) * scale), tf.int32)
       image = tf.image.resize(image, new_hw, antialias=True)
       image = tf.image.resize_with_crop_or_pad(image, size, size)

@@ -1,0 +1,93 @@
+"""Every config in configs/ builds and validates; the upcycling one runs."""
+
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vmoe_jsd import config_lib, sharding
+from vmoe_jsd.models import build_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
+
+
+def load(path, arg=None):
+  spec = importlib.util.spec_from_file_location('cfg', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
+def test_config_validates(path, tmp_path):
+  config = load(path)
+  with config.unlocked():
+    if config.initialization.source:
+      config.initialization.path = str(tmp_path)  # exists
+    for split in config.dataset:  # file checks need the data; not here
+      if config.dataset[split].name == 'fashion_mnist':
+        config.dataset[split].name = 'synthetic'
+  devices = config.num_expert_partitions
+  config_lib.validate(config, num_devices=devices)
+  # The model builds (abstractly) at the config's size.
+  model = build_model(config.model, deterministic=True)
+  images = config_lib.min_images_per_batch(config.model, config.augment.size)
+  shapes = jax.eval_shape(
+    model.init, jax.random.key(0),
+    jnp.zeros((images, config.augment.size, config.augment.size, 3)),
+  )  # fmt: skip
+  assert 'Encoder' in shapes['params']
+  local = load(path, 'runlocal')
+  with local.unlocked():
+    if local.initialization.source:
+      local.initialization.path = str(tmp_path)
+    for split in local.dataset:
+      if local.dataset[split].name == 'fashion_mnist':
+        local.dataset[split].name = 'synthetic'
+  config_lib.validate(local, num_devices=1)
+
+
+def test_upcycling_config_runs_from_a_dense_vit_npz(tmp_path):
+  """configs/upcycle_vit_b16_i1k.py:runlocal, from a ViT .npz in
+  vision_transformer's naming written here by hand."""
+  path = os.path.join(ROOT, 'configs', 'upcycle_vit_b16_i1k.py')
+  config = load(path, 'runlocal')
+  dense_cfg = config_lib.to_dict(config.model)
+  dense_cfg['encoder'] = {k: v for k, v in dense_cfg['encoder'].items()
+                          if k != 'moe'}  # fmt: skip
+  dense = build_model(dense_cfg, deterministic=True)
+  params = jax.jit(dense.init)(jax.random.key(5), jnp.zeros((1, 32, 32, 3)))
+  flat = sharding.flatten_names(params['params'])
+  rename = {'Encoder/': 'Transformer/', 'SelfAttention':
+            'MultiHeadDotProductAttention_1', 'LayerNorm_1': 'LayerNorm_2',
+            '/Mlp/': '/MlpBlock_3/'}  # fmt: skip
+  vit = {}
+  for name, value in flat.items():
+    for ours, theirs in rename.items():
+      name = name.replace(ours, theirs)
+    vit[name] = np.asarray(value)
+  npz = str(tmp_path / 'vit.npz')
+  np.savez(npz, **vit)
+  workdir = str(tmp_path / 'run')
+  env = {
+    **os.environ,
+    'XLA_FLAGS': '',
+    'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir,
+  }
+  proc = subprocess.run(
+    [sys.executable, '-m', 'vmoe_jsd.main', f'--config={path}:runlocal',
+     f'--workdir={workdir}', f'--config.initialization.path={npz}'],
+    cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  assert 'upcycled' in proc.stdout
+  with open(os.path.join(workdir, 'results.json')) as f:
+    assert json.load(f)['step'] == 4
