@@ -49,3 +49,15 @@ def get_config(arg=None):
   config.report_progress.every_steps = 1
   config.evaluate.every_steps = 0
   return ml_collections.ConfigDict(config)
+
+
+def with_overrides(config, **overrides):
+  """config with dotted keys replaced: with_overrides(c, **{'a.b': 1})."""
+  with config.unlocked():
+    for key, value in overrides.items():
+      node = config
+      *parents, leaf = key.split('.')
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return config

@@ -14,15 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def smoke(**overrides):
-  config = smoke_config.get_config()
-  with config.unlocked():
-    for key, value in overrides.items():
-      node = config
-      *parents, leaf = key.split('.')
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
-  return config
+  return smoke_config.with_overrides(smoke_config.get_config(), **overrides)
 
 
 def test_smoke_and_default_configs_are_valid():

@@ -22,14 +22,7 @@ def _load_smoke(**overrides):
   sys.path.insert(0, os.path.join(ROOT, 'tests'))
   import smoke_config  # noqa: PLC0415
 
-  config = smoke_config.get_config()
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return smoke_config.with_overrides(smoke_config.get_config(), **overrides)
 
 
 def _main(workdir, *flags, env_extra=None):

@@ -50,6 +50,32 @@ def _dispatcher_kwargs(dispatcher: KwArgs | None) -> dict[str, Any]:
   return kwargs
 
 
+def _gating_logits(router: nn.Module, inputs: Array):
+  """The router's clean logits (sown), and noisy ones during training.
+
+  Creates the bias-free dense layer 'dense' inside `router` (call from its
+  compact __call__). The noise std is router.noise_std / E, vmoe's unit.
+
+  Returns:
+    (logits (G, S, E), noisy logits or None when deterministic or
+    noise_std = 0, the noise std used).
+  """
+  logits = nn.Dense(
+    router.num_experts,
+    use_bias=False,
+    dtype=router.dtype or inputs.dtype,
+    name='dense',
+  )(inputs)
+  router.sow('intermediates', ROUTER_LOGITS, logits)
+  if router.deterministic or router.noise_std == 0.0:
+    return logits, None, 0.0
+  noise_std = router.noise_std / router.num_experts
+  noisy = logits + noise_std * jax.random.normal(
+    router.make_rng('gating'), logits.shape, logits.dtype
+  )
+  return logits, noisy, noise_std
+
+
 class NoisyTopExpertsPerItemRouter(nn.Module):
   """Noisy top-K router of V-MoE ([V-MoE] Sec. 2.2, Appendix A).
 
@@ -93,22 +119,12 @@ class NoisyTopExpertsPerItemRouter(nn.Module):
         f'num_selected_experts={self.num_selected_experts} must be in '
         f'[1, num_experts={self.num_experts}]'
       )
-    logits = nn.Dense(
-      self.num_experts,
-      use_bias=False,
-      dtype=self.dtype or inputs.dtype,
-      name='dense',
-    )(inputs)  # (G, S, E)
-    self.sow('intermediates', ROUTER_LOGITS, logits)
+    logits, noisy_logits, noise_std = _gating_logits(self, inputs)
     gates = jax.nn.softmax(logits.astype(jnp.float32))
     metrics = {'importance_loss': jax.vmap(losses.importance_loss)(gates)}
-    if self.deterministic or self.noise_std == 0.0:
+    if noisy_logits is None:
       gates_dispatch = gates
     else:
-      noise_std = self.noise_std / self.num_experts
-      noisy_logits = logits + noise_std * jax.random.normal(
-        self.make_rng('gating'), logits.shape, logits.dtype
-      )
       gates_dispatch = jax.nn.softmax(noisy_logits.astype(jnp.float32))
       metrics['load_loss'] = jax.vmap(
         lambda a, b: losses.load_loss(
@@ -156,20 +172,8 @@ class NoisyTopItemsPerExpertRouter(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: Array):
-    logits = nn.Dense(
-      self.num_experts,
-      use_bias=False,
-      dtype=self.dtype or inputs.dtype,
-      name='dense',
-    )(inputs)
-    self.sow('intermediates', ROUTER_LOGITS, logits)
-    if not (self.deterministic or self.noise_std == 0.0):
-      noise_std = self.noise_std / self.num_experts
-      logits_dispatch = logits + noise_std * jax.random.normal(
-        self.make_rng('gating'), logits.shape, logits.dtype
-      )
-    else:
-      logits_dispatch = logits
+    logits, noisy_logits, _ = _gating_logits(self, inputs)
+    logits_dispatch = logits if noisy_logits is None else noisy_logits
     gates = jax.nn.softmax(logits_dispatch.astype(jnp.float32))
     dispatcher, metrics = moe.make_top_items_per_expert_dispatcher(
       gates.astype(inputs.dtype), **_dispatcher_kwargs(self.dispatcher)
