@@ -115,3 +115,18 @@ def test_initialization_block_is_checked(tmp_path):
                'initialization.path': str(tmp_path / 'nowhere.npz')}),
       num_devices=8,
     )  # fmt: skip
+
+
+def test_expert_choice_capacity_is_checked_for_training_and_evaluation():
+  router = {'name': 'NoisyTopItemsPerExpertRouter',
+            'dispatcher': {'capacity_factor': 1.0}}  # fmt: skip
+  config = smoke(**{'model.encoder.moe.router': router})
+  # The evaluation override (capacity factor 4) needs 36 slots of a group
+  # of 34 tokens: rejected up front, not after training.
+  with pytest.raises(ValueError, match='capacity 36 exceeds the group size 34'):
+    config_lib.validate(config, num_devices=8)
+  with config.unlocked():
+    config.evaluate.model_overrides = {}
+  config_lib.validate(config, num_devices=8)
+  soft = smoke(**{'model.encoder.moe.router': {'name': 'SoftRouter'}})
+  config_lib.validate(soft, num_devices=8)  # Soft MoE has no dispatcher.

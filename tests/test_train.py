@@ -110,3 +110,29 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     final_params(workdir),
   )
   assert resumed['accuracy'] == full['accuracy']
+
+
+@pytest.mark.parametrize(
+  'router',
+  [
+    {'name': 'NoisyTopItemsPerExpertRouter', 'noise_std': 1.0,
+     'dispatcher': {'capacity_factor': 1.0}},
+    {'name': 'SoftRouter', 'num_slots': 4},
+  ],
+  ids=['expert_choice', 'soft_moe'],
+)  # fmt: skip
+def test_other_routers_validate_train_and_evaluate(tmp_path, router):
+  config = _load_smoke(num_train_steps=2)
+  with config.unlocked():
+    config.model.encoder.moe.router = router
+    config.evaluate.model_overrides = {}  # cf 4 exceeds EC's group
+    config.save_checkpoint.every_steps = 0
+  result = train.train_and_evaluate(config, str(tmp_path))
+  figs = result['routing']['encoderblock_1']
+  assert result['step'] == 2 and 0 <= figs['agreement'] <= 1
+  assert np.isfinite(figs['kappa']) and figs['pairs'] > 0
+  # Expert choice drops the tokens no expert takes; Soft MoE drops none.
+  if router['name'] == 'SoftRouter':
+    assert figs['dropped'] == 0.0
+  else:
+    assert 0.0 <= figs['dropped'] < 1.0

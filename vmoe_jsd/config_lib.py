@@ -118,6 +118,44 @@ def num_train_steps(config, num_train_examples: int | None) -> int:
   return int(math.ceil(epochs * num_train_examples / batch))
 
 
+def _check_dispatcher(
+  where: str, router: Mapping, group_size, num_experts: int
+) -> None:
+  """Dispatcher settings of a top-K or expert-choice router."""
+  from vmoe_jsd.models import moe  # noqa: PLC0415
+
+  name = router.get('name', 'NoisyTopExpertsPerItemRouter')
+  if name == 'SoftRouter':  # Soft MoE has slots, not a dispatcher.
+    return
+  key = f'model.encoder.moe.router.dispatcher ({where})'
+  dispatcher = router.get('dispatcher') or {}
+  valid_names = (
+    ('einsum',) if name == 'NoisyTopItemsPerExpertRouter'
+    else ('einsum', 'indices')
+  )  # fmt: skip
+  if dispatcher.get('name', 'einsum') not in valid_names:
+    _fail(f'{key}.name', dispatcher.get('name'), f'one of {list(valid_names)}')
+  if (dispatcher.get('capacity') is None) == (
+    dispatcher.get('capacity_factor') is None
+  ):
+    _fail(key, dispatcher, 'set exactly one of capacity and capacity_factor')
+  if name == 'NoisyTopItemsPerExpertRouter' and group_size:
+    capacity = dispatcher.get('capacity') or moe.compute_capacity(
+      group_size,
+      num_experts,
+      dispatcher['capacity_factor'],
+      dispatcher.get('capacity_ceil_or_round', 'ceil'),
+      dispatcher.get('capacity_multiple_of', 4),
+    )
+    if capacity > group_size:
+      _fail(
+        key,
+        dispatcher,
+        f'expert-choice capacity {capacity} exceeds the group size '
+        f'{group_size}: lower capacity or capacity_factor',
+      )
+
+
 def validate(config, num_devices: int) -> None:
   """Raises ValueError if the config cannot work on `num_devices` devices."""
   model = models.resolve_model_config(config.model)
@@ -125,7 +163,6 @@ def validate(config, num_devices: int) -> None:
   encoder = model.get('encoder') or {}
   moe = encoder.get('moe') or {}
   router = dict(moe.get('router') or {})
-  dispatcher = router.get('dispatcher') or {}
   image_size = config.augment.size
   patch = tuple(model.get('patch_size', ()))
 
@@ -192,12 +229,6 @@ def validate(config, num_devices: int) -> None:
         k,
         f'K must be in [1, num_experts={num_experts}]',
       )
-    if dispatcher.get('name', 'einsum') not in ('einsum', 'indices'):
-      _fail(
-        'model.encoder.moe.router.dispatcher.name',
-        dispatcher.get('name'),
-        "one of ['einsum', 'indices']",
-      )
     num_parts = config.get('num_expert_partitions', 1)
     if num_experts % num_parts:
       _fail(
@@ -211,14 +242,16 @@ def validate(config, num_devices: int) -> None:
         num_parts,
         f'must divide the number of devices ({num_devices})',
       )
-    if (dispatcher.get('capacity') is None) == (
-      dispatcher.get('capacity_factor') is None
-    ):
-      _fail(
-        'model.encoder.moe.router.dispatcher',
-        dispatcher,
-        'set exactly one of capacity and capacity_factor',
-      )
+    _check_dispatcher('training', router, moe.get('group_size'), num_experts)
+    eval_moe = models.resolve_model_config(eval_model_config(config))[
+      'encoder'
+    ]['moe']
+    _check_dispatcher(
+      'with evaluate.model_overrides',
+      eval_moe.get('router') or {},
+      eval_moe.get('group_size'),
+      num_experts,
+    )
 
   # Batches and groups. Two views per training image.
   tokens = tokens_per_image(model, image_size)

@@ -15,8 +15,9 @@ has no spatial correspondence and is left out):
   - confidence: mean largest router probability; entropy: mean router
     entropy (nats) and its fraction of the maximum, ln E;
   - load: fraction of patch tokens whose top-1 is each expert;
-  - dropped: fraction of token choices over capacity (from the router, on
-    the deterministic accuracy view, with the evaluation capacity factor).
+  - dropped: fraction of token choices over capacity (top-K; expert choice:
+    fraction of tokens no expert took; Soft MoE: 0), from the router on the
+    deterministic accuracy view with the evaluation capacity factor.
 
 The per-batch function returns sums, so batches (and processes) add up
 exactly; `finalize_routing` turns the sums into the figures above.
@@ -140,8 +141,12 @@ def make_eval_step(config, eval_model, settings):
     sums = {'correct': jnp.sum(correct), 'count': jnp.sum(mask)}
     for block in layers:
       m = metrics[f'encoderblock_{block}']
-      if 'dropped_fraction' in m:
-        sums[f'dropped/encoderblock_{block}'] = jnp.mean(m['dropped_fraction'])
+      # Top-K: choices over capacity; expert choice: tokens no expert took;
+      # Soft MoE drops nothing.
+      dropped = m.get('dropped_fraction', m.get('dropped_tokens'))
+      sums[f'dropped/encoderblock_{block}'] = (
+        jnp.mean(dropped) if dropped is not None else jnp.float32(0.0)
+      )
     if layers:
       key = jax.random.fold_in(eval_key, batch_index)
       views, maps = augment.batched_paired_views(key, images, settings)

@@ -225,8 +225,10 @@ def make_train_step(config, model, tx, schedule, settings):
           jsd_metrics = jax.lax.stop_gradient(jsd_metrics)
         out.update(jsd_metrics, consistency=jsd)
       for name, m in metrics.items():
-        if isinstance(m, Mapping) and 'dropped_fraction' in m:
-          out[f'dropped/{name}'] = jnp.mean(m['dropped_fraction'])
+        if isinstance(m, Mapping):
+          dropped = m.get('dropped_fraction', m.get('dropped_tokens'))
+          if dropped is not None:
+            out[f'dropped/{name}'] = jnp.mean(dropped)
       out['train_accuracy'] = jnp.mean(jnp.argmax(logits, -1) == labels2)
       out['total_loss'] = total
       return total, out
