@@ -12,8 +12,9 @@ ImageNet-1k. Fine-tunes on ImageNet-1k at 224 with router consistency.
 
 NOT MEASURED here (no accelerator in this sandbox); hyper-parameters follow
 vmoe's ViT-B/16 ImageNet-21k -> ILSVRC2012 fine-tuning scale but are a
-starting point, not a tuned recipe. `:runlocal` runs it on synthetic data
-with a tiny model (pass a matching tiny ViT .npz, as the tests do).
+starting point, not a tuned recipe. `:runlocal` runs it on an offline mini
+imagenet2012 (the tfds path) with a tiny model (pass a matching tiny ViT
+.npz, as the tests do).
 """
 
 import ml_collections
@@ -30,7 +31,7 @@ def get_config(arg=None):
   config.num_train_steps = 20_000
   config.dataset = ml_collections.ConfigDict()
   config.dataset.train = config_common.tfds_split(
-    'imagenet2012', 'train[:99%]', BATCH_SIZE, image_size=256
+    'imagenet2012', 'train[:99%]', BATCH_SIZE, image_size=320
   )
   config.dataset.test = config_common.tfds_split(
     'imagenet2012', 'validation', BATCH_SIZE, image_size=224, resize_size=256
@@ -77,7 +78,7 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict(config)
   if arg == 'runlocal':
     config.num_expert_partitions = 1
-    config_common.shrink_to_synthetic(config, num_layers=4, layers='every 2')
+    config_common.shrink_to_mini_tfds(config, num_layers=4, layers='every 2')
   elif arg:
     raise ValueError(f"config argument {arg!r} is unknown; use 'runlocal'")
   return config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -70,23 +71,67 @@ def tfds_split(
   batch_size: int,
   image_size: int,
   resize_size: int | None = None,
-  shuffle_buffer: int = 250_000,
 ) -> dict:
-  """A config.dataset.<split> block for a tfds dataset (tf.data pipeline)."""
+  """A config.dataset.<split> block for a tfds dataset (index pipeline).
+
+  Args:
+    tfds_name: registered tfds name, e.g. 'imagenet2012'.
+    split: tfds split string, e.g. 'train[:99%]'.
+    batch_size: global batch (images).
+    image_size: training: the canvas side the whole image is resized to;
+      evaluation: the side of the evaluated image.
+    resize_size: evaluation: shorter side before the central crop (None:
+      the whole image resized to image_size, as vmoe's `resize(N)`).
+
+  Returns:
+    The block; data_dir, resize_size and num_workers are placeholders that
+    can be set from the command line.
+  """
   return dict(
     name='tfds',
     tfds_name=tfds_name,
     split=split,
     batch_size=batch_size,
     image_size=image_size,
-    resize_size=resize_size,
-    shuffle_buffer=shuffle_buffer,
-    data_dir=None,
+    resize_size=(
+      config_dict.placeholder(int) if resize_size is None else resize_size
+    ),
+    data_dir=config_dict.placeholder(str),
+    # Decoding threads per process (None: one per core, at most 16).
+    num_workers=config_dict.placeholder(int),
+    # True: prepare an offline mini copy in data_dir if it is empty.
+    mini=False,
   )
 
 
+def shrink_to_mini_tfds(config: ml_collections.ConfigDict, **model) -> None:
+  """`:runlocal` for tfds configs: tiny model, offline mini tfds dataset.
+
+  The dataset keeps its tfds name and splits and goes through the real
+  tfds path (tfds.data_source over ArrayRecord); `mini=True` writes a small
+  copy with the real builder's features into data_dir (default: a folder
+  in the temp dir) the first time (data/mini.py).
+  """
+  config.num_train_steps = 4
+  config.train_epochs = 0
+  size = 32
+  config.augment.size = size
+  for name in config.dataset:
+    block = config.dataset[name]
+    block.mini = True
+    block.batch_size = 8
+    if name == 'train':
+      block.image_size = size * 3 // 2  # canvas, ~ 320 / 224 of the view
+    else:
+      block.image_size = size
+      if block.resize_size is not None:
+        block.resize_size = size * 8 // 7  # 256 / 224 of the view
+  config.evaluate.limit = 16
+  _shrink_model(config, size, **model)
+
+
 def shrink_to_synthetic(config: ml_collections.ConfigDict, **model) -> None:
-  """`:runlocal` for ImageNet-size configs: tiny model, synthetic data."""
+  """`:runlocal` on synthetic arrays: tiny model, tiny random images."""
   config.num_train_steps = 4
   config.train_epochs = 0
   size = 32
@@ -97,6 +142,10 @@ def shrink_to_synthetic(config: ml_collections.ConfigDict, **model) -> None:
   config.dataset.test = dict(name='synthetic', split='test', batch_size=8,
                              num_examples=16, image_size=size, channels=3,
                              num_classes=config.model.num_classes)  # fmt: skip
+  _shrink_model(config, size, **model)
+
+
+def _shrink_model(config: ml_collections.ConfigDict, size: int, **model):
   config.model.variant = None
   config.model.hidden_size = model.get('hidden_size', 32)
   config.model.patch_size = (8, 8)
@@ -109,3 +158,134 @@ def shrink_to_synthetic(config: ml_collections.ConfigDict, **model) -> None:
   config.model.encoder.moe.group_size = 2 * ((size // 8) ** 2 + 1)
   config.save_checkpoint.every_steps = 2
   config.report_progress.every_steps = 1
+
+
+def vmoe_s32_model(
+  num_classes: int,
+  image_size: int,
+  capacity_factor: float,
+  representation_size: int | None = None,
+) -> dict:
+  """vmoe's V-MoE-S/32 (8 blocks), E=8, K=2, MoE on the last 2 odd blocks.
+
+  Args:
+    num_classes: classes of the head.
+    image_size: side of the views (sets the routing group: 8 images).
+    capacity_factor: training capacity factor (vmoe: 1.05 from scratch,
+      1.5 fine-tuning).
+    representation_size: pre-logits width (vmoe: 512 from scratch, None
+      fine-tuning).
+
+  Returns:
+    The config.model dict.
+  """
+  tokens = (image_size // 32) ** 2 + 1
+  return dict(
+    variant='S/32',
+    num_classes=num_classes,
+    classifier='token',
+    representation_size=config_dict.placeholder(int)
+    if representation_size is None
+    else representation_size,
+    encoder=dict(
+      dropout_rate=0.0,
+      attention_dropout_rate=0.0,
+      moe=dict(
+        layers='last 2',
+        num_experts=8,
+        group_size=8 * tokens,
+        dropout_rate=0.2,
+        split_rngs=False,
+        router=dict(
+          num_selected_experts=2,
+          noise_std=1.0,
+          importance_loss_weight=0.005,
+          load_loss_weight=0.005,
+          dispatcher=dict(
+            name='indices',
+            capacity_factor=capacity_factor,
+            batch_priority=False,
+            bfloat16=True,
+          ),
+        ),
+      ),
+    ),
+  )
+
+
+def finetune_config(
+  *,
+  tfds_name: str,
+  train_split: str,
+  test_split: str,
+  num_classes: int,
+  image_size: int,
+  batch_size: int,
+  num_steps: int,
+  peak_lr: float,
+  warmup_steps: int,
+  canvas: int,
+) -> ml_collections.ConfigDict:
+  """Fine-tuning of an ImageNet V-MoE-S/32 checkpoint, vmoe's `_ft_` recipe.
+
+  vmoe's `vmoe_*_ft_ilsvrc2012` / `_ft_cifar10` configs: SGD with momentum
+  0.9, warm-up + cosine decay to 1e-5, gradient clip 10, softmax
+  cross-entropy, capacity factor 1.5, no pre-logits, a fresh head, the
+  position embedding resized to the new grid; training on inception crops
+  (5-100% of the whole image) + flip, evaluation on the whole image resized
+  (`resize(image_size)`). Two views per image and consistency 0.1, as in
+  pre-training. The checkpoint (`initialization.path`: a workdir of
+  configs/imagenet.py) is set on the command line.
+
+  Args:
+    tfds_name: tfds dataset.
+    train_split: training split string.
+    test_split: evaluation split string.
+    num_classes: classes.
+    image_size: view side.
+    batch_size: images per step.
+    num_steps: training steps.
+    peak_lr: peak learning rate.
+    warmup_steps: linear warm-up steps.
+    canvas: host canvas side for training.
+
+  Returns:
+    The config.
+  """
+  config = base_config()
+  config.num_train_steps = num_steps
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.train = tfds_split(
+    tfds_name, train_split, batch_size, image_size=canvas
+  )
+  config.dataset.test = tfds_split(
+    tfds_name, test_split, batch_size, image_size=image_size
+  )
+  config.augment = dict(
+    size=image_size, crop_scale=(0.05, 1.0), crop_ratio=(3 / 4, 4 / 3),
+    flip=True,
+  )  # fmt: skip
+  config.loss.name = 'softmax_xent'
+  config.model = vmoe_s32_model(num_classes, image_size, 1.5)
+  config.optimizer = dict(
+    name='sgd', momentum=0.9,
+    gradient_clip=dict(global_norm=10.0),
+    learning_rate=dict(schedule='warmup_cosine_decay', peak_value=peak_lr,
+                       end_value=1e-5, warmup_steps=warmup_steps),
+  )  # fmt: skip
+  config.initialization.source = 'orbax'
+  config.initialization.path = config_dict.placeholder(str)
+  config.num_expert_partitions = 8
+  config.consistency.weight = 0.1
+  config.save_checkpoint.every_steps = 1000
+  config.report_progress.every_steps = 50
+  config.evaluate.every_steps = max(num_steps // 10, 1)
+  return ml_collections.ConfigDict(config)
+
+
+def finetune_runlocal(config: ml_collections.ConfigDict) -> None:
+  """`:runlocal` of a fine-tuning config: from scratch, mini tfds data."""
+  config.num_expert_partitions = 1
+  config.initialization.source = None
+  config.evaluate.every_steps = 0
+  shrink_to_mini_tfds(config)

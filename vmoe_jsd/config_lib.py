@@ -8,6 +8,7 @@ would be valid. Configs describe; the registries here and in the modules
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Mapping
@@ -79,10 +80,25 @@ def patch_size(model_cfg: Mapping) -> int:
   return models.resolve_model_config(model_cfg)['patch_size'][0]
 
 
+# Keys of config.augment that augment.py implements in a separate change
+# (helper "augment"); accepted, and ignored while ViewSettings lacks them.
+PENDING_AUGMENT_KEYS = ('randaugment',)
+
+
+def _augment_fields(config) -> dict[str, Any]:
+  """config.augment without 'size' (and without pending keys, see above)."""
+  fields = {f.name for f in dataclasses.fields(augment.ViewSettings)}
+  return {
+    k: v
+    for k, v in to_dict(config.augment).items()
+    if k != 'size' and (k in fields or k not in PENDING_AUGMENT_KEYS)
+  }
+
+
 def view_settings(config) -> augment.ViewSettings:
   """Augmentation settings from config.augment (size = view side)."""
   return augment.ViewSettings.from_config(
-    {k: v for k, v in to_dict(config.augment).items() if k != 'size'},
+    _augment_fields(config),
     size=config.augment.size,
     patch_size=patch_size(config.model),
   )
@@ -307,7 +323,7 @@ def validate(config, num_devices: int) -> None:
 
   # Augmentation (raises with the key and the value).
   augment.ViewSettings.from_config(
-    {k: v for k, v in to_dict(config.augment).items() if k != 'size'},
+    _augment_fields(config),
     size=image_size,
     patch_size=patch[0],
   )
@@ -370,3 +386,30 @@ def validate(config, num_devices: int) -> None:
           f'config.dataset.{split}: Fashion-MNIST files {missing} are not in '
           f'{data_dir!r}. {fashion_mnist.HOW_TO_GET}'
         )
+    _check_dataset(split, config.dataset[split], image_size)
+
+
+def _check_dataset(split: str, cfg, image_size: int):
+  """Keys of a 'tfds' or 'folder' config.dataset.<split> block."""
+  if cfg.name not in ('tfds', 'folder'):
+    return
+  key = f'dataset.{split}'
+  size = cfg.get('image_size')
+  if cfg.name == 'tfds' and not cfg.get('tfds_name'):
+    _fail(f'{key}.tfds_name', cfg.get('tfds_name'), 'a tfds dataset name')
+  if size is not None and (not isinstance(size, int) or size <= 0):
+    _fail(f'{key}.image_size', size, 'a positive int (pixels) or None')
+  if split == 'train' and size is not None and size < image_size:
+    _fail(
+      f'{key}.image_size',
+      size,
+      f'the training canvas must be >= augment.size={image_size}',
+    )
+  resize = cfg.get('resize_size')
+  if resize is not None and (size is None or resize < size):
+    _fail(f'{key}.resize_size', resize, f'None or >= image_size={size}')
+  if cfg.name == 'folder':
+    from vmoe_jsd.data import folder  # noqa: PLC0415
+
+    # Evaluation pads its last batch; training needs one full batch.
+    folder.check(cfg, cfg.batch_size if split == 'train' else 1)

@@ -18,6 +18,7 @@ what an uninterrupted one would have done.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import math
 import os
@@ -191,10 +192,11 @@ def make_train_step(config, model, tx, schedule, settings):
   prefix = config_lib.num_prefix_tokens(config.model)
   train_key = jax.random.fold_in(jax.random.key(config.seed), 1)
 
-  def train_step(state: TrainState, images: Array, labels: Array):
+  def train_step(state: TrainState, images: Array, labels: Array,
+                 orig_sizes: Array | None = None):  # fmt: skip
     step_key = jax.random.fold_in(train_key, state.step)
     aug_key, dropout_key, gating_key = jax.random.split(step_key, 3)
-    views, maps = augment.batched_paired_views(aug_key, images, settings)
+    views, maps = _paired_views(aug_key, images, settings, orig_sizes)
     num_images = images.shape[0]
     views = views.reshape(2 * num_images, *views.shape[2:])
     labels2 = jnp.repeat(labels, 2)
@@ -244,6 +246,22 @@ def make_train_step(config, model, tx, schedule, settings):
   return train_step
 
 
+def _paired_views(key, images, settings, orig_sizes):
+  """augment.batched_paired_views, with the images' original sizes.
+
+  Until augment.py takes `orig_sizes` (crops sampled in original-image
+  pixels), the canvas is treated as the image.
+  """
+  takes_sizes = (
+    'orig_sizes' in inspect.signature(augment.batched_paired_views).parameters
+  )
+  if orig_sizes is not None and takes_sizes:
+    return augment.batched_paired_views(
+      key, images, settings, orig_sizes=orig_sizes
+    )
+  return augment.batched_paired_views(key, images, settings)
+
+
 # ----------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------
@@ -264,8 +282,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   log = print if is_main else (lambda *a, **k: None)
 
   # --- Input. -----------------------------------------------------------
-  train_ds = data.get_dataset(config.dataset.train)
-  test_ds = data.get_dataset(config.dataset.test)
+  train_ds = data.get_dataset(config.dataset.train, config.augment.size)
+  test_ds = data.get_dataset(config.dataset.test, config.augment.size)
   num_steps = config_lib.num_train_steps(config, len(train_ds))
   settings = config_lib.view_settings(config)
   put_batch = sharding.make_put_batch(mesh)
@@ -335,7 +353,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   data_sharding = sharding.batch_sharding(mesh)
   train_step = jax.jit(
     make_train_step(config, model, tx, schedule, settings),
-    in_shardings=(state_shardings, data_sharding, data_sharding),
+    in_shardings=(state_shardings,) + (data_sharding,) * 3,
     out_shardings=(state_shardings, None),
     donate_argnums=(0,),
   )
@@ -377,9 +395,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   history = []
   for step in range(start_step + 1, num_steps + 1):
     batch = next(batches)
-    images, labels = put_batch(batch['image'], batch['label'])
+    arrays = put_batch(batch['image'], batch['label'], data.orig_sizes(batch))
     with jax.set_mesh(mesh):
-      state, metrics = train_step(state, images, labels)
+      state, metrics = train_step(state, *arrays)
     steps_since += 1
     if step % report_every == 0 or step == num_steps or step == start_step + 1:
       metrics = jax.device_get(metrics)

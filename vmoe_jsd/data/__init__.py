@@ -4,7 +4,9 @@ Every dataset has `num_classes`, `image_shape`, `__len__`,
 `train_batches(batch_size, seed=, start_step=, process_index=,
 process_count=)` and `eval_batches(batch_size, process_index=,
 process_count=, limit=)`, yielding uint8 images (B, H, W, C) and int32
-labels (eval batches add a boolean 'mask' for padding).
+labels (eval batches add a boolean 'mask' for padding). Training batches
+of the canvas datasets ('tfds', 'folder') add 'orig_size': (B, 2) int32
+original (height, width) of each image before it was resized to the canvas.
 """
 
 from __future__ import annotations
@@ -14,11 +16,20 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-DATASETS = ('fashion_mnist', 'synthetic', 'tfds')
+DATASETS = ('fashion_mnist', 'folder', 'synthetic', 'tfds')
 
 
-def get_dataset(cfg: Mapping[str, Any]):
-  """Builds the dataset described by one config.dataset.<split> block."""
+def get_dataset(cfg: Mapping[str, Any], default_image_size: int | None = None):
+  """Builds the dataset described by one config.dataset.<split> block.
+
+  Args:
+    cfg: the block (name, split and the dataset's own keys).
+    default_image_size: image_size of a 'folder' block that sets none (the
+      augmentation size).
+
+  Returns:
+    The dataset.
+  """
   name = cfg['name']
   if name == 'fashion_mnist':
     from vmoe_jsd.data import fashion_mnist  # noqa: PLC0415
@@ -43,8 +54,20 @@ def get_dataset(cfg: Mapping[str, Any]):
       cfg['split'],
       image_size=cfg['image_size'],
       data_dir=cfg.get('data_dir'),
-      shuffle_buffer=cfg.get('shuffle_buffer', 10_000),
       resize_size=cfg.get('resize_size'),
+      mini=cfg.get('mini', False),
+      num_workers=cfg.get('num_workers'),
+    )
+  if name == 'folder':
+    from vmoe_jsd.data import folder  # noqa: PLC0415
+
+    return folder.FolderDataset(
+      cfg['data_dir'],
+      cfg['split'],
+      image_size=cfg.get('image_size') or default_image_size,
+      channels=cfg.get('channels', 3),
+      resize_size=cfg.get('resize_size'),
+      num_workers=cfg.get('num_workers'),
     )
   raise ValueError(
     f'dataset.name={name!r} is unknown; choose one of {sorted(DATASETS)}'
@@ -72,3 +95,13 @@ def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
     if isinstance(item, BaseException):
       raise item
     yield item
+
+
+def orig_sizes(batch: Mapping[str, Any]):
+  """batch['orig_size'], or the canvas size for batches without one."""
+  if 'orig_size' in batch:
+    return batch['orig_size']
+  import numpy as np  # noqa: PLC0415
+
+  images = batch['image']
+  return np.tile(np.asarray(images.shape[1:3], np.int32), (len(images), 1))

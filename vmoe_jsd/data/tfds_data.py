@@ -1,46 +1,42 @@
-"""TensorFlow Datasets through tf.data (ImageNet-size data, needs TensorFlow).
+"""TensorFlow Datasets splits read by index (tfds.data_source, ArrayRecord).
 
-The host decodes each image, resizes its shorter side to `resize_size`
-(default: `image_size`) and takes the central `image_size` square
-(`resize_small` + `central_crop`), then batches uint8 images. Random crops,
-flips and colour jitter run on device, inside the train step (see
-augment.py), so they are sampled within that square.
+Random access to the prepared ArrayRecord files (`tfds.data_source`) under
+the deterministic index pipeline of `indexed.py`: training batches are
+whole images resized to a square canvas plus their original size (the
+device samples vmoe's inception crop in original-image coordinates),
+evaluation batches are `resize_small(resize_size) | central_crop(size)`
+(or, without resize_size, the whole image resized to size x size).
+Resuming at step s reads only batch s.
 
-Every process reads its own part of the split (tfds.even_splits), shuffles
-with a fixed seed and skips `start_step` batches on resume, so a resumed run
-continues the same deterministic stream.
+Datasets must be prepared in the ArrayRecord format (`tfds build NAME
+--file_format=array_record`); a TFRecord copy can be converted with
+`tfds convert_format` (needs apache-beam).
+
+`mini=True` prepares, when data_dir holds nothing, an offline mini dataset
+with the real builder's name, version and features (`mini.py`): the
+`:runlocal` configs use it to run the real path without the data.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import tempfile
 
-import numpy as np
+from vmoe_jsd.data import indexed
 
-
-def _tf():
-  try:
-    import tensorflow as tf  # noqa: PLC0415
-  except ImportError as e:  # pragma: no cover - depends on the install
-    raise ImportError(
-      "dataset name 'tfds' needs TensorFlow: pip install tensorflow-cpu"
-    ) from e
-  tf.config.set_visible_devices([], 'GPU')
-  return tf
+DEFAULT_MINI_DIR = os.path.join(tempfile.gettempdir(), 'vmoe_jsd_mini_tfds')
 
 
-class TfdsDataset:
-  """A tfds image classification split as a stream of numpy batches.
+class TfdsDataset(indexed.IndexedDataset):
+  """A tfds image classification split with random access.
 
   Attributes:
-    tfds_name: e.g. 'imagenet2012', 'cifar10', 'fashion_mnist'.
+    tfds_name: e.g. 'imagenet2012', 'cifar10', 'oxford_flowers102'.
     split: tfds split string, e.g. 'train[:99%]'.
-    image_size: host working size (square): the central image_size square
-      after the shorter side is resized to resize_size.
-    resize_size: shorter side before the central crop (default image_size;
-      vmoe evaluates ImageNet with 256 then a central 224 crop).
+    image_size: training: the canvas side; evaluation: the output side.
+    resize_size: evaluation only: shorter side before the central crop
+      (None: the whole image resized to image_size).
     data_dir: tfds data dir.
-    shuffle_buffer: examples in the shuffle buffer.
   """
 
   def __init__(
@@ -49,110 +45,61 @@ class TfdsDataset:
     split: str,
     image_size: int,
     data_dir: str | None = None,
-    shuffle_buffer: int = 10_000,
+    resize_size: int | None = None,
     image_key: str = 'image',
     label_key: str = 'label',
-    resize_size: int | None = None,
+    mini: bool = False,
+    num_workers: int | None = None,
   ):
     import tensorflow_datasets as tfds  # noqa: PLC0415
 
+    if mini:
+      from vmoe_jsd.data import mini as mini_lib  # noqa: PLC0415
+
+      data_dir = data_dir or DEFAULT_MINI_DIR
+      mini_lib.prepare(tfds_name, data_dir)
     self.tfds_name = tfds_name
     self.split = split
     self.image_size = image_size
-    self.resize_size = resize_size or image_size
-    if self.resize_size < image_size:
+    self.resize_size = resize_size
+    if resize_size is not None and resize_size < image_size:
       raise ValueError(
         f'resize_size={resize_size} must be >= image_size={image_size}'
       )
-    self.shuffle_buffer = shuffle_buffer
     self.image_key = image_key
     self.label_key = label_key
+    self.num_workers = num_workers
     self.name = f'tfds:{tfds_name}:{split}'
-    self._builder = tfds.builder(tfds_name, data_dir=data_dir)
-    info = self._builder.info
+    builder = tfds.builder(tfds_name, data_dir=data_dir)
+    info = builder.info
+    where = data_dir or tfds.core.constants.DATA_DIR
     if not info.splits:
       raise FileNotFoundError(
-        f'tfds dataset {tfds_name!r} is not prepared in data_dir='
-        f'{data_dir or tfds.core.constants.DATA_DIR!r}. Prepare it first '
-        f'(`tfds build {tfds_name} --data_dir=...`; ImageNet needs its '
-        'archives in the manual_dir), or set config.dataset.<split>.data_dir.'
+        f'tfds dataset {tfds_name!r} is not prepared in data_dir={where!r}. '
+        f'Prepare it first (`tfds build {tfds_name} --data_dir=... '
+        '--file_format=array_record`; ImageNet needs its archives in the '
+        'manual_dir), or set config.dataset.<split>.data_dir.'
+      )
+    if str(info.file_format).split('.')[-1].lower() != 'array_record':
+      raise ValueError(
+        f'tfds dataset {tfds_name!r} in {where!r} is stored as '
+        f'{info.file_format}; random access needs ArrayRecord: prepare it '
+        f'with `tfds build {tfds_name} --file_format=array_record` or convert'
+        f' it with `tfds convert_format --dataset_dir={builder.data_dir} '
+        '--out_file_format=array_record` (needs apache-beam).'
       )
     self.num_classes = info.features[label_key].num_classes
-    self.num_examples = info.splits[split].num_examples
-    channels = info.features[image_key].shape[-1] or 3
-    self.image_shape = (image_size, image_size, channels)
-
-  def __len__(self) -> int:
-    return self.num_examples
-
-  def _read(self, process_index, process_count, shuffle, seed):
-    import tensorflow_datasets as tfds  # noqa: PLC0415
-
-    tf = _tf()
-    split = tfds.even_splits(self.split, n=process_count)[process_index]
-    ds = self._builder.as_dataset(
+    self.channels = info.features[image_key].shape[-1] or 3
+    self._source = tfds.data_source(
+      tfds_name,
       split=split,
-      shuffle_files=shuffle,
-      read_config=tfds.ReadConfig(shuffle_seed=seed),
+      data_dir=data_dir,
+      download=False,
+      decoders={image_key: tfds.decode.SkipDecoding()},
     )
-    size = self.image_size
-    resize = self.resize_size
+    self._num_records = len(self._source)
+    self._init_reader()
 
-    def prepare(example):
-      image = example[self.image_key]
-      h = tf.cast(tf.shape(image)[0], tf.float32)
-      w = tf.cast(tf.shape(image)[1], tf.float32)
-      scale = resize / tf.minimum(h, w)
-      new_hw = tf.cast(tf.math.ceil(tf.stack([h, w]) * scale), tf.int32)
-      image = tf.image.resize(image, new_hw, antialias=True)
-      image = tf.image.resize_with_crop_or_pad(image, size, size)
-      image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-      return {'image': image, 'label': tf.cast(example[self.label_key],
-                                                tf.int32)}  # fmt: skip
-
-    return ds, prepare
-
-  def train_batches(
-    self,
-    batch_size: int,
-    *,
-    seed: int,
-    start_step: int = 0,
-    process_index: int = 0,
-    process_count: int = 1,
-  ) -> Iterator[dict[str, np.ndarray]]:
-    """This process's share of every global training batch, forever."""
-    tf = _tf()
-    ds, prepare = self._read(process_index, process_count, True, seed)
-    ds = ds.repeat().shuffle(self.shuffle_buffer, seed=seed)
-    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(batch_size // process_count, drop_remainder=True)
-    ds = ds.skip(start_step).prefetch(tf.data.AUTOTUNE)
-    yield from ds.as_numpy_iterator()
-
-  def eval_batches(
-    self,
-    batch_size: int,
-    *,
-    process_index: int = 0,
-    process_count: int = 1,
-    limit: int | None = None,
-  ) -> Iterator[dict[str, np.ndarray]]:
-    """The split once, padded to full batches with a 'mask'."""
-    tf = _tf()
-    ds, prepare = self._read(process_index, process_count, False, 0)
-    if limit is not None:
-      ds = ds.take(limit // process_count)
-    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-    local = batch_size // process_count
-    for batch in ds.batch(local).prefetch(2).as_numpy_iterator():
-      n = len(batch['label'])
-      pad = local - n
-      mask = np.arange(local) < n
-      yield {
-        'image': np.concatenate([batch['image'],
-                                 np.repeat(batch['image'][:1], pad, 0)]),
-        'label': np.concatenate([batch['label'],
-                                 np.repeat(batch['label'][:1], pad, 0)]),
-        'mask': mask,
-      }  # fmt: skip
+  def _load(self, index: int):
+    record = self._source[int(index)]
+    return record[self.image_key], int(record[self.label_key])

@@ -1,0 +1,329 @@
+"""Index-based, deterministic input pipeline over random-access sources.
+
+Which example fills which slot of which batch is a pure function of
+(seed, step): example position `q = step * B + j` of the global stream
+(B = global batch, j in [0, B)) reads record `perm_e[q mod N]` of epoch
+`e = q // N`, where `perm_e` is a seeded permutation of the N records.
+Process k of P takes slots `[k B/P, (k+1) B/P)` of each global batch, so the
+global batch does not depend on P, and resuming at step s reads exactly the
+records of batch s: restoring the position costs one permutation (O(N)
+integers, independent of s) and no skipped record is read or decoded
+(issue 7, item 5). The iterator state is the step, already in the checkpoint.
+
+Training images follow vmoe's `decode_jpeg_and_inception_crop`: the crop is
+sampled on the whole image (augment.py, on device). The host decodes every
+image, records its original (height, width) and resizes the WHOLE image
+(aspect ratio not kept, antialiased) into a square `canvas` x `canvas`
+uint8 array; the device composes the canvas scaling into each view's
+affine, so crop area and aspect ratio hold in original pixels.
+
+Canvas side, measured (benchmarks/README.md, `benchmarks/input_pipeline.py`
+on 500x375 photos): 320 px (307 kB per RGB image) is the default for 224 px
+views. Evaluation images are `resize_small(resize) | central_crop(size)` on
+the host, as vmoe's `resize_small(256)|central_crop(224)`.
+
+Host memory: the current epoch's permutation (4 bytes per record; 5 MB for
+ImageNet-1k) plus the batches in flight (local batch x canvas^2 x C bytes
+each; `data.prefetch` holds two).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import logging
+import os
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+
+CHANNEL_MODES = {1: 'L', 3: 'RGB'}
+
+
+def epoch_permutation(seed: int, epoch: int, num_records: int) -> np.ndarray:
+  """The seeded order of the records in one epoch (int32 or int64)."""
+  rng = np.random.default_rng([int(seed), int(epoch), 0x5EED])
+  dtype = np.int32 if num_records < 2**31 else np.int64
+  return rng.permutation(num_records).astype(dtype)
+
+
+class IndexSampler:
+  """Maps (step, slot) of the global training stream to record indices.
+
+  Attributes:
+    num_records: records in the split (N).
+    seed: shuffle seed.
+    shuffle: permute each epoch (False: records in order, for tests).
+  """
+
+  def __init__(self, num_records: int, seed: int, shuffle: bool = True):
+    if num_records <= 0:
+      raise ValueError(f'num_records={num_records} must be > 0')
+    self.num_records = num_records
+    self.seed = seed
+    self.shuffle = shuffle
+    self._epoch = None
+    self._perm = None
+
+  def _order(self, epoch: int) -> np.ndarray:
+    if self._epoch != epoch:
+      self._perm = (
+        epoch_permutation(self.seed, epoch, self.num_records)
+        if self.shuffle
+        else np.arange(self.num_records)
+      )
+      self._epoch = epoch
+    return self._perm
+
+  def indices(self, step: int, batch_size: int, start: int, stop: int):
+    """Record indices of slots [start, stop) of global batch `step`."""
+    out = np.empty(stop - start, np.int64)
+    for i, slot in enumerate(range(start, stop)):
+      position = step * batch_size + slot
+      epoch, within = divmod(position, self.num_records)
+      out[i] = self._order(epoch)[within]
+    return out
+
+
+def _as_array(image, channels: int) -> np.ndarray:
+  array = np.asarray(image, dtype=np.uint8)
+  if array.ndim == 2:
+    array = array[:, :, None]
+  return array.reshape(*array.shape[:2], channels)
+
+
+def to_canvas(data, canvas: int, channels: int):
+  """Decodes an image and resizes the whole of it to canvas x canvas.
+
+  Args:
+    data: encoded image bytes (JPEG, PNG, ...) or a file path.
+    canvas: side of the square output.
+    channels: 1 or 3.
+
+  Returns:
+    ((canvas, canvas, channels) uint8, (height, width) of the original).
+  """
+  from PIL import Image  # noqa: PLC0415
+
+  raw = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+  width, height = raw.size
+  # JPEG: decode at the smallest 1/2^k scale still >= canvas on both sides.
+  raw.draft(CHANNEL_MODES[channels], (canvas, canvas))
+  image = decode_image_from(raw, channels)
+  if image.size != (canvas, canvas):
+    image = image.resize((canvas, canvas), Image.BILINEAR)
+  return _as_array(image, channels), (height, width)
+
+
+def decode_image_from(raw, channels: int):
+  """A PIL image converted to mode 'L' or 'RGB' (alpha dropped)."""
+  raw.load()
+  mode = CHANNEL_MODES[channels]
+  if raw.mode == mode:
+    return raw
+  if raw.mode in ('RGBA', 'LA', 'P', 'PA') and mode == 'RGB':
+    return raw.convert('RGBA').convert('RGB')
+  return raw.convert(mode)
+
+
+def resize_small_central_crop(
+  data, resize: int | None, size: int, channels: int
+) -> np.ndarray:
+  """vmoe's evaluation inputs: `resize_small(resize) | central_crop(size)`.
+
+  Args:
+    data: encoded image bytes or a file path.
+    resize: the shorter side before the central crop; None: the whole
+      image resized to size x size (vmoe's `resize(size)`).
+    size: output side.
+    channels: 1 or 3.
+
+  Returns:
+    (size, size, channels) uint8.
+  """
+  from PIL import Image  # noqa: PLC0415
+
+  if resize is None:
+    return to_canvas(data, size, channels)[0]
+  raw = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+  width, height = raw.size
+  scale = resize / min(height, width)
+  new_w = max(size, round(width * scale))
+  new_h = max(size, round(height * scale))
+  raw.draft(CHANNEL_MODES[channels], (new_w, new_h))
+  image = decode_image_from(raw, channels)
+  image = image.resize((new_w, new_h), Image.BILINEAR)
+  top = (new_h - size) // 2
+  left = (new_w - size) // 2
+  image = image.crop((left, top, left + size, top + size))
+  return _as_array(image, channels)
+
+
+class IndexedDataset:
+  """Base of the random-access datasets (tfds ArrayRecord, image folders).
+
+  Subclasses set `name`, `num_classes`, `channels`, `image_size` (canvas
+  side for training, output side for evaluation), `resize_size` (see
+  `resize_small_central_crop`) and
+  `_num_records`, and implement `_load(index) -> (encoded, label)`.
+  `records_read` counts `_load` calls (tests check that resuming reads one
+  batch, not the stream before it).
+  """
+
+  name: str
+  num_classes: int
+  channels: int
+  image_size: int
+  resize_size: int | None = None
+  num_workers: int | None = None
+  _num_records: int
+
+  def _load(self, index: int):
+    raise NotImplementedError
+
+  def __len__(self) -> int:
+    return self._num_records
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return (self.image_size, self.image_size, self.channels)
+
+  def _count_read(self):
+    with self._lock:
+      self.records_read += 1
+
+  def _init_reader(self):
+    self.records_read = 0
+    self._lock = threading.Lock()
+    self._bad: dict[int, str] = {}
+    workers = self.num_workers or min(16, os.cpu_count() or 1)
+    self._pool = concurrent.futures.ThreadPoolExecutor(workers)
+
+  def _decode_train(self, index: int):
+    """(canvas, (h, w), label) of record `index`, or None if unreadable."""
+    encoded, label = self._load(index)
+    self._count_read()
+    try:
+      canvas, hw = to_canvas(encoded, self.image_size, self.channels)
+    except Exception as e:  # noqa: BLE001 - any decoder failure: skip it.
+      self._skip(index, e)
+      return None
+    return canvas, hw, label
+
+  def _skip(self, index: int, error: Exception) -> None:
+    with self._lock:
+      first = index not in self._bad
+      self._bad[index] = f'{type(error).__name__}: {error}'
+    if first:
+      logging.warning(
+        '%s: skipping unreadable image %s (%s); %d skipped so far',
+        self.name,
+        self.describe(index),
+        self._bad[index],
+        len(self._bad),
+      )
+
+  def describe(self, index: int) -> str:
+    """A name for record `index` in log messages."""
+    return f'record {index}'
+
+  @property
+  def num_skipped(self) -> int:
+    """Distinct unreadable records met so far."""
+    return len(self._bad)
+
+  def _train_example(self, index: int):
+    # An unreadable record is replaced by the next readable one in record
+    # order: deterministic, so batches stay a function of (seed, step).
+    for offset in range(self._num_records):
+      out = self._decode_train((index + offset) % self._num_records)
+      if out is not None:
+        return out
+    raise ValueError(f'{self.name}: no readable image in the split')
+
+  def train_batches(
+    self,
+    batch_size: int,
+    *,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    shuffle: bool = True,
+  ) -> Iterator[dict[str, np.ndarray]]:
+    """This process's share of every global batch from `start_step` on.
+
+    Args:
+      batch_size: global batch (images), a multiple of process_count.
+      seed: shuffle seed.
+      start_step: first batch to produce (resume position).
+      process_index: this process.
+      process_count: number of processes.
+      shuffle: permute records every epoch.
+
+    Yields:
+      {'image': (b, S, S, C) uint8 canvases, 'label': (b,) int32,
+       'orig_size': (b, 2) int32 original (height, width)}, b the local
+      batch.
+    """
+    if batch_size % process_count:
+      raise ValueError(
+        f'batch_size={batch_size} must be a multiple of process_count='
+        f'{process_count}'
+      )
+    local = batch_size // process_count
+    sampler = IndexSampler(self._num_records, seed, shuffle)
+    start = process_index * local
+    step = start_step
+    while True:
+      indices = sampler.indices(step, batch_size, start, start + local)
+      examples = list(self._pool.map(self._train_example, indices))
+      yield {
+        'image': np.stack([e[0] for e in examples]),
+        'label': np.asarray([e[2] for e in examples], np.int32),
+        'orig_size': np.asarray([e[1] for e in examples], np.int32),
+      }
+      step += 1
+
+  def _decode_eval(self, index: int):
+    encoded, label = self._load(index)
+    self._count_read()
+    try:
+      image = resize_small_central_crop(
+        encoded, self.resize_size, self.image_size, self.channels
+      )
+    except Exception as e:  # noqa: BLE001 - any decoder failure: skip it.
+      self._skip(index, e)
+      return None
+    return image, label
+
+  def eval_batches(
+    self,
+    batch_size: int,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    limit: int | None = None,
+  ) -> Iterator[dict[str, np.ndarray]]:
+    """The split once, in order, padded to full batches with a 'mask'.
+
+    Every process yields the same number of batches (global batch b holds
+    records [b B, (b+1) B)); padding and unreadable records are masked out.
+    """
+    total = self._num_records if limit is None else min(limit, len(self))
+    local = batch_size // process_count
+    num_batches = -(-total // batch_size)
+    blank = np.zeros(self.image_shape, np.uint8)
+    for b in range(num_batches):
+      first = b * batch_size + process_index * local
+      indices = [i for i in range(first, first + local) if i < total]
+      examples = list(self._pool.map(self._decode_eval, indices))
+      examples += [None] * (local - len(examples))
+      yield {
+        'image': np.stack([blank if e is None else e[0] for e in examples]),
+        'label': np.asarray(
+          [0 if e is None else e[1] for e in examples], np.int32
+        ),
+        'mask': np.asarray([e is not None for e in examples]),
+      }

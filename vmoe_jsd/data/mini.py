@@ -1,0 +1,106 @@
+"""Offline mini copies of tfds datasets, for `:runlocal` runs and tests.
+
+`prepare(name, data_dir)` writes, with tfds's own builder machinery, a
+small dataset under the REAL builder's name, version and features (so
+`tfds.builder(name, data_dir=...)` and `tfds.data_source` read it exactly
+as they would read the real one) in the ArrayRecord format. Images have
+varied sizes and aspect ratios (ImageNet-shaped: JPEG, 40-96 px a side) or
+the builder's fixed shape (CIFAR: 32x32 PNG); each image is a smooth colour
+gradient whose hue depends on its label, plus noise, so a tiny model can
+learn something. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SPLITS = {'train': 96, 'validation': 32, 'test': 32}
+SIDE_RANGE = (40, 96)
+
+
+def _fake_image(rng, shape, label: int, num_classes: int) -> np.ndarray:
+  height, width, channels = shape
+  if height is None or width is None:
+    height, width = (int(x) for x in rng.integers(*SIDE_RANGE, size=2))
+  channels = channels or 3
+  y = np.linspace(0.0, 1.0, height)[:, None, None]
+  x = np.linspace(0.0, 1.0, width)[None, :, None]
+  phase = 2 * np.pi * label / max(num_classes, 1)
+  colour = 0.5 + 0.5 * np.cos(phase + np.arange(channels) * 2.1)
+  image = 255 * (0.6 * colour * (0.5 + 0.5 * x) + 0.3 * y)
+  image = image + rng.normal(0, 12, (height, width, channels))
+  return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _fake_example(features, rng, index: int) -> dict:
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+
+  out = {}
+  labels = {
+    key: f for key, f in features.items()
+    if isinstance(f, tfds.features.ClassLabel)
+  }  # fmt: skip
+  # The image's hue follows 'label' (or the first class label).
+  main = labels.get('label') or next(iter(labels.values()), None)
+  num_classes = main.num_classes if main else 1
+  label = int(rng.integers(num_classes))
+  for key, feature in features.items():
+    if feature is main:
+      out[key] = label
+    elif isinstance(feature, tfds.features.ClassLabel):
+      out[key] = int(rng.integers(feature.num_classes))
+    elif isinstance(feature, tfds.features.Image):
+      out[key] = _fake_image(rng, feature.shape, label, num_classes)
+    elif isinstance(feature, tfds.features.Text):
+      out[key] = f'mini_{index:06d}'
+    elif isinstance(feature, tfds.features.Tensor):
+      out[key] = np.zeros(feature.shape, feature.np_dtype)
+    else:
+      raise NotImplementedError(
+        f'mini datasets do not fake {type(feature).__name__} features '
+        f'(feature {key!r})'
+      )
+  return out
+
+
+def prepare(name: str, data_dir: str, splits: dict | None = None):
+  """Prepares the mini `name` in `data_dir` unless it is already there.
+
+  Args:
+    name: a registered tfds dataset name, e.g. 'imagenet2012'.
+    data_dir: tfds data dir to write into.
+    splits: split name -> number of examples (default SPLITS).
+
+  Returns:
+    The builder of the prepared dataset.
+  """
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+
+  real = tfds.builder_cls(name)
+  splits = dict(splits or SPLITS)
+
+  class Mini(real, skip_registration=True):
+    """The real builder's info with generated examples."""
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {
+        split: self._generate(split, n) for split, n in splits.items()
+      }  # fmt: skip
+
+    def _generate(self, split, n):
+      rng = np.random.default_rng(list(split.encode()))
+      features = self.info.features
+      for i in range(n):
+        yield i, _fake_example(features, rng, i)
+
+  Mini.name = real.name
+  # tfds looks for a checksums file beside a builder's package and, for a
+  # dotted module name, imports `importlib_resources` (undeclared, absent
+  # here) to do so. A mini dataset downloads nothing: a bare module name
+  # skips that lookup.
+  Mini.__module__ = 'vmoe_jsd_mini'
+  builder = Mini(data_dir=data_dir, file_format='array_record')
+  if not builder.is_prepared():
+    builder.download_and_prepare()
+  return builder
