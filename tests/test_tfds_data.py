@@ -20,8 +20,20 @@ from vmoe_jsd import data  # noqa: E402
 from vmoe_jsd.data import indexed, mini  # noqa: E402
 
 # (height, width) of the 12 training images; label = index % 3.
-SIZES = [(30, 40), (40, 30), (24, 24), (36, 60), (20, 50), (50, 20),
-         (33, 44), (44, 33), (28, 28), (25, 45), (45, 25), (32, 48)]  # fmt: skip
+SIZES = [
+  (30, 40),
+  (40, 30),
+  (24, 24),
+  (36, 60),
+  (20, 50),
+  (50, 20),
+  (33, 44),
+  (44, 33),
+  (28, 28),
+  (25, 45),
+  (45, 25),
+  (32, 48),
+]
 
 
 def ramp(height, width, index):
@@ -97,7 +109,7 @@ def test_canvas_is_the_whole_image_and_orig_size_is_exact(ramp_dir):
   # source coordinate is (j + 0.5) * w / 16 - 0.5 and the red value is
   # 240 * x / (w - 1). Away from the borders (where resampling clamps), the
   # canvas matches within rounding; a central crop would not.
-  for image, record in zip(batch['image'], records):
+  for image, record in zip(batch['image'], records, strict=True):
     h, w = SIZES[record]
     j = np.arange(3, 13)
     expect_x = 240 * ((j + 0.5) * w / 16 - 0.5) / (w - 1)
