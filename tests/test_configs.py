@@ -91,3 +91,66 @@ def test_upcycling_config_runs_from_a_dense_vit_npz(tmp_path):
   assert 'upcycled' in proc.stdout
   with open(os.path.join(workdir, 'results.json')) as f:
     assert json.load(f)['step'] == 4
+
+
+TFDS_CONFIGS = [p for p in CONFIGS if load(p).dataset.train.name == 'tfds']
+
+
+@pytest.mark.parametrize('path', TFDS_CONFIGS, ids=os.path.basename)
+def test_tfds_configs_runlocal_on_the_tfds_path_and_take_flags(
+  path, monkeypatch
+):
+  """:runlocal keeps the tfds dataset (mini copy), not synthetic arrays;
+  data_dir and friends (None by default) are settable from the command
+  line."""
+  from absl import flags  # noqa: PLC0415
+  from ml_collections import config_flags  # noqa: PLC0415
+
+  full, local = load(path), load(path, 'runlocal')
+  for split in ('train', 'test'):
+    assert local.dataset[split].name == 'tfds'
+    assert local.dataset[split].mini
+    assert local.dataset[split].tfds_name == full.dataset[split].tfds_name
+    assert local.dataset[split].split == full.dataset[split].split
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'cfg', flag_values=values)
+  argv = [
+    'prog', f'--config={path}', '--config.dataset.train.data_dir=/data/x',
+    '--config.dataset.test.data_dir=/data/y',
+    '--config.dataset.train.num_workers=12',
+    '--config.initialization.path=/ckpt',
+  ]  # fmt: skip
+  monkeypatch.setattr(sys, 'argv', argv)  # config_flags reads sys.argv
+  values(argv)
+  config = values.config
+  assert config.dataset.train.data_dir == '/data/x'
+  assert config.dataset.test.data_dir == '/data/y'
+  assert config.dataset.train.num_workers == 12
+
+
+class _Hyper:
+  """vmoe's sweep API, enough for get_hyper: lists of {key: value}."""
+
+  @staticmethod
+  def sweep(key, values):
+    return [{key: v} for v in values]
+
+  @staticmethod
+  def product(sweeps):
+    out = [{}]
+    for sweep in sweeps:
+      out = [{**a, **b} for a in out for b in sweep]
+    return out
+
+
+def test_imagenet_sweep_is_weight_0_vs_default_times_3_seeds():
+  spec = importlib.util.spec_from_file_location(
+    'imagenet_cfg', os.path.join(ROOT, 'configs', 'imagenet.py')
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  points = module.get_hyper(_Hyper())
+  default = module.get_config().consistency.weight
+  assert sorted(
+    (p['config.consistency.weight'], p['config.seed']) for p in points
+  ) == [(w, s) for w in (0.0, default) for s in (0, 1, 2)]

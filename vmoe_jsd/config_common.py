@@ -22,7 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.evaluate = ml_collections.ConfigDict(
     {
       'every_steps': 0,
-      'limit': None,
+      'limit': config_dict.placeholder(int),
       # vmoe evaluates with a larger capacity than it trains with.
       'model_overrides': {
         'encoder': {'moe': {'router': {'dispatcher': {'capacity_factor': 4.0}}}}
@@ -34,8 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
   # upcycling of a dense ViT), 'vmoe' (vmoe-format checkpoint) or 'orbax'.
   config.initialization = ml_collections.ConfigDict(
     {
-      'source': None,
-      'path': None,
+      'source': config_dict.placeholder(str),
+      'path': config_dict.placeholder(str),
       'upcycle': True,
       'keep_head': False,
       'strict': True,
@@ -275,7 +275,6 @@ def finetune_config(
                        end_value=1e-5, warmup_steps=warmup_steps),
   )  # fmt: skip
   config.initialization.source = 'orbax'
-  config.initialization.path = config_dict.placeholder(str)
   config.num_expert_partitions = 8
   config.consistency.weight = 0.1
   config.save_checkpoint.every_steps = 1000
