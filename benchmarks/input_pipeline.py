@@ -24,6 +24,7 @@ mean ~ImageNet's 110 kB) and:
 
 import io
 import os
+import resource
 import tempfile
 import time
 
@@ -190,7 +191,16 @@ def throughput(jpegs, canvas, batches, workers):
       images / (time.perf_counter() - t),
       images / (time.process_time() - cpu),
     )
-  return out
+  # Resume: time to the first batch at step 0 and at step 90,000 (the
+  # position is computed, nothing before it is read).
+  resume = {}
+  for step in (0, 90_000):
+    ds = tfds_data.TfdsDataset('bench_jpegs', 'train', canvas,
+                               data_dir=data_dir, num_workers=1)  # fmt: skip
+    t = time.perf_counter()
+    next(ds.train_batches(64, seed=0, start_step=step))
+    resume[step] = (time.perf_counter() - t, ds.records_read)
+  return out, resume
 
 
 def main(_):
@@ -226,13 +236,25 @@ def main(_):
     f'For scale: JPEG q90 itself, decoded vs its source: {np.mean(jpeg):.2f}'
   )
   print('\nTraining pipeline (read + decode + canvas 320 + batch), images/s')
-  rates = throughput(jpegs, 320, _BATCHES.value, (1, 2))
+  rates, resume = throughput(jpegs, 320, _BATCHES.value, (1, 2))
   for n, (wall, per_cpu) in rates.items():
     print(
       f'  {n} decoding thread(s): {wall:.0f} images/s wall clock, '
       f'{per_cpu:.0f} images per CPU-second (= per busy core)'
     )
   print(f'  load average: {os.getloadavg()}')
+  for step, (seconds, reads) in resume.items():
+    print(f'first batch at step {step}: {seconds:.3f} s, {reads} records read')
+  from vmoe_jsd.data import indexed  # noqa: PLC0415
+
+  t = time.perf_counter()
+  perm = indexed.epoch_permutation(0, 70, 1_281_167)
+  print(
+    f'one ImageNet-1k epoch permutation: {time.perf_counter() - t:.3f} s, '
+    f'{perm.nbytes / 1e6:.1f} MB'
+  )
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+  print(f'peak resident memory of this process: {rss:.0f} MB')
 
 
 if __name__ == '__main__':

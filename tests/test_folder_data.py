@@ -132,6 +132,7 @@ def test_folder_trains_through_main(animals, tmp_path):
     config.model.num_classes = 2
   result = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert result['step'] == 3 and result['num_examples'] == 2
+  assert result['skipped_images'] == {'train': 1, 'test': 0}
   # A split smaller than a batch fails in validation, before any work.
   with config.unlocked():
     config.dataset.train.batch_size = 16

@@ -131,21 +131,6 @@ def shrink_to_mini_tfds(config: ml_collections.ConfigDict, **model) -> None:
   _shrink_model(config, size, **model)
 
 
-def shrink_to_synthetic(config: ml_collections.ConfigDict, **model) -> None:
-  """`:runlocal` on synthetic arrays: tiny model, tiny random images."""
-  config.num_train_steps = 4
-  config.train_epochs = 0
-  size = 32
-  config.augment.size = size
-  config.dataset.train = dict(name='synthetic', split='train', batch_size=8,
-                              num_examples=64, image_size=size, channels=3,
-                              num_classes=config.model.num_classes)  # fmt: skip
-  config.dataset.test = dict(name='synthetic', split='test', batch_size=8,
-                             num_examples=16, image_size=size, channels=3,
-                             num_classes=config.model.num_classes)  # fmt: skip
-  _shrink_model(config, size, **model)
-
-
 def _shrink_model(config: ml_collections.ConfigDict, size: int, **model):
   config.model.variant = None
   config.model.hidden_size = model.get('hidden_size', 32)

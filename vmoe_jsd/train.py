@@ -436,6 +436,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   result = do_eval(num_steps)
   result['train_seconds_excluding_compile'] = train_time
   result['num_train_steps'] = num_steps
+  # Unreadable images skipped (image folders; logged once each).
+  result['skipped_images'] = {
+    'train': getattr(train_ds, 'num_skipped', 0),
+    'test': getattr(test_ds, 'num_skipped', 0),
+  }
   result['consistency_weight'] = float(config.consistency.weight)
   if is_main:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
