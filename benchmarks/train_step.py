@@ -26,7 +26,7 @@ def main(_):
   config = _CONFIG.value
   config_lib.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config.num_expert_partitions)
-  ds = data.get_dataset(config.dataset.train)
+  ds = data.get_dataset(config.dataset.train, config.augment.size)
   settings = config_lib.view_settings(config)
   model = build_model(config.model, deterministic=False)
   tx, schedule = train.make_optimizer(config.optimizer, 1000)

@@ -130,3 +130,44 @@ def test_expert_choice_capacity_is_checked_for_training_and_evaluation():
   config_lib.validate(config, num_devices=8)
   soft = smoke(**{'model.encoder.moe.router': {'name': 'SoftRouter'}})
   config_lib.validate(soft, num_devices=8)  # Soft MoE has no dispatcher.
+
+
+def _tfds_smoke(**block):
+  config = smoke()
+  with config.unlocked():
+    config.dataset.train = dict(name='tfds', tfds_name='imagenet2012',
+                                split='train', batch_size=8, image_size=24,
+                                resize_size=None, **block)  # fmt: skip
+  return config
+
+
+@pytest.mark.parametrize(
+  'block,message',
+  [
+    ({'image_size': 12}, 'dataset.train.image_size=12 is invalid: the '
+     'training canvas must be >= augment.size=16'),
+    ({'image_size': 0}, 'dataset.train.image_size=0 is invalid: a positive'),
+    ({'tfds_name': ''}, "dataset.train.tfds_name='' is invalid"),
+    ({'resize_size': 20}, 'dataset.train.resize_size=20 is invalid: None or '
+     '>= image_size=24'),
+  ],
+)  # fmt: skip
+def test_bad_tfds_block_is_rejected(block, message):
+  config = _tfds_smoke()
+  with config.unlocked():
+    config.dataset.train.update(block)
+  with pytest.raises(ValueError) as e:
+    config_lib.validate(config, num_devices=8)
+  assert message in str(e.value)
+
+
+def test_folder_block_is_checked_before_any_work(tmp_path):
+  config = smoke()
+  with config.unlocked():
+    config.dataset.train = dict(name='folder', data_dir=str(tmp_path),
+                                split='train', batch_size=8)  # fmt: skip
+  with pytest.raises(FileNotFoundError, match=r"split='train' has no folder"):
+    config_lib.validate(config, num_devices=8)
+  (tmp_path / 'train' / 'cat').mkdir(parents=True)
+  with pytest.raises(ValueError, match='is empty'):
+    config_lib.validate(config, num_devices=8)

@@ -72,7 +72,7 @@ def evaluate_checkpoint(config, checkpoint: str, split: str | None = None):
   source = checkpoint_source(checkpoint)
   mesh = sharding.make_mesh(config.get('num_expert_partitions', 1))
   settings = config_lib.view_settings(config)
-  test_ds = data.get_dataset(config.dataset.test)
+  test_ds = data.get_dataset(config.dataset.test, config.augment.size)
   eval_model = build_model(
     config_lib.eval_model_config(config), deterministic=True
   )
