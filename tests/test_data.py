@@ -104,3 +104,20 @@ def test_prefetch_reraises_producer_errors():
   assert next(it) == 1
   with pytest.raises(RuntimeError, match='boom'):
     next(it)
+
+
+def test_index_sampler_crosses_epochs_inside_a_batch():
+  from vmoe_jsd.data import indexed  # noqa: PLC0415
+
+  sampler = indexed.IndexSampler(7, seed=2)
+  # Batches of 5 over 7 records: batch 1 holds positions 5..9, across the
+  # first epoch boundary. By definition position q reads perm_(q//7)[q%7].
+  perms = [np.random.default_rng([2, e, 0x5EED]).permutation(7)
+           for e in range(3)]  # fmt: skip
+  expected = np.concatenate(perms)[: 4 * 5].reshape(4, 5)
+  for step in range(4):
+    np.testing.assert_array_equal(sampler.indices(step, 5, 0, 5),
+                                  expected[step])  # fmt: skip
+    # Any slice of the slots (one process's share) is the same slice.
+    np.testing.assert_array_equal(sampler.indices(step, 5, 2, 4),
+                                  expected[step, 2:4])  # fmt: skip

@@ -8,7 +8,9 @@ Process k of P takes slots `[k B/P, (k+1) B/P)` of each global batch, so the
 global batch does not depend on P, and resuming at step s reads exactly the
 records of batch s: restoring the position costs one permutation (O(N)
 integers, independent of s) and no skipped record is read or decoded
-(issue 7, item 5). The iterator state is the step, already in the checkpoint.
+(issue 7, item 5). The iterator state is the step, already in the checkpoint,
+so nothing is saved beside it; this needs no new dependency (grain's index
+sampler would do the same with its own state to checkpoint).
 
 Training images follow vmoe's `decode_jpeg_and_inception_crop`: the crop is
 sampled on the whole image (augment.py, on device). The host decodes every
@@ -78,11 +80,12 @@ class IndexSampler:
 
   def indices(self, step: int, batch_size: int, start: int, stop: int):
     """Record indices of slots [start, stop) of global batch `step`."""
-    out = np.empty(stop - start, np.int64)
-    for i, slot in enumerate(range(start, stop)):
-      position = step * batch_size + slot
-      epoch, within = divmod(position, self.num_records)
-      out[i] = self._order(epoch)[within]
+    positions = step * batch_size + np.arange(start, stop, dtype=np.int64)
+    epochs, within = np.divmod(positions, self.num_records)
+    out = np.empty(len(positions), np.int64)
+    for epoch in np.unique(epochs):  # one, or two at an epoch boundary
+      here = epochs == epoch
+      out[here] = self._order(int(epoch))[within[here]]
     return out
 
 
