@@ -147,8 +147,6 @@ def quality(jpegs, canvases, num_crops):
 def throughput(jpegs, canvas, batches, workers):
   import tensorflow_datasets as tfds  # noqa: PLC0415
 
-  from vmoe_jsd.data import tfds_data  # noqa: PLC0415
-
   class BenchJpegs(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version('1.0.0')
 
@@ -172,8 +170,14 @@ def throughput(jpegs, canvas, batches, workers):
         # A file object keeps the JPEG bytes as they are (no re-encoding).
         yield i, {'image': io.BytesIO(data), 'label': i % 1000}
 
-  data_dir = tempfile.mkdtemp()
-  BenchJpegs(
+  with tempfile.TemporaryDirectory() as data_dir:
+    return _time_pipeline(BenchJpegs, data_dir, canvas, batches, workers)
+
+
+def _time_pipeline(builder_cls, data_dir, canvas, batches, workers):
+  from vmoe_jsd.data import tfds_data  # noqa: PLC0415
+
+  builder_cls(
     data_dir=data_dir, file_format='array_record'
   ).download_and_prepare()
   out = {}
