@@ -24,9 +24,6 @@ jax.config.update(
 )
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 
-FIXTURES = os.path.join(
-  os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-  '..',
-  'shared',
-  'fixtures',
-)
+# Fixtures that ship with the tests (see tests/data/README.md): vmoe_parity/
+# and vmoe_cases/, made with google-research/vmoe's own code.
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')

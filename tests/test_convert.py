@@ -16,11 +16,7 @@ from vmoe_jsd import checkpoints, convert, initialization, vmoe_format
 from vmoe_jsd.models import from_vmoe_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURE_DIR = os.path.join(REPO, '..', 'shared', 'fixtures', 'vmoe_parity')
-needs_fixture = pytest.mark.skipif(
-  not os.path.isdir(FIXTURE_DIR),
-  reason=f'vmoe_parity fixtures not found at {FIXTURE_DIR}',
-)
+FIXTURE_DIR = os.path.join(REPO, 'tests', 'data', 'vmoe_parity')
 
 
 @flax.struct.dataclass
@@ -133,7 +129,6 @@ def test_converted_checkpoint_initialises_a_model(tmp_path):
   assert report['fresh'] == [] and report['source'] == 'orbax'
 
 
-@needs_fixture
 def test_fixture_to_orbax_initialises_the_fixture_model(tmp_path):
   with open(os.path.join(FIXTURE_DIR, 'config.json')) as f:
     config = json.load(f)

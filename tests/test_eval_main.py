@@ -6,10 +6,9 @@ import subprocess
 import sys
 
 import jax
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURE = os.path.join(ROOT, '..', 'shared', 'fixtures', 'vmoe_parity')
+FIXTURE = os.path.join(ROOT, 'tests', 'data', 'vmoe_parity')
 SMOKE = os.path.join(ROOT, 'tests', 'smoke_config.py')
 
 
@@ -49,9 +48,6 @@ def test_eval_main_on_our_checkpoint_matches_training_eval(tmp_path):
   assert evaluated['routing'] == trained['routing']
 
 
-@pytest.mark.skipif(
-  not os.path.isdir(FIXTURE), reason=f'fixture folder {FIXTURE} is absent'
-)
 def test_eval_main_on_vmoe_checkpoint(tmp_path):
   config_file = tmp_path / 'fixture_config.py'
   config_file.write_text(

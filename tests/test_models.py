@@ -11,9 +11,7 @@ import pytest
 from vmoe_jsd import checkpoints, models
 from vmoe_jsd.models import routing
 
-FIXTURE = os.path.join(
-  os.path.dirname(__file__), '..', '..', 'shared', 'fixtures', 'vmoe_parity'
-)
+FIXTURE = os.path.join(os.path.dirname(__file__), 'data', 'vmoe_parity')
 
 
 def test_variants_follow_vmoe_and_explicit_keys_win():
@@ -58,9 +56,6 @@ def test_moe_placement_errors():
     models.moe_placement('last 5', 8)
 
 
-@pytest.mark.skipif(
-  not os.path.isdir(FIXTURE), reason=f'fixture folder {FIXTURE} is absent'
-)
 def test_vmoe_checkpoint_and_config_reproduce_the_original():
   """Acceptance: vmoe-format checkpoint + vmoe config -> vmoe's outputs."""
   with open(os.path.join(FIXTURE, 'config.json')) as f:

@@ -13,9 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from vmoe_jsd import sharding
 from vmoe_jsd.models import build_model, routing
 
-FIXTURE = os.path.join(
-  os.path.dirname(__file__), '..', '..', 'shared', 'fixtures', 'vmoe_parity'
-)
+FIXTURE = os.path.join(os.path.dirname(__file__), 'data', 'vmoe_parity')
 
 TINY = dict(
   num_classes=5,
@@ -43,9 +41,6 @@ TINY = dict(
 )
 
 
-@pytest.mark.skipif(
-  not os.path.isdir(FIXTURE), reason=f'fixture folder {FIXTURE} is absent'
-)
 @pytest.mark.parametrize('name', ['einsum', 'indices'])
 def test_reproduces_original_vmoe_outputs(name):
   with open(os.path.join(FIXTURE, 'config.json')) as f:

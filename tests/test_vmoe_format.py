@@ -12,16 +12,9 @@ import pytest
 
 from vmoe_jsd import vmoe_format
 
-FIXTURE_DIR = os.path.join(
-  os.path.dirname(__file__), '..', '..', 'shared', 'fixtures', 'vmoe_parity'
-)
+FIXTURE_DIR = os.path.join(os.path.dirname(__file__), 'data', 'vmoe_parity')
 FIXTURE_PREFIX = os.path.join(FIXTURE_DIR, 'checkpoint')
 FIXTURE_SHARD = FIXTURE_PREFIX + '.data-00000-of-00001'
-
-needs_fixture = pytest.mark.skipif(
-  not os.path.isdir(FIXTURE_DIR),
-  reason=f'vmoe_parity fixtures not found at {FIXTURE_DIR}',
-)
 
 
 def _npz_params() -> dict[str, np.ndarray]:
@@ -50,7 +43,6 @@ def _decode(path: str):
     return msgpack.unpackb(f.read(), ext_hook=vmoe_format._ext_hook)
 
 
-@needs_fixture
 @pytest.mark.parametrize('suffix', ['', '.index'])
 def test_read_fixture_is_bitwise_params_npz(suffix):
   tree = vmoe_format.read_vmoe_checkpoint(FIXTURE_PREFIX + suffix)
@@ -58,7 +50,6 @@ def test_read_fixture_is_bitwise_params_npz(suffix):
   _assert_bitwise_equal(vmoe_format.flatten_tree(tree), _npz_params())
 
 
-@needs_fixture
 def test_read_index_gives_shapes_for_match_tree():
   index = vmoe_format.read_vmoe_index(FIXTURE_PREFIX)
   assert (index['shard_count'], index['version']) == (1, '20220622')
@@ -66,7 +57,6 @@ def test_read_index_gives_shapes_for_match_tree():
   vmoe_format.match_tree(params, index['index'])
 
 
-@needs_fixture
 @pytest.mark.parametrize('num_shards', [1, 3])
 def test_write_then_read_is_bitwise(tmp_path, num_shards):
   params = vmoe_format.unflatten_tree(_npz_params())
@@ -84,7 +74,6 @@ def test_write_then_read_is_bitwise(tmp_path, num_shards):
   assert {info.shards[0] for info in infos.values()} == set(range(num_shards))
 
 
-@needs_fixture
 def test_written_files_match_fixture(tmp_path):
   params = vmoe_format.unflatten_tree(_npz_params())
   prefix = str(tmp_path / 'ckpt')
@@ -97,7 +86,6 @@ def test_written_files_match_fixture(tmp_path):
         assert mine.read() == theirs.read(), suffix
 
 
-@needs_fixture
 def test_truncated_shard_raises(tmp_path):
   prefix = _copy_fixture(tmp_path)
   shard = prefix + '.data-00000-of-00001'
@@ -110,7 +98,6 @@ def test_truncated_shard_raises(tmp_path):
   assert 'checkpoint.data-00000-of-00001' in str(info.value)
 
 
-@needs_fixture
 def test_missing_shard_raises(tmp_path):
   prefix = _copy_fixture(tmp_path)
   os.remove(prefix + '.data-00000-of-00001')

@@ -73,7 +73,10 @@ def _uses_bfloat16(model_cfg):
 
 def _run_ours(model_cfg, params, images, labels, *, train, rng_seed):
   model = models.from_vmoe_config(model_cfg, deterministic=not train)
-  rngs = {'gating': jax.random.key(rng_seed, impl='threefry2x32')}
+  rngs = {
+    'gating': jax.random.key(rng_seed, impl='threefry2x32'),
+    'dropout': jax.random.key(rng_seed + 1000, impl='threefry2x32'),
+  }
   rngs = rngs if train else {}
 
   def loss_fn(p):

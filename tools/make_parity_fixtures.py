@@ -5,7 +5,7 @@ checkouts of google-research/vmoe and google-research/vision_transformer:
 
   python tools/make_parity_fixtures.py \
     --vmoe_dir=/path/to/vmoe --vit_dir=/path/to/vision_transformer \
-    [--out=tests/data/vmoe_cases]
+    [--out=tests/data/vmoe_cases] [--cases=name,name]
 
 It puts both checkouts on sys.path, builds small V-MoE models (Riquelme et
 al. 2021, arXiv:2106.05974) across vmoe's option space with vmoe's own code
@@ -17,13 +17,14 @@ al. 2021, arXiv:2106.05974) across vmoe's option space with vmoe's own code
   checkpoint.*  the parameters, written by vmoe's own writer
                 (`vmoe.checkpoints.partitioned.save_checkpoint`).
   io.npz        images (4, 16, 16, 3), labels (4,), and per mode
-                (`eval_`: deterministic; `train_`: router noise from the
-                'gating' key jax.random.key(rng_seed), no dropout):
+                (`eval_`: deterministic; `train_`: router noise and
+                dropout from the keys of train_rngs(rng_seed)):
                 logits, aux_loss (G,) (vmoe's metrics['auxiliary_loss']),
                 loss (cross-entropy + mean auxiliary loss), for every MoE
                 block i: router_logits_{i} (G, S, E) (clean logits, output of
                 the router's 'dense'; for Soft MoE router_slot_logits_{i}
-                (G, S, E, P), the clean token-slot logits) and
+                (G, S, E, P), the clean token-slot logits, sown by a
+                wrapper around SoftRouter.add_noise) and
                 metric_{i}_{name} (vmoe's per-block router metrics), and
                 grad/<param path> (gradients of loss wrt every parameter).
 
@@ -52,8 +53,8 @@ NUM_IMAGES, IMAGE_SIZE, NUM_CLASSES = 4, 16, 5
 
 
 def _model(classifier='token', router=None, *, representation_size=None,
-           moe=None):  # fmt: skip
-  """A tiny vmoe model config: 2 blocks, both MoE, E=4."""
+           encoder=None):  # fmt: skip
+  """A tiny vmoe model config: 2 blocks, both MoE, E=4; `encoder` wins."""
   tokens = (IMAGE_SIZE // 4) ** 2 + (classifier == 'token')
   cfg = {
     'num_classes': NUM_CLASSES,
@@ -74,10 +75,10 @@ def _model(classifier='token', router=None, *, representation_size=None,
         'group_size': 2 * tokens,  # 2 images per group, 2 groups.
         'split_rngs': True,
         'router': router,
-        **(moe or {}),
       },
     },
   }
+  cfg['encoder'].update(encoder or {})
   return cfg
 
 
@@ -114,6 +115,23 @@ _SOFT = {
   'compute_similarity_metrics': False,
 }
 
+
+def _dense_around_moe():
+  cfg = _model(
+    'token',
+    _top_k(3, 4.0),
+    encoder={
+      'num_layers': 3,
+      'dropout_rate': 0.1,
+      'attention_dropout_rate': 0.1,
+      'attention_qk_norm': True,
+      'position_emb': {'name': 'sincos2d'},
+    },
+  )
+  cfg['encoder']['moe']['layers'] = [1]
+  return cfg
+
+
 # name: (vmoe model config, record train mode too).
 CASES = {
   'top2_vanilla_einsum_cf4_token': (_model('token', _top_k(2, 4.0)), True),
@@ -138,7 +156,20 @@ CASES = {
   'expert_choice_cf05_token': (_model('token', _expert_choice(0.5)), True),
   'expert_choice_cf4_gap': (_model('gap', _expert_choice(4.0)), False),
   'soft_moe_gap': (_model('gap', _SOFT), True),
+  # Dense blocks around one MoE block, K=3, sincos2d, qk-norm and dropout
+  # everywhere (attention, MLPs, experts): training mode draws 'dropout' too.
+  'top3_dense_sincos_qknorm_dropout_token': (_dense_around_moe(), True),
 }
+
+
+def train_rngs(seed):
+  """The keys of training mode: router noise and dropout."""
+  import jax  # noqa: PLC0415
+
+  return {
+    'gating': jax.random.key(seed, impl='threefry2x32'),
+    'dropout': jax.random.key(seed + 1000, impl='threefry2x32'),
+  }
 
 
 def _git_commit(path: str) -> str:
@@ -172,8 +203,7 @@ def _record(model_cfg, params, images, labels, *, train, rng_seed):
   from vmoe.nn import vit_moe  # noqa: PLC0415
 
   model = vit_moe.VisionTransformerMoe(deterministic=not train, **model_cfg)
-  rngs = {'gating': jax.random.key(rng_seed, impl='threefry2x32')}
-  rngs = rngs if train else {}
+  rngs = train_rngs(rng_seed) if train else {}
 
   def capture(mdl, method):
     return (
