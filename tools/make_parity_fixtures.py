@@ -34,6 +34,14 @@ case list. The parameters are vmoe's initialisation plus N(0, 0.05^2)
 noise (so that zero-initialised class tokens, biases and heads carry
 information) with split_rngs=True (experts differ).
 
+With --check_vmoe_parity=DIR (e.g. tests/data/vmoe_parity, the older fixture
+made before this tool), it writes nothing: it restores DIR's checkpoint with
+vmoe's reader, reruns vmoe's model on DIR's images at each of its capacity
+factors and prints the largest difference from DIR/io.npz, exiting
+non-zero when one exceeds 1e-5 of its array's largest value (float32
+round-off differs across CPUs, so a fixture made elsewhere need not be
+reproduced to the last bit).
+
 vmoe's modules need only jax/flax (and TensorFlow's gfile for the checkpoint
 writer); its trainer's extra dependencies (pandas) are not imported.
 """
@@ -297,6 +305,58 @@ def make_case(name, model_cfg, train, out_dir, seed):
     f.write('\n')
 
 
+def check_vmoe_parity(fixture_dir):
+  """Reruns vmoe on the older vmoe_parity fixture; worst relative diff."""
+  import flax.linen as nn  # noqa: PLC0415
+  import jax  # noqa: PLC0415
+  from vmoe.checkpoints import partitioned  # noqa: PLC0415
+  from vmoe.nn import vit_moe  # noqa: PLC0415
+
+  with open(os.path.join(fixture_dir, 'config.json')) as f:
+    config = json.load(f)
+  io = np.load(os.path.join(fixture_dir, 'io.npz'))
+  params = partitioned.restore_checkpoint(
+    os.path.join(fixture_dir, 'checkpoint'), None
+  )
+  model_cfg = {
+    k: v
+    for k, v in config.items()
+    if k not in ('image_size', 'eval_capacity_factors')
+  }
+  worst = 0.0
+  for cf in config['eval_capacity_factors']:
+    model_cfg['encoder']['moe']['router']['dispatcher']['capacity_factor'] = cf
+    model = vit_moe.VisionTransformerMoe(deterministic=True, **model_cfg)
+    apply = jax.jit(
+      lambda p, x, model=model: model.apply(
+        {'params': p},
+        x,
+        capture_intermediates=lambda m, n: (
+          isinstance(m, nn.Dense) and m.name == 'dense'
+        ),
+        mutable=['intermediates'],
+      )
+    )
+    (logits, metrics), state = apply(params, io['images'])
+    got = {
+      f'logits_cf{cf}': logits,
+      f'aux_loss_cf{cf}': metrics['auxiliary_loss'],
+    }
+    encoder = state['intermediates']['Encoder']
+    for block in model_cfg['encoder']['moe']['layers']:
+      router = encoder[f'encoderblock_{block}']['Moe']['Router']
+      logits = router['dense']['__call__'][0]
+      got[f'router_logits_cf{cf}_encoderblock_{block}'] = logits.reshape(
+        -1, logits.shape[-1]
+      )
+    for key, value in got.items():
+      diff = float(np.abs(np.asarray(value) - io[key]).max())
+      rel = diff / float(np.abs(io[key]).max())
+      print(f'{key}: max |vmoe - fixture| = {diff:.3g} ({rel:.3g} of max)')
+      worst = max(worst, rel)
+  return worst
+
+
 def main(argv=None):
   """Parses the flags and writes every case and the manifest."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -312,6 +372,11 @@ def main(argv=None):
     ),
   )
   parser.add_argument('--cases', default='', help='comma-separated subset')
+  parser.add_argument(
+    '--check_vmoe_parity',
+    default='',
+    help='folder of the older vmoe_parity fixture to re-derive (no writes)',
+  )
   args = parser.parse_args(argv)
   for flag, path, module in (
     ('--vmoe_dir', args.vmoe_dir, 'vmoe'),
@@ -320,6 +385,12 @@ def main(argv=None):
     if not os.path.isdir(os.path.join(path, module)):
       raise SystemExit(f'{flag}={path!r} has no {module}/ package folder')
     sys.path.insert(0, os.path.abspath(path))
+  if args.check_vmoe_parity:
+    worst = check_vmoe_parity(args.check_vmoe_parity)
+    if worst > 1e-5:
+      raise SystemExit(f'vmoe does not reproduce the fixture: {worst:.3g}')
+    print(f'vmoe reproduces the fixture to {worst:.3g} of each array max')
+    return
   names = [n for n in args.cases.split(',') if n] or list(CASES)
   unknown = sorted(set(names) - set(CASES))
   if unknown:
