@@ -142,11 +142,11 @@ def _dense_around_moe():
 
 # name: (vmoe model config, record train mode too).
 CASES = {
-  'top2_vanilla_einsum_cf4_token': (_model('token', _top_k(2, 4.0)), True),
+  'top2_vanilla_einsum_cf4_token': (_model('token', _top_k(2, 4.0)), False),
   'top2_vanilla_einsum_cf05_token': (_model('token', _top_k(2, 0.5)), True),
   'top1_vanilla_indices_cf05_gap': (
     _model('gap', _top_k(1, 0.5, 'indices')),
-    True,
+    False,
   ),
   'top2_bpr_indices_cf05_map': (
     _model('map', _top_k(2, 0.5, 'indices', bpr=True), representation_size=8),
