@@ -22,6 +22,12 @@ import pytest
 
 from vmoe_jsd import checkpoints, models, vmoe_format
 
+# Flax warns when the value array of attention is square (it may be a mask
+# passed positionally); the fixtures' 16 tokens of width 16 are square.
+pytestmark = pytest.mark.filterwarnings(
+  'ignore:You are passing an array of shape:DeprecationWarning'
+)
+
 CASES_DIR = os.path.join(os.path.dirname(__file__), 'data', 'vmoe_cases')
 CASES = sorted(
   name
