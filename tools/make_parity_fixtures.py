@@ -62,7 +62,17 @@ NUM_IMAGES, IMAGE_SIZE, NUM_CLASSES = 4, 16, 5
 
 def _model(classifier='token', router=None, *, representation_size=None,
            encoder=None):  # fmt: skip
-  """A tiny vmoe model config: 2 blocks, both MoE, E=4; `encoder` wins."""
+  """A tiny vmoe model config: 2 blocks, both MoE, 4 experts.
+
+  Args:
+    classifier: vmoe's classifier ('token', 'gap', 'map' or '0').
+    router: the router kwargs (vmoe's encoder.moe.router).
+    representation_size: width of the tanh pre-logits layer, or None.
+    encoder: encoder keys that replace the defaults.
+
+  Returns:
+    The model config as vmoe's VisionTransformerMoe takes it.
+  """
   tokens = (IMAGE_SIZE // 4) ** 2 + (classifier == 'token')
   cfg = {
     'num_classes': NUM_CLASSES,
@@ -91,6 +101,7 @@ def _model(classifier='token', router=None, *, representation_size=None,
 
 
 def _top_k(k, cf, name='einsum', bpr=False, **kwargs):
+  """NoisyTopExpertsPerItemRouter kwargs: K, capacity factor, dispatcher."""
   router = {
     'num_selected_experts': k,
     'noise_std': 1.0,
@@ -109,6 +120,7 @@ def _top_k(k, cf, name='einsum', bpr=False, **kwargs):
 
 
 def _expert_choice(cf):
+  """NoisyTopItemsPerExpertRouter kwargs with capacity factor `cf`."""
   return {
     'name': 'NoisyTopItemsPerExpertRouter',
     'noise_std': 1.0,
@@ -125,6 +137,7 @@ _SOFT = {
 
 
 def _dense_around_moe():
+  """3 blocks, MoE on block 1 only, K=3, sincos2d, qk-norm, dropout 0.1."""
   cfg = _model(
     'token',
     _top_k(3, 4.0),
@@ -171,7 +184,14 @@ CASES = {
 
 
 def train_rngs(seed):
-  """The keys of training mode: router noise and dropout."""
+  """The keys of training mode.
+
+  Args:
+    seed: the case's rng_seed.
+
+  Returns:
+    {'gating': router-noise key, 'dropout': dropout key} (threefry).
+  """
   import jax  # noqa: PLC0415
 
   return {
@@ -181,6 +201,7 @@ def train_rngs(seed):
 
 
 def _git_commit(path: str) -> str:
+  """`git rev-parse HEAD` in `path`; exits naming it if that fails."""
   try:
     return subprocess.run(
       ['git', '-C', path, 'rev-parse', 'HEAD'],
@@ -193,6 +214,7 @@ def _git_commit(path: str) -> str:
 
 
 def _flatten(tree, prefix=''):
+  """{'/'-joined path: numpy array} of a nested dict."""
   out = {}
   for k, v in tree.items():
     key = f'{prefix}/{k}' if prefix else str(k)
@@ -204,7 +226,19 @@ def _flatten(tree, prefix=''):
 
 
 def _record(model_cfg, params, images, labels, *, train, rng_seed):
-  """Runs vmoe's model; returns {name: array} for one mode."""
+  """Runs vmoe's model and its gradient for one mode.
+
+  Args:
+    model_cfg: vmoe model config.
+    params: the parameters.
+    images: (N, H, W, 3) float32 images.
+    labels: (N,) int32 labels.
+    train: training mode (noise, dropout) rather than deterministic.
+    rng_seed: seed of train_rngs.
+
+  Returns:
+    {array name (see the module docstring): float32 numpy array}.
+  """
   import flax.linen as nn  # noqa: PLC0415
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
@@ -268,7 +302,15 @@ def _patch_soft_router():
 
 
 def make_case(name, model_cfg, train, out_dir, seed):
-  """Writes one case's fixture folder."""
+  """Writes one case's fixture folder `out_dir/name`.
+
+  Args:
+    name: case name.
+    model_cfg: vmoe model config.
+    train: also record training mode.
+    out_dir: the folder of all cases.
+    seed: seeds the images, labels, initialisation, noise and rngs.
+  """
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   from vmoe.checkpoints import partitioned  # noqa: PLC0415
@@ -306,7 +348,15 @@ def make_case(name, model_cfg, train, out_dir, seed):
 
 
 def check_vmoe_parity(fixture_dir):
-  """Reruns vmoe on the older vmoe_parity fixture; worst relative diff."""
+  """Reruns vmoe on the older vmoe_parity fixture and prints the differences.
+
+  Args:
+    fixture_dir: folder with config.json, checkpoint.* and io.npz.
+
+  Returns:
+    The largest |vmoe - fixture| over the arrays, each relative to its
+    array's largest absolute value.
+  """
   import flax.linen as nn  # noqa: PLC0415
   import jax  # noqa: PLC0415
   from vmoe.checkpoints import partitioned  # noqa: PLC0415
@@ -358,7 +408,11 @@ def check_vmoe_parity(fixture_dir):
 
 
 def main(argv=None):
-  """Parses the flags and writes every case and the manifest."""
+  """Writes the cases and the manifest (or checks the older fixture).
+
+  Args:
+    argv: command-line arguments (default sys.argv[1:]).
+  """
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--vmoe_dir', required=True)
   parser.add_argument('--vit_dir', required=True)
