@@ -613,3 +613,228 @@ def test_photometric_brightness_and_contrast_follow_their_formulas():
   view = np.random.RandomState(4).uniform(0, 1, (8, 8, 3)).astype(np.float32)
   jittered = _photometric_many(keys, view, settings)
   assert float(jittered.min()) == 0 and float(jittered.max()) == 1
+
+
+# ------------------------------------------------------------- RandAugment
+
+RA_SOURCE_HW = (40, 28)
+
+
+def _randaugment_settings(patch_size, **kwargs):
+  defaults = dict(
+    size=24,
+    patch_size=patch_size,
+    fill_value=FILL,
+    randaugment=(3, 10),
+    # Colour ops are drawn but switched off: views are geometric renders.
+    photometric=False,
+  )
+  return augment.ViewSettings(**dict(defaults, **kwargs))
+
+
+@functools.partial(jax.jit, static_argnames='settings')
+def _geometry_many(keys, settings, orig_sizes):
+  """paired_views' geometry for each key (first half of split(key))."""
+
+  def one(key, orig):
+    geometry_key = jax.random.split(key)[0]
+    return augment.paired_geometry(
+      geometry_key, (orig[0], orig[1]), settings, RA_SOURCE_HW
+    )
+
+  return jax.vmap(one)(keys, orig_sizes)
+
+
+@functools.cache
+def _randaugment_pairs(patch_size):
+  """Coordinate renders of 32 view pairs with 3 random RandAugment layers.
+
+  Half the pairs treat the canvas as the image itself, half as a 40 x 28
+  canvas of a 300 x 500 original (crops sampled in original pixels).
+  """
+  keys = jax.random.split(jax.random.key(20), 32)
+  orig = np.array([[40, 28]] * 16 + [[300, 500]] * 16, np.float32)
+  settings = _randaugment_settings(patch_size)
+  image = jnp.asarray(_coordinate_image(*RA_SOURCE_HW))
+  views, maps = _batched_many(keys, image, settings, orig)
+  geometry = _geometry_many(keys, settings, orig)
+  return keys, np.asarray(views), np.asarray(maps), jax.device_get(geometry)
+
+
+@functools.partial(jax.jit, static_argnames='settings')
+def _batched_many(keys, image, settings, orig_sizes):
+  return jax.vmap(
+    lambda k, o: augment.paired_views(k, image, settings, orig_size=o)
+  )(keys, orig_sizes)
+
+
+def _hidden_in_view(position, view):
+  """Whether a continuous view position shows fill: True, False, or None.
+
+  None when its pixel's 3 x 3 neighbourhood mixes fill and content (the fill
+  edge passes close by, so pixel centres cannot tell).
+  """
+  size = view.shape[0]
+  r, c = np.floor(position).astype(int)
+  rows = slice(max(r - 1, 0), min(r + 2, size))
+  cols = slice(max(c - 1, 0), min(c + 2, size))
+  is_fill = np.all(view[rows, cols] == FILL, axis=-1)
+  if is_fill.all():
+    return True
+  if not is_fill.any():
+    return False
+  return None
+
+
+def _locate_with_fill(point, view, patch_size, source_hw, tol=1e-2):
+  """`_locate_in_view`, but -1 when view b shows fill at the point."""
+  size = view.shape[0]
+  expected = _locate_in_view(point, view, patch_size, source_hw, tol)
+  if expected is None or expected < 0:
+    return expected
+  # Recover the continuous position as _locate_in_view does.
+  values = view.astype(np.float64)
+  linear = _in_linear_region(values, source_hw)
+  distances = np.where(linear, np.sum((values - point) ** 2, axis=-1), np.inf)
+  r, c = np.unravel_index(np.argmin(distances), distances.shape)
+
+  def difference(dr, dc):
+    for sign in (1, -1):
+      rr, cc = r + sign * dr, c + sign * dc
+      if 0 <= rr < size and 0 <= cc < size and linear[rr, cc]:
+        return sign * (values[rr, cc] - values[r, c])
+    return None
+
+  jacobian = np.stack([difference(1, 0), difference(0, 1)], axis=1)
+  position = np.array([r + 0.5, c + 0.5]) + np.linalg.solve(
+    jacobian, point - values[r, c]
+  )
+  hidden = _hidden_in_view(position, view)
+  if hidden is None:
+    return None
+  return -1 if hidden else expected
+
+
+@pytest.mark.parametrize('patch_size', _PATCH_SIZES)
+def test_randaugment_maps_match_brute_force_pixel_search(patch_size):
+  """Crop, flip and random geometric RandAugment ops (and Cutout) composed."""
+  source_hw = RA_SOURCE_HW
+  _, views, maps, geometry = _randaugment_pairs(patch_size)
+  grid = 24 // patch_size
+  counts = dict(patch=0, outside_view=0, fill=0, skipped=0)
+  for views_k, maps_k in zip(views, maps, strict=True):
+    for a in range(2):
+      for index in range(grid * grid):
+        row, col = divmod(index, grid)
+        point = _patch_centre_source_point(
+          views_k[a], row, col, patch_size, source_hw
+        )
+        if isinstance(point, str):  # 'fill': the centre shows no content.
+          assert maps_k[a, index] == -1
+          counts['fill'] += 1
+          continue
+        expected = None
+        if point is not None:
+          expected = _locate_with_fill(
+            point, views_k[1 - a], patch_size, source_hw
+          )
+        if expected is None:
+          counts['skipped'] += 1
+          continue
+        assert maps_k[a, index] == expected, (a, index, point)
+        counts['patch' if expected >= 0 else 'outside_view'] += 1
+  total = sum(counts.values())
+  assert counts['patch'] > 0.2 * total, counts
+  # Even p: centres on pixel corners, often beside a fill edge.
+  assert counts['skipped'] < 0.4 * total, counts
+  assert counts['outside_view'] > 20, counts
+  if patch_size % 2:
+    assert counts['fill'] > 20, counts
+  # Every geometric op and Cutout was drawn, in both halves (canvas = image,
+  # and canvas of a non-square original).
+  ops = np.asarray(geometry.ops)  # (32, 2, 3)
+  for half in (ops[:16], ops[16:]):
+    for name in augment.RANDAUGMENT_GEOMETRIC + ('Cutout',):
+      assert np.any(half == augment.RANDAUGMENT_OPS.index(name)), name
+
+
+def test_randaugment_fill_and_self_maps_agree():
+  """Each view's 1-px self map is -1 exactly on the pixels that show fill."""
+  keys, views, _, geometry = _randaugment_pairs(4)
+
+  @jax.jit
+  def self_maps(geometry):
+    def one(g):
+      return augment.patch_index_map(
+        g.affine, g.affine, 24, 1, RA_SOURCE_HW, g, g
+      )
+
+    return jax.vmap(jax.vmap(one))(geometry)
+
+  maps = np.asarray(self_maps(geometry)).reshape(views.shape[:4])
+  is_fill = np.all(views == FILL, axis=-1)
+  np.testing.assert_array_equal(maps == -1, is_fill)
+  assert 0.05 < is_fill.mean() < 0.6
+  pixel_ids = np.arange(24 * 24).reshape(24, 24)
+  np.testing.assert_array_equal(
+    maps[~is_fill], np.broadcast_to(pixel_ids, is_fill.shape)[~is_fill]
+  )
+
+
+def test_crops_hold_in_original_pixels_of_a_stretched_canvas():
+  # Originals 300 x 500 (wider than any allowed crop ratio allows at scale 1)
+  # stretched into a 40 x 28 canvas: area and ratio must hold in original
+  # pixels, not in canvas pixels.
+  keys = jax.random.split(jax.random.key(21), 256)
+  settings = augment.ViewSettings(
+    size=24, patch_size=4, crop_scale=(0.05, 1.0), flip=False
+  )
+  orig = np.tile(np.array([[300.0, 500.0]], np.float32), (256, 1))
+  geometry = jax.device_get(_geometry_many(keys, settings, orig))
+  affines = np.asarray(geometry.affine, np.float64).reshape(-1, 3, 3)
+  to_orig = np.diag([300 / 40, 500 / 28, 1.0])
+  in_orig = to_orig @ affines
+  crop_h = in_orig[:, 0, 0] * 24
+  crop_w = in_orig[:, 1, 1] * 24
+  area = crop_h * crop_w / (300 * 500)
+  ratio = crop_w / crop_h
+  assert np.all(area >= 0.05 - 1e-5) and np.all(area <= 1 + 1e-5)
+  assert area.min() < 0.07 and area.max() > 0.7
+  assert np.all(ratio >= 3 / 4 - 1e-5) and np.all(ratio <= 4 / 3 + 1e-5)
+  # Inside the original, hence inside the canvas.
+  corners = np.array([[0, 0, 1], [24, 24, 1]], float)
+  mapped = np.einsum('nij,kj->nki', in_orig, corners)
+  assert np.all(mapped[..., 0] >= -1e-3) and np.all(mapped[..., 0] <= 300.01)
+  assert np.all(mapped[..., 1] >= -1e-3) and np.all(mapped[..., 1] <= 500.01)
+  # The canvas-to-original composition is what paired_views renders: the
+  # canvas-pixel ratio would differ (canvas pixels are 7.5 x 17.9 original).
+  canvas_ratio = affines[:, 1, 1] / affines[:, 0, 0]
+  assert canvas_ratio.max() < 0.8
+
+
+def test_photometric_off_keeps_geometry_and_maps_of_randaugment():
+  settings = _randaugment_settings(4, fill_value=0.5, photometric=True)
+  image = _random_image((40, 28, 3), seed=5)
+  keys = jax.random.split(jax.random.key(22), 8)
+  on = jax.vmap(lambda k: augment.paired_views(k, image, settings))
+  off_settings = dataclasses.replace(settings, photometric=False)
+  off = jax.vmap(lambda k: augment.paired_views(k, image, off_settings))
+  views_on, maps_on = jax.jit(on)(keys)
+  views_off, maps_off = jax.jit(off)(keys)
+  np.testing.assert_array_equal(maps_on, maps_off)
+  # On: uint8-valued (the reference works on uint8); the two differ.
+  scaled = np.asarray(views_on, np.float64) * 255
+  np.testing.assert_allclose(scaled, np.round(scaled), atol=1e-3)
+  assert not np.allclose(views_on, views_off, atol=2 / 255)
+
+
+def test_randaugment_views_draw_their_ops_independently():
+  settings = _randaugment_settings(4)
+  keys = jax.random.split(jax.random.key(23), 256)
+  orig = np.tile(np.array([[40.0, 28.0]], np.float32), (256, 1))
+  ops = np.asarray(_geometry_many(keys, settings, orig).ops)  # (256, 2, 3)
+  same = np.mean(np.all(ops[:, 0] == ops[:, 1], axis=-1))
+  assert same < 0.02  # (1/16)^3 if independent.
+  counts = np.bincount(ops.ravel(), minlength=16)
+  # Uniform over the 16 ops: 1536 draws, 96 expected each.
+  assert counts.min() > 55 and counts.max() < 140, counts

@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +54,63 @@ _FIT_RTOL = 1e-5
 # Uniform numbers per view: crop (area, ratio) trials, crop position (y, x),
 # flip, rotation, translation (y, x).
 _NUM_GEOMETRY_UNIFORMS = 2 * _NUM_CROP_TRIALS + 6
+
+# RandAugment (Cubuk et al., "RandAugment: Practical automated data
+# augmentation with a reduced search space", CVPR-W 2020, arXiv:1909.13719)
+# as vmoe runs it: vmoe/data/pp_ops.py `randaug(num_layers, magnitude)` calls
+# `distort_image_with_randaugment` of the TPU EfficientNet code, of which
+# big_vision/pp/autoaugment.py is a copy. Its 16 ops in its order (the op id
+# is the index); each layer picks one uniformly and always applies it.
+RANDAUGMENT_OPS = (
+  'AutoContrast',
+  'Equalize',
+  'Invert',
+  'Rotate',
+  'Posterize',
+  'Solarize',
+  'Color',
+  'Contrast',
+  'Brightness',
+  'Sharpness',
+  'ShearX',
+  'ShearY',
+  'TranslateX',
+  'TranslateY',
+  'Cutout',
+  'SolarizeAdd',
+)
+# Composed into the view's affine (maps stay exact).
+RANDAUGMENT_GEOMETRIC = (
+  'Rotate',
+  'ShearX',
+  'ShearY',
+  'TranslateX',
+  'TranslateY',
+)
+# An occlusion: part of the view shows fill instead of content. Handled with
+# the geometry (its square moves with later geometric ops; patch centres in
+# it show no image point, so their maps say -1), kept when photometric=False.
+RANDAUGMENT_OCCLUSION = ('Cutout',)
+# Colour ops: pixel values only, maps untouched; off when photometric=False.
+RANDAUGMENT_PHOTOMETRIC = tuple(
+  op
+  for op in RANDAUGMENT_OPS
+  if op not in RANDAUGMENT_GEOMETRIC + RANDAUGMENT_OCCLUSION
+)
+_OP_ID = {name: i for i, name in enumerate(RANDAUGMENT_OPS)}
+# The reference's _MAX_LEVEL: every op scales magnitude / 10.
+_RANDAUGMENT_LEVEL = 10.0
+_MAX_RANDAUGMENT_LAYERS = 8
+_MAX_RANDAUGMENT_MAGNITUDE = 20.0
+# The reference's translate_const and cutout_const are pixels of the 224-px
+# images vmoe augments; here they are that fraction of the view side S.
+_REFERENCE_SIZE = 224
+_TRANSLATE_PIXELS = 100
+_CUTOUT_PIXELS = 40
+# Uniform numbers per view and layer: op, sign, cutout centre (y, x).
+_NUM_RANDAUGMENT_UNIFORMS = 4
+# Check modes of a RandAugment layer (see `ViewGeometry`).
+_NEVER, _FILL_OUTSIDE, _FILL_INSIDE = 0, 1, 2
 
 
 # ------------------------------------------------------------------- settings
@@ -81,6 +138,28 @@ def _as_pair(name: str, value: Any) -> tuple[float, float]:
   return float(value[0]), float(value[1])
 
 
+def _check_randaugment(value: Any) -> tuple[int, float] | None:
+  """Validates `ViewSettings.randaugment`; returns it as (int, float)."""
+  if value is None:
+    return None
+  if (
+    isinstance(value, (str, bytes))
+    or not hasattr(value, '__len__')
+    or len(value) != 2
+    or not _is_int(value[0])
+    or not _is_real(value[1])
+    or not 1 <= value[0] <= _MAX_RANDAUGMENT_LAYERS
+    or not 0 <= value[1] <= _MAX_RANDAUGMENT_MAGNITUDE
+  ):
+    raise ValueError(
+      f'randaugment={value!r} must be None (off) or a pair (num_layers, '
+      f'magnitude) with num_layers an integer in '
+      f'[1, {_MAX_RANDAUGMENT_LAYERS}] and magnitude a number in '
+      f'[0, {_MAX_RANDAUGMENT_MAGNITUDE}], e.g. (2, 10).'
+    )
+  return int(value[0]), float(value[1])
+
+
 @dataclasses.dataclass(frozen=True)
 class ViewSettings:
   """How to make one augmented view; hashable, so a static jit argument.
@@ -101,7 +180,12 @@ class ViewSettings:
     brightness: add a delta uniform in [-b, b] (images in [0, 1]); 0 <= b <= 1.
     contrast: scale deviations from the view's mean by a factor uniform in
       [1 - c, 1 + c]; 0 <= c <= 1.
-    photometric: False switches brightness and contrast jitter off.
+    photometric: False switches every photometric op off (brightness and
+      contrast jitter, RandAugment's colour ops), keeping the geometry.
+    randaugment: (num_layers N, magnitude M) of RandAugment (Cubuk et al.,
+      2020) applied after the crop and flip, or None (off). N is an integer
+      in [1, 8]; M a number in [0, 20] (vmoe's configs use 0 to 20; the ops
+      scale M / 10). See `RANDAUGMENT_OPS` and `_randaugment_layers`.
   """
 
   size: int
@@ -115,6 +199,7 @@ class ViewSettings:
   brightness: float = 0.0
   contrast: float = 0.0
   photometric: bool = True
+  randaugment: tuple[int, float] | None = None
 
   def __post_init__(self):
     for name in ('size', 'patch_size'):
@@ -159,6 +244,9 @@ class ViewSettings:
         f'fill_value={self.fill_value!r} must be a finite number.'
       )
     object.__setattr__(self, 'fill_value', float(self.fill_value))
+    object.__setattr__(
+      self, 'randaugment', _check_randaugment(self.randaugment)
+    )
 
   @property
   def grid_size(self) -> int:
@@ -376,14 +464,196 @@ def sample_view_geometry(
   return _geometry_from_uniforms(u, source_hw, settings)
 
 
-def paired_affines(
-  key: Array, source_hw: tuple[Any, Any], settings: ViewSettings
-) -> Array:
-  """Samples the affines of two views independently.
+class ViewGeometry(NamedTuple):
+  """Where a view's pixels come from, and which of them show fill.
+
+  A view point p shows the source point `affine @ p`, unless it lies outside
+  the source or some RandAugment layer k replaced it by fill. Layer k's check
+  maps p into that layer's frame, q = checks[k] @ p, and compares q with the
+  box [0, boxes[k, 0]) x [0, boxes[k, 1]): mode _FILL_OUTSIDE (geometric ops:
+  the point came from outside the view they transformed) fills when q is
+  outside, _FILL_INSIDE (Cutout: its square) when q is inside, _NEVER (colour
+  ops) never. Without RandAugment the layer axis has length 0.
+
+  Attributes:
+    affine: (3, 3) view-to-source (canvas) matrix.
+    checks: (L, 3, 3) view-to-layer-frame matrices.
+    boxes: (L, 2) box sizes (height, width) of the checks.
+    modes: (L,) int32 check modes.
+    ops: (L,) int32 RandAugment op ids (indices into RANDAUGMENT_OPS).
+  """
+
+  affine: Array
+  checks: Array
+  boxes: Array
+  modes: Array
+  ops: Array
+
+
+def _randaugment_layers(
+  u: Array, settings: ViewSettings
+) -> tuple[Array, Array, Array, Array, Array]:
+  """The geometry of N RandAugment layers from (N, 4) U[0, 1) numbers.
+
+  Magnitude scaling of the reference (M = magnitude, level = M / 10): Rotate
+  by 30 * level degrees, ShearX/Y by 0.3 * level, TranslateX/Y by
+  100 * level pixels of a 224-px view (that fraction of S here), each with a
+  random sign (probability 1/2); Cutout fills a square of side
+  2 * int(40 * level) px of 224 centred on a uniform pixel. The reference
+  resamples the view after each op (nearest neighbour) and fills what came
+  from outside it; here the ops compose into one affine (rendered once,
+  bilinear, from the source) and the checks say what each op filled.
+
+  Conventions of the reference in (y, x) view coordinates, pixel centres at
+  +0.5: rotation about the view centre; ShearX maps output (y, x) to input
+  (y, x + s * (y - 0.5)), ShearY to (y + s * (x - 0.5), x) (its transform
+  works on pixel indices); TranslateX by t shows input x + t at x.
+
+  Args:
+    u: (N, _NUM_RANDAUGMENT_UNIFORMS) numbers: op, sign, cutout centre y, x.
+    settings: the augmentation settings (size S, randaugment (N, M)).
+
+  Returns:
+    (R, checks, boxes, modes, ops): R (3, 3) = T_1 @ ... @ T_N maps the final
+    view onto the view before RandAugment; the rest as in `ViewGeometry`.
+  """
+  size = float(settings.size)
+  num_layers, magnitude = settings.randaugment
+  level = magnitude / _RANDAUGMENT_LEVEL
+  scale = size / _REFERENCE_SIZE
+  shear = 0.3 * level
+  shift = _TRANSLATE_PIXELS * level * scale
+  pad = int(_CUTOUT_PIXELS * level) * scale
+  num_ops = len(RANDAUGMENT_OPS)
+  ops = jnp.minimum(jnp.floor(u[:, 0] * num_ops), num_ops - 1).astype(jnp.int32)
+  signs = jnp.where(u[:, 1] >= 0.5, 1.0, -1.0)
+  eye = jnp.eye(3, dtype=jnp.float32)
+  half = translation(0.5, 0.5), translation(-0.5, -0.5)
+
+  transforms = []
+  for k in range(num_layers):
+    op, sign = ops[k], signs[k]
+    s = sign * shear
+    candidates = {
+      'Rotate': rotation(jnp.deg2rad(sign * 30.0 * level), (size / 2,) * 2),
+      'ShearX': half[0] @ _matrix([[1, 0, 0], [s, 1, 0], [0, 0, 1]]) @ half[1],
+      'ShearY': half[0] @ _matrix([[1, s, 0], [0, 1, 0], [0, 0, 1]]) @ half[1],
+      'TranslateX': translation(0.0, sign * shift),
+      'TranslateY': translation(sign * shift, 0.0),
+    }
+    transform = eye
+    for name, matrix in candidates.items():
+      transform = jnp.where(op == _OP_ID[name], matrix, transform)
+    transforms.append(transform)
+
+  # suffix[k] = T_{k+1} @ ... @ T_N maps the final view into the frame just
+  # after layer k (0-based: after transforms[k]).
+  suffix = [eye] * num_layers
+  for k in range(num_layers - 2, -1, -1):
+    suffix[k] = transforms[k + 1] @ suffix[k + 1]
+  checks, boxes, modes = [], [], []
+  is_geometric = jnp.isin(
+    ops, jnp.array([_OP_ID[n] for n in RANDAUGMENT_GEOMETRIC])
+  )
+  for k in range(num_layers):
+    cy = jnp.floor(u[k, 2] * size)
+    cx = jnp.floor(u[k, 3] * size)
+    cutout = translation(pad - cy, pad - cx) @ suffix[k]
+    geometric = transforms[k] @ suffix[k]
+    is_cutout = (ops[k] == _OP_ID['Cutout']) & (pad > 0)
+    checks.append(jnp.where(is_cutout, cutout, geometric))
+    boxes.append(
+      jnp.where(
+        is_cutout,
+        jnp.full((2,), 2 * pad, jnp.float32),
+        jnp.full((2,), size, jnp.float32),
+      )
+    )
+    modes.append(
+      jnp.where(
+        is_cutout,
+        _FILL_INSIDE,
+        jnp.where(is_geometric[k], _FILL_OUTSIDE, _NEVER),
+      )
+    )
+  full = transforms[0] @ suffix[0]
+  return (
+    full,
+    jnp.stack(checks),
+    jnp.stack(boxes),
+    jnp.stack(modes).astype(jnp.int32),
+    ops,
+  )
+
+
+def _no_layers(affine: Array) -> ViewGeometry:
+  return ViewGeometry(
+    affine,
+    jnp.zeros((0, 3, 3), jnp.float32),
+    jnp.zeros((0, 2), jnp.float32),
+    jnp.zeros((0,), jnp.int32),
+    jnp.zeros((0,), jnp.int32),
+  )
+
+
+def _canvas_scaling(source_hw, canvas_hw) -> Array:
+  """Original-image to canvas coordinates, for a resized (stretched) image."""
+  src_h, src_w = (jnp.asarray(v, jnp.float32) for v in source_hw)
+  return scaling(canvas_hw[0] / src_h, canvas_hw[1] / src_w)
+
+
+def paired_geometry(
+  key: Array,
+  source_hw: tuple[Any, Any],
+  settings: ViewSettings,
+  canvas_hw: tuple[int, int] | None = None,
+) -> ViewGeometry:
+  """Samples the geometry of two views independently.
 
   Both views' numbers come from one draw, one row each, rather than from
   split keys: each threefry draw adds about 0.1-0.2 s of XLA:CPU compile time
-  to every program that uses it.
+  to every program that uses it. RandAugment draws its numbers from
+  `jax.random.fold_in(key, 1)`, so the crop and flip do not depend on it.
+
+  The crop is sampled in the coordinates of the source, `source_hw`, so its
+  area fraction and aspect ratio hold in source pixels. When the image that
+  is rendered is a canvas of another size (the source resized to
+  `canvas_hw` without keeping its aspect ratio), the scaling from source to
+  canvas is composed into each affine: the affines map views to the canvas.
+
+  Args:
+    key: a PRNG key (typed or raw uint32).
+    source_hw: (H, W) of the source (original) image: numbers or scalar
+      arrays (traced sizes work too).
+    settings: the augmentation settings.
+    canvas_hw: (H, W) of the rendered canvas, or None when the source is
+      rendered itself.
+
+  Returns:
+    A ViewGeometry whose fields have a leading axis of 2 (the two views).
+  """
+  u = jax.random.uniform(key, (2, _NUM_GEOMETRY_UNIFORMS))
+  affines = jax.vmap(lambda u: _geometry_from_uniforms(u, source_hw, settings))(
+    u
+  )
+  if canvas_hw is not None:
+    affines = _canvas_scaling(source_hw, canvas_hw) @ affines
+  if settings.randaugment is None:
+    return jax.vmap(_no_layers)(affines)
+  num_layers = settings.randaugment[0]
+  u_layers = jax.random.uniform(
+    jax.random.fold_in(key, 1), (2, num_layers, _NUM_RANDAUGMENT_UNIFORMS)
+  )
+  full, checks, boxes, modes, ops = jax.vmap(
+    lambda u: _randaugment_layers(u, settings)
+  )(u_layers)
+  return ViewGeometry(affines @ full, checks, boxes, modes, ops)
+
+
+def paired_affines(
+  key: Array, source_hw: tuple[Any, Any], settings: ViewSettings
+) -> Array:
+  """The affines of `paired_geometry` (the source rendered itself).
 
   Args:
     key: a PRNG key (typed or raw uint32).
@@ -393,8 +663,7 @@ def paired_affines(
   Returns:
     (2, 3, 3) float32, view-to-source matrices of views 1 and 2.
   """
-  u = jax.random.uniform(key, (2, _NUM_GEOMETRY_UNIFORMS))
-  return jax.vmap(lambda u: _geometry_from_uniforms(u, source_hw, settings))(u)
+  return paired_geometry(key, source_hw, settings).affine
 
 
 # ------------------------------------------------------------------ rendering
@@ -452,6 +721,203 @@ def render_view(
   return jnp.where(inside[..., None], view, fill)
 
 
+def _layer_fills(geometry: ViewGeometry, y: Array, x: Array) -> Array:
+  """(L, *y.shape) bool: whether RandAugment layer k filled view point (y, x).
+
+  Args:
+    geometry: one view's geometry (no leading view axis).
+    y: view rows, any shape.
+    x: view columns, same shape.
+
+  Returns:
+    For each layer, True where its check says fill.
+  """
+
+  def one(check, box, mode):
+    q_y, q_x = apply_affine(check, y, x)
+    inside = (q_y >= 0) & (q_y < box[0]) & (q_x >= 0) & (q_x < box[1])
+    return jnp.where(
+      mode == _FILL_OUTSIDE, ~inside, (mode == _FILL_INSIDE) & inside
+    )
+
+  return jax.vmap(one)(geometry.checks, geometry.boxes, geometry.modes)
+
+
+def fill_stages(
+  geometry: ViewGeometry, source_hw: tuple[int, int], y: Array, x: Array
+) -> Array:
+  """Which step of the augmentation last replaced view point (y, x) by fill.
+
+  Args:
+    geometry: one view's geometry (no leading view axis).
+    source_hw: (H, W) of the rendered source (canvas).
+    y: view rows, any shape.
+    x: view columns, same shape.
+
+  Returns:
+    int32 of y's shape: -1 where the point shows image content, 0 where it
+    maps outside the source (and no layer filled it later), k in [1, N] where
+    RandAugment layer k (1-based) was the last to fill it.
+  """
+  src_y, src_x = apply_affine(geometry.affine, y, x)
+  src_h, src_w = source_hw
+  inside = (src_y >= 0) & (src_y < src_h) & (src_x >= 0) & (src_x < src_w)
+  stage = jnp.where(inside, -1, 0).astype(jnp.int32)
+  fills = _layer_fills(geometry, y, x)
+  for k in range(fills.shape[0]):
+    stage = jnp.where(fills[k], k + 1, stage)
+  return stage
+
+
+def _pixel_centres(size: int) -> tuple[Array, Array]:
+  centres = jnp.arange(size, dtype=jnp.float32) + 0.5
+  return jnp.meshgrid(centres, centres, indexing='ij')
+
+
+# ----------------------------------------------------- RandAugment colour ops
+#
+# On views quantised to the integers 0..255 (float32, exact), as the
+# reference works on uint8; float -> uint8 casts truncate, as TensorFlow's.
+
+
+def _to_uint8_range(x: Array) -> Array:
+  """Truncates into 0..255 like the reference's clip then uint8 cast."""
+  return jnp.floor(jnp.clip(x, 0.0, 255.0))
+
+
+def _blend(degenerate: Array, image: Array, factor: float) -> Array:
+  """PIL-style enhance: degenerate + factor * (image - degenerate)."""
+  if factor == 0.0:
+    return degenerate
+  if factor == 1.0:
+    return image
+  return _to_uint8_range(degenerate + factor * (image - degenerate))
+
+
+def _grey(x: Array) -> Array:
+  """(S, S, 1) grey level as tf.image.rgb_to_grayscale gives it for uint8.
+
+  Luma weights (0.2989, 0.5870, 0.1140) on x / 255, back to uint8 by
+  truncating value * 255.5 (TensorFlow's float -> uint8 conversion). A
+  one-channel image is its own grey level.
+  """
+  if x.shape[-1] == 1:
+    return x
+  weights = jnp.array([0.2989, 0.5870, 0.1140], jnp.float32)
+  grey = jnp.sum((x / 255.0) * weights, axis=-1, keepdims=True)
+  return jnp.floor(grey * 255.5)
+
+
+def _autocontrast(x: Array) -> Array:
+  """Each channel stretched linearly so its min -> 0 and max -> 255."""
+  lo = jnp.min(x, axis=(0, 1), keepdims=True)
+  hi = jnp.max(x, axis=(0, 1), keepdims=True)
+  scale = 255.0 / jnp.where(hi > lo, hi - lo, 1.0)
+  stretched = _to_uint8_range(x * scale - lo * scale)
+  return jnp.where(hi > lo, stretched, x)
+
+
+def _equalize_channel(channel: Array) -> Array:
+  """PIL's ImageOps.equalize of one (S, S) channel of 0..255 values."""
+  values = channel.astype(jnp.int32)
+  hist = jnp.zeros((256,), jnp.int32).at[values.ravel()].add(1)
+  # Number of pixels minus the count of the brightest value present.
+  last = hist[jnp.max(values)]
+  step = (values.size - last) // 255
+  safe = jnp.maximum(step, 1)
+  lut = (jnp.cumsum(hist) + step // 2) // safe
+  lut = jnp.clip(
+    jnp.concatenate([jnp.zeros((1,), jnp.int32), lut[:-1]]), 0, 255
+  )
+  return jnp.where(step == 0, channel, lut[values].astype(jnp.float32))
+
+
+def _equalize(x: Array) -> Array:
+  return jax.vmap(_equalize_channel, in_axes=2, out_axes=2)(x)
+
+
+def _sharpen(x: Array, factor: float) -> Array:
+  """Blend with PIL's SMOOTH filter (3x3, centre 5, others 1, / 13).
+
+  The filtered image keeps the original values on its one-pixel border.
+  """
+  height, width = x.shape[:2]
+  total = 4.0 * x[1:-1, 1:-1]
+  for dy in range(3):
+    for dx in range(3):
+      total = total + x[dy : dy + height - 2, dx : dx + width - 2]
+  smooth = _to_uint8_range(total / 13.0)
+  smooth = x.at[1:-1, 1:-1].set(smooth)
+  return _blend(smooth, x, factor)
+
+
+def _photometric_ops(magnitude: float, size: int) -> dict[str, Any]:
+  """Name -> function of a 0..255 view, at the reference's magnitude scaling.
+
+  level = magnitude / 10: Posterize keeps int(4 * level) bits, Solarize
+  inverts values >= int(256 * level) (none at level 1: the reference's
+  threshold is then 256), SolarizeAdd adds int(110 * level) to values below
+  128; Color, Contrast, Brightness and Sharpness blend with factor
+  1.8 * level + 0.1 (no random sign). Contrast blends towards a constant
+  grey of int(min(S * S / 256, 255)), not towards the mean grey level as
+  PIL does: the reference takes the sum of a 256-bin histogram (the pixel
+  count) divided by 256 as its "mean"; kept, as this is what vmoe trained
+  with (196 for 224-px views).
+  """
+  level = magnitude / _RANDAUGMENT_LEVEL
+  factor = 1.8 * level + 0.1
+  shift = 8 - int(4 * level)
+  threshold = int(256 * level)
+  addition = int(110 * level)
+  contrast_grey = float(int(min(size * size / 256.0, 255.0)))
+  return {
+    'AutoContrast': _autocontrast,
+    'Equalize': _equalize,
+    'Invert': lambda x: 255.0 - x,
+    'Posterize': lambda x: jnp.floor(x / 2.0**shift) * 2.0**shift,
+    'Solarize': lambda x: jnp.where(x < threshold, x, 255.0 - x),
+    'SolarizeAdd': lambda x: jnp.where(
+      x < 128, jnp.clip(x + addition, 0.0, 255.0), x
+    ),
+    'Color': lambda x: _blend(jnp.broadcast_to(_grey(x), x.shape), x, factor),
+    'Contrast': lambda x: _blend(jnp.full_like(x, contrast_grey), x, factor),
+    'Brightness': lambda x: _blend(jnp.zeros_like(x), x, factor),
+    'Sharpness': lambda x: _sharpen(x, factor),
+  }
+
+
+def randaugment_photometric(
+  view: Array, stage: Array, ops: Array, settings: ViewSettings
+) -> Array:
+  """Applies a rendered view's RandAugment layers in order, on pixel values.
+
+  Colour ops act on the whole view (fill included). A geometric or Cutout
+  layer k sets the pixels it filled (`stage == k`) to the fill value, so a
+  fill made before a colour op goes through that op, as in the reference.
+  Difference from the reference: a colour op before a geometric one sees
+  the pixels in their final places (its statistics, such as AutoContrast's
+  min and max, cover the final view's content rather than the pre-op view).
+
+  Args:
+    view: (S, S, C) float in [0, 1], rendered with the full affine; pixels
+      with `stage == 0` already hold the fill value.
+    stage: (S, S) int32 from `fill_stages` at the pixel centres.
+    ops: (N,) int32 op ids.
+    settings: the augmentation settings (photometric must be True).
+
+  Returns:
+    (S, S, C) float32 in [0, 1], multiples of 1 / 255.
+  """
+  functions = _photometric_ops(settings.randaugment[1], settings.size)
+  fill = jnp.clip(jnp.round(settings.fill_value * 255.0), 0.0, 255.0)
+  x = jnp.clip(jnp.round(view * 255.0), 0.0, 255.0)
+  for k in range(ops.shape[0]):
+    for name, function in functions.items():
+      x = jnp.where(ops[k] == _OP_ID[name], function(x), x)
+    x = jnp.where((stage == k + 1)[..., None], fill, x)
+  return x / 255.0
+
+
 def _has_jitter(settings: ViewSettings) -> bool:
   return settings.photometric and bool(settings.brightness or settings.contrast)
 
@@ -502,6 +968,8 @@ def patch_index_map(
   size: int,
   patch_size: int,
   source_hw: tuple[int, int] | None = None,
+  layers_a: ViewGeometry | None = None,
+  layers_b: ViewGeometry | None = None,
 ) -> Array:
   """For each patch of view a, the patch of view b showing its centre.
 
@@ -516,44 +984,86 @@ def patch_index_map(
     patch_size: patch size p.
     source_hw: (H, W) of the source. When given, centres that map outside
       [0, H) x [0, W) (they show fill, not image content) get -1 too.
+    layers_a: view a's geometry (its RandAugment checks are used; its affine
+      is ignored), or None: centres that a RandAugment layer of view a filled
+      get -1.
+    layers_b: the same for view b: points that view b shows as fill get -1.
 
   Returns:
     (P,) int32, P = (S // p) ** 2: a patch index of view b, or -1 where the
-    point lies outside view b's [0, S) x [0, S) (or outside the source).
+    point lies outside view b's [0, S) x [0, S) (or outside the source, or in
+    fill of either view).
   """
   grid = size // patch_size
   centres = (jnp.arange(grid, dtype=jnp.float32) + 0.5) * patch_size
   a_y, a_x = jnp.meshgrid(centres, centres, indexing='ij')
-  src_y, src_x = apply_affine(affine_a, a_y.ravel(), a_x.ravel())
+  a_y, a_x = a_y.ravel(), a_x.ravel()
+  src_y, src_x = apply_affine(affine_a, a_y, a_x)
   b_y, b_x = apply_affine(invert_affine(affine_b), src_y, src_x)
   valid = (b_y >= 0) & (b_y < size) & (b_x >= 0) & (b_x < size)
   if source_hw is not None:
     src_h, src_w = source_hw
     valid &= (src_y >= 0) & (src_y < src_h) & (src_x >= 0) & (src_x < src_w)
+  if layers_a is not None:
+    valid &= ~jnp.any(_layer_fills(layers_a, a_y, a_x), axis=0)
+  if layers_b is not None:
+    valid &= ~jnp.any(_layer_fills(layers_b, b_y, b_x), axis=0)
   row = jnp.floor(b_y / patch_size).astype(jnp.int32)
   col = jnp.floor(b_x / patch_size).astype(jnp.int32)
   return jnp.where(valid, row * grid + col, -1).astype(jnp.int32)
+
+
+def render_geometry(
+  image: Array, geometry: ViewGeometry, settings: ViewSettings
+) -> tuple[Array, Array]:
+  """Renders one view of `geometry` and says which pixels show fill.
+
+  Args:
+    image: (H, W, C) uint8 or float in [0, 1] (the canvas).
+    geometry: one view's geometry.
+    settings: the augmentation settings.
+
+  Returns:
+    view: (S, S, C) float32 rendered with the full affine; pixels outside
+      the source hold the fill value, pixels that RandAugment filled still
+      hold content (see `fill_stages`).
+    stage: (S, S) int32 fill stages of the pixel centres.
+  """
+  size = settings.size
+  view = render_view(image, geometry.affine, size, settings.fill_value)
+  view_y, view_x = _pixel_centres(size)
+  stage = fill_stages(geometry, jnp.shape(image)[:2], view_y, view_x)
+  return view, stage
 
 
 # ----------------------------------------------------------------- public API
 
 
 def paired_views(
-  key: Array, image: Array, settings: ViewSettings
+  key: Array,
+  image: Array,
+  settings: ViewSettings,
+  orig_size: Array | None = None,
 ) -> tuple[Array, Array]:
   """Two augmented views of one image and their patch correspondences.
 
   This is the input of the router-consistency loss (Kada et al., MIRU 2023):
   for patch i of view 1, `maps[0, i]` is the patch of view 2 that shows the
   same image point (the centre of patch i), or -1 if view 2 does not show it
-  or it lies outside the source image; `maps[1]` is the same from view 2 to
-  view 1. The maps are computed from the affines, not from pixels, and are not
+  or it lies outside the source image or in fill (RandAugment's geometric
+  ops and Cutout) of either view; `maps[1]` is the same from view 2 to view
+  1. The maps are computed from the affines, not from pixels, and are not
   inverse permutations of each other in general (crops differ in scale).
 
   Random streams: `key` splits into (geometry, photometric) keys, and
-  `paired_affines(jax.random.split(key)[0], ...)` reproduces the geometry.
+  `paired_geometry(jax.random.split(key)[0], ...)` reproduces the geometry.
   Each view gets its own numbers from each stream, so the two views are
-  independent and identically distributed.
+  independent and identically distributed. RandAugment's colour ops have no
+  random numbers of their own (the op choice is part of the geometry draw),
+  so photometric=False keeps the very same geometry and maps.
+
+  With RandAugment and photometric ops on, the views are quantised to
+  multiples of 1 / 255 (the reference works on uint8 images).
 
   Jit with `jax.jit(paired_views, static_argnames='settings')`; for a batch
   use `batched_paired_views`.
@@ -562,35 +1072,69 @@ def paired_views(
     key: a PRNG key (typed `jax.random.key` or raw uint32 `PRNGKey`).
     image: (H, W, C) uint8 in [0, 255] or float in [0, 1]; C is 1 or 3.
     settings: the augmentation settings (size S, patch size p, ...).
+    orig_size: None when `image` is the source; else (2,) (height, width) of
+      the original image that was resized, aspect ratio not kept, into the
+      canvas `image`: crops are sampled in original pixels (area and aspect
+      ratio as the settings say, in the original) and rendered from the
+      canvas.
 
   Returns:
     views: (2, S, S, C) float32 in [0, 1] (for a fill_value in [0, 1]).
     maps: (2, P) int32, P = (S // p) ** 2, patches numbered row-major.
   """
-  source_hw = tuple(jnp.shape(image)[:2])
+  canvas_hw = tuple(jnp.shape(image)[:2])
   key_geometry, key_photometric = jax.random.split(key)
-  affines = paired_affines(key_geometry, source_hw, settings)  # (2, 3, 3)
+  if orig_size is None:
+    geometry = paired_geometry(key_geometry, canvas_hw, settings)
+  else:
+    orig = jnp.asarray(orig_size, jnp.float32)
+    geometry = paired_geometry(
+      key_geometry, (orig[0], orig[1]), settings, canvas_hw
+    )
+  affines = geometry.affine  # (2, 3, 3)
 
-  views = jax.vmap(
-    lambda a: render_view(image, a, settings.size, settings.fill_value)
-  )(affines)
+  if settings.randaugment is None:
+    views = jax.vmap(
+      lambda a: render_view(image, a, settings.size, settings.fill_value)
+    )(affines)
+  else:
+    views, stages = jax.vmap(lambda g: render_geometry(image, g, settings))(
+      geometry
+    )
+    if settings.photometric:
+      views = jax.vmap(
+        lambda v, s, o: randaugment_photometric(v, s, o, settings)
+      )(views, stages, geometry.ops)
+    else:
+      views = jnp.where(stages[..., None] >= 0, settings.fill_value, views)
   if _has_jitter(settings):
     u = jax.random.uniform(key_photometric, (2, 2))  # One row per view.
     views = jax.vmap(lambda u, v: _jitter_from_uniforms(u, v, settings))(
       u, views
     )
 
-  def one_map(affine_a, affine_b):
+  def one_map(geometry_a, geometry_b):
+    layers = settings.randaugment is not None
     return patch_index_map(
-      affine_a, affine_b, settings.size, settings.patch_size, source_hw
+      geometry_a.affine,
+      geometry_b.affine,
+      settings.size,
+      settings.patch_size,
+      canvas_hw,
+      geometry_a if layers else None,
+      geometry_b if layers else None,
     )
 
-  maps = jax.vmap(one_map)(affines, affines[::-1])
+  swapped = jax.tree.map(lambda x: x[::-1], geometry)
+  maps = jax.vmap(one_map)(geometry, swapped)
   return views, maps
 
 
 def batched_paired_views(
-  key: Array, images: Array, settings: ViewSettings
+  key: Array,
+  images: Array,
+  settings: ViewSettings,
+  orig_sizes: Array | None = None,
 ) -> tuple[Array, Array]:
   """`paired_views` over a batch, one key per image from jax.random.split.
 
@@ -598,12 +1142,18 @@ def batched_paired_views(
     key: a PRNG key.
     images: (B, H, W, C) uint8 or float in [0, 1].
     settings: the augmentation settings.
+    orig_sizes: None, or (B, 2) (height, width) of each original image that
+      was resized into its (H, W) canvas (see `paired_views`).
 
   Returns:
     views: (B, 2, S, S, C) float32; maps: (B, 2, P) int32.
   """
   keys = jax.random.split(key, images.shape[0])
-  return jax.vmap(lambda k, im: paired_views(k, im, settings))(keys, images)
+  if orig_sizes is None:
+    return jax.vmap(lambda k, im: paired_views(k, im, settings))(keys, images)
+  return jax.vmap(lambda k, im, o: paired_views(k, im, settings, o))(
+    keys, images, orig_sizes
+  )
 
 
 def center_view(image: Array, settings: ViewSettings) -> Array:
