@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import PIL.Image
+import PIL.ImageOps
 import pytest
 
 from vmoe_jsd import augment
@@ -54,7 +56,12 @@ def test_settings_are_hashable_and_have_the_documented_defaults():
 
 
 def test_from_config_accepts_lists_and_config_dicts():
-  cfg = {'crop_scale': [0.5, 1.0], 'crop_ratio': [1, 2], 'brightness': 0.1}
+  cfg = {
+    'crop_scale': [0.5, 1.0],
+    'crop_ratio': [1, 2],
+    'brightness': 0.1,
+    'randaugment': [2, 10],
+  }
   from_dict = augment.ViewSettings.from_config(cfg, size=16, patch_size=4)
   from_config_dict = augment.ViewSettings.from_config(
     ml_collections.ConfigDict(cfg), size=16, patch_size=4
@@ -65,8 +72,10 @@ def test_from_config_accepts_lists_and_config_dicts():
     crop_scale=(0.5, 1.0),
     crop_ratio=(1.0, 2.0),
     brightness=0.1,
+    randaugment=(2, 10.0),
   )
   assert from_dict == from_config_dict == expected
+  assert from_dict.randaugment == (2, 10.0)
   hash(from_dict)
   assert augment.ViewSettings.from_config(
     None, size=16, patch_size=4
@@ -91,6 +100,11 @@ def test_from_config_accepts_lists_and_config_dicts():
     (dict(translate=-0.1), ['translate', '-0.1']),
     (dict(flip='yes'), ['flip', 'yes']),
     (dict(fill_value=float('nan')), ['fill_value', 'nan']),
+    (dict(randaugment=(0, 10)), ['randaugment', '(0, 10)']),
+    (dict(randaugment=(2, 25)), ['randaugment', '(2, 25)']),
+    (dict(randaugment=(2.5, 10)), ['randaugment', '(2.5, 10)']),
+    (dict(randaugment=(2,)), ['randaugment', '(2,)']),
+    (dict(randaugment='2,10'), ['randaugment', "'2,10'"]),
   ],
 )
 def test_bad_settings_raise_naming_the_value(kwargs, fragments):
@@ -838,3 +852,220 @@ def test_randaugment_views_draw_their_ops_independently():
   counts = np.bincount(ops.ravel(), minlength=16)
   # Uniform over the 16 ops: 1536 draws, 96 expected each.
   assert counts.min() > 55 and counts.max() < 140, counts
+
+
+def _one_layer(name, sign=1.0, centre=(0.5, 0.5)):
+  """(1, 4) uniforms that make a RandAugment layer pick `name`."""
+  op = (augment.RANDAUGMENT_OPS.index(name) + 0.5) / 16
+  return np.array([[op, 0.75 if sign > 0 else 0.25, *centre]], np.float32)
+
+
+def _layers(u, settings):
+  return jax.device_get(
+    jax.jit(augment._randaugment_layers, static_argnums=1)(u, settings)
+  )
+
+
+@pytest.mark.parametrize('sign', [1.0, -1.0])
+def test_randaugment_geometric_ops_follow_the_reference_scaling(sign):
+  # M = 10 (level 1) on 24-px views: 30 degrees, shear 0.3, shift 100/224 S.
+  settings = augment.ViewSettings(size=24, patch_size=4, randaugment=(1, 10))
+  shift = sign * 100 / 224 * 24
+  angle = np.deg2rad(sign * 30)
+  cos, sin = np.cos(angle), np.sin(angle)
+  # Rotation about the view centre (12, 12), out-to-in, written out.
+  about = np.array([[1, 0, 12], [0, 1, 12], [0, 0, 1]])
+  back = np.array([[1, 0, -12], [0, 1, -12], [0, 0, 1]])
+  turn = np.array([[cos, -sin, 0], [sin, cos, 0], [0, 0, 1]])
+  s = sign * 0.3
+  expected = {
+    'Rotate': about @ turn @ back,
+    # Output (y, x) shows input (y, x + s (y - 1/2)): shear about row 0's
+    # pixel centres, as the reference's transform on pixel indices.
+    'ShearX': np.array([[1, 0, 0], [s, 1, -s / 2], [0, 0, 1]]),
+    'ShearY': np.array([[1, s, -s / 2], [0, 1, 0], [0, 0, 1]]),
+    'TranslateX': np.array([[1, 0, 0], [0, 1, shift], [0, 0, 1]]),
+    'TranslateY': np.array([[1, 0, shift], [0, 1, 0], [0, 0, 1]]),
+  }
+  for name, matrix in expected.items():
+    full, checks, boxes, modes, ops = _layers(_one_layer(name, sign), settings)
+    np.testing.assert_allclose(full, matrix, atol=1e-5, err_msg=name)
+    # Fill where the input point lies outside the 24 x 24 view.
+    np.testing.assert_allclose(checks[0], matrix, atol=1e-5, err_msg=name)
+    np.testing.assert_array_equal(boxes[0], [24, 24])
+    assert modes[0] == augment._FILL_OUTSIDE and ops[0] == (
+      augment.RANDAUGMENT_OPS.index(name)
+    )
+  for name in augment.RANDAUGMENT_PHOTOMETRIC:
+    full, _, _, modes, _ = _layers(_one_layer(name, sign), settings)
+    np.testing.assert_array_equal(full, np.eye(3))
+    assert modes[0] == augment._NEVER
+
+
+def test_two_layers_compose_and_the_first_layer_checks_its_own_frame():
+  # TranslateX then Rotate: the output point p shows input T1 @ T2 @ p; the
+  # first layer fills where T1 @ T2 @ p leaves the view, the second where
+  # T2 @ p does.
+  settings = augment.ViewSettings(size=24, patch_size=4, randaugment=(2, 10))
+  u = np.concatenate([_one_layer('TranslateX'), _one_layer('Rotate')])
+  settings_1 = augment.ViewSettings(size=24, patch_size=4, randaugment=(1, 10))
+  translate = _layers(_one_layer('TranslateX'), settings_1)[0]
+  rotate = _layers(_one_layer('Rotate'), settings_1)[0]
+  full, checks, _, _, _ = _layers(u, settings)
+  np.testing.assert_allclose(full, translate @ rotate, atol=1e-5)
+  np.testing.assert_allclose(checks[0], translate @ rotate, atol=1e-5)
+  np.testing.assert_allclose(checks[1], rotate, atol=1e-5)
+
+
+def test_cutout_fills_an_80_px_square_of_a_224_view():
+  # Reference at M = 10: a (2 * 40)-px square centred on a uniform pixel
+  # (here 0.3 * 224 -> 67, 0.9 * 224 -> 201), clipped at the view border.
+  settings = augment.ViewSettings(
+    size=224, patch_size=16, randaugment=(1, 10), flip=False
+  )
+  u = _one_layer('Cutout', centre=(0.3, 0.9))
+  full, checks, boxes, modes, ops = jax.jit(
+    augment._randaugment_layers, static_argnums=1
+  )(u, settings)
+  geometry = augment.ViewGeometry(jnp.eye(3), checks, boxes, modes, ops)
+  image = np.zeros((224, 224, 3), np.uint8)
+  _, stage = jax.jit(augment.render_geometry, static_argnums=2)(
+    image, geometry, settings
+  )
+  expected = np.full((224, 224), -1)
+  expected[67 - 40 : 67 + 40, 201 - 40 :] = 1
+  np.testing.assert_array_equal(stage, expected)
+  np.testing.assert_array_equal(full, np.eye(3))
+
+
+# Colour ops against references: PIL where its op is the reference's, else
+# the reference's formula in float64, truncated as its uint8 casts do.
+
+
+def _colour_image(shape=(24, 24, 3), seed=6):
+  image = _random_image(shape, seed)
+  image[0, 0] = 3  # Keep some headroom from 0 and 255 for AutoContrast.
+  image[1, 1] = 250
+  return image
+
+
+def _run_op(name, image, magnitude=10.0, size=24):
+  function = augment._photometric_ops(magnitude, size)[name]
+  return np.asarray(jax.jit(function)(jnp.asarray(image, jnp.float32)))
+
+
+def _assert_truncation(got, value):
+  """got == floor(clip(value, 0, 255)), where value is not a float tie.
+
+  Within 1e-4 of an integer, float32 and float64 may land either side; there
+  either integer passes.
+  """
+  value = np.clip(value, 0, 255)
+  near = np.abs(value - np.round(value)) < 1e-4
+  np.testing.assert_array_equal(got[~near], np.floor(value[~near]))
+  assert np.all(np.abs(got[near] - np.round(value[near])) <= 1)
+
+
+@pytest.mark.parametrize(
+  'name, magnitude, pil_op',
+  [
+    ('Invert', 10, lambda im: PIL.ImageOps.invert(im)),
+    ('Posterize', 10, lambda im: PIL.ImageOps.posterize(im, 4)),
+    ('Posterize', 5, lambda im: PIL.ImageOps.posterize(im, 2)),
+    ('Solarize', 5, lambda im: PIL.ImageOps.solarize(im, 128)),
+    # The reference's threshold at M = 10 is 256: nothing is inverted.
+    ('Solarize', 10, lambda im: im),
+    ('Equalize', 10, lambda im: PIL.ImageOps.equalize(im)),
+  ],
+)
+def test_colour_ops_match_pil(name, magnitude, pil_op):
+  image = _colour_image()
+  expected = np.asarray(pil_op(PIL.Image.fromarray(image)), np.float32)
+  np.testing.assert_array_equal(_run_op(name, image, magnitude), expected)
+
+
+def test_equalize_leaves_a_flat_channel_alone_and_works_on_grey():
+  image = _colour_image((24, 24, 1))
+  expected = np.asarray(
+    PIL.ImageOps.equalize(PIL.Image.fromarray(image[..., 0]))
+  )
+  np.testing.assert_array_equal(_run_op('Equalize', image)[..., 0], expected)
+  flat = np.full((24, 24, 3), 77, np.uint8)
+  np.testing.assert_array_equal(_run_op('Equalize', flat), flat)
+
+
+def test_autocontrast_matches_pil():
+  # Each channel stretched from [3, 250] to [0, 255]; PIL computes in float64
+  # and the reference in float32: they agree except at float ties.
+  image = _colour_image()
+  image[..., 2] //= 2  # Another range in the last channel.
+  image[2, 2, 2] = 200
+  got = _run_op('AutoContrast', image)
+  expected = np.asarray(PIL.ImageOps.autocontrast(PIL.Image.fromarray(image)))
+  assert np.mean(got == expected) > 0.99
+  assert np.max(np.abs(got - expected)) <= 1
+  assert got[..., 2].min() == 0 and got[..., 2].max() == 255
+  flat = np.full((24, 24, 3), 77, np.uint8)
+  np.testing.assert_array_equal(_run_op('AutoContrast', flat), flat)
+
+
+def test_blend_ops_follow_the_reference_formula():
+  image = _colour_image().astype(np.float64)
+  factor = 1.9  # 1.8 * (10 / 10) + 0.1
+  _assert_truncation(_run_op('Brightness', image), factor * image)
+  # Contrast blends towards int(S * S / 256): 2 for 24 px, 196 for 224 px.
+  for size, grey in [(24, 2), (224, 196)]:
+    _assert_truncation(
+      _run_op('Contrast', image, size=size), grey + factor * (image - grey)
+    )
+  luma = image @ np.array([0.2989, 0.5870, 0.1140]) / 255
+  grey = np.floor(luma * 255.5)[..., None]
+  _assert_truncation(_run_op('Color', image), grey + factor * (image - grey))
+  # One channel: Color has nothing to desaturate.
+  np.testing.assert_array_equal(
+    _run_op('Color', image[..., :1]), image[..., :1]
+  )
+  # Magnitude 5: factor 1.0 returns the image itself.
+  np.testing.assert_array_equal(_run_op('Brightness', image, 5), image)
+  added = np.where(image < 128, np.minimum(image + 110, 255), image)
+  np.testing.assert_array_equal(_run_op('SolarizeAdd', image), added)
+
+
+def test_sharpness_blends_with_the_smooth_filter_inside_the_border():
+  image = _colour_image().astype(np.float64)
+  kernel = np.ones((3, 3))
+  kernel[1, 1] = 5
+  smooth = image.copy()
+  for r in range(1, 23):
+    for c in range(1, 23):
+      window = image[r - 1 : r + 2, c - 1 : c + 2]
+      total = np.sum(window * kernel[..., None], axis=(0, 1))
+      smooth[r, c] = np.floor(total / 13)
+  got = _run_op('Sharpness', image)
+  _assert_truncation(got, smooth + 1.9 * (image - smooth))
+  # The border keeps its values (blend of the image with itself).
+  np.testing.assert_array_equal(got[0], image[0])
+
+
+def test_fill_goes_through_the_colour_ops_that_follow_it():
+  # Layers Rotate, Invert, TranslateX: a pixel that Rotate filled (stage 1)
+  # is inverted afterwards (255 - 128); one that TranslateX filled (stage 3)
+  # keeps the fill; content is inverted.
+  settings = augment.ViewSettings(
+    size=4, patch_size=2, randaugment=(3, 10), fill_value=128 / 255
+  )
+  ops = np.array(
+    [
+      augment.RANDAUGMENT_OPS.index(n)
+      for n in ('Rotate', 'Invert', 'TranslateX')
+    ]
+  )
+  stage = np.full((4, 4), -1, np.int32)
+  stage[0, 0], stage[0, 1] = 1, 3
+  view = np.full((4, 4, 3), 100 / 255, np.float32)
+  out = jax.jit(augment.randaugment_photometric, static_argnums=3)(
+    view, stage, ops, settings
+  )
+  expected = np.full((4, 4, 3), 155.0)
+  expected[0, 0], expected[0, 1] = 127, 128
+  np.testing.assert_allclose(np.asarray(out) * 255, expected, atol=1e-4)
