@@ -8,6 +8,7 @@ view b from the rendered coordinates alone.
 
 import dataclasses
 import functools
+import math
 import re
 
 import jax
@@ -1069,3 +1070,172 @@ def test_fill_goes_through_the_colour_ops_that_follow_it():
   expected = np.full((4, 4, 3), 155.0)
   expected[0, 0], expected[0, 1] = 127, 128
   np.testing.assert_allclose(np.asarray(out) * 255, expected, atol=1e-4)
+
+
+# ------------------------------------------------------------------- mixup
+
+
+def _mixup_inputs(batch=4, size=2, patches=4):
+  # views[i, v] holds 10 * i + v everywhere; maps[i] are image i's own.
+  values = 10.0 * np.arange(batch)[:, None] + np.arange(2)[None]
+  views = np.broadcast_to(
+    values[:, :, None, None, None], (batch, 2, size, size, 1)
+  ).astype(np.float32)
+  maps = np.arange(batch * 2 * patches, dtype=np.int32).reshape(
+    batch, 2, patches
+  )
+  return views, maps, np.arange(batch, dtype=np.int32)
+
+
+_mixup = jax.jit(
+  augment.mixup, static_argnames=('concentration', 'num_classes', 'num_groups')
+)
+
+
+@pytest.mark.parametrize(
+  'batch, num_groups, partners',
+  [(4, 2, [1, 0, 3, 2]), (3, 1, [1, 2, 0]), (6, 3, [1, 0, 3, 2, 5, 4])],
+)
+def test_mixup_pairs_within_groups_and_keeps_the_dominant_images_maps(
+  batch, num_groups, partners
+):
+  views, maps, labels = _mixup_inputs(batch)
+  mixed, out_maps, targets, lam = _mixup(
+    jax.random.key(30),
+    views,
+    maps,
+    labels,
+    concentration=0.2,
+    num_classes=batch,
+    num_groups=num_groups,
+  )
+  lam = np.asarray(lam, np.float64)
+  assert lam.shape == (num_groups,)
+  assert np.all(lam >= 0.5) and np.all(lam <= 1)
+  # Image i, both views: lam_g * own view + (1 - lam_g) * partner's SAME view.
+  group = np.arange(batch) // (batch // num_groups)
+  weight = lam[group]
+  for i, j in enumerate(partners):
+    for v in range(2):
+      expected = weight[i] * (10 * i + v) + (1 - weight[i]) * (10 * j + v)
+      np.testing.assert_allclose(mixed[i, v], expected, rtol=1e-5)
+    target = np.zeros(batch)
+    target[i] += weight[i]
+    target[j] += 1 - weight[i]
+    np.testing.assert_allclose(targets[i], target, rtol=1e-5, atol=1e-7)
+  # The consistency loss compares the views of image i through i's maps.
+  np.testing.assert_array_equal(out_maps, maps)
+
+
+def test_mixup_weights_follow_the_sorted_dirichlet():
+  # lam = max(B, 1 - B), B ~ Beta(0.2, 0.2): E[lam] by numerical integration.
+  views, maps, labels = _mixup_inputs(8)
+  lams = np.concatenate(
+    [
+      np.asarray(
+        _mixup(
+          jax.random.key(100 + k),
+          views,
+          maps,
+          labels,
+          concentration=0.2,
+          num_classes=8,
+          num_groups=8,
+        )[3]
+      )
+      for k in range(64)
+    ]
+  )
+  x = np.linspace(0.5, 1, 200_001)[1:-1]
+  log_density = (
+    math.lgamma(0.4) - 2 * math.lgamma(0.2) - 0.8 * np.log(x * (1 - x))
+  )
+  density = 2 * np.exp(log_density)  # Folded onto [1/2, 1].
+  mean = np.sum(x * density) / np.sum(density)
+  # 512 draws; the std of lam is about 0.15.
+  assert abs(lams.mean() - mean) < 4 * 0.15 / np.sqrt(512), (lams.mean(), mean)
+  assert np.mean(lams > 0.99) > 0.2  # Mostly nearly unmixed, at 0.2.
+
+
+def test_mixup_rejects_bad_arguments():
+  views, maps, labels = _mixup_inputs(4)
+  with pytest.raises(ValueError, match='concentration=0'):
+    augment.mixup(
+      jax.random.key(0),
+      views,
+      maps,
+      labels,
+      concentration=0,
+      num_classes=4,
+    )
+  with pytest.raises(ValueError, match='num_groups=3 .* batch size 4'):
+    augment.mixup(
+      jax.random.key(0),
+      views,
+      maps,
+      labels,
+      concentration=0.2,
+      num_classes=4,
+      num_groups=3,
+    )
+
+
+def test_mixup_moves_no_data_between_devices():
+  """The compiled program of a batch-sharded mixup has no collective."""
+  from vmoe_jsd import sharding  # noqa: PLC0415
+
+  mesh = sharding.make_mesh(2)  # 8 devices: data 4 x expert 2.
+  batch_sharding = sharding.batch_sharding(mesh)
+  num_devices = jax.device_count()
+  views = jax.ShapeDtypeStruct(
+    (2 * num_devices, 2, 8, 8, 3), jnp.float32, sharding=batch_sharding
+  )
+  maps = jax.ShapeDtypeStruct(
+    (2 * num_devices, 2, 4), jnp.int32, sharding=batch_sharding
+  )
+  labels = jax.ShapeDtypeStruct(
+    (2 * num_devices,), jnp.int32, sharding=batch_sharding
+  )
+  key = jax.random.key(0)
+
+  def f(key, views, maps, labels):
+    return augment.mixup(
+      key,
+      views,
+      maps,
+      labels,
+      concentration=0.2,
+      num_classes=5,
+      num_groups=num_devices,
+    )
+
+  with jax.set_mesh(mesh):  # As the train step runs.
+    compiled = (
+      jax.jit(
+        f,
+        out_shardings=(batch_sharding, batch_sharding, batch_sharding, None),
+      )
+      .lower(key, views, maps, labels)
+      .compile()
+    )
+  hlo = compiled.as_text()
+  assert 'num_partitions=8' in hlo
+  for op in (
+    'collective-permute',
+    'all-gather',
+    'all-to-all',
+    'all-reduce',
+    'reduce-scatter',
+  ):
+    assert op not in hlo, op
+  # Control: a roll over the whole batch does cross devices.
+  crossing = (
+    jax.jit(
+      lambda v: jnp.roll(v, -1, axis=0),
+      out_shardings=batch_sharding,
+    )
+    .lower(views)
+    .compile()
+    .as_text()
+  )
+  assert 'collective-permute' in crossing or 'all-gather' in crossing

@@ -52,6 +52,11 @@ def test_smoke_and_default_configs_are_valid():
     ({'consistency.layers': (0,)}, 'consistency.layers=(0,)'),
     ({'model.encoder.moe.layers': (5,)}, 'moe.layers=(5,)'),
     ({'augment.crop_scale': (0.0, 1.0)}, 'crop_scale=(0.0, 1.0)'),
+    ({'augment.randaugment': (2, 30)}, 'randaugment=(2, 30)'),
+    ({'mixup.concentration': -0.2}, 'mixup.concentration=-0.2 is invalid'),
+    ({'mixup.alpha': 0.2}, "config.mixup=['alpha'] is invalid: keys in"),
+    # Smoke: 8 images on 8 devices, one per shard: nobody to mix with.
+    ({'mixup.concentration': 0.2}, 'holds 1 image(s) of dataset.train'),
     ({'optimizer.name': 'lamb'}, "optimizer.name='lamb'"),
     ({'num_expert_partitions': 3}, 'num_expert_partitions=3'),
     ({'model.classifier': 'pool'}, "classifier='pool'"),

@@ -136,3 +136,51 @@ def test_other_routers_validate_train_and_evaluate(tmp_path, router):
     assert figs['dropped'] == 0.0
   else:
     assert 0.0 <= figs['dropped'] < 1.0
+
+
+def test_mixup_and_randaugment_in_the_train_step(monkeypatch):
+  """The config-gated mixup block: called on the views with one group per
+  device (partners never cross devices), soft targets, finite step."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from vmoe_jsd import augment, config_lib  # noqa: PLC0415
+  from vmoe_jsd.models import build_model  # noqa: PLC0415
+
+  calls = []
+  real_mixup = augment.mixup
+
+  def spy(key, views, maps, labels, **kwargs):
+    out = real_mixup(key, views, maps, labels, **kwargs)
+    calls.append((views.shape, maps.shape, labels.shape, out[2].shape, kwargs))
+    return out
+
+  monkeypatch.setattr(augment, 'mixup', spy)
+  config = _load_smoke(num_train_steps=2)
+  with config.unlocked():
+    config.dataset.train.batch_size = 16  # 2 images per device shard.
+    config.mixup.concentration = 0.2
+    config.augment.randaugment = (2, 10)
+    config.augment.fill_value = 128 / 255
+  config_lib.validate(config, jax.device_count())
+  settings = config_lib.view_settings(config)
+  model = build_model(config.model, deterministic=False)
+  tx, schedule = train.make_optimizer(config.optimizer, 2)
+  key = jax.random.key(0)
+  params = model.init(
+    {'params': key, 'dropout': key, 'gating': key},
+    jnp.zeros((32, 16, 16, 3)),
+  )['params']
+  state = train.TrainState(jnp.int32(0), params, tx.init(params))
+  step = jax.jit(train.make_train_step(config, model, tx, schedule, settings))
+  images = np.random.RandomState(0).randint(0, 256, (16, 16, 16, 3))
+  labels = np.arange(16, dtype=np.int32) % 4
+  state, metrics = step(state, images.astype(np.uint8), labels)
+  assert int(state.step) == 1
+  assert all(np.all(np.isfinite(v)) for v in jax.device_get(metrics).values())
+  assert len(calls) == 1
+  views, maps, labels_shape, targets, kwargs = calls[0]
+  assert views == (16, 2, 16, 16, 3) and maps == (16, 2, 16)
+  assert labels_shape == (16,) and targets == (16, 4)
+  assert kwargs == dict(
+    concentration=0.2, num_classes=4, num_groups=jax.device_count()
+  )

@@ -41,6 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
       'strict': True,
     }
   )
+  # vmoe's mixup on the views (augment.mixup); concentration 0 is off.
+  config.mixup = ml_collections.ConfigDict({'concentration': 0.0})
   config.loss = ml_collections.ConfigDict({'name': 'softmax_xent'})
   config.consistency = ml_collections.ConfigDict(
     {

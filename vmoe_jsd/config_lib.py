@@ -104,6 +104,15 @@ def view_settings(config) -> augment.ViewSettings:
   )
 
 
+MIXUP_KEYS = ('concentration',)
+
+
+def mixup_concentration(config) -> float:
+  """config.mixup.concentration, 0.0 (no mixup) when absent or None."""
+  mixup = to_dict(config.get('mixup'))
+  return float(mixup.get('concentration') or 0.0)
+
+
 def num_prefix_tokens(model_cfg: Mapping) -> int:
   return 1 if model_cfg.get('classifier', 'token') == 'token' else 0
 
@@ -327,6 +336,33 @@ def validate(config, num_devices: int) -> None:
     size=image_size,
     patch_size=patch[0],
   )
+
+  # Mixup (vmoe's, on the views; pairs within each device's shard).
+  mixup = to_dict(config.get('mixup'))
+  unknown = sorted(set(mixup) - set(MIXUP_KEYS))
+  if unknown:
+    _fail('mixup', unknown, f'keys in {list(MIXUP_KEYS)}')
+  concentration = mixup.get('concentration') or 0.0
+  if (
+    isinstance(concentration, bool)
+    or not isinstance(concentration, (int, float))
+    or not 0 <= concentration < math.inf
+  ):
+    _fail(
+      'mixup.concentration',
+      concentration,
+      'a number >= 0 (0: no mixup; vmoe light1: 0.2)',
+    )
+  per_device = config.dataset.train.batch_size // num_devices
+  if concentration > 0 and per_device < 2:
+    _fail(
+      'mixup.concentration',
+      concentration,
+      "mixup pairs images within each device's shard, which holds "
+      f'{per_device} image(s) of dataset.train.batch_size='
+      f'{config.dataset.train.batch_size} on {num_devices} devices: needs at '
+      f'least 2 (or set 0)',
+    )
 
   # Optimizer.
   opt = config.optimizer

@@ -3,6 +3,8 @@
 One jitted train step (DESIGN.md):
   1. two augmented views of every image and their patch correspondences,
      on device (augment.batched_paired_views), views of an image adjacent;
+     with config.mixup, both views of image i mixed with the same partner
+     in its device's shard (augment.mixup; maps stay image i's);
   2. the model on all 2B views; clean router logits leave each MoE layer
      through the 'intermediates' collection;
   3. loss = xent(both views) + auxiliary (importance + load)
@@ -191,6 +193,7 @@ def make_train_step(config, model, tx, schedule, settings):
   weight = float(cons.weight)
   prefix = config_lib.num_prefix_tokens(config.model)
   train_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  mixup_concentration = config_lib.mixup_concentration(config)
 
   def train_step(state: TrainState, images: Array, labels: Array,
                  orig_sizes: Array | None = None):  # fmt: skip
@@ -198,8 +201,20 @@ def make_train_step(config, model, tx, schedule, settings):
     aug_key, dropout_key, gating_key = jax.random.split(step_key, 3)
     views, maps = _paired_views(aug_key, images, settings, orig_sizes)
     num_images = images.shape[0]
+    targets = labels
+    if mixup_concentration > 0:  # Both views of image i with one partner.
+      views, maps, targets, _ = augment.mixup(
+        jax.random.fold_in(step_key, 1),
+        views,
+        maps,
+        labels,
+        concentration=mixup_concentration,
+        num_classes=config.model.num_classes,
+        num_groups=jax.device_count(),  # One per device shard of the batch.
+      )
     views = views.reshape(2 * num_images, *views.shape[2:])
     labels2 = jnp.repeat(labels, 2)
+    targets2 = jnp.repeat(targets, 2, axis=0)
 
     def objective(params):
       (logits, metrics), state_vars = model.apply(
@@ -208,7 +223,7 @@ def make_train_step(config, model, tx, schedule, settings):
         rngs={'dropout': dropout_key, 'gating': gating_key},
         mutable=['intermediates'],
       )
-      xent = jnp.mean(loss_fn(logits, labels2))
+      xent = jnp.mean(loss_fn(logits, targets2))
       aux = jnp.mean(metrics['auxiliary_loss']) if has_moe else 0.0
       out = {'xent': xent, 'auxiliary_loss': aux}
       total = xent + aux
