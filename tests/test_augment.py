@@ -1239,3 +1239,25 @@ def test_mixup_moves_no_data_between_devices():
     .as_text()
   )
   assert 'collective-permute' in crossing or 'all-gather' in crossing
+
+
+@pytest.mark.parametrize('magnitude', [10, 5])
+def test_randaugment_photometric_applies_the_drawn_op(magnitude):
+  # The fused path (one table lookup per layer) gives each op's own result.
+  settings = augment.ViewSettings(
+    size=24, patch_size=4, randaugment=(1, magnitude)
+  )
+  image = _colour_image().astype(np.float32)
+  functions = augment._photometric_ops(magnitude, 24)
+  stage = np.full((24, 24), -1, np.int32)
+  fused = jax.jit(
+    jax.vmap(augment.randaugment_photometric, in_axes=(None, None, 0, None)),
+    static_argnums=3,
+  )
+  ops = np.arange(16, dtype=np.int32)[:, None]
+  out = np.asarray(fused(image / 255, stage, ops, settings)) * 255
+  for op, name in enumerate(augment.RANDAUGMENT_OPS):
+    expected = image
+    if name in functions:
+      expected = jax.jit(functions[name])(image)
+    np.testing.assert_allclose(out[op], expected, atol=1e-3, err_msg=name)

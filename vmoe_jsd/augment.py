@@ -810,32 +810,44 @@ def _grey(x: Array) -> Array:
   return jnp.floor(grey * 255.5)
 
 
-def _autocontrast(x: Array) -> Array:
-  """Each channel stretched linearly so its min -> 0 and max -> 255."""
-  lo = jnp.min(x, axis=(0, 1), keepdims=True)
-  hi = jnp.max(x, axis=(0, 1), keepdims=True)
+def _apply_lut(lut: Array, x: Array) -> Array:
+  """Per-channel lookup: out[..., c] = lut[c, x[..., c]] for 0..255 values."""
+  channels = jnp.arange(x.shape[-1])
+  return lut.T[x.astype(jnp.int32), channels]
+
+
+def _autocontrast_lut(x: Array) -> Array:
+  """(C, 256) AutoContrast: each channel's [min, max] stretched to [0, 255]."""
+  lo = jnp.min(x, axis=(0, 1))[:, None]
+  hi = jnp.max(x, axis=(0, 1))[:, None]
+  values = jnp.arange(256, dtype=jnp.float32)[None]
   scale = 255.0 / jnp.where(hi > lo, hi - lo, 1.0)
-  stretched = _to_uint8_range(x * scale - lo * scale)
-  return jnp.where(hi > lo, stretched, x)
+  stretched = _to_uint8_range(values * scale - lo * scale)
+  return jnp.where(hi > lo, stretched, values)
 
 
-def _equalize_channel(channel: Array) -> Array:
-  """PIL's ImageOps.equalize of one (S, S) channel of 0..255 values."""
-  values = channel.astype(jnp.int32)
-  hist = jnp.zeros((256,), jnp.int32).at[values.ravel()].add(1)
-  # Number of pixels minus the count of the brightest value present.
-  last = hist[jnp.max(values)]
-  step = (values.size - last) // 255
-  safe = jnp.maximum(step, 1)
-  lut = (jnp.cumsum(hist) + step // 2) // safe
-  lut = jnp.clip(
-    jnp.concatenate([jnp.zeros((1,), jnp.int32), lut[:-1]]), 0, 255
-  )
-  return jnp.where(step == 0, channel, lut[values].astype(jnp.float32))
+def _equalize_lut(x: Array) -> Array:
+  """(C, 256) Equalize, PIL's ImageOps.equalize per channel."""
+
+  def one(channel):
+    values = channel.astype(jnp.int32).ravel()
+    hist = jnp.zeros((256,), jnp.int32).at[values].add(1)
+    # Number of pixels minus the count of the brightest value present.
+    step = (values.size - hist[jnp.max(values)]) // 255
+    lut = (jnp.cumsum(hist) + step // 2) // jnp.maximum(step, 1)
+    lut = jnp.concatenate([jnp.zeros((1,), jnp.int32), lut[:-1]])
+    identity = jnp.arange(256, dtype=jnp.float32)
+    return jnp.where(step == 0, identity, jnp.clip(lut, 0, 255))
+
+  return jax.vmap(one, in_axes=2)(x).astype(jnp.float32)
+
+
+def _autocontrast(x: Array) -> Array:
+  return _apply_lut(_autocontrast_lut(x), x)
 
 
 def _equalize(x: Array) -> Array:
-  return jax.vmap(_equalize_channel, in_axes=2, out_axes=2)(x)
+  return _apply_lut(_equalize_lut(x), x)
 
 
 def _sharpen(x: Array, factor: float) -> Array:
@@ -843,14 +855,23 @@ def _sharpen(x: Array, factor: float) -> Array:
 
   The filtered image keeps the original values on its one-pixel border.
   """
-  height, width = x.shape[:2]
-  total = 4.0 * x[1:-1, 1:-1]
-  for dy in range(3):
-    for dx in range(3):
-      total = total + x[dy : dy + height - 2, dx : dx + width - 2]
+  # 3x3 box sum, separable (integer sums: exact in float32), plus 4 centres.
+  rows = x[:-2] + x[1:-1] + x[2:]
+  total = rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:] + 4.0 * x[1:-1, 1:-1]
   smooth = _to_uint8_range(total / 13.0)
   smooth = x.at[1:-1, 1:-1].set(smooth)
   return _blend(smooth, x, factor)
+
+
+# Colour ops that act on each value alone (their tables depend on no pixel).
+_POINTWISE_OPS = (
+  'Invert',
+  'Posterize',
+  'Solarize',
+  'SolarizeAdd',
+  'Contrast',
+  'Brightness',
+)
 
 
 def _photometric_ops(magnitude: float, size: int) -> dict[str, Any]:
@@ -913,10 +934,23 @@ def randaugment_photometric(
   functions = _photometric_ops(settings.randaugment[1], settings.size)
   fill = jnp.clip(jnp.round(settings.fill_value * 255.0), 0.0, 255.0)
   x = jnp.clip(jnp.round(view * 255.0), 0.0, 255.0)
+  values = jnp.arange(256, dtype=jnp.float32)
+  channels = x.shape[-1]
+  # Every op but Color and Sharpness maps each channel's 256 values through
+  # a table: the layer's table is chosen first, then applied in one lookup
+  # (under vmap, a per-view choice computes every branch; tables are cheap).
+  tables = {name: functions[name](values) for name in _POINTWISE_OPS}
   for k in range(ops.shape[0]):
-    for name, function in functions.items():
-      x = jnp.where(ops[k] == _OP_ID[name], function(x), x)
-    x = jnp.where((stage == k + 1)[..., None], fill, x)
+    op = ops[k]
+    lut = jnp.broadcast_to(values, (channels, 256))
+    for name, table in tables.items():
+      lut = jnp.where(op == _OP_ID[name], table[None], lut)
+    lut = jnp.where(op == _OP_ID['AutoContrast'], _autocontrast_lut(x), lut)
+    lut = jnp.where(op == _OP_ID['Equalize'], _equalize_lut(x), lut)
+    out = _apply_lut(lut, x)
+    for name in ('Color', 'Sharpness'):
+      out = jnp.where(op == _OP_ID[name], functions[name](x), out)
+    x = jnp.where((stage == k + 1)[..., None], fill, out)
   return x / 255.0
 
 
