@@ -21,9 +21,16 @@ Coordinate convention (used by every function here):
 
 Geometry: an Inception-style random resized crop (Szegedy et al., "Going
 Deeper with Convolutions", CVPR 2015, as implemented by torchvision's
-RandomResizedCrop, but with continuous boxes), then an optional horizontal
-flip, rotation and translation. Colour: additive brightness and multiplicative
-contrast jitter.
+RandomResizedCrop, but with continuous boxes), sampled in the pixels of the
+original image even when a stretched canvas of it is rendered (`orig_size`),
+then an optional horizontal flip, rotation and translation, then optionally
+RandAugment (Cubuk et al., CVPR-W 2020, arXiv:1909.13719) with the op list and
+magnitude scaling vmoe trains with (`RANDAUGMENT_OPS`): its geometric ops
+compose into the view's affine and its Cutout is an occlusion (both tracked,
+so the maps stay exact and fill maps to -1), its colour ops act on pixel
+values only. Colour: RandAugment's colour ops, additive brightness and
+multiplicative contrast jitter. `mixup` (Zhang et al., ICLR 2018) mixes the
+views of a batch as vmoe does, keeping each image's maps.
 
 Typical use:
 
