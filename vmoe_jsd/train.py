@@ -20,7 +20,6 @@ what an uninterrupted one would have done.
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import math
 import os
@@ -199,7 +198,10 @@ def make_train_step(config, model, tx, schedule, settings):
                  orig_sizes: Array | None = None):  # fmt: skip
     step_key = jax.random.fold_in(train_key, state.step)
     aug_key, dropout_key, gating_key = jax.random.split(step_key, 3)
-    views, maps = _paired_views(aug_key, images, settings, orig_sizes)
+    # Crops sampled in original-image pixels when the host sends the sizes.
+    views, maps = augment.batched_paired_views(
+      aug_key, images, settings, orig_sizes
+    )
     num_images = images.shape[0]
     targets = labels
     if mixup_concentration > 0:  # Both views of image i with one partner.
@@ -259,22 +261,6 @@ def make_train_step(config, model, tx, schedule, settings):
     return new_state, metrics
 
   return train_step
-
-
-def _paired_views(key, images, settings, orig_sizes):
-  """augment.batched_paired_views, with the images' original sizes.
-
-  Until augment.py takes `orig_sizes` (crops sampled in original-image
-  pixels), the canvas is treated as the image.
-  """
-  takes_sizes = (
-    'orig_sizes' in inspect.signature(augment.batched_paired_views).parameters
-  )
-  if orig_sizes is not None and takes_sizes:
-    return augment.batched_paired_views(
-      key, images, settings, orig_sizes=orig_sizes
-    )
-  return augment.batched_paired_views(key, images, settings)
 
 
 # ----------------------------------------------------------------------------
