@@ -62,6 +62,7 @@ def get_config(arg=None):
     crop_ratio=(3 / 4, 4 / 3),
     flip=True,
     randaugment=(2, 10),
+    fill_value=128 / 255,  # vmoe's randaug fills with grey 128.
   )
   config.mixup = dict(concentration=0.2)
   config.loss.name = 'sigmoid_xent'
