@@ -50,6 +50,15 @@ def test_smoke_and_default_configs_are_valid():
     ({'consistency.loss': 'kl'}, "consistency.loss='kl' is invalid"),
     ({'consistency.temperature': 0.0}, 'consistency.temperature=0.0'),
     ({'consistency.layers': (0,)}, 'consistency.layers=(0,)'),
+    (
+      {'consistency.stop_gradient': 'both'},
+      "consistency.stop_gradient='both' is unknown; choose one of ['none'",
+    ),
+    ({'consistency.entropy_cap': 2.0}, 'consistency.entropy_cap=2.0'),
+    (
+      {'consistency.include_cls': True, 'model.classifier': 'gap'},
+      'consistency.include_cls=True is invalid: needs a class token',
+    ),
     ({'model.encoder.moe.layers': (5,)}, 'moe.layers=(5,)'),
     ({'augment.crop_scale': (0.0, 1.0)}, 'crop_scale=(0.0, 1.0)'),
     ({'augment.randaugment': (2, 30)}, 'randaugment=(2, 30)'),

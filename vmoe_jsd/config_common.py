@@ -50,6 +50,14 @@ def base_config() -> ml_collections.ConfigDict:
       'weight': 0.0,
       'temperature': 1.0,
       'layers': None,  # None: every MoE layer.
+      # Options of losses.ConsistencyOptions (see its docstring).
+      'stop_gradient': 'none',  # 'none' | 'view1' | 'view2'
+      'include_cls': False,
+      'diagonal_weight': 1.0,  # cross_correlation
+      'offdiagonal_weight': 10.0,  # cross_correlation
+      'margin': 1.0,  # margin
+      'entropy_cap': 0.5,  # jsd_entropy
+      'entropy_weight': 1.0,  # jsd_entropy
     }
   )
   return config

@@ -20,7 +20,7 @@ from vmoe_jsd import augment, losses, models
 from vmoe_jsd.data import DATASETS
 from vmoe_jsd.models import routing
 
-CONSISTENCY_LOSSES = ('jsd',)
+CONSISTENCY_LOSSES = tuple(losses.CONSISTENCY_LOSSES)
 OPTIMIZERS = ('adam', 'adamw', 'sgd')
 SCHEDULES = (
   'constant',
@@ -315,6 +315,13 @@ def validate(config, num_devices: int) -> None:
   cons = config.consistency
   if cons.loss not in CONSISTENCY_LOSSES:
     _fail('consistency.loss', cons.loss, f'one of {list(CONSISTENCY_LOSSES)}')
+  losses.ConsistencyOptions.from_config(cons)  # Raises naming the bad key.
+  if cons.get('include_cls') and not num_prefix_tokens(config.model):
+    _fail(
+      'consistency.include_cls',
+      cons.include_cls,
+      'needs a class token (model.classifier="token")',
+    )
   if not cons.weight >= 0:
     _fail('consistency.weight', cons.weight, 'must be >= 0')
   if not cons.get('temperature', 1.0) > 0:

@@ -149,9 +149,15 @@ def _name_mask(regex, params):
 # Pieces of the step.
 # ----------------------------------------------------------------------------
 def consistency_loss(
-  intermediates, maps: Array, *, layers, prefix: int, temperature: float
+  intermediates,
+  maps: Array,
+  *,
+  layers,
+  prefix: int,
+  temperature: float = 1.0,
+  options: losses.ConsistencyOptions | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-  """Mean over `layers` of the matched-patch JSD between the two views.
+  """Mean over `layers` of the router-consistency loss between the views.
 
   Args:
     intermediates: the model's sown 'intermediates' on (2B, ...) views with
@@ -159,11 +165,16 @@ def consistency_loss(
     maps: (B, 2, P) patch correspondences.
     layers: MoE blocks to include.
     prefix: tokens before the patches (1 with a class token).
-    temperature: softmax temperature of the compared distributions.
+    temperature: softmax temperature (used when `options` is None: JSD).
+    options: losses.ConsistencyOptions (loss name, stop-gradient, class
+      token...); `include_cls` needs prefix >= 1 (token 0 is the class token).
 
   Returns:
-    (mean JSD, {'jsd/encoderblock_i': ..., 'matched_pairs': ...}).
+    (mean loss, {'jsd/encoderblock_i': ..., 'matched_pairs': ...}); the
+    per-layer keys keep the name 'jsd/' whatever the loss.
   """
+  if options is None:
+    options = losses.ConsistencyOptions(temperature=temperature)
   num_images, _, num_patches = maps.shape
   per_layer = {}
   pairs = 0
@@ -172,8 +183,18 @@ def consistency_loss(
   ).items():
     patches = models.per_image_patches(logits, 2 * num_images, prefix)
     patches = patches.reshape(num_images, 2, num_patches, -1)
+    cls = None
+    if options.include_cls:
+      tokens = logits.reshape(num_images, 2, -1, logits.shape[-1])
+      cls = tokens[:, :, 0]  # (B, 2, E)
     value, pairs = losses.router_consistency(
-      patches[:, 0], patches[:, 1], maps[:, 0], maps[:, 1], temperature
+      patches[:, 0],
+      patches[:, 1],
+      maps[:, 0],
+      maps[:, 1],
+      options=options,
+      cls_v1=None if cls is None else cls[:, 0],
+      cls_v2=None if cls is None else cls[:, 1],
     )
     per_layer[f'jsd/encoderblock_{block}'] = value
   mean = sum(per_layer.values()) / len(per_layer)
@@ -235,7 +256,7 @@ def make_train_step(config, model, tx, schedule, settings):
           maps,
           layers=cons_layers,
           prefix=prefix,
-          temperature=cons.get('temperature', 1.0),
+          options=losses.ConsistencyOptions.from_config(cons),
         )
         if weight > 0:
           total = total + weight * jsd
