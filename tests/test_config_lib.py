@@ -56,7 +56,11 @@ def test_smoke_and_default_configs_are_valid():
     ),
     ({'consistency.entropy_cap': 2.0}, 'consistency.entropy_cap=2.0'),
     (
-      {'consistency.include_cls': True, 'model.classifier': 'gap'},
+      {
+        'consistency.include_cls': True,
+        'model.classifier': 'gap',
+        'model.encoder.moe.group_size': 32,
+      },
       'consistency.include_cls=True is invalid: needs a class token',
     ),
     ({'model.encoder.moe.layers': (5,)}, 'moe.layers=(5,)'),
