@@ -27,6 +27,17 @@ def base_config() -> ml_collections.ConfigDict:
       'model_overrides': {
         'encoder': {'moe': {'router': {'dispatcher': {'capacity_factor': 4.0}}}}
       },
+      # Top-1 flip rates under pixel noise and shifts (stability.py), on the
+      # first `limit` test images, at every evaluation.
+      'stability': {
+        'enabled': True,
+        'noise_std': (0.02, 0.05, 0.1),
+        'shifts': (1, 2),
+        'limit': 2000,
+      },
+      # Routing-map figure (analyze.py) written to TensorBoard at every
+      # evaluation, for this many test images (0: none).
+      'routing_map_images': 4,
     }
   )
   # Start from pretrained weights instead of random ones (ignored when the

@@ -316,6 +316,9 @@ def validate(config, num_devices: int) -> None:
   if cons.loss not in CONSISTENCY_LOSSES:
     _fail('consistency.loss', cons.loss, f'one of {list(CONSISTENCY_LOSSES)}')
   losses.ConsistencyOptions.from_config(cons)  # Raises naming the bad key.
+  from vmoe_jsd import stability  # noqa: PLC0415 (it imports this module)
+
+  stability.stability_options(config)
   if cons.get('include_cls') and not num_prefix_tokens(config.model):
     _fail(
       'consistency.include_cls',

@@ -38,6 +38,7 @@ from clu import metric_writers
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vmoe_jsd import (
+  analyze,
   augment,
   checkpoints,
   config_lib,
@@ -47,6 +48,7 @@ from vmoe_jsd import (
   losses,
   models,
   sharding,
+  stability,
 )
 from vmoe_jsd.models import build_model
 
@@ -380,6 +382,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     donate_argnums=(0,),
   )
   eval_step = jax.jit(evaluate.make_eval_step(config, eval_model, settings))
+  stability_step = jax.jit(
+    stability.make_stability_step(config, eval_model, settings)
+  )
+  routing_maps = (
+    analyze.RoutingMapWriter(config, eval_model, settings, test_ds)
+    if jax.process_count() == 1  # Its jitted call runs on one process.
+    else None
+  )
 
   def do_eval(step):
     with jax.set_mesh(mesh):
@@ -396,6 +406,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     )
     if result['routing']:
       log(evaluate.format_routing_table(result['routing']), flush=True)
+    with jax.set_mesh(mesh):
+      stab = stability.run_stability(stability_step, state.params, test_ds,
+                                     config, put_batch)  # fmt: skip
+    if stab:
+      result['stability'] = stab
+      writer.write_scalars(step, stability.stability_scalars(stab))
+      log(stability.format_stability_table(stab), flush=True)
+    if routing_maps is not None:
+      routing_maps.write(writer, step, state.params)
     return result
 
   # --- Train loop. ------------------------------------------------------

@@ -1,0 +1,99 @@
+"""tools/study.py: settings, aggregation over seeds and the target check,
+against hand-computed values; the report is written from results files."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'tools'))
+import study  # noqa: E402
+
+
+def fake_result(acc, kappas, entropies, loads, flips=None):
+  routing = {}
+  for i, (k, h, load) in enumerate(zip(kappas, entropies, loads, strict=True)):
+    routing[f'encoderblock_{2 * i + 1}'] = {
+      'agreement': 0.5, 'chance': sum(x * x for x in load), 'kappa': k,
+      'jsd': 0.01, 'confidence': 0.6, 'entropy_fraction': h,
+      'dropped': 0.0, 'load': list(load),
+    }  # fmt: skip
+  out = {'accuracy': acc, 'routing': routing,
+         'train_seconds_excluding_compile': 100.0}  # fmt: skip
+  if flips is not None:
+    out['stability'] = {
+      'flip_rate': {layer: {'noise_0.1': flips} for layer in routing}
+    }
+  return out
+
+
+FLAT = (0.25, 0.25, 0.25, 0.25)
+
+
+def test_settings_are_parsed_and_bad_ones_rejected():
+  assert study.parse_setting('none') == ('none', 'jsd', 0.0)
+  assert study.parse_setting('margin@0.3') == ('margin@0.3', 'margin', 0.3)
+  assert study.parse_setting('jsd') == ('jsd@0.1', 'jsd', 0.1)
+  with pytest.raises(SystemExit, match="'kl' is not a consistency loss"):
+    study.parse_setting('kl')
+  with pytest.raises(SystemExit, match='must be > 0'):
+    study.parse_setting('l2@0')
+
+
+def test_aggregate_and_target_check_by_hand():
+  base = study.aggregate([
+    fake_result(0.80, (0.40, 0.30), (0.6, 0.8), (FLAT, FLAT), 0.2),
+    fake_result(0.82, (0.44, 0.34), (0.6, 0.8), (FLAT, FLAT), 0.4),
+  ])  # fmt: skip
+  mean, std, n = base['accuracy']
+  assert (mean, n) == (pytest.approx(0.81), 2)
+  assert std == pytest.approx(math.sqrt(2 * 0.01**2 / 1))  # 0.01414
+  assert base['layers']['encoderblock_1']['kappa'][0] == pytest.approx(0.42)
+  assert base['layers']['encoderblock_1']['flip']['noise_0.1'][0] == (
+    pytest.approx(0.3)
+  )
+  skewed = (0.55, 0.15, 0.15, 0.15)  # 0.55 * 4 = 2.2 > 2x fair share.
+  good = study.aggregate([
+    fake_result(0.80, (0.60, 0.50), (0.5, 0.8), (FLAT, FLAT)),
+  ])  # fmt: skip
+  c = study.target_check(base, good)
+  assert c['d_kappa'] == {
+    'encoderblock_1': pytest.approx(0.18), 'encoderblock_3': pytest.approx(0.18)
+  }  # fmt: skip
+  # Accuracy 0.80 >= 0.81 - 0.01414; entropy 0.5 <= 0.6, 0.8 <= 0.8.
+  assert c['met']
+  bad = study.aggregate([
+    fake_result(0.79, (0.60, 0.45), (0.7, 0.8), (skewed, FLAT)),
+  ])  # fmt: skip
+  c = study.target_check(base, bad)
+  assert not c['kappa_ok']  # Block 3: +0.13.
+  assert not c['entropy_ok'] and not c['load_ok'] and not c['accuracy_ok']
+
+
+def test_report_only_writes_results_md_from_the_run_folders(tmp_path):
+  root = tmp_path / 'runs'
+  for name, acc in (('none', 0.8), ('margin@0.1', 0.81)):
+    for seed in (0, 1):
+      d = root / 'n50' / f'{name}_s{seed}'
+      d.mkdir(parents=True)
+      r = fake_result(acc + 0.01 * seed, (0.4, 0.3), (0.6, 0.8), (FLAT, FLAT))
+      (d / 'results.json').write_text(json.dumps(r))
+  report = tmp_path / 'docs' / 'results.md'
+  env = dict(os.environ, XLA_FLAGS='')
+  proc = subprocess.run(
+    [sys.executable, os.path.join(ROOT, 'tools', 'study.py'),
+     '--settings=none,margin@0.1', '--seeds=0,1', '--steps=50',
+     f'--root={root}', f'--report={report}', '--label=pilot test',
+     '--report_only', '--no_analyze'],
+    capture_output=True, text=True, cwd=ROOT, env=env,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  text = report.read_text()
+  assert '| none | 2 | 80.50 ± 0.71 |' in text
+  assert '| margin@0.1 | 2 | 81.50 ± 0.71 |' in text
+  assert 'No setting met the target' in text
+  assert 'This is a pilot on a short schedule (50 steps' in text
