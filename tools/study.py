@@ -29,6 +29,7 @@ flags go to every run (e.g. `--override=consistency.margin=2.0`).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import json
 import math
@@ -222,7 +223,9 @@ def yes(flag: bool) -> str:
   return 'yes' if flag else '**no**'
 
 
-def write_report(path, label, steps, seeds, settings, runs, figures, argv):
+def write_report(
+  path, label, steps, seeds, settings, runs, figures, argv, jobs=1
+):
   """docs/results.md from the aggregated runs."""
   aggs = {name: aggregate(rs) for name, rs in runs.items() if rs}
   names = [s for s in settings if s in aggs]
@@ -245,6 +248,8 @@ def write_report(path, label, steps, seeds, settings, runs, figures, argv):
     f'- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, '
     f'{platform.python_implementation()} {platform.python_version()}; '
     f'generated {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC',
+    f'- Runs at once: {jobs} (train and wall times are of runs sharing the '
+    'machine with each other and with whatever else ran)',
     '- Routing figures: the evaluation\'s two augmented views of each test '
     'image (fixed key), patch tokens; flip rates: clean centred view vs '
     'pixel noise and shifts (vmoe_jsd/stability.py) on the first 2000 test '
@@ -411,6 +416,9 @@ def main():
     '--report_only', action='store_true', help='report finished runs only'
   )
   parser.add_argument(
+    '--jobs', type=int, default=1, help='runs at once (default 1)'
+  )
+  parser.add_argument(
     '--no_analyze', action='store_true', help='no routing-map figures'
   )
   args = parser.parse_args()
@@ -420,18 +428,28 @@ def main():
   runs: dict[str, list[dict]] = {}
   figures: dict[str, str] = {}
   fig_dir = os.path.join(os.path.dirname(args.report), 'figures')
+  pending = []
+  for name, loss, weight in parsed:
+    for seed in seeds:
+      workdir = run_dir(args.root, name, seed, steps)
+      if os.path.exists(os.path.join(workdir, 'results.json')):
+        print(f'done already: {workdir}', flush=True)
+      elif not args.report_only:
+        pending.append(
+          (workdir, run_flags(loss, weight, seed, steps, args.override))
+        )
+  if pending:
+    # Runs are independent processes; --jobs > 1 runs several at once.
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+      for future in [pool.submit(run_one, *p) for p in pending]:
+        future.result()
   for name, loss, weight in parsed:
     runs[name] = []
     for seed in seeds:
       workdir = run_dir(args.root, name, seed, steps)
-      flags = run_flags(loss, weight, seed, steps, args.override)
       result_path = os.path.join(workdir, 'results.json')
       if not os.path.exists(result_path):
-        if args.report_only:
-          continue
-        run_one(workdir, flags)
-      else:
-        print(f'done already: {workdir}', flush=True)
+        continue
       with open(result_path) as f:
         result = json.load(f)
       wall_path = os.path.join(workdir, 'study_wall_seconds.json')
@@ -459,7 +477,8 @@ def main():
   os.makedirs(os.path.dirname(args.report), exist_ok=True)
   write_report(args.report, args.label, steps, seeds,
                [n for n, _, _ in parsed], runs, figures,
-               [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])  # fmt: skip
+               [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]],
+               jobs=args.jobs)  # fmt: skip
   print(f'Wrote {args.report}')
 
 

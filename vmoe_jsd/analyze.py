@@ -404,7 +404,12 @@ class RoutingMapWriter:
     if not self.num or not self.layers:
       self.num = 0
       return
-    batch = next(iter(test_ds.eval_batches(self.num)))
+    # Whole routing groups: load a multiple of the fewest images that fill
+    # them, draw the first `num`.
+    unit = config_lib.min_images_per_batch(
+      config_lib.eval_model_config(config), settings.size
+    )
+    batch = next(iter(test_ds.eval_batches(unit * math.ceil(self.num / unit))))
     self.images = np.asarray(batch['image'])
     self.labels = np.asarray(batch['label'])
     self.fn = jax.jit(make_routing_map_fn(config, eval_model, settings))
@@ -418,9 +423,15 @@ class RoutingMapWriter:
     if not self.num:
       return
     data = jax.device_get(self.fn(params, jnp.asarray(self.images)))
+    n = self.num
+    data = {
+      'views': data['views'][:n],
+      'maps': data['maps'][:n],
+      'top1': {b: v[:n] for b, v in data['top1'].items()},
+    }
     fig = plot_routing_maps(
-      self.images, data, self.patch, self.num_experts, self.class_names,
-      self.labels, title=f'Top-1 expert per patch, two views (step {step})',
+      self.images[:n], data, self.patch, self.num_experts, self.class_names,
+      self.labels[:n], title=f'Top-1 expert per patch, two views (step {step})',
     )  # fmt: skip
     writer.write_images(step, {'routing_maps': figure_to_array(fig)[None]})
 
@@ -466,7 +477,7 @@ def analyze(config, workdir: str, out: str, num_images: int = 4) -> dict:
   )
   test_ds = data.get_dataset(config.dataset.test)
   images_per_batch = config_lib.min_images_per_batch(
-    config.model, settings.size
+    config_lib.eval_model_config(config), settings.size
   )
   shape = (images_per_batch, settings.size, settings.size,
            test_ds.image_shape[-1])  # fmt: skip
