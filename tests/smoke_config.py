@@ -48,6 +48,10 @@ def get_config(arg=None):
   config.save_checkpoint.every_steps = 2
   config.report_progress.every_steps = 1
   config.evaluate.every_steps = 0
+  # Flip rates and routing maps compile two more programs; tests that need
+  # them (test_analyze.py) switch them on.
+  config.evaluate.stability.enabled = False
+  config.evaluate.routing_map_images = 0
   return ml_collections.ConfigDict(config)
 
 

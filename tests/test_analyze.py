@@ -22,7 +22,11 @@ def _smoke(**overrides):
 
 @pytest.mark.slow  # About 40 s alone (compiling train, eval and analyze).
 def test_analyze_writes_every_file_from_a_trained_checkpoint(tmp_path):
-  config = _smoke(**{'consistency.loss': 'hard_target'})
+  config = _smoke(**{
+    'consistency.loss': 'hard_target',
+    'evaluate.stability.enabled': True,
+    'evaluate.routing_map_images': 2,
+  })  # fmt: skip
   workdir = str(tmp_path / 'run')
   result = train.train_and_evaluate(config, workdir)
   # Training's evaluation carries the flip rates of every layer.
@@ -31,8 +35,13 @@ def test_analyze_writes_every_file_from_a_trained_checkpoint(tmp_path):
                            'shift_1', 'shift_2']  # fmt: skip
   assert all(0.0 <= r <= 1.0 for r in rates.values())
   # ... and a routing-map image in TensorBoard.
-  events = [f for f in os.listdir(workdir) if 'tfevents' in f]
-  assert events
+  from tensorboard.backend.event_processing import (  # noqa: PLC0415
+    plugin_event_accumulator as pea,
+  )
+
+  acc = pea.EventAccumulator(workdir)
+  acc.Reload()
+  assert 'routing_maps' in acc.Tags()['tensors']
   out = str(tmp_path / 'analysis')
   summary = analyze.analyze(config, workdir, out, num_images=3)
   for name in ('routing_maps.png', 'expert_by_class.png', 'load_dropped.png',

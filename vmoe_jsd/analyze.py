@@ -41,8 +41,8 @@ Array = jax.Array
 # Distinct colours (Okabe-Ito, colour-blind safe) for up to 8 experts; more
 # experts cycle through matplotlib's tab20.
 EXPERT_COLOURS = (
-  '#E69F00', '#56B4E9', '#009E73', '#F0E442',
-  '#0072B2', '#D55E00', '#CC79A7', '#999999',
+  '#0072B2', '#E69F00', '#009E73', '#CC79A7',
+  '#56B4E9', '#D55E00', '#F0E442', '#999999',
 )  # fmt: skip
 
 
@@ -197,9 +197,13 @@ def plot_routing_maps(
   size = views.shape[2]
   grid = size // patch_size
   cols = 1 + 2 * len(blocks)
-  fig, axes = plt.subplots(
-    n, cols, figsize=(2.1 * cols, 2.25 * n + 1.3), squeeze=False
-  )
+  height = 2.5 * n + 1.2
+  fig, axes = plt.subplots(n, cols, figsize=(2.1 * cols, height),
+                           squeeze=False)  # fmt: skip
+  fig.subplots_adjust(
+    left=0.01, right=0.99, top=1 - 0.75 / height, bottom=0.55 / height,
+    hspace=0.45, wspace=0.06,
+  )  # fmt: skip
   for i in range(n):
     ax = axes[i, 0]
     ax.imshow(_grey(images[i]), cmap='gray', vmin=0, vmax=1)
@@ -208,14 +212,15 @@ def plot_routing_maps(
       name = (
         class_names[int(labels[i])] if class_names else f'class {labels[i]}'
       )
-    ax.set_title(f'test image {i}\n{name}', fontsize=9)
+    ax.set_title(f'test image {i}: {name}\n(original)', fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
     for j, block in enumerate(blocks):
       t = top1[block][i]  # (2, P)
       for v in range(2):
         ax = axes[i, 1 + 2 * j + v]
-        ax.imshow(_grey(views[i, v]), cmap='gray', vmin=0, vmax=1)
+        # Black lifted to mid grey so that the expert colours stay visible.
+        ax.imshow(_grey(views[i, v]), cmap='gray', vmin=-0.8, vmax=1)
         partner_map = maps[i, v]
         other = t[1 - v]
         agree = pairs = 0
@@ -226,7 +231,7 @@ def plot_routing_maps(
             Rectangle(
               (c * patch_size - 0.5, r * patch_size - 0.5),
               patch_size, patch_size,
-              facecolor=expert_colour(e), alpha=0.45, edgecolor='white',
+              facecolor=expert_colour(e), alpha=0.55, edgecolor='white',
               linewidth=0.5,
             )
           )  # fmt: skip
@@ -274,13 +279,13 @@ def plot_routing_maps(
           label='no matched patch in the other view')
   )  # fmt: skip
   fig.legend(
-    handles=handles, loc='lower center', ncol=min(len(handles), 4),
-    fontsize=8, frameon=False,
+    handles=handles, loc='lower center', ncol=min(len(handles), 6),
+    fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0),
   )  # fmt: skip
   fig.suptitle(
-    title or 'Top-1 expert of each patch in two augmented views', fontsize=11
-  )
-  fig.tight_layout(rect=(0, 0.9 / (2.25 * n + 1.3) + 0.03, 1, 0.97))
+    title or 'Top-1 expert of each patch in two augmented views',
+    fontsize=11, y=1 - 0.15 / height,
+  )  # fmt: skip
   return fig
 
 
@@ -298,8 +303,9 @@ def plot_expert_by_class(counts: dict, class_names: list[str]):
   plt = _pyplot()
   blocks = sorted(counts)
   fig, axes = plt.subplots(
-    1, len(blocks), figsize=(1.2 + 3.2 * len(blocks), 4.2), squeeze=False
-  )
+    1, len(blocks), figsize=(2.0 + 3.2 * len(blocks), 4.4), squeeze=False,
+    layout='constrained',
+  )  # fmt: skip
   for j, block in enumerate(blocks):
     c = np.asarray(counts[block], np.float64)
     share = c / np.maximum(c.sum(1, keepdims=True), 1)
@@ -362,7 +368,7 @@ def plot_flip_rates(stab: dict):
   rates = stab['flip_rate']
   layers = list(rates)
   names = list(next(iter(rates.values())))
-  fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(names) * len(layers), 3.6))
+  fig, ax = plt.subplots(figsize=(2.0 + 1.2 * len(names), 3.8))
   width = 0.8 / len(layers)
   for j, layer in enumerate(layers):
     x = np.arange(len(names)) + (j - (len(layers) - 1) / 2) * width
@@ -378,9 +384,10 @@ def plot_flip_rates(stab: dict):
   ax.set_xticks(range(len(names)))
   ax.set_xticklabels(labels)
   ax.set_ylabel('fraction of patches whose\ntop-1 expert flips')
+  ax.set_xlabel('perturbation of the clean test view')
   ax.set_title(
-    f'Routing stability on {stab["num_examples"]} test images '
-    '(noise sd in pixel units of [0, 1])',
+    f'Top-1 flips on {stab["num_examples"]} test images\n(noise sd on '
+    'pixels in [0, 1]; shifts down and right, averaged)',
     fontsize=10,
   )
   ax.legend(fontsize=8)
@@ -455,7 +462,7 @@ def analyze(config, workdir: str, out: str, num_images: int = 4) -> dict:
   """
   from vmoe_jsd import (  # noqa: PLC0415
     data,
-    eval_main,
+    evaluate,
     initialization,
     sharding,
     stability,
@@ -470,8 +477,6 @@ def analyze(config, workdir: str, out: str, num_images: int = 4) -> dict:
       'analyze needs a model with MoE layers (model.encoder.moe)'
     )
   settings = config_lib.view_settings(config)
-  # Accuracy and the routing figures of the evaluation (full test split).
-  result = eval_main.evaluate_checkpoint(config, workdir)
   eval_model = build_model(
     config_lib.eval_model_config(config), deterministic=True
   )
@@ -496,7 +501,17 @@ def analyze(config, workdir: str, out: str, num_images: int = 4) -> dict:
     models.resolve_model_config(config.model)['encoder']['moe']['num_experts']
   )
   with jax.set_mesh(mesh):
-    params = jax.device_put(params)
+    params = jax.device_put(
+      params,
+      sharding.tree_shardings(
+        params, mesh,
+        config.get('params_axis_resources') or sharding.DEFAULT_RULES,
+      ),
+    )  # fmt: skip
+    # Accuracy and the routing figures of the evaluation (full test split).
+    eval_step = jax.jit(evaluate.make_eval_step(config, eval_model, settings))
+    result = evaluate.run_evaluation(eval_step, params, test_ds, config,
+                                     put_batch)  # fmt: skip
     # Stability.
     stab_step = jax.jit(
       stability.make_stability_step(config, eval_model, settings)
