@@ -201,7 +201,7 @@ def plot_routing_maps(
   fig, axes = plt.subplots(n, cols, figsize=(2.1 * cols, height),
                            squeeze=False)  # fmt: skip
   fig.subplots_adjust(
-    left=0.01, right=0.99, top=1 - 0.75 / height, bottom=0.55 / height,
+    left=0.01, right=0.99, top=1 - 0.85 / height, bottom=0.55 / height,
     hspace=0.45, wspace=0.06,
   )  # fmt: skip
   for i in range(n):
@@ -283,8 +283,10 @@ def plot_routing_maps(
     fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0),
   )  # fmt: skip
   fig.suptitle(
-    title or 'Top-1 expert of each patch in two augmented views',
-    fontsize=11, y=1 - 0.15 / height,
+    (title or 'Top-1 expert of each patch in two augmented views') + '\n'
+    "views: random crops / flips of the image; a patch's match is the patch "
+    'of the other view that shows its centre point',
+    fontsize=10, y=1 - 0.08 / height,
   )  # fmt: skip
   return fig
 
