@@ -352,7 +352,13 @@ def write_report(
       )
     met = [n for n, c in checks.items() if c['met']]
     lines.append('')
-    if met:
+    tentative = len(seeds) < 2 or label.startswith('pilot')
+    if met and tentative:
+      lines.append(
+        f'All four conditions hold in this {label} for: {", ".join(met)}. '
+        "This is not the study's verdict (see below)."
+      )
+    elif met:
       lines.append(f'Met the target: {", ".join(met)}.')
     elif checks:
       # Closest: most conditions met, then the largest smallest Δkappa.
@@ -379,10 +385,44 @@ def write_report(
     lines += ['', '## Routing maps (first seed of each setting)', '']
     for name, rel in figures.items():
       lines += [f'### {name}', '', f'![routing maps, {name}]({rel})', '']
+  lines += ['', '## What this shows and what it does not', '']
+  if base:
+    for name in names:
+      if name == 'none':
+        continue
+      a = aggs[name]['layers']
+      b = base['layers']
+      flatter = [
+        short(x)
+        for x in layers
+        if a[x]['entropy_fraction'][0] > b[x]['entropy_fraction'][0]
+      ]
+      skewed = [short(x) for x in layers if a[x]['max_load_share'][0] > 2.0]
+      unused = [short(x) for x in layers if min(a[x]['load']) < 0.02]
+      notes = []
+      if flatter:
+        notes.append(
+          f"router entropy above the baseline's on {', '.join(flatter)} "
+          '(kappa gained partly by flattening)'
+        )
+      if skewed:
+        notes.append(
+          f'an expert above twice its fair share on {", ".join(skewed)}'
+          + (
+            f', experts with < 2% of tokens on {", ".join(unused)}'
+            if unused
+            else ''
+          )
+          + ' (agreement gained partly by collapsing onto fewer experts; '
+          'kappa discounts it only through the chance level)'
+        )
+      if not notes:
+        notes.append(
+          'sharper than the baseline on every layer, load within twice the '
+          'fair share'
+        )
+      lines.append(f'- {name}: ' + '; '.join(notes) + '.')  # fmt: skip
   lines += [
-    '',
-    '## What this shows and what it does not',
-    '',
     '- Each number above is a mean over the listed seeds of one machine; '
     'settings differ only in the consistency loss and its weight.',
     '- kappa is read with its chance level, entropy and load beside it: a '
@@ -477,7 +517,9 @@ def main():
   os.makedirs(os.path.dirname(args.report), exist_ok=True)
   write_report(args.report, args.label, steps, seeds,
                [n for n, _, _ in parsed], runs, figures,
-               [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]],
+               [os.path.relpath(sys.argv[0], ROOT)]
+               + [a for a in sys.argv[1:]
+                  if a not in ('--report_only', '--no_analyze')],
                jobs=args.jobs)  # fmt: skip
   print(f'Wrote {args.report}')
 
