@@ -423,3 +423,28 @@ def test_consistency_options_reject_bad_values_naming_them():
     losses.ConsistencyOptions(entropy_cap=1.5)
   with pytest.raises(ValueError, match=r'margin=-1'):
     losses.ConsistencyOptions(margin=-1)
+
+
+def test_train_consistency_loss_takes_class_token_and_patches_by_view():
+  """train.consistency_loss slices the sown (G, S, E) router logits of 2B
+  adjacent views into view-1 / view-2 patches and class tokens."""
+  from vmoe_jsd import train  # noqa: PLC0415
+  from vmoe_jsd.models import routing  # noqa: PLC0415
+
+  rng = np.random.default_rng(6)
+  b, p, e = 2, 4, 3
+  tokens = rng.normal(size=(b, 2, 1 + p, e)).astype(np.float32)
+  maps = rng.integers(-1, p, size=(b, 2, p)).astype(np.int32)
+  # Routing groups of 2 views: (G=b, S=2*(1+p), E).
+  sown = jnp.asarray(tokens.reshape(b, 2 * (1 + p), e))
+  inter = {'Encoder': {'encoderblock_1': {'Moe': {'Router': {
+    routing.ROUTER_LOGITS: (sown,)}}}}}  # fmt: skip
+  opts = losses.ConsistencyOptions(loss='sym_kl', include_cls=True)
+  got, metrics = train.consistency_loss(
+    inter, jnp.asarray(maps), layers=(1,), prefix=1, options=opts
+  )
+  pairs = pairs64(tokens[:, 0, 1:], tokens[:, 1, 1:], maps[:, 0], maps[:, 1],
+                  tokens[:, 0, 0], tokens[:, 1, 0])  # fmt: skip
+  ref = np.mean([pair_reference('sym_kl', x, y) for x, y in pairs])
+  assert float(got) == pytest.approx(ref, rel=1e-5)
+  assert int(metrics['matched_pairs']) == len(pairs)
