@@ -247,9 +247,12 @@ def make_stability_step(config, eval_model, settings):
       }
 
     key = jax.random.fold_in(noise_key, batch_index)
-    return stability_sums(
+    sums = stability_sums(
       route_fn, key, images, mask, settings, opts['noise_std'], opts['shifts']
     )
+    # Counted on device: the global number of images (all processes).
+    sums['num_examples'] = jnp.sum(mask)
+    return sums
 
   return step
 
@@ -265,7 +268,6 @@ def run_stability(step_fn, params, dataset, config, put_batch) -> dict:
   if not opts['enabled'] or not config_lib.moe_layers(config.model):
     return {}
   totals: dict[str, float] = {}
-  count = 0
   for i, batch in enumerate(
     dataset.eval_batches(
       config.dataset.test.batch_size,
@@ -278,7 +280,7 @@ def run_stability(step_fn, params, dataset, config, put_batch) -> dict:
     sums = jax.device_get(step_fn(params, images, mask, np.int32(i)))
     for k, v in sums.items():
       totals[k] = totals.get(k, 0.0) + float(v)
-    count += int(np.sum(batch['mask']))
+  count = int(totals.get('num_examples', 0))
   rates: dict[str, dict[str, float]] = {}
   for k, flips in totals.items():
     if not k.endswith('/flips'):
