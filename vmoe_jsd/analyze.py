@@ -68,6 +68,8 @@ def describe_augmentation(settings: augment.ViewSettings) -> str:
     parts.append(f'rotation up to {s.rotate_degrees:g} degrees')
   if s.translate:
     parts.append(f'translation up to {s.translate:g} of the side')
+  if s.randaugment:
+    parts.append(f'RandAugment{tuple(s.randaugment)}')
   if s.photometric and s.brightness:
     parts.append(f'brightness +-{s.brightness:g}')
   if s.photometric and s.contrast:
