@@ -57,6 +57,7 @@ class PreemptionGuard:
     self._requested = threading.Event()
     self._previous: dict[int, Any] = {}
     self._multi = jax.process_count() > 1
+    self._warned = False
 
   def steps(
     self,
@@ -133,10 +134,17 @@ class PreemptionGuard:
     if self._multi:
       from jax.experimental import multihost_utils  # noqa: PLC0415
 
-      if multihost_utils.reached_preemption_sync_point(step):
+      try:
+        reached = multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError as e:  # jax_enable_preemption_service=False.
+        if not self._warned:
+          self._warned = True
+          print(f'WARNING: no preemption sync ({e}); SIGTERM will not '
+                'save a checkpoint.', file=sys.stderr, flush=True)  # fmt: skip
+        return False
+      if reached:
         self.signal_name = self.signal_name or 'SIGTERM'
-        return True
-      return False
+      return reached
     return self._requested.is_set()
 
 
