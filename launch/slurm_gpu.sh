@@ -6,6 +6,8 @@
 #   NODES=4 GPUS_PER_NODE=8 CONFIG=configs/default.py WORKDIR=/shared/runs/exp1 \
 #   launch/slurm_gpu.sh [--config.seed=1 ...]
 #
+# WORKDIR must be visible to every node: a shared file system or gs://...
+#
 # Run ./setup.sh once first and `.venv/bin/pip install 'jax[cuda12]'`
 # (same version as requirements.txt). DRY_RUN=1 prints the sbatch script.
 set -euo pipefail
@@ -14,6 +16,8 @@ NODES="${NODES:-1}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 CONFIG="${CONFIG:-configs/default.py}"
 TIME="${TIME:-24:00:00}"
+# SLURM's own log must be a local/shared path, not gs://.
+if [[ "$WORKDIR" == *://* ]]; then LOGDIR="${LOGDIR:-logs}"; else LOGDIR="${LOGDIR:-$WORKDIR}"; fi
 cd "$(dirname "$0")/.."
 
 script="#!/usr/bin/env bash
@@ -22,15 +26,20 @@ script="#!/usr/bin/env bash
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=${GPUS_PER_NODE}
 #SBATCH --time=${TIME}
-#SBATCH --output=${WORKDIR}/slurm-%j.out
+#SBATCH --output=${LOGDIR}/slurm-%j.out
 #SBATCH --requeue
+#SBATCH --signal=TERM@120
 # --requeue: a preempted job restarts and resumes from its last checkpoint.
+# On SIGTERM (preemption, scancel; --signal also sends it 120 s before the
+# time limit) training finishes its step, saves it and exits 0.
+# Pass --config.nan_policy=skip for requeued jobs: under 'stop' a NaN would
+# recur at the same step after every requeue.
 cd $(pwd)
 srun .venv/bin/python -m vmoe_jsd.main --distributed --config=${CONFIG} --workdir=${WORKDIR} $*"
 
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
   echo "$script"
 else
-  mkdir -p "$WORKDIR"
+  mkdir -p "$LOGDIR"
   echo "$script" | sbatch
 fi

@@ -5,6 +5,10 @@
 #   TPU_NAME=my-v4-32 ZONE=us-central2-b CONFIG=configs/default.py \
 #   WORKDIR=gs://my-bucket/runs/exp1 launch/tpu_vm.sh [--config.seed=1 ...]
 #
+# WORKDIR must be shared by all workers: use gs://bucket/path (a local path
+# would give each worker its own disk). Maintenance events send SIGTERM:
+# training saves the step all workers agree on and exits; run the same
+# command again to resume.
 # DRY_RUN=1 prints the commands instead of running them.
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${WORKDIR:?set WORKDIR}"

@@ -15,9 +15,17 @@ def base_config() -> ml_collections.ConfigDict:
   # Size of the 'expert' mesh axis: experts are split over this many devices.
   config.num_expert_partitions = 1
   config.params_axis_resources = [('Moe/Mlp/.*', ('expert',))]
+  # asynchronous: files are written by a background thread while training
+  # goes on (the step loop only waits for the device-to-host copy).
   config.save_checkpoint = ml_collections.ConfigDict(
-    {'every_steps': 500, 'keep_last': 2}
+    {'every_steps': 500, 'keep_last': 2, 'asynchronous': True}
   )
+  # Non-finite loss: 'stop' (raise, naming the step and the terms) or 'skip'
+  # (the update is not applied; counted, logged; training goes on). Jobs
+  # that are requeued automatically should use 'skip': data and random
+  # streams are functions of the step, so a NaN under 'stop' comes back at
+  # the same step after every restart.
+  config.nan_policy = 'stop'
   config.report_progress = ml_collections.ConfigDict({'every_steps': 50})
   config.evaluate = ml_collections.ConfigDict(
     {

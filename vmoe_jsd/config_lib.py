@@ -382,6 +382,30 @@ def validate(config, num_devices: int) -> None:
   if schedule not in SCHEDULES:
     _fail('optimizer.learning_rate.schedule', schedule, f'one of {SCHEDULES}')
 
+  # Failure policy and checkpoints.
+  nan_policy = config.get('nan_policy', 'stop')
+  if nan_policy not in ('stop', 'skip'):
+    _fail('nan_policy', nan_policy, "one of ['skip', 'stop']")
+  save = to_dict(config.get('save_checkpoint')) or {}
+  if (
+    not isinstance(save.get('every_steps', 0), int)
+    or save.get('every_steps', 0) < 0
+  ):
+    _fail(
+      'save_checkpoint.every_steps',
+      save.get('every_steps'),
+      'an integer >= 0 (0: only at the end)',
+    )
+  if (
+    not isinstance(save.get('keep_last', 2), int)
+    or save.get('keep_last', 2) < 1
+  ):
+    _fail('save_checkpoint.keep_last', save.get('keep_last'), 'an integer >= 1')
+  if not isinstance(save.get('asynchronous', True), bool):
+    _fail(
+      'save_checkpoint.asynchronous', save.get('asynchronous'), 'True or False'
+    )
+
   # Initialization.
   init = to_dict(config.get('initialization'))
   if init.get('source') is not None:
@@ -397,14 +421,19 @@ def validate(config, num_devices: int) -> None:
         f'one of {list(initialization.SOURCES)} or None',
       )
     path = init.get('path') or ''
-    exists = os.path.exists(path) or (
-      init['source'] == 'vmoe' and os.path.exists(path + '.index')
+    if not path:
+      _fail('initialization.path', path, 'a local or gs:// path')
+    from vmoe_jsd import paths  # noqa: PLC0415
+
+    exists = paths.exists(path) or (
+      init['source'] == 'vmoe' and paths.exists(path + '.index')
     )
     if not exists:
       raise FileNotFoundError(
-        f'config.initialization.path={path!r} does not exist (local paths '
-        'only: copy gs:// checkpoints to local disk first)'
-      )
+        f'config.initialization.path={path!r} does not exist'
+        + (" (nor as a vmoe prefix: no '.index')" if init['source'] == 'vmoe'
+           else '')
+      )  # fmt: skip
 
   # Data: names and files, before anything is built.
   for split in config.dataset:

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import errno
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
-from vmoe_jsd import initialization, vmoe_format
+from vmoe_jsd import initialization, paths, vmoe_format
 
 FORMATS = ('orbax', 'vmoe')
 
@@ -47,9 +45,9 @@ def detect_format(path: str) -> str:
     ValueError: if it is neither format.
   """
   prefix = path[: -len('.index')] if path.endswith('.index') else path
-  if os.path.isfile(prefix + '.index'):
+  if paths.isfile(prefix + '.index'):
     return 'vmoe'
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(
       errno.ENOENT,
       'Input not found (neither a vmoe prefix with a .index file nor an '
@@ -75,15 +73,17 @@ def write_orbax_params(directory: str, params: Mapping[str, Any]) -> None:
   """
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     checkpointer.save(
-      epath.Path(os.path.abspath(directory)),
+      paths.resolve(directory),
       ocp.args.Composite(state=ocp.args.StandardSave({'params': dict(params)})),
     )
 
 
 def _files_under(directory: str) -> list[str]:
+  # Listed under `directory` as given (relative stays relative).
+  root = paths.resolve(directory)
   return sorted(
-    os.path.join(root, name)
-    for root, _, names in os.walk(directory)
+    directory.rstrip('/') + '/' + str(folder / name)[len(str(root)) + 1 :]
+    for folder, _, names in root.walk()
     for name in names
   )
 
@@ -114,7 +114,7 @@ def convert(
     prefix = output_path
     if prefix.endswith('.index'):
       prefix = prefix[: -len('.index')]
-    if os.path.exists(prefix + '.index'):
+    if paths.exists(prefix + '.index'):
       raise ValueError(f'Output {prefix + ".index"!r} exists; not overwriting.')
     params, info = initialization.read_orbax_params(input_path)
     files = vmoe_format.write_vmoe_checkpoint(
@@ -127,7 +127,7 @@ def convert(
         '--num_shards applies to vmoe outputs; this input is a vmoe '
         'checkpoint, so the output is orbax.'
       )
-    if os.path.exists(output_path):
+    if paths.exists(output_path):
       raise ValueError(f'Output {output_path!r} exists; not overwriting.')
     params = vmoe_format.read_vmoe_checkpoint(input_path)
     write_orbax_params(output_path, params)

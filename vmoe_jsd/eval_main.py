@@ -3,6 +3,7 @@ r"""Evaluates a checkpoint (ours or vmoe's) on a dataset split, no training.
   python -m vmoe_jsd.eval_main --config=configs/default.py \
       --checkpoint=runs/default [--split=test] [--output=eval.json]
 
+Paths may be local or gs://... (see paths.py).
 --checkpoint is one of our workdirs (its latest checkpoint), a checkpoints/
 folder or a step folder, or a vmoe-format checkpoint prefix (the path
 without `.index`). The config gives the model (its evaluation overrides
@@ -14,11 +15,12 @@ dropped) and writes them as JSON.
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from vmoe_jsd import paths
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Config file describing the model and data.',
@@ -37,9 +39,9 @@ flags.mark_flags_as_required(['config', 'checkpoint'])
 
 def checkpoint_source(path: str) -> str:
   """'vmoe' for a vmoe prefix (PREFIX.index exists), else 'orbax'."""
-  if path.endswith('.index') or os.path.exists(path + '.index'):
+  if path.endswith('.index') or paths.exists(path + '.index'):
     return 'vmoe'
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(
       f'--checkpoint={path!r} exists neither as a folder nor as a vmoe '
       'prefix (PREFIX.index)'
@@ -114,7 +116,7 @@ def main(argv):
     output = (
       f'{ckpt}.eval_{split}.json'
       if checkpoint_source(_CHECKPOINT.value) == 'vmoe'
-      else os.path.join(ckpt, f'eval_{split}.json')
+      else str(paths.join(ckpt, f'eval_{split}.json'))
     )
   print(
     f'{result["checkpoint"]} on {result["split"]}: accuracy '
@@ -122,8 +124,7 @@ def main(argv):
   )
   if result['routing']:
     print(evaluate.format_routing_table(result['routing']))
-  with open(output, 'w') as f:
-    json.dump(result, f, indent=1)
+  paths.write_json(output, result)
   print(f'Wrote {output}')
 
 

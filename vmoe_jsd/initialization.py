@@ -37,16 +37,14 @@ from __future__ import annotations
 import collections.abc
 import errno
 import math
-import os
 import re
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
-from vmoe_jsd import vmoe_format
+from vmoe_jsd import paths, vmoe_format
 
 SOURCES = ('orbax', 'vit_npz', 'vmoe')
 CONFIG_KEYS = ('keep_head', 'path', 'source', 'strict', 'upcycle')
@@ -671,34 +669,33 @@ def find_orbax_state_dir(path: str) -> tuple[str, int | None]:
     FileNotFoundError: if `path` does not exist.
     ValueError: if no checkpoint is found there.
   """
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(
       errno.ENOENT, 'orbax checkpoint path does not exist', path
     )
-  path = os.path.abspath(path)
+  root = paths.resolve(path)
 
-  def is_item(folder: str) -> bool:
-    return os.path.isfile(os.path.join(folder, '_METADATA'))
+  def is_item(folder) -> bool:
+    return (folder / '_METADATA').is_file()
 
-  def step_of(folder: str) -> int | None:
-    name = os.path.basename(folder)
-    return int(name) if name.isdigit() else None
+  def step_of(folder) -> int | None:
+    return int(folder.name) if folder.name.isdigit() else None
 
-  if is_item(path):
-    return path, step_of(os.path.dirname(path))
-  if is_item(os.path.join(path, 'state')):
-    return os.path.join(path, 'state'), step_of(path)
-  for folder in (path, os.path.join(path, 'checkpoints')):
-    if not os.path.isdir(folder):
+  if is_item(root):
+    return str(root), step_of(root.parent)
+  if is_item(root / 'state'):
+    return str(root / 'state'), step_of(root)
+  for folder in (root, root / 'checkpoints'):
+    if not folder.is_dir():
       continue
     steps = [
-      int(name)
-      for name in os.listdir(folder)
-      if name.isdigit() and is_item(os.path.join(folder, name, 'state'))
+      int(entry.name)
+      for entry in folder.iterdir()
+      if entry.name.isdigit() and is_item(entry / 'state')
     ]
     if steps:
       step = max(steps)
-      return os.path.join(folder, str(step), 'state'), step
+      return str(folder / str(step) / 'state'), step
   raise ValueError(
     f'No orbax checkpoint found at {path!r}: expected a workdir with '
     'checkpoints/<step>/state/, a checkpoints/ folder, a step folder with '
@@ -726,7 +723,7 @@ def read_orbax_params(path: str) -> tuple[dict, dict[str, Any]]:
   directory, step = find_orbax_state_dir(path)
   handler = ocp.PyTreeCheckpointHandler()
   try:
-    structure = handler.metadata(epath.Path(directory)).tree
+    structure = handler.metadata(paths.resolve(directory)).tree
     if isinstance(structure.get('params'), collections.abc.Mapping):
       key = 'params'
     elif 'Encoder' in structure:
@@ -746,7 +743,7 @@ def read_orbax_params(path: str) -> tuple[dict, dict[str, Any]]:
     if key:
       item, restore_args = {key: item}, {key: restore_args}
     restored = handler.restore(
-      epath.Path(directory),
+      paths.resolve(directory),
       args=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True
       ),
@@ -799,12 +796,12 @@ def load_initial_params(
   path = cfg.get('path')
   if not path:
     raise ValueError(f'initialization.path={path!r} must name a checkpoint.')
-  path = os.path.expanduser(str(path))
+  path = str(path)
   keep_head = bool(cfg.get('keep_head', False))
   strict = bool(cfg.get('strict', True))
 
   if source == 'vit_npz':
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
       raise FileNotFoundError(
         errno.ENOENT, 'ViT checkpoint (.npz) not found', path
       )
@@ -818,7 +815,7 @@ def load_initial_params(
     )
   elif source == 'vmoe':
     prefix = path[: -len('.index')] if path.endswith('.index') else path
-    if not os.path.isfile(prefix + '.index'):
+    if not paths.isfile(prefix + '.index'):
       raise FileNotFoundError(
         errno.ENOENT, 'vmoe checkpoint index not found', prefix + '.index'
       )

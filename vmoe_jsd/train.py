@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Mapping
@@ -32,7 +31,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from clu import metric_writers
 from jax.sharding import NamedSharding, PartitionSpec
@@ -47,6 +45,8 @@ from vmoe_jsd import (
   initialization,
   losses,
   models,
+  paths,
+  resilience,
   sharding,
   stability,
 )
@@ -216,6 +216,7 @@ def make_train_step(config, model, tx, schedule, settings):
   prefix = config_lib.num_prefix_tokens(config.model)
   train_key = jax.random.fold_in(jax.random.key(config.seed), 1)
   mixup_concentration = config_lib.mixup_concentration(config)
+  nan_policy = config.get('nan_policy', 'stop')
 
   def train_step(state: TrainState, images: Array, labels: Array,
                  orig_sizes: Array | None = None):  # fmt: skip
@@ -281,6 +282,9 @@ def make_train_step(config, model, tx, schedule, settings):
     metrics['grad_norm'] = optax.tree.norm(grads)
     metrics['learning_rate'] = schedule(state.step)
     new_state = TrainState(state.step + 1, params, opt_state)
+    new_state = resilience.apply_nan_policy(
+      nan_policy, state, new_state, metrics
+    )
     return new_state, metrics
 
   return train_step
@@ -292,16 +296,21 @@ def make_train_step(config, model, tx, schedule, settings):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Trains (resuming from workdir if it holds checkpoints) and evaluates.
 
+  `workdir` may be local or remote (gs://...); see paths.py. SIGTERM (or a
+  first Ctrl-C) stops the run after the current step with a checkpoint of
+  it (see resilience.py).
+
   Returns:
-    The final evaluation result (also written to workdir/results.json).
+    The final evaluation result (also written to workdir/results.json), or
+    {'preempted_at_step': step, 'signal': name} when stopped by a signal.
   """
   # --- Config and mesh. -------------------------------------------------
   config_lib.validate(config, jax.device_count())
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.makedirs(workdir)
   mesh = sharding.make_mesh(config.get('num_expert_partitions', 1))
   is_main = jax.process_index() == 0
   writer = metric_writers.create_default_writer(
-    workdir, just_logging=not is_main, asynchronous=False
+    str(workdir), just_logging=not is_main, asynchronous=False
   )
   log = print if is_main else (lambda *a, **k: None)
 
@@ -343,13 +352,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     workdir,
     every_steps=config.save_checkpoint.every_steps,
     keep_last=config.save_checkpoint.get('keep_last', 2),
+    asynchronous=config.save_checkpoint.get('asynchronous', True),
+    log=lambda msg: log(msg, flush=True),
   )
-  latest = ckpt.latest_step()
   with jax.set_mesh(mesh):
+    state, latest = ckpt.restore_latest(
+      checkpoints.abstract_like(abstract, state_shardings)
+    )
     if latest is not None:
-      state = ckpt.restore(
-        latest, checkpoints.abstract_like(abstract, state_shardings)
-      )
       log(f'Resumed from {ckpt.directory} at step {latest}.', flush=True)
     else:
       state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
@@ -434,12 +444,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   t_last = time.time()
   steps_since = 0
   history = []
-  for step in range(start_step + 1, num_steps + 1):
+  nan_policy = config.get('nan_policy', 'stop')
+  skipped = 0  # Under 'skip': a device scalar, summed without host syncs.
+  guard = resilience.PreemptionGuard()
+  for step in guard.steps(start_step, num_steps, on_exit=ckpt.wait):
     batch = next(batches)
     arrays = put_batch(batch['image'], batch['label'], data.orig_sizes(batch))
     with jax.set_mesh(mesh):
       state, metrics = train_step(state, *arrays)
     steps_since += 1
+    if nan_policy == 'skip':
+      skipped = skipped + metrics['skipped']
     if step % report_every == 0 or step == num_steps or step == start_step + 1:
       metrics = jax.device_get(metrics)
       now = time.time()
@@ -448,11 +463,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       if step != start_step + 1:
         train_time += dt
       t_last = now
-      _check_finite(metrics, step)
+      _check_finite(metrics, step, nan_policy)
       img_per_s = steps_since * batch_size / max(dt, 1e-9)
       steps_since = 0
       scalars = {k: float(v) for k, v in metrics.items()}
       scalars['images_per_second'] = img_per_s
+      if nan_policy == 'skip':
+        scalars['skipped_steps'] = float(jax.device_get(skipped))
       if step == start_step + 1:
         eta = float('nan')  # This step's time is mostly compilation.
         scalars.pop('images_per_second')
@@ -466,10 +483,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       t_last = time.time()
       steps_since = 0
     if ckpt.every_steps and step % ckpt.every_steps == 0 and step != num_steps:
-      _check_finite(jax.device_get(metrics), step)
+      _check_finite(jax.device_get(metrics), step, nan_policy)
       ckpt.maybe_save(step, state)
       t_last = time.time()
       steps_since = 0
+
+  if guard.stopped_at is not None:
+    return _stop_preempted(
+      guard, ckpt, state, writer, workdir, history if is_main else None, log
+    )
 
   # --- Final evaluation and checkpoint. ---------------------------------
   ckpt.maybe_save(num_steps, state, force=True)
@@ -484,29 +506,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   }
   result['consistency_weight'] = float(config.consistency.weight)
   if is_main:
-    with open(os.path.join(workdir, 'results.json'), 'w') as f:
-      json.dump(result, f, indent=1)
-    with open(os.path.join(workdir, 'train_history.json'), 'a') as f:
-      for h in history:
-        f.write(json.dumps(h) + '\n')
+    paths.write_json(workdir / 'results.json', result)
+    _append_history(workdir, history)
   writer.flush()
   writer.close()
   return result
 
 
-def _check_finite(metrics, step):
-  bad = [
-    k
-    for k, v in metrics.items()
-    if np.issubdtype(np.asarray(v).dtype, np.floating)
-    and not np.all(np.isfinite(v))
-  ]
-  if bad:
-    raise FloatingPointError(
-      f'Non-finite training metrics at step {step}: {sorted(bad)} = '
-      f'{[float(np.asarray(metrics[k])) for k in sorted(bad)]}. No checkpoint '
-      'was written for this step; lower the learning rate or check the data.'
-    )
+def _check_finite(metrics, step, nan_policy='stop'):
+  # Under 'skip' a non-finite step was not applied (see resilience.py).
+  if nan_policy == 'stop':
+    resilience.check_finite(metrics, step)
+
+
+def _append_history(workdir, history):
+  text = ''.join(json.dumps(h) + '\n' for h in history)
+  paths.append_text(workdir / 'train_history.json', text)
+
+
+def _stop_preempted(guard, ckpt, state, writer, workdir, history, log):
+  """Saves the step just finished, waits for it, and reports the stop."""
+  step = guard.stopped_at
+  ckpt.maybe_save(step, state, force=True)
+  ckpt.close()
+  if history is not None:
+    _append_history(workdir, history)
+  writer.flush()
+  writer.close()
+  log(
+    f'Stopped by {guard.signal_name} after step {step}: checkpoint saved in '
+    f'{ckpt.directory}. Run the same command to resume.',
+    flush=True,
+  )
+  return {'preempted_at_step': step, 'signal': guard.signal_name}
 
 
 def _progress_line(step, num_steps, s, img_per_s, eta) -> str:
@@ -518,6 +550,8 @@ def _progress_line(step, num_steps, s, img_per_s, eta) -> str:
   ]
   if 'consistency' in s:
     parts.append(f'jsd {s["consistency"]:.4f}')
+  if s.get('skipped_steps'):
+    parts.append(f'skipped {int(s["skipped_steps"])}')
   parts += [
     f'acc {s["train_accuracy"]:.3f}',
     f'lr {s["learning_rate"]:.2e}',

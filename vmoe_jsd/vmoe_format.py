@@ -36,6 +36,8 @@ import ml_dtypes
 import msgpack
 import numpy as np
 
+from vmoe_jsd import paths
+
 VERSION = '20220622'
 
 # Marker key that identifies the map of array chunks in a data shard.
@@ -173,8 +175,9 @@ def read_npz_tree(path: str) -> dict:
   Returns:
     Nested dict of numpy arrays, keys sorted at every level.
   """
-  with np.load(path, allow_pickle=False) as npz:
-    flat = {name: npz[name] for name in sorted(npz.files)}
+  with paths.resolve(path).open('rb') as f:
+    with np.load(f, allow_pickle=False) as npz:
+      flat = {name: npz[name] for name in sorted(npz.files)}
   return unflatten_tree(flat, sep='/')
 
 
@@ -345,8 +348,7 @@ _DECODE_ERRORS = (
 
 
 def _unpack_file(path: str, what: str) -> Any:
-  with open(path, 'rb') as f:
-    data = f.read()
+  data = paths.read_bytes(path)
   try:
     return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False)
   except _DECODE_ERRORS as e:
@@ -443,7 +445,7 @@ def read_vmoe_index(prefix: str) -> dict[str, Any]:
       the slices of an array do not tile it.
   """
   index_path = _strip_index_suffix(prefix) + '.index'
-  if not os.path.exists(index_path):
+  if not paths.exists(index_path):
     raise FileNotFoundError(
       errno.ENOENT, 'vmoe checkpoint index not found', index_path
     )
@@ -516,7 +518,7 @@ def read_vmoe_checkpoint(prefix: str) -> dict:
 
   for shard in sorted(set(pending.values())):
     path = shard_path(prefix, shard, shard_count)
-    if not os.path.exists(path):
+    if not paths.exists(path):
       first = min(i for (i, _), s in pending.items() if s == shard)
       raise FileNotFoundError(
         errno.ENOENT,
@@ -618,18 +620,28 @@ def _fill_from_shard(
 
 
 def _write_atomically(path: str, write_fn) -> None:
-  """Writes through a hidden temp file, then renames it onto `path`."""
+  """Writes `path` whole or not at all.
+
+  Locally through a hidden temp file renamed onto `path`; on GCS (or any
+  remote store) directly, since an object only appears once its upload has
+  completed.
+  """
+  out = paths.resolve(path)
+  if paths.is_remote(out):
+    with out.open('wb') as f:
+      write_fn(f)
+    return
   # vmoe's own writer uses this temp name; its resume logic skips such files.
-  tmp = os.path.join(os.path.dirname(path), '.tmp.' + os.path.basename(path))
+  tmp = out.parent / ('.tmp.' + out.name)
   try:
-    with open(tmp, 'wb') as f:
+    with tmp.open('wb') as f:
       write_fn(f)
       f.flush()
       os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp.replace(out)
   except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    if tmp.exists():
+      tmp.unlink()
     raise
 
 
@@ -707,8 +719,7 @@ def write_vmoe_checkpoint(
     names.append(name)
     arrays.append(array)
 
-  if os.path.dirname(prefix):
-    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+  paths.makedirs(paths.resolve(prefix).parent)
   shard_paths = []
   for shard in range(num_shards):
     leaf_ids = [i for i, info in enumerate(infos) if info.shards[0] == shard]

@@ -1,0 +1,93 @@
+r"""Stall of the train loop per checkpoint save, synchronous vs asynchronous.
+
+  python benchmarks/checkpoint_stall.py --config=configs/default.py \
+      [--steps=60] [--every=10] [--workdir=/tmp/stall]
+
+Runs the real jitted train step of the config (one fixed batch) and saves
+the state with checkpoints.Checkpointer every `--every` steps, once with
+`asynchronous=False` and once with `asynchronous=True`. Each iteration is
+timed to the end of its step (block_until_ready), so the stall of a save is
+the median time of an iteration with a save minus that of one without.
+Also prints the time spent inside `maybe_save` itself and the state size.
+"""
+
+import statistics
+import tempfile
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'config file')
+_STEPS = flags.DEFINE_integer('steps', 60, 'timed steps per mode')
+_EVERY = flags.DEFINE_integer('every', 10, 'save every this many steps')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'where to save (default tmp)')
+
+
+def main(_):
+  import jax
+  import jax.numpy as jnp
+
+  from vmoe_jsd import checkpoints, config_lib, data, sharding, train
+  from vmoe_jsd.models import build_model
+
+  config = _CONFIG.value
+  config_lib.validate(config, jax.device_count())
+  mesh = sharding.make_mesh(config.num_expert_partitions)
+  ds = data.get_dataset(config.dataset.train)
+  settings = config_lib.view_settings(config)
+  model = build_model(config.model, deterministic=False)
+  tx, schedule = train.make_optimizer(config.optimizer, 1000)
+  b = config.dataset.train.batch_size
+  batch = next(ds.train_batches(b, seed=0))
+  images, labels = jnp.asarray(batch['image']), jnp.asarray(batch['label'])
+  key = jax.random.key(0)
+  with jax.set_mesh(mesh):
+    dummy = jnp.zeros((2 * b, settings.size, settings.size, images.shape[-1]))
+    params = model.init({'params': key, 'dropout': key, 'gating': key}, dummy)[
+      'params'
+    ]
+    state = train.TrainState(jnp.int32(0), params, tx.init(params))
+    step = jax.jit(
+      train.make_train_step(config, model, tx, schedule, settings),
+      donate_argnums=(0,),
+    )
+    state, _ = step(state, images, labels)  # Compile.
+    jax.block_until_ready(state)
+  size = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
+  print(f'state: {size / 2**20:.2f} MiB; saving every {_EVERY.value} steps')
+  root = _WORKDIR.value or tempfile.mkdtemp(prefix='stall_')
+  for asynchronous in (False, True):
+    ckpt = checkpoints.Checkpointer(
+      f'{root}/{"async" if asynchronous else "sync"}',
+      every_steps=_EVERY.value,
+      keep_last=2,
+      asynchronous=asynchronous,
+    )
+    plain, saving, inside = [], [], []
+    with jax.set_mesh(mesh):
+      for i in range(1, _STEPS.value + 1):
+        t0 = time.perf_counter()
+        state, _ = step(state, images, labels)
+        if ckpt.is_due(i):
+          t1 = time.perf_counter()
+          ckpt.maybe_save(i, state)
+          inside.append(time.perf_counter() - t1)
+        jax.block_until_ready(state)
+        (saving if ckpt.is_due(i) else plain).append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    ckpt.close()
+    final_wait = time.perf_counter() - t0
+    step_ms = statistics.median(plain) * 1e3
+    stall_ms = statistics.median(saving) * 1e3 - step_ms
+    print(
+      f'{"async" if asynchronous else "sync ":5}: step {step_ms:7.1f} ms; '
+      f'stall per save {stall_ms:7.1f} ms (median of {len(saving)}; max '
+      f'{max(saving) * 1e3 - step_ms:.1f}); inside maybe_save median '
+      f'{statistics.median(inside) * 1e3:.1f} ms; wait at close '
+      f'{final_wait * 1e3:.1f} ms'
+    )
+
+
+if __name__ == '__main__':
+  app.run(main)

