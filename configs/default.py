@@ -53,6 +53,7 @@ def get_config(arg=None):
 
   config.model = dict(
     name='VisionTransformerMoe',
+    dtype='float32',  # or 'bfloat16' (README: Precision and memory)
     num_classes=10,
     patch_size=(PATCH, PATCH),
     hidden_size=96,
@@ -60,6 +61,7 @@ def get_config(arg=None):
     representation_size=None,
     head_kernel_zero_init=True,
     encoder=dict(
+      remat='none',  # 'full', 'dots_saveable', ...
       num_layers=4,
       mlp_dim=192,
       num_heads=4,

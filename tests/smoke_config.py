@@ -29,8 +29,9 @@ def get_config(arg=None):
   )
   config.model = dict(
     num_classes=4, patch_size=(4, 4), hidden_size=16, classifier='token',
+    dtype='float32',
     encoder=dict(
-      num_layers=2, mlp_dim=32, num_heads=2,
+      num_layers=2, mlp_dim=32, num_heads=2, remat='none',
       moe=dict(layers=(1,), num_experts=4, group_size=2 * 17,
                router=dict(num_selected_experts=2, noise_std=1.0,
                            importance_loss_weight=0.005,

@@ -144,8 +144,12 @@ def load_loss(
     num_selected_experts: K.
 
   Returns:
-    Scalar load loss.
+    Scalar float32 load loss (inputs of any float dtype are cast first).
   """
+  # float32 whatever the model dtype: jax.scipy.stats.norm.cdf rejects
+  # bfloat16, and the tail probabilities need more than bfloat16's 8 bits.
+  logits = logits.astype(jnp.float32)
+  noisy_logits = noisy_logits.astype(jnp.float32)
   # The gradient flows through the threshold too (into the noisy logits, so
   # into the clean ones), as in vmoe.
   threshold = jax.lax.top_k(noisy_logits, num_selected_experts)[0][..., -1:]

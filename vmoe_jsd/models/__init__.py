@@ -10,6 +10,12 @@ num_experts, group_size, router={...}}}), plus two conveniences decoded by
   variant='S/32': backbone size and patch size (keys given explicitly win);
   encoder.moe.layers='every 2' | 'last 2' | (1, 3, ...): MoE placement.
 
+Precision and memory (vit_moe.py's docstring has the policy):
+  dtype='float32' | 'bfloat16': computation dtype of the encoder blocks
+    (parameters and optimizer state stay float32);
+  encoder.remat: one of vit_moe.REMAT_POLICIES ('none', 'full', 'dots_saveable',
+    'dots_with_no_batch_dims_saveable'): rematerialisation of each block.
+
 `from_vmoe_config(vmoe_model_config, deterministic=...)` takes a model config
 exactly as google-research/vmoe passes it to its `VisionTransformerMoe`.
 """
@@ -29,6 +35,7 @@ from vmoe_jsd.models.vit_moe import (
   EncoderMoe,
   MlpMoeBlock,
   VisionTransformerMoe,
+  check_remat,
 )
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, None: None}
@@ -144,14 +151,16 @@ def _check_keys(given: Mapping, valid: set[str], where: str) -> None:
 
 
 def check_model_config(cfg: Mapping[str, Any]) -> None:
-  """Raises ValueError naming any misspelt or unsupported model key."""
+  """Raises ValueError naming any misspelt or unsupported model key/value."""
   _check_keys(cfg, _fields(VisionTransformerMoe, ('name', 'dtype')), 'model')
+  check_dtype(cfg.get('dtype'))
   encoder = cfg.get('encoder') or {}
   _check_keys(
     encoder,
     _fields(EncoderMoe) - {'patch_grid', 'num_prefix_tokens'},
     'model.encoder',
   )
+  check_remat(encoder.get('remat', 'none'))
   moe = encoder.get('moe') or {}
   if not moe:
     return
@@ -178,6 +187,15 @@ def check_model_config(cfg: Mapping[str, Any]) -> None:
     )
 
 
+def check_dtype(dtype) -> None:
+  """Raises ValueError unless `dtype` is a key of DTYPES."""
+  if dtype not in DTYPES:
+    raise ValueError(
+      f'model.dtype={dtype!r} is unknown; choose one of '
+      f'{[k for k in DTYPES if k]} or None (float32)'
+    )
+
+
 def build_model(
   model_config: Mapping[str, Any], *, deterministic: bool
 ) -> VisionTransformerMoe:
@@ -190,11 +208,6 @@ def build_model(
       f"model.name={name!r} is unknown; choose one of ['VisionTransformerMoe']"
     )
   dtype = cfg.pop('dtype', None)
-  if dtype not in DTYPES:
-    raise ValueError(
-      f'model.dtype={dtype!r} is unknown; choose one of '
-      f'{[k for k in DTYPES if k]} or None'
-    )
   return VisionTransformerMoe(
     deterministic=deterministic, dtype=DTYPES[dtype], **cfg
   )

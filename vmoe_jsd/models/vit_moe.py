@@ -16,6 +16,30 @@ Parameter names and shapes follow google-research/vmoe's `VisionTransformerMoe`
 the auxiliary loss of each routing group summed over the MoE blocks (as in
 vmoe); metrics['encoderblock_{i}'] holds that block's router metrics.
 Router logits are sown into 'intermediates' (see routing.py).
+
+Mixed precision (`dtype`, e.g. bfloat16; Micikevicius et al., "Mixed
+Precision Training", ICLR 2018, arXiv:1710.03740, without loss scaling, which
+bfloat16's float32 exponent range makes unnecessary): parameters are created
+and kept in float32 and cast to `dtype` where a layer computes. Inside every
+encoder block the LayerNorm outputs, attention projections and weights, MLP
+and expert activations and the router's gating matmul are in `dtype` (the
+attention softmax is taken in float32 and cast back). The residual stream
+between blocks stays float32 (each block adds its `dtype` output to a float32
+stream, as in vmoe), and so do the patch embedding, the position embedding,
+the final LayerNorm, the pooling (MAP head included), the pre-logits layer and
+the head: these are a small part of the FLOPs and the logits feed float32
+losses. Router softmaxes, auxiliary, consistency and classification losses
+cast their inputs to float32 (routing.py, losses.py).
+
+Rematerialisation (`encoder.remat`): each encoder block can be wrapped in
+`flax.linen.remat` (jax.checkpoint; Chen et al., "Training Deep Nets with
+Sublinear Memory Cost", arXiv:1604.06174), which keeps only the block's
+inputs (and what the policy saves) for the backward pass and recomputes the
+rest: 'none', 'full' (save nothing inside a block), 'dots_saveable' (save
+every matmul output) or 'dots_with_no_batch_dims_saveable' (save matmuls
+without batch dimensions: the dense projections, not attention's
+query-key and weight-value products). Numbers are unchanged; only memory and
+time move.
 """
 
 from __future__ import annotations
@@ -170,6 +194,41 @@ class MapHead(nn.Module):
     return (x + y)[:, 0, :]
 
 
+REMAT_POLICIES = {
+  'none': None,
+  'full': jax.checkpoint_policies.nothing_saveable,
+  'dots_saveable': jax.checkpoint_policies.dots_saveable,
+  'dots_with_no_batch_dims_saveable': (
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  ),
+}
+
+
+def check_remat(remat: str) -> None:
+  """Raises ValueError unless `remat` names an entry of REMAT_POLICIES."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(
+      f'model.encoder.remat={remat!r} is unknown; choose one of '
+      f'{list(REMAT_POLICIES)}'
+    )
+
+
+def remat_block(block_cls: type[nn.Module], remat: str) -> type[nn.Module]:
+  """`block_cls`, wrapped in nn.remat with the named policy unless 'none'.
+
+  Args:
+    block_cls: a module class whose __call__ takes only arrays.
+    remat: a key of REMAT_POLICIES.
+
+  Returns:
+    The class to instantiate (parameter names are unchanged by nn.remat).
+  """
+  check_remat(remat)
+  if remat == 'none':
+    return block_cls
+  return nn.remat(block_cls, policy=REMAT_POLICIES[remat])
+
+
 class EncoderBlock(nn.Module):
   """Pre-LN transformer block; its MLP is dense ('Mlp') or an MoE ('Moe').
 
@@ -204,6 +263,7 @@ class EncoderBlock(nn.Module):
       deterministic=self.deterministic,
       dropout_rate=self.attention_dropout_rate,
       normalize_qk=self.attention_qk_norm,
+      force_fp32_for_softmax=True,
       name='SelfAttention',
     )(inputs_q=x, inputs_k=x, inputs_v=x)
     x = nn.Dropout(self.dropout_rate, deterministic=self.deterministic)(x)
@@ -278,7 +338,9 @@ class EncoderMoe(nn.Module):
     num_prefix_tokens: tokens before the patches (1 with a class token);
       they get no sincos2d embedding.
     deterministic: evaluation mode.
-    dtype: computation dtype.
+    dtype: computation dtype inside the blocks (the residual stream and the
+      final LayerNorm stay float32; see the module docstring).
+    remat: rematerialisation of each block, a key of REMAT_POLICIES.
   """
 
   num_layers: int
@@ -293,9 +355,11 @@ class EncoderMoe(nn.Module):
   num_prefix_tokens: int = 0
   deterministic: bool = False
   dtype: Any = None
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, inputs: Array):
+    block_cls = remat_block(EncoderBlock, self.remat)
     x = self._add_position_emb(inputs)
     x = nn.Dropout(self.dropout_rate, deterministic=self.deterministic)(x)
     moe_kwargs = dict(self.moe or {})
@@ -303,7 +367,7 @@ class EncoderMoe(nn.Module):
     metrics = {}
     for block in range(self.num_layers):
       name = f'encoderblock_{block}'
-      x, block_metrics = EncoderBlock(
+      x, block_metrics = block_cls(
         num_heads=self.num_heads,
         mlp_dim=self.mlp_dim,
         moe=moe_kwargs if block in moe_layers else None,
@@ -359,9 +423,10 @@ class VisionTransformerMoe(nn.Module):
     deterministic: evaluation mode (no dropout, no router noise).
     head_bias_init: initial bias of the head.
     head_kernel_zero_init: zero-initialised head kernel (else LeCun normal).
-    dtype: computation dtype of the encoder (e.g. jnp.bfloat16), as vmoe's
-      encoder dtype; the patch embedding and head compute in float32 and
-      params stay float32.
+    dtype: computation dtype of the encoder blocks (e.g. jnp.bfloat16), as
+      vmoe's encoder dtype; the patch embedding, residual stream, pooling
+      and head compute in float32 and params stay float32 (module
+      docstring).
   """
 
   num_classes: int | None
