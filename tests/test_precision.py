@@ -173,7 +173,7 @@ def test_bfloat16_evaluation_is_close_to_float32():
       params = params['params']
     step = jax.jit(evaluate.make_eval_step(config, model, settings))
     sums[dtype] = jax.device_get(
-      step(params, images, labels, mask, np.int32(0))
+      step(params, images, labels, mask, jnp.arange(16, dtype=jnp.int32))
     )
   f32, bf16 = sums['float32'], sums['bfloat16']
   assert bf16['count'] == f32['count'] == 13

@@ -21,6 +21,17 @@ has no spatial correspondence and is left out):
 
 The per-batch function returns sums, so batches (and processes) add up
 exactly; `finalize_routing` turns the sums into the figures above.
+
+Padding (the last batch, and on many hosts whole batches, see
+data/eval_padding.py) never counts: every sum is masked, including the load
+and the dropped fraction (each routing group's dropped fraction is weighted
+by its real tokens, so all-padding groups weigh nothing). The two views of
+an example are drawn with a key folded from its position in the split, so
+the figures do not depend on the batch size, the padding or the number of
+processes. One effect of padding remains where capacity binds: padded
+tokens that share a routing group with real ones compete with them for
+expert slots (no drop is possible when capacity >= group size, e.g. the
+default's evaluation capacity factor 4 with K=2 of E=4).
 """
 
 from __future__ import annotations
@@ -126,13 +137,40 @@ def format_routing_table(routing: dict[str, dict]) -> str:
   return '\n'.join(rows)
 
 
+def group_real_tokens(mask: Array, num_groups: int) -> Array:
+  """Real (unpadded) tokens of each routing group, (G,) float32.
+
+  The model splits the batch's B * T tokens, in order, into G groups of
+  S = B * T / G tokens (vit_moe.MlpMoeBlock): example b holds the flat
+  positions [b * T, (b + 1) * T).
+
+  Args:
+    mask: (B,) bool, False for padding examples.
+    num_groups: G; B * T must be a multiple of it.
+
+  Returns:
+    (G,) float32 w_g = (real tokens of group g) * G / T: proportional to the
+    count, with a factor that is the same for every group and batch, so
+    weighted means are exact. (Scaled by G / T, example b covers [b * G,
+    (b + 1) * G) and group g covers [g * B, (g + 1) * B).)
+  """
+  # Repeat each example G times instead of T: the flat layout then has the
+  # same proportions, and G rows of B entries are the groups.
+  scaled = jnp.repeat(mask.astype(jnp.float32), num_groups)  # (B * G,)
+  return jnp.sum(scaled.reshape(num_groups, -1), axis=1)
+
+
 def make_eval_step(config, eval_model, settings):
-  """(params, images, labels, mask, batch_index) -> sums for evaluation."""
+  """(params, images, labels, mask, index) -> sums for evaluation.
+
+  `index` (B,) int32 is each example's position in the split (any value for
+  padding); it keys the example's two random views.
+  """
   layers = config_lib.moe_layers(config.model)
   prefix = config_lib.num_prefix_tokens(config.model)
   eval_key = jax.random.fold_in(jax.random.key(config.seed), 2)
 
-  def eval_step(params, images, labels, mask, batch_index):
+  def eval_step(params, images, labels, mask, index):
     center = jax.vmap(lambda im: augment.center_view(im, settings))(images)
     logits, metrics = eval_model.apply(
       {'params': params}, augment.to_model_range(center)
@@ -142,14 +180,21 @@ def make_eval_step(config, eval_model, settings):
     for block in layers:
       m = metrics[f'encoderblock_{block}']
       # Top-K: choices over capacity; expert choice: tokens no expert took;
-      # Soft MoE drops nothing.
+      # Soft MoE drops nothing. Per group, weighted by its real tokens.
       dropped = m.get('dropped_fraction', m.get('dropped_tokens'))
-      sums[f'dropped/encoderblock_{block}'] = (
-        jnp.mean(dropped) if dropped is not None else jnp.float32(0.0)
-      )
+      if dropped is None:
+        sums[f'dropped/encoderblock_{block}'] = jnp.float32(0.0)
+        sums[f'dropped_weight/encoderblock_{block}'] = jnp.float32(1.0)
+      else:
+        real = group_real_tokens(mask, dropped.shape[0])
+        sums[f'dropped/encoderblock_{block}'] = jnp.sum(dropped * real)
+        sums[f'dropped_weight/encoderblock_{block}'] = jnp.sum(real)
     if layers:
-      key = jax.random.fold_in(eval_key, batch_index)
-      views, maps = augment.batched_paired_views(key, images, settings)
+      safe_index = jnp.where(mask, index, 0).astype(jnp.uint32)
+      keys = jax.vmap(lambda i: jax.random.fold_in(eval_key, i))(safe_index)
+      views, maps = jax.vmap(
+        lambda k, im: augment.paired_views(k, im, settings)
+      )(keys, images)
       num_images = images.shape[0]
       views = views.reshape(2 * num_images, *views.shape[2:])
       _, state_vars = eval_model.apply(
@@ -173,22 +218,19 @@ def make_eval_step(config, eval_model, settings):
 def run_evaluation(eval_step_fn, params, dataset, config, put_batch):
   """Accuracy and routing figures over config.dataset.test."""
   totals: dict[str, Any] = {}
-  num_batches = 0
-  for i, batch in enumerate(
-    dataset.eval_batches(
-      config.dataset.test.batch_size,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      limit=config.evaluate.get('limit'),
-    )
+  for batch in dataset.eval_batches(
+    config.dataset.test.batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    limit=config.evaluate.get('limit'),
   ):
-    images, labels, mask = put_batch(batch['image'], batch['label'],
-                                     batch['mask'])  # fmt: skip
-    sums = eval_step_fn(params, images, labels, mask, np.int32(i))
+    images, labels, mask, index = put_batch(
+      batch['image'], batch['label'], batch['mask'], batch['index']
+    )
+    sums = eval_step_fn(params, images, labels, mask, index)
     sums = jax.device_get(sums)
     for k, v in sums.items():
       totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
-    num_batches += 1
   result = {'accuracy': float(totals['correct'] / max(totals['count'], 1)),
             'num_examples': int(totals['count'])}  # fmt: skip
   routing_figs = {}
@@ -200,8 +242,9 @@ def run_evaluation(eval_step_fn, params, dataset, config, put_batch):
     if not layer_sums:
       continue
     figs = finalize_routing(layer_sums)
-    dropped = totals.get(f'dropped/encoderblock_{block}')
-    figs['dropped'] = float(dropped / num_batches) if num_batches else 0.0
+    dropped = totals.get(f'dropped/encoderblock_{block}', 0.0)
+    weight = totals.get(f'dropped_weight/encoderblock_{block}', 0.0)
+    figs['dropped'] = float(dropped / weight) if weight else 0.0
     routing_figs[f'encoderblock_{block}'] = figs
   result['routing'] = routing_figs
   return result

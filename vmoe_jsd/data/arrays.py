@@ -15,6 +15,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from vmoe_jsd.data import eval_padding
+
 
 @dataclasses.dataclass
 class ArrayDataset:
@@ -96,8 +98,11 @@ class ArrayDataset:
   ) -> Iterator[dict[str, np.ndarray]]:
     """Yields the dataset once in order, in fixed-size batches.
 
-    The last batch is padded by repeating example 0; 'mask' marks real
-    examples, so every batch has the same shape (one compiled program).
+    Global batch i holds positions [i * B, (i + 1) * B) of the split; each
+    process takes its contiguous share. The steps, ceil(total / B), are the
+    same on every process (eval_padding.py); the last batch is padded by
+    repeating example 0 with mask False and index -1, so every batch has the
+    same shape (one compiled program).
 
     Args:
       batch_size: global batch size.
@@ -106,17 +111,14 @@ class ArrayDataset:
       limit: evaluate only the first `limit` examples.
 
     Yields:
-      {'image', 'label', 'mask' (bool)} of B / process_count examples.
+      {'image', 'label', 'mask' (bool), 'index' (int32 position in the
+      split, -1 for padding)} of B / process_count examples.
     """
-    if batch_size % process_count:
-      raise ValueError(
-        f'batch_size={batch_size} must be divisible by the process count '
-        f'{process_count}'
-      )
-    total = len(self) if limit is None else min(limit, len(self))
+    total = eval_padding.eval_total(len(self), limit)
+    steps = eval_padding.num_eval_steps(total, batch_size, process_count)
     local = batch_size // process_count
-    for start in range(0, total, batch_size):
-      positions = np.arange(start, start + batch_size)
+    for step in range(steps):
+      positions = np.arange(step * batch_size, (step + 1) * batch_size)
       mask = positions < total
       index = np.where(mask, positions, 0)
       sl = slice(process_index * local, (process_index + 1) * local)
@@ -124,6 +126,7 @@ class ArrayDataset:
         'image': self.images[index[sl]],
         'label': self.labels[index[sl]],
         'mask': mask[sl],
+        'index': np.where(mask, positions, -1)[sl].astype(np.int32),
       }
 
 
