@@ -4,9 +4,12 @@ Every dataset has `num_classes`, `image_shape`, `__len__`,
 `train_batches(batch_size, seed=, start_step=, process_index=,
 process_count=)` and `eval_batches(batch_size, process_index=,
 process_count=, limit=)`, yielding uint8 images (B, H, W, C) and int32
-labels (eval batches add a boolean 'mask' for padding). Training batches
-of the canvas datasets ('tfds', 'folder') add 'orig_size': (B, 2) int32
-original (height, width) of each image before it was resized to the canvas.
+labels. Eval batches add a boolean 'mask' for padding and the int32 'index'
+of each example in the split (-1 for padding), and have the same number on
+every process (global batch b holds positions [b B, (b + 1) B); see
+eval_padding.py). Training batches of the canvas datasets ('tfds',
+'folder') add 'orig_size': (B, 2) int32 original (height, width) of each
+image before it was resized to the canvas.
 """
 
 from __future__ import annotations
