@@ -5,7 +5,6 @@ process_index; a real run feeds the same per-process batches to
 jax.make_array_from_process_local_data.
 """
 
-import itertools
 import math
 
 import jax
@@ -69,44 +68,30 @@ def test_array_eval_batches_equal_steps_and_whole_split_once(
       )
 
 
-def test_shard_quotas_sum_fit_and_balance():
-  for num_examples, count in itertools.product(range(0, 14), range(1, 5)):
-    # Shards as tfds.even_splits makes them: sizes differ by at most one.
-    base, extra = divmod(num_examples, count)
-    for order in (1, -1):
-      sizes = [base + (i < extra) for i in range(count)][::order]
-      for total in range(num_examples + 1):
-        quotas = eval_padding.shard_quotas(sizes, total)
-        assert sum(quotas) == total
-        assert all(0 <= q <= s for q, s in zip(quotas, sizes, strict=True))
-        assert max(quotas) <= math.ceil(total / count)
-
-
-def test_padding_errors_name_the_problem():
+def test_step_count_errors_name_the_problem():
   with pytest.raises(ValueError, match='multiple of the process count 3'):
     eval_padding.num_eval_steps(10, 8, 3)
   with pytest.raises(ValueError, match='limit=-1'):
     eval_padding.eval_total(10, -1)
-  batches = [{'image': np.zeros((2, 4, 4, 1), np.uint8),
-              'label': np.zeros(2, np.int32)}] * 3  # fmt: skip
-  with pytest.raises(ValueError, match='more than 2 x 2 examples'):
-    list(eval_padding.pad_to_steps(batches, 2, 2, 0, (4, 4, 1)))
 
 
-def test_tfds_shards_differ_by_one_yet_steps_are_equal(tmp_path):
+def test_tfds_eval_batches_equal_steps_on_every_process(tmp_path):
   pytest.importorskip('tensorflow')
-  from test_tfds_data import TinyImages  # noqa: PLC0415
+  from test_tfds_data import RampImages  # noqa: PLC0415
 
-  TinyImages(data_dir=str(tmp_path)).download_and_prepare()
-  cfg = {'name': 'tfds', 'tfds_name': 'tiny_images', 'split': 'test',
+  RampImages(
+    data_dir=str(tmp_path), file_format='array_record'
+  ).download_and_prepare()
+  cfg = {'name': 'tfds', 'tfds_name': 'ramp_images', 'split': 'test',
          'image_size': 16, 'data_dir': str(tmp_path)}  # fmt: skip
   ds = data.get_dataset(cfg)
   assert len(ds) == 5
   (whole,) = _per_process(ds, 8, 1)
   labels = whole[0]['label'][whole[0]['mask']]
   images = whole[0]['image'][whole[0]['mask']]
-  # 5 examples on 2 processes: shards of 3 and 2, so one local example per
-  # step gives 3 steps on one and 2 on the other unless padded to 3.
+  # 5 examples on 2 or 3 processes: even shards would hold 3 and 2 (or 2, 2
+  # and 1) examples, and one local example per step would give processes
+  # different step counts.
   for process_count, batch in [(2, 2), (3, 3), (2, 8), (3, 12)]:
     per_process = _per_process(ds, batch, process_count)
     steps = _check_equal_steps_and_union(
@@ -119,7 +104,7 @@ def test_tfds_shards_differ_by_one_yet_steps_are_equal(tmp_path):
         np.testing.assert_array_equal(b['label'][b['mask']], labels[idx])
         np.testing.assert_array_equal(b['image'][b['mask']], images[idx])
   per_process = _per_process(ds, 4, 2, limit=3)
-  _check_equal_steps_and_union(per_process, 2, [0, 1, 3])
+  _check_equal_steps_and_union(per_process, 2, range(3))
 
 
 def test_group_real_tokens_matches_brute_force():

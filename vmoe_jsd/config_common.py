@@ -198,12 +198,14 @@ def vmoe_s32_model(
   tokens = (image_size // 32) ** 2 + 1
   return dict(
     variant='S/32',
+    dtype='float32',  # or 'bfloat16' (README: Precision and memory)
     num_classes=num_classes,
     classifier='token',
     representation_size=config_dict.placeholder(int)
     if representation_size is None
     else representation_size,
     encoder=dict(
+      remat='none',  # 'full', 'dots_saveable', ...
       dropout_rate=0.0,
       attention_dropout_rate=0.0,
       moe=dict(

@@ -40,6 +40,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from vmoe_jsd.data import eval_padding
+
 CHANNEL_MODES = {1: 'L', 3: 'RGB'}
 
 
@@ -339,12 +341,14 @@ class IndexedDataset:
   ) -> Iterator[dict[str, np.ndarray]]:
     """The split once, in order, padded to full batches with a 'mask'.
 
-    Every process yields the same number of batches (global batch b holds
-    records [b B, (b+1) B)); padding and unreadable records are masked out.
+    Every process yields the same number of batches, ceil(total / B) from
+    the split size (global batch b holds records [b B, (b+1) B)); padding
+    and unreadable records are masked out. 'index' is each record's
+    position in the split (-1 for padding), which keys its random views.
     """
-    total = self._num_records if limit is None else min(limit, len(self))
+    total = eval_padding.eval_total(self._num_records, limit)
+    num_batches = eval_padding.num_eval_steps(total, batch_size, process_count)
     local = batch_size // process_count
-    num_batches = -(-total // batch_size)
     blank = np.zeros(self.image_shape, np.uint8)
     for b in range(num_batches):
       first = b * batch_size + process_index * local
@@ -357,4 +361,5 @@ class IndexedDataset:
           [0 if e is None else e[1] for e in examples], np.int32
         ),
         'mask': np.asarray([e is not None for e in examples]),
+        'index': np.asarray(indices + [-1] * (local - len(indices)), np.int32),
       }
