@@ -1,7 +1,7 @@
 r"""Compile the train step of a config without running it, and report on it.
 
   python -m vmoe_jsd.inspect_step --config=configs/vmoe_s32_i1k_jsd.py \
-      [--num_devices=64] [--config.num_expert_partitions=8]
+      [--num_devices=64] [--config.num_expert_partitions=8] [--json=out.json]
 
 Prints the per-device memory (`Compiled.memory_analysis()`), the FLOPs
 (`cost_analysis()`), and one line per collective of the compiled HLO: its
@@ -15,6 +15,7 @@ Nothing is run and no data is read (vmoe_jsd.train.lower_train_step).
 from __future__ import annotations
 
 import collections
+import json
 import os
 import re
 
@@ -29,6 +30,9 @@ _NUM_DEVICES = flags.DEFINE_integer(
   None,
   'Devices of the mesh (default: all visible); simulated on CPU when there '
   'are fewer real ones.',
+)
+_JSON = flags.DEFINE_string(
+  'json', None, 'Also write the figures (collectives, memory, FLOPs) here.'
 )
 flags.mark_flags_as_required(['config'])
 
@@ -172,6 +176,18 @@ def main(argv):
   lowered, mesh = train.lower_train_step(config, mesh)
   compiled = lowered.compile()
   print(report(compiled, mesh), flush=True)
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump(
+        {
+          'mesh': dict(mesh.shape),
+          'memory': memory_summary(compiled),
+          'flops': flops(compiled),
+          'collectives': collective_rows(compiled, mesh),
+        },
+        f,
+        indent=1,
+      )
 
 
 if __name__ == '__main__':
