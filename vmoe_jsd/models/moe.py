@@ -14,14 +14,23 @@ buffers, (G, S, D) -> (G, E, C, D), and combines the experts' outputs back,
 fit in an expert's buffer are dropped: their MoE output is zero and the
 residual connection carries them.
 
-Expert parallelism: under a device mesh with axes ('data', 'expert') the
-groups are sharded over both axes (every device holds whole groups), the
-expert parameters over 'expert'. `to_experts` reshapes the dispatched
-buffers to (E, G * C, D) under sharding constraints that put E on 'expert'
-and the groups on 'data', so XLA's SPMD partitioner exchanges the buffers
-with one all-to-all over the 'expert' axis; `from_experts` undoes it.
-Without a mesh the constraints are skipped and the same code runs on one
-device.
+Expert parallelism (`sparse_moe`): under an active mesh with axes ('data',
+'expert'), data major (sharding.make_mesh: device (d, j) is row d, column
+j), the layer runs in `jax.shard_map`. The G groups are sharded over both
+axes, data major: device (d, j) holds groups (d * J + j) * G_loc ... + G_loc
+- 1, J the size of the 'expert' axis. Each device routes only its own
+groups (top-k, capacity, priorities and auxiliary losses are per group, so
+nothing global is needed), fills (G_loc, E, C, D) buffers and splits E into
+(J, E / J): chunk j goes to device j of its own row with ONE all_to_all over
+'expert', so the exchange never crosses 'data' (on 8-GPU nodes with the
+expert axis inside a node it stays on NVLink). The received (J, G_loc, E/J,
+C, D) buffers are laid out per local expert as (E/J, J, G_loc, C, D), the
+experts run, and a second all_to_all returns the outputs. The expert
+parameters enter with spec P('expert'); their gradients are summed over
+'data' by shard_map's transpose. Without such a mesh the same function runs
+with J = 1, so one device and every mesh compute the same numbers:
+randomness is drawn outside the per-device code with global shapes (router
+noise) or from global (expert, group) indices (expert dropout).
 """
 
 from __future__ import annotations
