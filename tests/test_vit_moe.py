@@ -203,6 +203,7 @@ def _train_mode_config(router_update=None, dispatcher_update=None):
 
 ROUTER_VARIANTS = {
   'indices': ({}, {}),
+  'indices_bf16': ({}, {'bfloat16': True}),
   'einsum_bpr': ({}, {'name': 'einsum', 'batch_priority': True}),
   'expert_choice': (
     {
@@ -268,8 +269,9 @@ def _loss_grad_step(cfg, mesh_shape):
   with jax.set_mesh(mesh):
     p = jax.device_put(params, sharding.tree_shardings(params, mesh))
     x, y = jax.device_put((images, labels), sharding.batch_sharding(mesh))
-    compiled = jax.jit(step).lower(p, x, y).compile()
-    return compiled(p, x, y), compiled.as_text()
+    lowered = jax.jit(step).lower(p, x, y)
+    compiled = lowered.compile()
+    return compiled(p, x, y), (lowered.as_text(), compiled.as_text())
 
 
 _REFERENCE = {}
@@ -293,11 +295,12 @@ def _assert_trees_close(got, want, rtol, atol):
 
 @pytest.mark.parametrize(
   'variant,mesh_shape',
-  [('indices', (2, 4))]
+  [('indices_bf16', (2, 4))]
   # 10-60 s each on 2 loaded cores (one compile per mesh): slow.
   + [
     pytest.param(v, s, marks=pytest.mark.slow)
     for v, s in [
+      ('indices', (2, 4)),
       ('indices', (1, 8)),
       ('indices', (4, 2)),
       ('indices', (8, 1)),
@@ -309,7 +312,7 @@ def _assert_trees_close(got, want, rtol, atol):
 )
 def test_mesh_matches_one_device_in_train_mode(variant, mesh_shape):
   """Loss, gradients and one optimizer step: every mesh = one device."""
-  (loss, grads, params), hlo_text = _loss_grad_step(
+  (loss, grads, params), (lowered_text, hlo_text) = _loss_grad_step(
     _variant_config(variant), mesh_shape
   )
   ref_loss, ref_grads, ref_params = _reference(variant)
@@ -320,6 +323,13 @@ def test_mesh_matches_one_device_in_train_mode(variant, mesh_shape):
   assert float(jnp.abs(expert_grad['Dense_1']['kernel']).max()) > 1e-4
   # The exchange is an all-to-all exactly when the expert axis is split.
   assert ('all-to-all' in hlo_text) == (mesh_shape[1] > 1)
+  if variant == 'indices_bf16':
+    # bfloat16 dispatch: bfloat16 on the wire (4 exchanges, fwd and bwd).
+    # XLA:CPU widens bf16 all-to-alls to f32 when compiling (values stay
+    # bf16-rounded), so this is checked on the program before XLA's passes.
+    exchanges = [x for x in lowered_text.splitlines() if 'all_to_all' in x]
+    assert len(exchanges) == 4, exchanges
+    assert all('xbf16>' in x and 'xf32>' not in x for x in exchanges)
 
 
 def test_expert_dropout_is_applied_and_differs_per_expert():

@@ -453,6 +453,15 @@ def dropout_keys(key: Array, expert_ids: Array, group_ids: Array) -> Array:
   )(jax.vmap(lambda e: jax.random.fold_in(key, e))(expert_ids))
 
 
+def _exchange(x: Array, wire_dtype) -> Array:
+  """all_to_all over 'expert' of axis 0 (J chunks), in wire_dtype if set."""
+  dtype = x.dtype
+  if wire_dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+    x = x.astype(wire_dtype)
+  x = jax.lax.all_to_all(x, sharding.EXPERT_AXIS, 0, 0, tiled=True)
+  return x.astype(dtype)
+
+
 def _local_moe(
   x,
   routing_arrays,
@@ -484,8 +493,12 @@ def _local_moe(
   # Chunk j of the expert axis goes to device j of this device's expert
   # group (same 'data' coordinate); it sends back in the same order.
   send = rearrange(buffers, 'g (j e) c d -> j g e c d', j=j)
+  # A bfloat16 dispatcher already rounded the buffers (and rounds what
+  # combine receives) to bfloat16: sending them as bfloat16 halves the
+  # exchanged bytes and changes no value, forward or backward.
+  wire = jnp.bfloat16 if getattr(dispatcher, 'bfloat16', False) else None
   if axes and j > 1:
-    send = jax.lax.all_to_all(send, sharding.EXPERT_AXIS, 0, 0, tiled=True)
+    send = _exchange(send, wire)
   # Axis j now names the SENDER: its local groups are the global groups
   # (data_index * J + j) * G_loc + g (groups are sharded data-major).
   inputs = rearrange(send, 'j g e c d -> e j g c d')  # (E_loc, J, G_loc, C, D)
@@ -499,7 +512,7 @@ def _local_moe(
   outputs = expert_fn(expert_params, inputs, keys)  # (E_loc, J, G_loc, C, D')
   back = rearrange(outputs, 'e j g c d -> j g e c d')
   if axes and j > 1:
-    back = jax.lax.all_to_all(back, sharding.EXPERT_AXIS, 0, 0, tiled=True)
+    back = _exchange(back, wire)
   back = rearrange(back, 'j g e c d -> g (j e) c d')  # (G_loc, E, C, D')
   return dispatcher.combine(back), metrics
 
