@@ -23,6 +23,7 @@ from absl import app, flags
 
 _GROUPS = flags.DEFINE_list('group_sizes', ['1024', '4096'], 'S values')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'timed repetitions')
+_VARIANTS = flags.DEFINE_list('variants', None, 'subset of the variants')
 _VMOE = flags.DEFINE_string(
   'vmoe_path', '/work/anchors/google-research+vmoe', 'vmoe checkout'
 )
@@ -51,6 +52,7 @@ def _old_einsum_dispatcher(gates, capacity):
 def _layer(variant, group_size):
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
+  from einops import rearrange  # noqa: PLC0415
 
   from vmoe_jsd.models import moe  # noqa: PLC0415
 
@@ -77,16 +79,19 @@ def _layer(variant, group_size):
     groups = x.reshape(-1, group_size, DIM)
     gates = jax.nn.softmax(groups @ w_router)
     dispatcher = make(gates)
-    if variant.startswith('vmoe'):
-      buffers = jax.vmap(lambda d, t: d.dispatch(t))(dispatcher, groups)
-    else:
-      buffers = dispatcher.dispatch(groups)  # (G, E, C, D)
-    hidden = jax.nn.gelu(jnp.einsum('GECD,EDF->GECF', buffers, w1))
-    out = jnp.einsum('GECF,EFD->GECD', hidden, w2)
-    if variant.startswith('vmoe'):
-      y = jax.vmap(lambda d, t: d.combine(t))(dispatcher, out)
-    else:
-      y = dispatcher.combine(out)
+    # vmoe's vmapped dispatcher fields carry G; its methods take (G, S, D)
+    # and give its expert layout (E, G * C, D). Ours give (G, E, C, D), laid
+    # out expert-major for the experts as in the model (moe._local_moe).
+    buffers = dispatcher.dispatch(groups)
+    ours = buffers.ndim == 4
+    if ours:
+      num_groups = buffers.shape[0]
+      buffers = rearrange(buffers, 'g e c d -> e (g c) d')
+    hidden = jax.nn.gelu(jnp.einsum('END,EDF->ENF', buffers, w1))
+    out = jnp.einsum('ENF,EFD->END', hidden, w2)
+    if ours:
+      out = rearrange(out, 'e (g c) d -> g e c d', g=num_groups)
+    y = dispatcher.combine(out)
     return jnp.mean(jnp.square(y))
 
   return loss
@@ -105,6 +110,8 @@ def main(_):
       variants += ['vmoe_einsum', 'vmoe_indices']
     except Exception as e:  # noqa: BLE001 - report and go on without it.
       print(f'vmoe does not import ({e!r}); compared to einsum_old only')
+  if _VARIANTS.value:
+    variants = [v for v in variants if v in _VARIANTS.value]
   keys = jax.random.split(jax.random.key(0), 4)
   params = (
     jax.random.normal(keys[0], (DIM, EXPERTS)) * 0.1,
