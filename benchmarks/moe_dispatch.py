@@ -21,6 +21,9 @@ import time
 
 from absl import app, flags
 
+# Measure the code of this checkout, not whatever vmoe_jsd is installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 _GROUPS = flags.DEFINE_list('group_sizes', ['1024', '4096'], 'S values')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'timed repetitions')
 _VARIANTS = flags.DEFINE_list('variants', None, 'subset of the variants')
