@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec
 from vmoe_jsd import hlo, inspect_step, sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-S32 = os.path.join(ROOT, 'configs', 'vmoe_s32_i1k_jsd.py')
+S32 = os.path.join(ROOT, 'configs', 'imagenet.py')  # V-MoE-S/32
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
 import smoke_config  # noqa: E402
 

@@ -1,6 +1,6 @@
 r"""Compile the train step of a config without running it, and report on it.
 
-  python -m vmoe_jsd.inspect_step --config=configs/vmoe_s32_i1k_jsd.py \
+  python -m vmoe_jsd.inspect_step --config=configs/imagenet.py \
       [--num_devices=64] [--config.num_expert_partitions=8] [--json=out.json]
 
 Prints the per-device memory (`Compiled.memory_analysis()`), the FLOPs
