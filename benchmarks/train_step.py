@@ -4,11 +4,21 @@ r"""Times the jitted train step (and its augmentation alone) for a config.
       [--config.model.patch_size='(7,7)' ...] [--steps=20]
 
 Prints ms per step and images/s (each image = 2 views), after compilation.
+On N (simulated) devices the state and batch are sharded as in training:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python \
+      benchmarks/train_step.py --config=configs/default.py \
+      --config.num_expert_partitions=4
 """
 
+import os
+import sys
 import time
 
 from absl import app, flags
+
+# Measure the code of this checkout, not whatever vmoe_jsd is installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file')
@@ -43,8 +53,18 @@ def main(_):
       'params'
     ]
     state = train.TrainState(jnp.int32(0), params, tx.init(params))
+    # Placed as training places them (sharding.tree_shardings and batch
+    # sharding), so that the step on N devices is the one training runs.
+    shardings = sharding.tree_shardings(state, mesh)
+    shardings = shardings.replace(step=sharding.replicated(mesh))
+    state = jax.device_put(state, shardings)
+    images, labels = jax.device_put(
+      (images, labels), sharding.batch_sharding(mesh)
+    )
     step = jax.jit(
       train.make_train_step(config, model, tx, schedule, settings),
+      in_shardings=(shardings, *(sharding.batch_sharding(mesh),) * 2),
+      out_shardings=(shardings, None),
       donate_argnums=(0,),
     )
     aug = jax.jit(lambda k, x: augment.batched_paired_views(k, x, settings))

@@ -7,6 +7,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -182,3 +183,160 @@ def test_group_size_must_divide_tokens():
   model = build_model(TINY, deterministic=True)
   with pytest.raises(ValueError, match='group_size=34 does not divide the 51'):
     _init(model, jnp.zeros((3, 16, 16, 3)))
+
+
+# ----------------------------------------------------------------------------
+# Mesh equivalence: the shard_map path equals one device, in train mode.
+# ----------------------------------------------------------------------------
+def _train_mode_config(router_update=None, dispatcher_update=None):
+  cfg = json.loads(json.dumps(TINY))
+  moe_cfg = cfg['encoder']['moe']
+  # MoE on the first block, so that every token's MoE output reaches the
+  # class token (and the loss) through the second block.
+  moe_cfg.update(num_experts=8, dropout_rate=0.2, layers=(0,))
+  # A zero head would stop every gradient of the classification loss.
+  cfg['head_kernel_zero_init'] = False
+  moe_cfg['router']['dispatcher'].update(dispatcher_update or {})
+  moe_cfg['router'].update(router_update or {})
+  return cfg
+
+
+ROUTER_VARIANTS = {
+  'indices': ({}, {}),
+  'indices_bf16': ({}, {'bfloat16': True}),
+  'einsum_bpr': ({}, {'name': 'einsum', 'batch_priority': True}),
+  'expert_choice': (
+    {
+      'name': 'NoisyTopItemsPerExpertRouter',
+      'num_selected_experts': None,
+      'importance_loss_weight': None,
+      'load_loss_weight': None,
+      'z_loss_weight': 0.01,
+    },
+    {'name': 'einsum'},
+  ),
+  'soft': (
+    {'name': 'SoftRouter', 'noise_std': 0.5},
+    None,
+  ),
+}
+
+
+def _variant_config(variant):
+  router_update, dispatcher_update = ROUTER_VARIANTS[variant]
+  cfg = _train_mode_config(dispatcher_update=dispatcher_update or {})
+  router = cfg['encoder']['moe']['router']
+  router.update(router_update)
+  if dispatcher_update is None:
+    router.pop('dispatcher')
+  for key in [k for k, v in router.items() if v is None]:
+    router.pop(key)
+  if variant == 'soft':
+    for key in ('num_selected_experts', 'importance_loss_weight',
+                'load_loss_weight'):  # fmt: skip
+      router.pop(key)
+  return cfg
+
+
+def _loss_grad_step(cfg, mesh_shape):
+  """Loss, gradients and the parameters after one SGD step, train mode
+  (router noise and expert dropout on), on one device (mesh_shape None) or
+  under a (data, expert) mesh."""
+  model = build_model(cfg, deterministic=False)
+  images = jax.random.uniform(jax.random.key(1), (16, 16, 16, 3))
+  labels = jnp.arange(16) % 5
+  params = _init(model, images)
+  rngs = {'dropout': jax.random.key(2), 'gating': jax.random.key(3)}
+  # SGD: Adam's first update, lr * g / (|g| + eps), is about lr * sign(g)
+  # and turns float32 noise in gradients that are exactly 0 in theory (the
+  # attention key bias) into full-size steps of either sign.
+  tx = optax.sgd(0.1, momentum=0.9)
+
+  def step(p, x, y):
+    def loss_fn(q):
+      logits, metrics = model.apply({'params': q}, x, rngs=rngs)
+      xent = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+      return jnp.mean(xent) + jnp.mean(metrics['auxiliary_loss'])
+
+    loss, grads = jax.value_and_grad(loss_fn)(p)
+    updates, _ = tx.update(grads, tx.init(p), p)
+    return loss, grads, optax.apply_updates(p, updates)
+
+  if mesh_shape is None:
+    return jax.jit(step)(params, images, labels), None
+  mesh = sharding.make_mesh(mesh_shape[1])
+  assert dict(mesh.shape) == {'data': mesh_shape[0], 'expert': mesh_shape[1]}
+  with jax.set_mesh(mesh):
+    p = jax.device_put(params, sharding.tree_shardings(params, mesh))
+    x, y = jax.device_put((images, labels), sharding.batch_sharding(mesh))
+    lowered = jax.jit(step).lower(p, x, y)
+    compiled = lowered.compile()
+    return compiled(p, x, y), (lowered.as_text(), compiled.as_text())
+
+
+_REFERENCE = {}
+
+
+def _reference(variant):
+  if variant not in _REFERENCE:
+    _REFERENCE[variant] = _loss_grad_step(_variant_config(variant), None)[0]
+  return _REFERENCE[variant]
+
+
+def _assert_trees_close(got, want, rtol, atol):
+  jax.tree_util.tree_map_with_path(
+    lambda path, a, b: np.testing.assert_allclose(
+      a, b, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)
+    ),
+    got,
+    want,
+  )
+
+
+@pytest.mark.parametrize(
+  'variant,mesh_shape',
+  [('indices_bf16', (2, 4))]
+  # 10-60 s each on 2 loaded cores (one compile per mesh): slow.
+  + [
+    pytest.param(v, s, marks=pytest.mark.slow)
+    for v, s in [
+      ('indices', (2, 4)),
+      ('indices', (1, 8)),
+      ('indices', (4, 2)),
+      ('indices', (8, 1)),
+      ('einsum_bpr', (2, 4)),
+      ('expert_choice', (4, 2)),
+      ('soft', (2, 4)),
+    ]
+  ],
+)
+def test_mesh_matches_one_device_in_train_mode(variant, mesh_shape):
+  """Loss, gradients and one optimizer step: every mesh = one device."""
+  (loss, grads, params), (lowered_text, hlo_text) = _loss_grad_step(
+    _variant_config(variant), mesh_shape
+  )
+  ref_loss, ref_grads, ref_params = _reference(variant)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  _assert_trees_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
+  _assert_trees_close(params, ref_params, rtol=1e-5, atol=1e-6)
+  expert_grad = ref_grads['Encoder']['encoderblock_0']['Moe']['Mlp']
+  assert float(jnp.abs(expert_grad['Dense_1']['kernel']).max()) > 1e-4
+  # The exchange is an all-to-all exactly when the expert axis is split.
+  assert ('all-to-all' in hlo_text) == (mesh_shape[1] > 1)
+  if variant == 'indices_bf16':
+    # bfloat16 dispatch: bfloat16 on the wire (4 exchanges, fwd and bwd).
+    # XLA:CPU widens bf16 all-to-alls to f32 when compiling (values stay
+    # bf16-rounded), so this is checked on the program before XLA's passes.
+    exchanges = [x for x in lowered_text.splitlines() if 'all_to_all' in x]
+    assert len(exchanges) == 4, exchanges
+    assert all('xbf16>' in x and 'xf32>' not in x for x in exchanges)
+
+
+def test_expert_dropout_is_applied_and_differs_per_expert():
+  """Train mode with dropout differs from dropout 0 (the masks are used)."""
+  cfg = _train_mode_config()
+  no_dropout = json.loads(json.dumps(cfg))
+  no_dropout['encoder']['moe']['dropout_rate'] = 0.0
+  with_drop = _loss_grad_step(cfg, None)[0][0]
+  without = _loss_grad_step(no_dropout, None)[0][0]
+  assert abs(float(with_drop) - float(without)) > 1e-6

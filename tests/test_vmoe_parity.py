@@ -9,7 +9,8 @@ Here our reader loads vmoe's checkpoint, `models.from_vmoe_config` builds our
 model from vmoe's config, and the logits, clean router logits, auxiliary
 losses, router metrics and the gradients of a fixed loss (cross-entropy +
 mean auxiliary loss) must match, in evaluation mode and, where recorded, in
-training mode (router noise from the same 'gating' key, no dropout).
+training mode (router noise from the same 'gating' key, no dropout; with
+expert dropout only what lies upstream of the experts, see test_matches_vmoe).
 """
 
 import json
@@ -166,8 +167,19 @@ def test_matches_vmoe(name, mode):
     train=mode == 'train',
     rng_seed=config['rng_seed'],
   )
-  np.testing.assert_allclose(logits, io[pre + 'logits'], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(loss, io[pre + 'loss'], rtol=1e-6)
+  # Expert dropout: our masks are drawn per (expert, group) so that every
+  # device mesh gives the same numbers (moe.dropout_keys); vmoe's depend on
+  # its buffer layout. Everything downstream of a MoE layer's experts
+  # (logits, loss, gradients) then differs by design; the router logits,
+  # auxiliary losses and routing metrics, upstream of the experts, are
+  # still compared exactly.
+  encoder = model_cfg['encoder']
+  expert_dropout = mode == 'train' and encoder['moe'].get(
+    'dropout_rate', encoder.get('dropout_rate', 0.0)
+  )
+  if not expert_dropout:
+    np.testing.assert_allclose(logits, io[pre + 'logits'], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loss, io[pre + 'loss'], rtol=1e-6)
   np.testing.assert_allclose(
     np.broadcast_to(metrics['auxiliary_loss'], (2,)),
     io[pre + 'aux_loss'],
@@ -196,6 +208,8 @@ def test_matches_vmoe(name, mode):
       np.testing.assert_allclose(
         got, want, rtol=1e-5, atol=1e-7, err_msg=f'block {block}: {key}'
       )
+  if expert_dropout:
+    return
   flat = vmoe_format.flatten_tree(jax.device_get(grads))
   grad_prefix = pre + 'grad/'
   expected = {

@@ -19,6 +19,7 @@ what an uninterrupted one would have done.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -291,6 +292,172 @@ def make_train_step(config, model, tx, schedule, settings):
 
 
 # ----------------------------------------------------------------------------
+# Setup shared by training and compile-only inspection.
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TrainingSetup:
+  """What training builds before its first step (see build_training)."""
+
+  model: Any
+  tx: Any
+  schedule: Any
+  settings: Any
+  init_state: Any  # key -> TrainState
+  init_key: Array
+  abstract_state: TrainState  # of jax.ShapeDtypeStruct
+  state_shardings: TrainState  # of NamedSharding
+  data_sharding: NamedSharding
+  # jitted (state, images, labels, orig_sizes) -> (state, metrics)
+  train_step: Any
+
+
+def build_training(config, mesh, num_steps: int, image_shape) -> TrainingSetup:
+  """Model, optimizer, state shardings and the jitted train step.
+
+  Nothing is run or read: the state exists only as abstract shapes.
+
+  Args:
+    config: the run config.
+    mesh: the ('data', 'expert') mesh.
+    num_steps: training steps (for the learning-rate schedule).
+    image_shape: (H, W, C) of the dataset's images (before augmentation).
+
+  Returns:
+    A TrainingSetup.
+  """
+  settings = config_lib.view_settings(config)
+  model = build_model(config.model, deterministic=False)
+  tx, schedule = make_optimizer(config.optimizer, num_steps)
+  batch_size = config.dataset.train.batch_size
+
+  def init_state(key):
+    dummy = jnp.zeros(
+      (2 * batch_size, settings.size, settings.size, image_shape[-1])
+    )
+    params = model.init({'params': key, 'dropout': key, 'gating': key}, dummy)[
+      'params'
+    ]
+    return TrainState(jnp.int32(0), params, tx.init(params))
+
+  init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
+  with jax.set_mesh(mesh):
+    abstract = jax.eval_shape(init_state, init_key)
+  rules = config.get('params_axis_resources') or sharding.DEFAULT_RULES
+  state_shardings = sharding.tree_shardings(abstract, mesh, rules)
+  state_shardings = state_shardings.replace(
+    step=NamedSharding(mesh, PartitionSpec())
+  )
+  data_sharding = sharding.batch_sharding(mesh)
+  train_step = jax.jit(
+    make_train_step(config, model, tx, schedule, settings),
+    in_shardings=(state_shardings,) + (data_sharding,) * 3,
+    out_shardings=(state_shardings, None),
+    donate_argnums=(0,),
+  )
+  return TrainingSetup(
+    model=model,
+    tx=tx,
+    schedule=schedule,
+    settings=settings,
+    init_state=init_state,
+    init_key=init_key,
+    abstract_state=abstract,
+    state_shardings=state_shardings,
+    data_sharding=data_sharding,
+    train_step=train_step,
+  )
+
+
+def dataset_image_shape(
+  cfg, default_image_size: int | None = None
+) -> tuple[int, int, int]:
+  """(H, W, C) of a config.dataset.<split>'s images, without reading data.
+
+  Args:
+    cfg: the dataset block.
+    default_image_size: a 'folder' block's size when it sets none (the
+      augmentation size, as data.get_dataset).
+
+  Returns:
+    The shape of the images (the canvas of 'tfds' and 'folder' blocks).
+  """
+  name = cfg['name']
+  if name == 'fashion_mnist':
+    return (28, 28, 1)
+  if name == 'synthetic':
+    size = cfg.get('image_size', 16)
+    return (size, size, cfg.get('channels', 1))
+  if name == 'tfds':
+    size = cfg['image_size']
+    return (size, size, cfg.get('channels', 3))
+  if name == 'folder':
+    size = cfg.get('image_size') or default_image_size
+    return (size, size, cfg.get('channels', 3))
+  raise ValueError(
+    f'dataset.name={name!r} is unknown; choose one of {sorted(data.DATASETS)}'
+  )
+
+
+def lower_train_step(config: ml_collections.ConfigDict, mesh=None):
+  """The train step of `config` lowered from abstract shapes (nothing run).
+
+  Args:
+    config: the run config (validated against the visible devices).
+    mesh: defaults to the training mesh over all visible devices.
+
+  Returns:
+    (jax.stages.Lowered, mesh).
+  """
+  if mesh is None:
+    config_lib.validate(config, jax.device_count())
+    mesh = sharding.make_mesh(config.get('num_expert_partitions', 1))
+  else:
+    config_lib.validate(config, mesh.devices.size)
+  train_cfg = config.dataset.train
+  try:
+    num_steps = config_lib.num_train_steps(
+      config, train_cfg.get('num_examples')
+    )
+  except ValueError:  # Epochs of a dataset whose size is not in the config:
+    num_steps = 1  # only the schedule's constants depend on it.
+  image_shape = dataset_image_shape(train_cfg, config.augment.size)
+  setup = build_training(config, mesh, num_steps, image_shape)
+  batch = train_cfg.batch_size
+  state = jax.tree_util.tree_map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    setup.abstract_state,
+    setup.state_shardings,
+  )
+  images = jax.ShapeDtypeStruct(
+    (batch, *image_shape), jnp.uint8, sharding=setup.data_sharding
+  )
+  labels = jax.ShapeDtypeStruct(
+    (batch,), jnp.int32, sharding=setup.data_sharding
+  )
+  orig_sizes = jax.ShapeDtypeStruct(
+    (batch, 2), jnp.int32, sharding=setup.data_sharding
+  )
+  with jax.set_mesh(mesh):
+    lowered = setup.train_step.lower(state, images, labels, orig_sizes)
+  return lowered, mesh
+
+
+def compile_train_step(config: ml_collections.ConfigDict):
+  """The compiled train step of `config`, from abstract shapes only.
+
+  Builds the mesh (all visible devices, config.num_expert_partitions),
+  model, optimizer and shardings exactly as train_and_evaluate does; no
+  data is read and nothing runs. Inspect the result with `.as_text()`,
+  `.memory_analysis()`, `.cost_analysis()` (see vmoe_jsd.inspect_step).
+
+  Returns:
+    jax.stages.Compiled.
+  """
+  lowered, _ = lower_train_step(config)
+  return lowered.compile()
+
+
+# ----------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
@@ -321,31 +488,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   settings = config_lib.view_settings(config)
   put_batch = sharding.make_put_batch(mesh)
 
-  # --- Model and optimizer. ---------------------------------------------
-  model = build_model(config.model, deterministic=False)
+  # --- Model, optimizer, shardings, step. ------------------------------
+  setup = build_training(config, mesh, num_steps, train_ds.image_shape)
+  init_state, init_key = setup.init_state, setup.init_key
+  abstract, state_shardings = setup.abstract_state, setup.state_shardings
   eval_model = build_model(
     config_lib.eval_model_config(config), deterministic=True
   )
-  tx, schedule = make_optimizer(config.optimizer, num_steps)
   batch_size = config.dataset.train.batch_size
-  image_shape = train_ds.image_shape
-
-  def init_state(key):
-    dummy = jnp.zeros(
-      (2 * batch_size, settings.size, settings.size, image_shape[-1])
-    )
-    params = model.init({'params': key, 'dropout': key, 'gating': key}, dummy)[
-      'params'
-    ]
-    return TrainState(jnp.int32(0), params, tx.init(params))
-
-  init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
-  abstract = jax.eval_shape(init_state, init_key)
-  rules = config.get('params_axis_resources') or sharding.DEFAULT_RULES
-  state_shardings = sharding.tree_shardings(abstract, mesh, rules)
-  state_shardings = state_shardings.replace(
-    step=NamedSharding(mesh, PartitionSpec())
-  )
 
   # --- Restore or initialise. -------------------------------------------
   ckpt = checkpoints.Checkpointer(
@@ -384,13 +534,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     writer.write_hparams(_flat_hparams(config))
 
   # --- Compiled steps. --------------------------------------------------
-  data_sharding = sharding.batch_sharding(mesh)
-  train_step = jax.jit(
-    make_train_step(config, model, tx, schedule, settings),
-    in_shardings=(state_shardings,) + (data_sharding,) * 3,
-    out_shardings=(state_shardings, None),
-    donate_argnums=(0,),
-  )
+  train_step = setup.train_step
   eval_step = jax.jit(evaluate.make_eval_step(config, eval_model, settings))
   stability_step = jax.jit(
     stability.make_stability_step(config, eval_model, settings)

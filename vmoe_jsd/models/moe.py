@@ -14,24 +14,36 @@ buffers, (G, S, D) -> (G, E, C, D), and combines the experts' outputs back,
 fit in an expert's buffer are dropped: their MoE output is zero and the
 residual connection carries them.
 
-Expert parallelism: under a device mesh with axes ('data', 'expert') the
-groups are sharded over both axes (every device holds whole groups), the
-expert parameters over 'expert'. `to_experts` reshapes the dispatched
-buffers to (E, G * C, D) under sharding constraints that put E on 'expert'
-and the groups on 'data', so XLA's SPMD partitioner exchanges the buffers
-with one all-to-all over the 'expert' axis; `from_experts` undoes it.
-Without a mesh the constraints are skipped and the same code runs on one
-device.
+Expert parallelism (`sparse_moe`): under an active mesh with axes ('data',
+'expert'), data major (sharding.make_mesh: device (d, j) is row d, column
+j), the layer runs in `jax.shard_map`. The G groups are sharded over both
+axes, data major: device (d, j) holds groups (d * J + j) * G_loc ... + G_loc
+- 1, J the size of the 'expert' axis. Each device routes only its own
+groups (top-k, capacity, priorities and auxiliary losses are per group, so
+nothing global is needed), fills (G_loc, E, C, D) buffers and splits E into
+(J, E / J): chunk j goes to device j of its own row with ONE all_to_all over
+'expert', so the exchange never crosses 'data' (on 8-GPU nodes with the
+expert axis inside a node it stays on NVLink). The received (J, G_loc, E/J,
+C, D) buffers are laid out per local expert as (E/J, J, G_loc, C, D), the
+experts run, and a second all_to_all returns the outputs. The expert
+parameters enter with spec P('expert'); their gradients are summed over
+'data' by shard_map's transpose. Without such a mesh the same function runs
+with J = 1, so one device and every mesh compute the same numbers:
+randomness is drawn outside the per-device code with global shapes (router
+noise) or from global (expert, group) indices (expert dropout).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from jax.sharding import PartitionSpec
 
 from vmoe_jsd import sharding
@@ -316,14 +328,15 @@ def make_top_k_dispatcher(
       bfloat16=bfloat16,
     )
   elif name == 'einsum':
-    # (G, S, K, E) x (G, S, K, C) -> (G, S, E, C); a dropped choice's slot
-    # index is >= C, so its one-hot row is all zeros.
-    expert_oh = jax.nn.one_hot(expert_index, num_experts, dtype=gates.dtype)
-    slot_oh = jax.nn.one_hot(buffer_index, capacity, dtype=gates.dtype)
-    # Boolean dispatch weights, as vmoe: with bfloat16 data the dispatch
-    # einsum then runs (and accumulates its gradient) in bfloat16 as there.
-    dispatch = jnp.einsum('GSKE,GSKC->GSEC', expert_oh, slot_oh) > 0
-    combine_w = jnp.einsum('GSKE,GSKC,GSK->GSEC', expert_oh, slot_oh, combine)
+    # A token picks an expert at most once: its slot in each expert's
+    # buffer is one (G, S, E) int (-1 where not picked; >= C where dropped),
+    # whose boolean one-hot (G, S, E, C) XLA fuses into the dispatch einsum,
+    # as vmoe does. No float (G, S, E, C) product over K is formed.
+    picked = expert_index[..., None] == jnp.arange(num_experts)  # (G,S,K,E)
+    slot = jnp.max(jnp.where(picked, buffer_index[..., None], -1), axis=2)
+    dispatch = jax.nn.one_hot(slot, capacity, dtype=jnp.bool_)
+    gate = jnp.sum(jnp.where(picked, combine[..., None], 0.0), axis=2)
+    combine_w = jnp.where(dispatch, gate[..., None], 0.0).astype(gates.dtype)
     dispatcher = EinsumDispatcher(
       dispatch_weights=dispatch,
       combine_weights=combine_w,
@@ -412,44 +425,169 @@ def make_top_items_per_expert_dispatcher(
 
 
 # ----------------------------------------------------------------------------
-# Expert-parallel exchange.
+# Expert-parallel MoE layer.
 # ----------------------------------------------------------------------------
-def to_experts(data: Array) -> Array:
-  """(G, E, C, ...) buffers, groups sharded -> (E, G * C, ...), E sharded.
+def expert_parallel_mesh():
+  """The active mesh when it has both 'data' and 'expert' axes, else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return None
+  names = tuple(mesh.axis_names)
+  if sharding.DATA_AXIS not in names or sharding.EXPERT_AXIS not in names:
+    return None
+  return mesh
 
-  When E divides G, group g = a * (G / E) + b lands in rows of block
-  (b, a) of each expert's buffer, as in vmoe (so that with G / E groups per
-  device one all-to-all suffices). The order of rows changes which token gets
-  which dropout mask inside the experts, so it is kept identical to vmoe's.
+
+def dropout_keys(key: Array, expert_ids: Array, group_ids: Array) -> Array:
+  """One key per (global expert, global group): (E_loc,) x (J, G) -> keys.
+
+  Expert dropout masks are drawn from fold_in(fold_in(key, expert), group),
+  so a token's mask depends on where it is routed, never on which device
+  holds it or on the mesh shape.
+
+  Returns:
+    (E_loc, J, G_loc) keys.
   """
-  num_groups, num_experts, capacity = data.shape[:3]
-  item_shape = data.shape[3:]
-  data = sharding.constrain(data, PartitionSpec(sharding.BATCH_AXES))
-  if num_groups % num_experts == 0:
-    data = data.reshape(num_experts, -1, num_experts, capacity, *item_shape)
-    data = jnp.swapaxes(data, 0, 2)  # (E, G / E, E_blocks, C, ...)
+  return jax.vmap(
+    lambda e: jax.vmap(jax.vmap(lambda g: jax.random.fold_in(e, g)))(group_ids)
+  )(jax.vmap(lambda e: jax.random.fold_in(key, e))(expert_ids))
+
+
+def _exchange(x: Array, wire_dtype) -> Array:
+  """all_to_all over 'expert' of axis 0 (J chunks), in wire_dtype if set."""
+  dtype = x.dtype
+  if wire_dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+    x = x.astype(wire_dtype)
+  x = jax.lax.all_to_all(x, sharding.EXPERT_AXIS, 0, 0, tiled=True)
+  return x.astype(dtype)
+
+
+def _local_moe(
+  x,
+  routing_arrays,
+  expert_params,
+  dropout_key,
+  *,
+  route_fn,
+  expert_fn,
+  num_experts: int,
+  num_expert_shards: int,
+  axes: bool,
+):
+  """One device's part of the MoE layer (or all of it without a mesh).
+
+  Shapes (J = expert-axis size, E_loc = E / J, G_loc = local groups):
+    x (G_loc, S, D) -> dispatch (G_loc, E, C, D) -> all_to_all over 'expert'
+    -> (E_loc, J, G_loc, C, D) -> experts -> all_to_all back -> combine
+    (G_loc, S, D).
+  """
+  dispatcher, metrics = route_fn(routing_arrays)
+  buffers = dispatcher.dispatch(x)  # (G_loc, E, C, D)
+  num_groups = x.shape[0]
+  j = num_expert_shards
+  if axes:
+    data_index = jax.lax.axis_index(sharding.DATA_AXIS)
+    expert_index = jax.lax.axis_index(sharding.EXPERT_AXIS)
   else:
-    data = jnp.swapaxes(data, 0, 1)  # (E, G, C, ...)
-  data = data.reshape(num_experts, num_groups * capacity, *item_shape)
-  return sharding.constrain(
-    data, PartitionSpec(sharding.EXPERT_AXIS, sharding.DATA_AXIS)
-  )
+    data_index = expert_index = 0
+  # Chunk j of the expert axis goes to device j of this device's expert
+  # group (same 'data' coordinate); it sends back in the same order.
+  send = rearrange(buffers, 'g (j e) c d -> j g e c d', j=j)
+  # A bfloat16 dispatcher already rounded the buffers (and rounds what
+  # combine receives) to bfloat16: sending them as bfloat16 halves the
+  # exchanged bytes and changes no value, forward or backward.
+  wire = jnp.bfloat16 if getattr(dispatcher, 'bfloat16', False) else None
+  if axes and j > 1:
+    send = _exchange(send, wire)
+  # Axis j now names the SENDER: its local groups are the global groups
+  # (data_index * J + j) * G_loc + g (groups are sharded data-major).
+  inputs = rearrange(send, 'j g e c d -> e j g c d')  # (E_loc, J, G_loc, C, D)
+  keys = None
+  if dropout_key is not None:
+    num_local = num_experts // j
+    expert_ids = expert_index * num_local + jnp.arange(num_local)
+    group_ids = (data_index * j + jnp.arange(j))[:, None] * num_groups
+    group_ids = group_ids + jnp.arange(num_groups)[None, :]
+    keys = dropout_keys(dropout_key, expert_ids, group_ids)
+  outputs = expert_fn(expert_params, inputs, keys)  # (E_loc, J, G_loc, C, D')
+  back = rearrange(outputs, 'e j g c d -> j g e c d')
+  if axes and j > 1:
+    back = _exchange(back, wire)
+  back = rearrange(back, 'j g e c d -> g (j e) c d')  # (G_loc, E, C, D')
+  return dispatcher.combine(back), metrics
 
 
-def from_experts(data: Array, num_groups: int) -> Array:
-  """(E, G * C, ...) expert outputs -> (G, E, C, ...), groups sharded."""
-  num_experts = data.shape[0]
-  item_shape = data.shape[2:]
-  data = sharding.constrain(
-    data, PartitionSpec(sharding.EXPERT_AXIS, sharding.DATA_AXIS)
+def sparse_moe(
+  x: Array,
+  routing_arrays: Mapping[str, Array],
+  expert_params: Any,
+  dropout_key: Array | None,
+  *,
+  route_fn: Callable,
+  expert_fn: Callable,
+  num_experts: int,
+) -> tuple[Array, dict[str, Array]]:
+  """The MoE layer: route, dispatch, experts, combine; expert-parallel.
+
+  Under an active mesh with axes ('data', 'expert') (jax.set_mesh) the
+  layer runs in `jax.shard_map`: groups are sharded over both axes (data
+  major), every device routes only its own groups, fills its (G_loc, E, C,
+  D) buffers, and one all_to_all over 'expert' (never over 'data') gives
+  each device the buffers of its E / J local experts from the J devices that
+  share its 'data' coordinate; a second all_to_all returns the outputs.
+  Without such a mesh the same function runs on all groups (J = 1).
+
+  Args:
+    x: (G, S, D) tokens.
+    routing_arrays: per-group (G, ...) arrays from a router called with
+      split=True (logits, noisy logits).
+    expert_params: pytree of expert parameters stacked on axis 0 (E, ...).
+    dropout_key: key of the experts' dropout, or None (no dropout).
+    route_fn: pure arrays -> (dispatcher, metrics of shape (G,)).
+    expert_fn: pure (params (E_loc, ...), inputs (E_loc, J, G, C, D), keys
+      (E_loc, J, G) or None) -> (E_loc, J, G, C, D').
+    num_experts: E.
+
+  Returns:
+    (G, S, D') outputs and per-group metrics (G,) (their mean over groups is
+    vmoe's, whatever the mesh).
+  """
+  mesh = expert_parallel_mesh()
+  body = functools.partial(
+    _local_moe, route_fn=route_fn, expert_fn=expert_fn, num_experts=num_experts
   )
-  if num_groups % num_experts == 0:
-    data = data.reshape(
-      num_experts, num_groups // num_experts, num_experts, -1, *item_shape
+  if mesh is None:
+    return body(
+      x,
+      routing_arrays,
+      expert_params,
+      dropout_key,
+      num_expert_shards=1,
+      axes=False,
     )
-    data = jnp.swapaxes(data, 0, 2)  # (E_blocks, G / E, E, C, ...)
-    data = data.reshape(num_groups, num_experts, -1, *item_shape)
-  else:
-    data = data.reshape(num_experts, num_groups, -1, *item_shape)
-    data = jnp.swapaxes(data, 0, 1)
-  return sharding.constrain(data, PartitionSpec(sharding.BATCH_AXES))
+  num_shards = mesh.shape[sharding.EXPERT_AXIS]
+  num_devices = num_shards * mesh.shape[sharding.DATA_AXIS]
+  if num_experts % num_shards:
+    raise ValueError(
+      f'num_experts={num_experts} is not divisible by the mesh expert axis '
+      f'size {num_shards} (num_expert_partitions)'
+    )
+  if x.shape[0] % num_devices:
+    raise ValueError(
+      f'{x.shape[0]} routing groups cannot be split evenly over the '
+      f'{num_devices} devices of mesh {dict(mesh.shape)}; the tokens per '
+      'device must be a multiple of group_size'
+    )
+  batch = PartitionSpec(sharding.BATCH_AXES)
+  fn = jax.shard_map(
+    functools.partial(body, num_expert_shards=num_shards, axes=True),
+    mesh=mesh,
+    in_specs=(
+      batch,
+      batch,
+      PartitionSpec(sharding.EXPERT_AXIS),
+      PartitionSpec(),
+    ),
+    out_specs=(batch, batch),
+  )
+  return fn(x, dict(routing_arrays), expert_params, dropout_key)

@@ -16,10 +16,19 @@ Routers ([V-MoE] = Riquelme et al. 2021, arXiv:2106.05974):
   - NoisyTopItemsPerExpertRouter: expert choice (arXiv:2202.09368).
 Each returns (dispatcher, metrics); metrics values have shape (G,) and
 include 'auxiliary_loss', the weighted sum of the router's auxiliary losses.
+
+Every router is split in two (call with split=True): a flax part that owns
+the parameters, draws the noise with the GLOBAL (G, S, E) shape and sows the
+logits, and a pure `route` function of those arrays that handles each group
+on its own (softmax, top-k, capacity, priorities, auxiliary losses, all in
+float32). The MoE layer runs `route` under shard_map on each device's local
+groups (moe.sparse_moe); since the noise was drawn before the split, the
+result does not depend on the device mesh.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -45,7 +54,7 @@ def _weighted_sum(*pairs):
 def _dispatcher_kwargs(dispatcher: KwArgs | None) -> dict[str, Any]:
   kwargs = dict(dispatcher or {})
   # Sharding hint of vmoe's configs: this package shards groups over the
-  # mesh itself (see moe.to_experts), so the hint carries no information.
+  # mesh itself (see moe.sparse_moe), so the hint carries no information.
   kwargs.pop('partition_spec', None)
   return kwargs
 
@@ -111,7 +120,21 @@ class NoisyTopExpertsPerItemRouter(nn.Module):
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, inputs: Array):
+  def __call__(self, inputs: Array, *, split: bool = False):
+    """Routes (G, S, D) tokens; see the module docstring.
+
+    Args:
+      inputs: (G, S, D) groups of tokens.
+      split: return (arrays, route) instead of (dispatcher, metrics), where
+        arrays holds the per-group (G, ...) gating arrays computed here
+        (parameters, noise and sowing live in this part) and route is a pure
+        function of them, arrays -> (dispatcher, metrics), that treats every
+        group independently (so it can run on any subset of groups, e.g.
+        the local ones of a device under shard_map).
+
+    Returns:
+      (dispatcher, metrics), or (arrays, route) when split.
+    """
     if inputs.ndim != 3:
       raise ValueError(f'router inputs must be (G, S, D), got {inputs.shape}')
     if not 1 <= self.num_selected_experts <= self.num_experts:
@@ -120,32 +143,55 @@ class NoisyTopExpertsPerItemRouter(nn.Module):
         f'[1, num_experts={self.num_experts}]'
       )
     logits, noisy_logits, noise_std = _gating_logits(self, inputs)
-    gates = jax.nn.softmax(logits.astype(jnp.float32))
-    metrics = {'importance_loss': jax.vmap(losses.importance_loss)(gates)}
-    if noisy_logits is None:
-      gates_dispatch = gates
-    else:
-      gates_dispatch = jax.nn.softmax(noisy_logits.astype(jnp.float32))
-      metrics['load_loss'] = jax.vmap(
-        lambda a, b: losses.load_loss(
-          a, b, noise_std, self.num_selected_experts
-        )
-      )(logits, noisy_logits)
-    metrics['gshard_loss'] = jax.vmap(losses.gshard_loss)(gates_dispatch)
-    metrics['z_loss'] = jax.vmap(losses.router_z_loss)(logits)
-    metrics['auxiliary_loss'] = _weighted_sum(
-      (self.importance_loss_weight, metrics['importance_loss']),
-      (self.load_loss_weight, metrics.get('load_loss', 0.0)),
-      (self.gshard_loss_weight, metrics['gshard_loss']),
-      (self.z_loss_weight, metrics['z_loss']),
-    ) + jnp.zeros(logits.shape[0])
-    dispatcher, dispatch_metrics = moe.make_top_k_dispatcher(
-      gates_dispatch.astype(inputs.dtype),
-      self.num_selected_experts,
-      **_dispatcher_kwargs(self.dispatcher),
+    arrays = {'logits': logits}
+    if noisy_logits is not None:
+      arrays['noisy_logits'] = noisy_logits
+    route = functools.partial(
+      _route_top_k,
+      noise_std=noise_std,
+      num_selected_experts=self.num_selected_experts,
+      weights=(
+        self.importance_loss_weight,
+        self.load_loss_weight,
+        self.gshard_loss_weight,
+        self.z_loss_weight,
+      ),
+      dispatcher_kwargs=_dispatcher_kwargs(self.dispatcher),
+      dtype=inputs.dtype,
     )
-    metrics.update(dispatch_metrics)
-    return dispatcher, metrics
+    return (arrays, route) if split else route(arrays)
+
+
+def _route_top_k(
+  arrays, *, noise_std, num_selected_experts, weights, dispatcher_kwargs, dtype
+):
+  """Pure part of NoisyTopExpertsPerItemRouter (per group, float32 losses)."""
+  logits = arrays['logits'].astype(jnp.float32)
+  noisy_logits = arrays.get('noisy_logits')
+  gates = jax.nn.softmax(logits)
+  metrics = {'importance_loss': jax.vmap(losses.importance_loss)(gates)}
+  if noisy_logits is None:
+    gates_dispatch = gates
+  else:
+    noisy_logits = noisy_logits.astype(jnp.float32)
+    gates_dispatch = jax.nn.softmax(noisy_logits)
+    metrics['load_loss'] = jax.vmap(
+      lambda a, b: losses.load_loss(a, b, noise_std, num_selected_experts)
+    )(logits, noisy_logits)
+  metrics['gshard_loss'] = jax.vmap(losses.gshard_loss)(gates_dispatch)
+  metrics['z_loss'] = jax.vmap(losses.router_z_loss)(logits)
+  importance_w, load_w, gshard_w, z_w = weights
+  metrics['auxiliary_loss'] = _weighted_sum(
+    (importance_w, metrics['importance_loss']),
+    (load_w, metrics.get('load_loss', 0.0)),
+    (gshard_w, metrics['gshard_loss']),
+    (z_w, metrics['z_loss']),
+  ) + jnp.zeros(logits.shape[0])
+  dispatcher, dispatch_metrics = moe.make_top_k_dispatcher(
+    gates_dispatch.astype(dtype), num_selected_experts, **dispatcher_kwargs
+  )
+  metrics.update(dispatch_metrics)
+  return dispatcher, metrics
 
 
 class NoisyTopItemsPerExpertRouter(nn.Module):
@@ -171,18 +217,34 @@ class NoisyTopItemsPerExpertRouter(nn.Module):
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, inputs: Array):
+  def __call__(self, inputs: Array, *, split: bool = False):
+    """As NoisyTopExpertsPerItemRouter.__call__."""
     logits, noisy_logits, _ = _gating_logits(self, inputs)
-    logits_dispatch = logits if noisy_logits is None else noisy_logits
-    gates = jax.nn.softmax(logits_dispatch.astype(jnp.float32))
-    dispatcher, metrics = moe.make_top_items_per_expert_dispatcher(
-      gates.astype(inputs.dtype), **_dispatcher_kwargs(self.dispatcher)
+    arrays = {'logits': logits}
+    if noisy_logits is not None:
+      arrays['noisy_logits'] = noisy_logits
+    route = functools.partial(
+      _route_expert_choice,
+      z_loss_weight=self.z_loss_weight,
+      dispatcher_kwargs=_dispatcher_kwargs(self.dispatcher),
+      dtype=inputs.dtype,
     )
-    metrics['z_loss'] = jax.vmap(losses.router_z_loss)(logits)
-    metrics['auxiliary_loss'] = _weighted_sum(
-      (self.z_loss_weight, metrics['z_loss'])
-    ) + jnp.zeros(logits.shape[0])
-    return dispatcher, metrics
+    return (arrays, route) if split else route(arrays)
+
+
+def _route_expert_choice(arrays, *, z_loss_weight, dispatcher_kwargs, dtype):
+  """Pure part of NoisyTopItemsPerExpertRouter (per group)."""
+  logits = arrays['logits'].astype(jnp.float32)
+  logits_dispatch = arrays.get('noisy_logits', logits).astype(jnp.float32)
+  gates = jax.nn.softmax(logits_dispatch)
+  dispatcher, metrics = moe.make_top_items_per_expert_dispatcher(
+    gates.astype(dtype), **dispatcher_kwargs
+  )
+  metrics['z_loss'] = jax.vmap(losses.router_z_loss)(logits)
+  metrics['auxiliary_loss'] = _weighted_sum(
+    (z_loss_weight, metrics['z_loss'])
+  ) + jnp.zeros(logits.shape[0])
+  return dispatcher, metrics
 
 
 def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-6) -> Array:
@@ -221,7 +283,7 @@ class SoftRouter(nn.Module):
     scale_init: initializer of scale.
     precision: precision of the logits and dispatch/combine einsums.
     partition_spec: vmoe's sharding hint; accepted and unused (this package
-      shards groups itself, see moe.to_experts).
+      shards groups itself, see moe.sparse_moe).
     compute_similarity_metrics: accepted for vmoe configs; the cosine
       similarity monitoring metrics of vmoe's soft_moe project are not
       computed.
@@ -241,7 +303,9 @@ class SoftRouter(nn.Module):
   compute_similarity_metrics: bool = True
 
   @nn.compact
-  def __call__(self, inputs: Array):
+  def __call__(self, inputs: Array, *, split: bool = False):
+    """As NoisyTopExpertsPerItemRouter.__call__; arrays hold the (noisy)
+    (G, S, E, P) token-slot logits."""
     dtype = self.dtype or inputs.dtype
     x = l2_normalize(inputs.astype(dtype))
     _, group_size, dim = x.shape
@@ -266,23 +330,28 @@ class SoftRouter(nn.Module):
       logits = logits + self.noise_std * jax.random.normal(
         self.make_rng('gating'), logits.shape, logits.dtype
       )
-    dispatch = jax.nn.softmax(logits, axis=1)
-    combine = jax.nn.softmax(logits, axis=(2, 3))
-    dispatcher = moe.EinsumDispatcher(
-      dispatch_weights=dispatch,
-      combine_weights=combine,
-      bfloat16=self.bfloat16,
-    )
-    metrics = {
-      'auxiliary_loss': jnp.zeros(logits.shape[0], jnp.float32),
-      'combine_weights_max_mean': jnp.mean(
-        jnp.max(combine, axis=(2, 3)), axis=1
-      ),
-      'dispatch_weights_max_mean': jnp.mean(
-        jnp.max(dispatch, axis=1), axis=(1, 2)
-      ),
-    }
-    return dispatcher, metrics
+    route = functools.partial(_route_soft, bfloat16=self.bfloat16)
+    return ({'logits': logits}, route) if split else route({'logits': logits})
+
+
+def _route_soft(arrays, *, bfloat16):
+  """Pure part of SoftRouter: (G, S, E, P) logits -> dispatcher, metrics."""
+  logits = arrays['logits']
+  dispatch = jax.nn.softmax(logits, axis=1)
+  combine = jax.nn.softmax(logits, axis=(2, 3))
+  dispatcher = moe.EinsumDispatcher(
+    dispatch_weights=dispatch,
+    combine_weights=combine,
+    bfloat16=bfloat16,
+  )
+  metrics = {
+    'auxiliary_loss': jnp.zeros(logits.shape[0], jnp.float32),
+    'combine_weights_max_mean': jnp.mean(jnp.max(combine, axis=(2, 3)), axis=1),
+    'dispatch_weights_max_mean': jnp.mean(
+      jnp.max(dispatch, axis=1), axis=(1, 2)
+    ),
+  }
+  return dispatcher, metrics
 
 
 ROUTERS = {

@@ -44,6 +44,7 @@ time move.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -92,8 +93,13 @@ class MlpMoeBlock(nn.Module):
   """Sparse mixture of MLP experts ([V-MoE] Eq. 1-2).
 
   Tokens of all images are split into groups of `group_size`; each group is
-  routed independently; experts run on (E, G * C, D) buffers (expert
-  parallel under a (data, expert) mesh, see moe.py).
+  routed independently; experts run on fixed-capacity buffers, expert
+  parallel under a (data, expert) mesh (moe.sparse_moe, in shard_map).
+
+  Dropout inside the experts draws one mask per (expert, group) from
+  fold_in(fold_in(key, expert), group) (moe.dropout_keys): the same masks
+  whatever the mesh, and different for every expert, so 'dropout' in
+  split_rngs has no effect (kept for vmoe config compatibility).
 
   Attributes:
     mlp_dim: hidden width of every expert.
@@ -104,7 +110,7 @@ class MlpMoeBlock(nn.Module):
     router: router kwargs; 'name' picks the class (routing.ROUTERS).
     split_rngs: initialise each expert from its own key (vmoe's default is
       False: all experts start identical and diverge through routing). A
-      list may name 'params' and/or 'dropout'.
+      list may name 'params' (and 'dropout', which is ignored, see above).
     dtype: computation dtype.
   """
 
@@ -132,35 +138,91 @@ class MlpMoeBlock(nn.Module):
       router_kwargs.pop('name', 'NoisyTopExpertsPerItemRouter')
     )
     router_kwargs.setdefault('deterministic', self.deterministic)
-    dispatcher, metrics = router_cls(
+    routing_arrays, route = router_cls(
       num_experts=self.num_experts,
       dtype=self.dtype,
       name='Router',
       **router_kwargs,
-    )(x)
+    )(x, split=True)
     if isinstance(self.split_rngs, bool):
-      split_params = split_dropout = self.split_rngs
+      split_params = self.split_rngs
     else:
       split_params = 'params' in self.split_rngs
-      split_dropout = 'dropout' in self.split_rngs
+    # The vmapped MlpBlock only creates the parameters (names and init as
+    # vmoe's: Mlp/Dense_0/kernel stacked on axis 0); the experts run as the
+    # pure expert_mlp under moe.sparse_moe.
     experts = nn.vmap(
       MlpBlock,
       in_axes=0,
       out_axes=0,
       variable_axes={'params': 0},
-      split_rngs={'params': split_params, 'dropout': split_dropout},
+      split_rngs={'params': split_params},
       axis_size=self.num_experts,
-    )(
-      mlp_dim=self.mlp_dim,
-      dropout_rate=self.dropout_rate,
-      deterministic=self.deterministic,
-      dtype=self.dtype,
-      name='Mlp',
-    )
-    buffers = moe.to_experts(dispatcher.dispatch(x))  # (E, G*C, D)
-    outputs = moe.from_experts(experts(buffers), x.shape[0])  # (G, E, C, D)
-    y = dispatcher.combine(outputs)  # (G, S, D)
+    )(mlp_dim=self.mlp_dim, deterministic=True, dtype=self.dtype, name='Mlp')
+    if self.is_initializing():
+      experts(jnp.zeros((self.num_experts, 1, hidden), x.dtype))
+    dropout_key = None
+    if not self.deterministic and self.dropout_rate > 0:
+      dropout_key = self.make_rng('dropout')
+    y, metrics = moe.sparse_moe(
+      x,
+      routing_arrays,
+      experts.variables['params'],
+      dropout_key,
+      route_fn=route,
+      expert_fn=functools.partial(
+        expert_mlp, dropout_rate=self.dropout_rate, dtype=self.dtype
+      ),
+      num_experts=self.num_experts,
+    )  # (G, S, D)
     return y.reshape(*batch_shape, y.shape[-1]), metrics
+
+
+def _dropout(x: Array, keys: Array, rate: float) -> Array:
+  """Inverted dropout with one key per leading (E, J, G) entry."""
+  keep = 1.0 - rate
+  mask = jax.vmap(
+    jax.vmap(jax.vmap(lambda k: jax.random.bernoulli(k, keep, x.shape[3:])))
+  )(keys)
+  return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+def expert_mlp(
+  params, x: Array, keys: Array | None, *, dropout_rate: float, dtype=None
+) -> Array:
+  """E_loc expert MLPs (MlpBlock's maths) on their (E_loc, J, G, C, D) buffers.
+
+  Args:
+    params: {'Dense_0': {'kernel' (E_loc, D, F), 'bias' (E_loc, F)},
+      'Dense_1': {...}} as created by the vmapped MlpBlock.
+    x: (E_loc, J, G, C, D) buffers of the local experts.
+    keys: (E_loc, J, G) dropout keys (moe.dropout_keys) or None.
+    dropout_rate: dropout after each dense layer when keys are given.
+    dtype: computation dtype (None: the promoted input/param dtype).
+
+  Returns:
+    (E_loc, J, G, C, D) outputs.
+  """
+
+  def dense(p, h):
+    h, kernel, bias = nn.dtypes.promote_dtype(
+      h, p['kernel'], p['bias'], dtype=dtype
+    )
+    out = jnp.einsum('ejgcd,edf->ejgcf', h, kernel)
+    return out + bias[:, None, None, None, :]
+
+  if keys is not None and dropout_rate > 0:
+    keys = jax.vmap(jax.vmap(jax.vmap(lambda k: jax.random.split(k))))(keys)
+    first, second = keys[..., 0], keys[..., 1]
+  else:
+    first = second = None
+  h = nn.gelu(dense(params['Dense_0'], x))
+  if first is not None:
+    h = _dropout(h, first, dropout_rate)
+  y = dense(params['Dense_1'], h)
+  if second is not None:
+    y = _dropout(y, second, dropout_rate)
+  return y
 
 
 class MapHead(nn.Module):

@@ -1,0 +1,194 @@
+r"""Compile the train step of a config without running it, and report on it.
+
+  python -m vmoe_jsd.inspect_step --config=configs/imagenet.py \
+      [--num_devices=64] [--config.num_expert_partitions=8] [--json=out.json]
+
+Prints the per-device memory (`Compiled.memory_analysis()`), the FLOPs
+(`cost_analysis()`), and one line per collective of the compiled HLO: its
+kind, the mesh axes its device groups span (vmoe_jsd.hlo) and its bytes per
+device per step, then totals per kind and axes. With --num_devices larger
+than the number of real devices, that many CPU devices are simulated
+(XLA_FLAGS=--xla_force_host_platform_device_count, set before jax starts).
+Nothing is run and no data is read (vmoe_jsd.train.lower_train_step).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'Path to an ml_collections config file.', lock_config=True
+)
+_NUM_DEVICES = flags.DEFINE_integer(
+  'num_devices',
+  None,
+  'Devices of the mesh (default: all visible); simulated on CPU when there '
+  'are fewer real ones.',
+)
+_JSON = flags.DEFINE_string(
+  'json', None, 'Also write the figures (collectives, memory, FLOPs) here.'
+)
+flags.mark_flags_as_required(['config'])
+
+MIB = 2**20
+
+
+def collective_rows(compiled, mesh) -> list[dict]:
+  """One dict per collective: kind, axes, bytes (per device), op_name, name.
+
+  Args:
+    compiled: a jax.stages.Compiled program partitioned over `mesh`.
+    mesh: its jax.sharding.Mesh (partition id = flat index in mesh.devices).
+  """
+  import numpy as np  # noqa: PLC0415
+
+  from vmoe_jsd import hlo  # noqa: PLC0415
+
+  ids = np.arange(mesh.devices.size).reshape(mesh.devices.shape)
+  rows = []
+  for c in hlo.parse_collectives(compiled.as_text(), mesh.devices.size):
+    rows.append(
+      {
+        'kind': c.kind,
+        'axes': hlo.spanned_axes(c.groups, ids, mesh.axis_names),
+        'bytes': c.bytes,
+        'op_name': c.op_name,
+        'name': c.name,
+      }
+    )
+  return rows
+
+
+def memory_summary(compiled) -> dict[str, int]:
+  """Per-device bytes from memory_analysis() (absent fields are skipped)."""
+  mem = compiled.memory_analysis()
+  out = {}
+  for field in (
+    'argument_size_in_bytes',
+    'output_size_in_bytes',
+    'alias_size_in_bytes',
+    'temp_size_in_bytes',
+    'generated_code_size_in_bytes',
+  ):
+    value = getattr(mem, field, None)
+    if value is not None:
+      out[field] = int(value)
+  if {'argument_size_in_bytes', 'output_size_in_bytes'} <= set(out):
+    out['total_bytes'] = (
+      out['argument_size_in_bytes']
+      + out['output_size_in_bytes']
+      - out.get('alias_size_in_bytes', 0)
+      + out.get('temp_size_in_bytes', 0)
+    )
+  return out
+
+
+def flops(compiled) -> float | None:
+  """FLOPs per device from cost_analysis(), or None if not reported."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  value = (cost or {}).get('flops')
+  return None if value is None else float(value)
+
+
+def _short_op(op_name: str) -> str:
+  op = re.sub(r'^jit\([^)]*\)/', '', op_name)
+  return op if len(op) <= 70 else '...' + op[-67:]
+
+
+def report(compiled, mesh) -> str:
+  """The text that the command prints."""
+  lines = [
+    f'mesh: {dict(mesh.shape)} over {mesh.devices.size} '
+    f'{mesh.devices.flat[0].platform} devices'
+  ]
+  mem = memory_summary(compiled)
+  lines.append(
+    'memory per device (MiB): '
+    + ', '.join(
+      f'{k.replace("_size_in_bytes", "").replace("_bytes", "")} {v / MIB:.2f}'
+      for k, v in mem.items()
+    )
+  )
+  f = flops(compiled)
+  lines.append(
+    'FLOPs per device per step: '
+    + ('not reported' if f is None else f'{f:.4g}')
+  )
+  rows = collective_rows(compiled, mesh)
+  lines.append(f'collectives: {len(rows)}')
+  totals = collections.Counter()
+  for r in rows:
+    axes = ','.join(r['axes']) or '-'
+    totals[(r['kind'], axes)] += r['bytes']
+    lines.append(
+      f'  {r["kind"]:<20} axes={axes:<12} {r["bytes"] / MIB:10.4f} MiB'
+      f'  {_short_op(r["op_name"])}'
+    )
+  lines.append('totals per device per step:')
+  for (kind, axes), total in sorted(totals.items()):
+    lines.append(f'  {kind:<20} axes={axes:<12} {total / MIB:10.4f} MiB')
+  return '\n'.join(lines)
+
+
+def _select_devices(num_devices):
+  import jax  # noqa: PLC0415
+
+  if num_devices is None:
+    return None
+  if jax.device_count() >= num_devices:
+    return jax.devices()[:num_devices]
+  cpus = jax.devices('cpu')
+  if len(cpus) < num_devices:
+    raise ValueError(
+      f'--num_devices={num_devices}: only {len(cpus)} CPU devices; jax was '
+      'initialised before XLA_FLAGS could be set'
+    )
+  return cpus[:num_devices]
+
+
+def main(argv):
+  del argv
+  num_devices = _NUM_DEVICES.value
+  if num_devices is not None:
+    if num_devices < 1:
+      raise ValueError(f'--num_devices={num_devices} must be >= 1')
+    flag = f'--xla_force_host_platform_device_count={num_devices}'
+    old = re.sub(
+      r'--xla_force_host_platform_device_count=\d+',
+      '',
+      os.environ.get('XLA_FLAGS', ''),
+    )
+    os.environ['XLA_FLAGS'] = f'{old} {flag}'.strip()
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  from vmoe_jsd import sharding, train  # noqa: PLC0415
+
+  config = _CONFIG.value
+  devices = _select_devices(num_devices)
+  mesh = sharding.make_mesh(config.get('num_expert_partitions', 1), devices)
+  lowered, mesh = train.lower_train_step(config, mesh)
+  compiled = lowered.compile()
+  print(report(compiled, mesh), flush=True)
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump(
+        {
+          'mesh': dict(mesh.shape),
+          'memory': memory_summary(compiled),
+          'flops': flops(compiled),
+          'collectives': collective_rows(compiled, mesh),
+        },
+        f,
+        indent=1,
+      )
+
+
+if __name__ == '__main__':
+  app.run(main)
