@@ -20,7 +20,6 @@ what an uninterrupted one would have done.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import re
 import time
@@ -32,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from clu import metric_writers
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vmoe_jsd import (
@@ -47,6 +45,7 @@ from vmoe_jsd import (
   models,
   paths,
   resilience,
+  run_files,
   sharding,
   stability,
 )
@@ -293,12 +292,22 @@ def make_train_step(config, model, tx, schedule, settings):
 # ----------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, reevaluate: bool = False
+):
   """Trains (resuming from workdir if it holds checkpoints) and evaluates.
 
   `workdir` may be local or remote (gs://...); see paths.py. SIGTERM (or a
   first Ctrl-C) stops the run after the current step with a checkpoint of
   it (see resilience.py).
+
+  Args:
+    config: the run's config.
+    workdir: checkpoints, event files, config.json, train_history.jsonl and
+      results.json go here.
+    reevaluate: on a finished workdir, evaluate the final checkpoint again
+      and rewrite results.json (keeping its training time); without it, a
+      finished workdir is left as it is.
 
   Returns:
     The final evaluation result (also written to workdir/results.json), or
@@ -306,13 +315,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """
   # --- Config and mesh. -------------------------------------------------
   config_lib.validate(config, jax.device_count())
+  is_main = jax.process_index() == 0
+  log = print if is_main else (lambda *a, **k: None)
+  finished = run_files.finished_result(workdir, config.get('num_train_steps'))
+  if finished is not None and not reevaluate:
+    log(
+      f'{workdir} has finished ({finished["num_train_steps"]} steps, test '
+      f'accuracy {finished["accuracy"]:.4f}); results.json kept. Pass '
+      '--reevaluate to evaluate its final checkpoint again.',
+      flush=True,
+    )
+    return finished
   workdir = paths.makedirs(workdir)
   mesh = sharding.make_mesh(config.get('num_expert_partitions', 1))
-  is_main = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(
-    str(workdir), just_logging=not is_main, asynchronous=False
-  )
-  log = print if is_main else (lambda *a, **k: None)
+  writer = run_files.metric_writer(str(workdir), is_main)
+  if is_main:
+    run_files.write_config(workdir, config)
 
   # --- Input. -----------------------------------------------------------
   train_ds = data.get_dataset(config.dataset.train, config.augment.size)
@@ -497,6 +515,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   ckpt.maybe_save(num_steps, state, force=True)
   ckpt.close()
   result = do_eval(num_steps)
+  if finished is not None:  # --reevaluate: the training time stays.
+    train_time = finished.get('train_seconds_excluding_compile', train_time)
   result['train_seconds_excluding_compile'] = train_time
   result['num_train_steps'] = num_steps
   # Unreadable images skipped (image folders; logged once each).
@@ -506,7 +526,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   }
   result['consistency_weight'] = float(config.consistency.weight)
   if is_main:
-    paths.write_json(workdir / 'results.json', result)
+    paths.write_json(workdir / run_files.RESULTS, result)
     _append_history(workdir, history)
   writer.flush()
   writer.close()
@@ -520,8 +540,7 @@ def _check_finite(metrics, step, nan_policy='stop'):
 
 
 def _append_history(workdir, history):
-  text = ''.join(json.dumps(h) + '\n' for h in history)
-  paths.append_text(workdir / 'train_history.json', text)
+  run_files.append_jsonl(workdir / run_files.HISTORY, history)
 
 
 def _stop_preempted(guard, ckpt, state, writer, workdir, history, log):
