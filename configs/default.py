@@ -116,3 +116,14 @@ def get_config(arg=None):
   elif arg:
     raise ValueError(f"config argument {arg!r} is unknown; use 'runlocal'")
   return ml_collections.ConfigDict(config)
+
+
+def get_hyper(hyper):
+  """`python -m vmoe_jsd.sweep --config=configs/default.py --workdir=DIR`:
+  consistency weight {0, 0.1} x seed {0, 1, 2} (6 runs)."""
+  return hyper.product(
+    [
+      hyper.sweep('config.consistency.weight', [0.0, 0.1]),
+      hyper.sweep('config.seed', [0, 1, 2]),
+    ]
+  )

@@ -70,6 +70,18 @@ def base_config() -> ml_collections.ConfigDict:
   # vmoe's mixup on the views (augment.mixup); concentration 0 is off.
   config.mixup = ml_collections.ConfigDict({'concentration': 0.0})
   config.loss = ml_collections.ConfigDict({'name': 'softmax_xent'})
+  # Few-shot linear evaluation of frozen pre-logits (vmoe_jsd/fewshot.py):
+  # off until datasets = {name: {'train': <dataset block>, 'test': ...}}.
+  config.fewshot = ml_collections.ConfigDict(
+    {
+      'every_steps': 0,  # 0: only after training.
+      'datasets': {},
+      'shots': (1, 5, 10, 25),
+      'seeds': (0, 1, 2),
+      'l2_reg': 2.0**10,
+      'limit': placeholder(int),  # test images per dataset; None: all.
+    }
+  )
   config.consistency = ml_collections.ConfigDict(
     {
       'loss': 'jsd',

@@ -557,6 +557,11 @@ def validate(config, num_devices: int) -> None:
       'save_checkpoint.asynchronous', save.get('asynchronous'), 'True or False'
     )
 
+  # Few-shot evaluation.
+  from vmoe_jsd import fewshot  # noqa: PLC0415
+
+  fewshot.check_config(config, tuple(DATASETS))
+
   # Initialization.
   init = to_dict(config.get('initialization'))
   if init.get('source') is not None:

@@ -40,6 +40,7 @@ from vmoe_jsd import (
   config_lib,
   data,
   evaluate,
+  fewshot,
   initialization,
   losses,
   models,
@@ -418,6 +419,16 @@ def train_and_evaluate(
     if jax.process_count() == 1  # Its jitted call runs on one process.
     else None
   )
+  fewshot_eval = fewshot.make_evaluator(
+    config, config_lib.eval_model_config(config), settings, put_batch
+  )
+
+  def do_fewshot(step):
+    with jax.set_mesh(mesh):
+      out = fewshot_eval(state.params)
+    writer.write_scalars(step, fewshot.scalars(out))
+    log(fewshot.format_results(out, step), flush=True)
+    return out
 
   def do_eval(step):
     with jax.set_mesh(mesh):
@@ -500,6 +511,10 @@ def train_and_evaluate(
       do_eval(step)
       t_last = time.time()
       steps_since = 0
+    if fewshot_eval and fewshot.due(config, step, num_steps):
+      do_fewshot(step)
+      t_last = time.time()
+      steps_since = 0
     if ckpt.every_steps and step % ckpt.every_steps == 0 and step != num_steps:
       _check_finite(jax.device_get(metrics), step, nan_policy)
       ckpt.maybe_save(step, state)
@@ -515,6 +530,8 @@ def train_and_evaluate(
   ckpt.maybe_save(num_steps, state, force=True)
   ckpt.close()
   result = do_eval(num_steps)
+  if fewshot_eval:
+    result['fewshot'] = do_fewshot(num_steps)
   if finished is not None:  # --reevaluate: the training time stays.
     train_time = finished.get('train_seconds_excluding_compile', train_time)
   result['train_seconds_excluding_compile'] = train_time
