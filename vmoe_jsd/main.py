@@ -55,7 +55,6 @@ def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {argv[1:]}; flags start with --')
   logging.getLogger('absl').addFilter(_quiet_orbax)
-  cli.quiet_console()
   import jax  # noqa: PLC0415 - after flags, before any other jax use.
 
   if _DISTRIBUTED.value:
@@ -69,6 +68,7 @@ def main(argv):
     cli.check_config(config, jax.device_count())
   except cli.CliError as e:
     cli.fail(str(e))
+  cli.quiet_console()  # Imports TensorFlow (slow): after the config checks.
   if jax.process_index() == 0:
     for line in cli.describe_devices():
       print(line, flush=True)
