@@ -202,3 +202,29 @@ def test_console_is_quiet_and_a_finished_workdir_is_kept(tmp_path):
   )
   assert after['train_seconds_excluding_compile'] > 0
   assert after['accuracy'] == old['accuracy']
+
+
+def test_devices_line_and_idle_gpu_warning(monkeypatch):
+  lines = cli.describe_devices()
+  assert lines[0].startswith(f'JAX {jax.__version__} backend: cpu; 8 device')
+  monkeypatch.setattr(cli, 'visible_gpus', lambda: ['/dev/nvidia0'])
+  lines = cli.describe_devices()
+  assert len(lines) == 2
+  assert lines[1].startswith('WARNING: this machine has GPU device files')
+  assert './setup.sh --accelerator=gpu' in lines[1]
+
+
+@pytest.mark.parametrize(
+  'arg,message',
+  [
+    ('--accelerator=fpga', "--accelerator='fpga' is invalid: use cpu, gpu or"),
+    ('--gpu', "unknown option '--gpu'"),
+  ],
+)
+def test_setup_rejects_bad_options_before_installing(arg, message):
+  proc = subprocess.run(
+    ['bash', os.path.join(ROOT, 'setup.sh'), arg],
+    capture_output=True, text=True, timeout=30,
+  )  # fmt: skip
+  assert proc.returncode == 2
+  assert message in proc.stderr
