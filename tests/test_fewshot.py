@@ -1,5 +1,6 @@
 """Few-shot ridge regression against a float64 closed form, and its plumbing."""
 
+import json
 import os
 import sys
 
@@ -169,3 +170,21 @@ def test_bad_fewshot_config_is_rejected(key, value, message):
   with pytest.raises(ValueError, match=message.replace('(', r'\(')
                      .replace(')', r'\)').replace('.', r'\.')):  # fmt: skip
     config_lib.validate(config, num_devices=8)
+
+
+def test_training_runs_fewshot_periodically_and_at_the_end(tmp_path, capsys):
+  from vmoe_jsd import train  # noqa: PLC0415
+
+  config = _fewshot_config()
+  with config.unlocked():
+    config.num_train_steps = 2
+    config.fewshot.every_steps = 1
+    config.fewshot.shots = (2,)
+  result = train.train_and_evaluate(config, str(tmp_path))
+  out = capsys.readouterr().out
+  assert '[fewshot step 1] syn: 2-shot ' in out
+  assert '[fewshot step 2] syn: 2-shot ' in out
+  syn = result['fewshot']['syn']
+  assert 0.0 <= syn['2shot'] <= 1.0 and len(syn['2shot_seeds']) == 2
+  with open(tmp_path / 'results.json') as f:
+    assert json.load(f)['fewshot']['syn']['2shot'] == syn['2shot']
