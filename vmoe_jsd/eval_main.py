@@ -113,10 +113,19 @@ def evaluate_checkpoint(config, checkpoint: str, split: str | None = None):
 def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {argv[1:]}; flags start with --')
+  import jax  # noqa: PLC0415
+
+  config = _CONFIG.value
+  if _SPLIT.value:
+    with config.unlocked():
+      config.dataset.test.split = _SPLIT.value
+  try:
+    cli.check_config(config, jax.device_count())
+  except cli.CliError as e:
+    cli.fail(str(e))
   cli.quiet_console()
   from vmoe_jsd import evaluate, fewshot  # noqa: PLC0415
 
-  config = _CONFIG.value
   result = evaluate_checkpoint(config, _CHECKPOINT.value, _SPLIT.value)
   split = result['split'].replace('/', '_')
   output = _OUTPUT.value
