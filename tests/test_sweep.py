@@ -210,3 +210,28 @@ def test_acceptance_default_runlocal_sweep(tmp_path):
   )  # fmt: skip
   assert sorted(g['consistency.weight'] for g in groups) == ['0.0', '0.1']
   assert all(g['n'] == '3' for g in groups)
+
+
+def test_dry_run_skips_finished_points_and_reruns_incomplete_ones(tmp_path):
+  cfg = tmp_path / 'two.py'
+  cfg.write_text(
+    f'import sys\nsys.path.insert(0, {TESTS!r})\n'
+    'from smoke_config import get_config  # noqa\n'
+    'def get_hyper(hyper):\n'
+    "  return hyper.sweep('config.seed', [0, 1, 2])\n"
+  )
+  workdir = str(tmp_path / 'sw')
+  _fake_point(workdir, 'seed=0', {'seed': 0}, 0.5, 0.1)  # 10 of 10 steps
+  _fake_point(workdir, 'seed=1', {'seed': 1}, 0.5, 0.1, finished=False)
+  out = io.StringIO()
+  # The smoke config trains 6 steps; a 10-step result is not this point's.
+  counts = sweep.run_sweep(str(cfg), workdir, dry_run=True, out=out,
+                           extra=['--config.num_train_steps=10'])  # fmt: skip
+  lines = out.getvalue().splitlines()
+  assert counts['skipped'] == 1
+  assert lines[0] == f'# finished, skipped: {workdir}/seed=0'
+  assert [x.split('--workdir=')[1].split()[0] for x in lines[1:]] == [
+    f'{workdir}/seed=1', f'{workdir}/seed=2']  # fmt: skip
+  out = io.StringIO()
+  counts = sweep.run_sweep(str(cfg), workdir, dry_run=True, out=out)
+  assert counts['skipped'] == 0  # 6-step config: the 10-step run differs
