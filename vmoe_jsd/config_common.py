@@ -79,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
       'shots': (1, 5, 10, 25),
       'seeds': (0, 1, 2),
       'l2_reg': 2.0**10,
-      'limit': placeholder(int),  # test images per dataset; None: all.
+      'limit': config_dict.placeholder(int),  # test images; None: all.
     }
   )
   config.consistency = ml_collections.ConfigDict(

@@ -257,8 +257,8 @@ def make_evaluator(config, eval_model_cfg: Mapping, settings, put_batch):
   sets = {}
   for name, spec in fs.datasets.items():
     sets[name] = (
-      data.get_dataset(spec.train),
-      data.get_dataset(spec.test),
+      data.get_dataset(spec.train, settings.size),
+      data.get_dataset(spec.test, settings.size),
       int(spec.train.batch_size),
       int(spec.test.batch_size),
       spec.get('num_classes'),
