@@ -16,8 +16,6 @@ and writes them as JSON.
 
 from __future__ import annotations
 
-import os
-
 from absl import app, flags
 from ml_collections import config_flags
 
