@@ -20,6 +20,7 @@ this budget.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from vmoe_jsd import config_common
 
@@ -35,10 +36,16 @@ def get_config(arg=None):
 
   config.dataset = ml_collections.ConfigDict()
   config.dataset.train = dict(
-    name='fashion_mnist', split='train', batch_size=128, data_dir=None
+    name='fashion_mnist',
+    split='train',
+    batch_size=128,
+    data_dir=placeholder(str),
   )
   config.dataset.test = dict(
-    name='fashion_mnist', split='test', batch_size=400, data_dir=None
+    name='fashion_mnist',
+    split='test',
+    batch_size=400,
+    data_dir=placeholder(str),
   )
 
   config.augment = dict(
@@ -58,7 +65,7 @@ def get_config(arg=None):
     patch_size=(PATCH, PATCH),
     hidden_size=96,
     classifier='token',
-    representation_size=None,
+    representation_size=placeholder(int),
     head_kernel_zero_init=True,
     encoder=dict(
       remat='none',  # 'full', 'dots_saveable', ...
@@ -109,3 +116,14 @@ def get_config(arg=None):
   elif arg:
     raise ValueError(f"config argument {arg!r} is unknown; use 'runlocal'")
   return ml_collections.ConfigDict(config)
+
+
+def get_hyper(hyper):
+  """`python -m vmoe_jsd.sweep --config=configs/default.py --workdir=DIR`:
+  consistency weight {0, 0.1} x seed {0, 1, 2} (6 runs)."""
+  return hyper.product(
+    [
+      hyper.sweep('config.consistency.weight', [0.0, 0.1]),
+      hyper.sweep('config.seed', [0, 1, 2]),
+    ]
+  )

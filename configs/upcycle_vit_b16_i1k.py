@@ -18,6 +18,7 @@ imagenet2012 (the tfds path) with a tiny model (pass a matching tiny ViT
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from vmoe_jsd import config_common
 
@@ -47,7 +48,7 @@ def get_config(arg=None):
     dtype='float32',  # or 'bfloat16' (README: Precision and memory)
     num_classes=NUM_CLASSES,
     classifier='token',
-    representation_size=None,
+    representation_size=placeholder(int),
     encoder=dict(
       remat='none',  # 'full', 'dots_saveable', ...
       dropout_rate=0.0,

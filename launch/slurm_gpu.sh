@@ -8,8 +8,10 @@
 #
 # WORKDIR must be visible to every node: a shared file system or gs://...
 #
-# Run ./setup.sh once first and `.venv/bin/pip install 'jax[cuda12]'`
-# (same version as requirements.txt). DRY_RUN=1 prints the sbatch script.
+# Installs JAX's CUDA build first if .venv lacks it (./setup.sh
+# --accelerator=gpu, on this node, once). Each run prints its backend and
+# devices, and warns if a GPU is visible but JAX runs on the CPU.
+# DRY_RUN=1 prints the setup command and the sbatch script instead.
 set -euo pipefail
 : "${WORKDIR:?set WORKDIR}"
 NODES="${NODES:-1}"
@@ -37,9 +39,14 @@ script="#!/usr/bin/env bash
 cd $(pwd)
 srun .venv/bin/python -m vmoe_jsd.main --distributed --config=${CONFIG} --workdir=${WORKDIR} $*"
 
+has_cuda() {
+  .venv/bin/python -c 'import jax_plugins.xla_cuda12' >/dev/null 2>&1
+}
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
+  has_cuda || echo "./setup.sh --accelerator=gpu"
   echo "$script"
 else
+  has_cuda || ./setup.sh --accelerator=gpu
   mkdir -p "$LOGDIR"
   echo "$script" | sbatch
 fi

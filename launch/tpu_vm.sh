@@ -20,7 +20,7 @@ EXTRA_ARGS=("$@")
 remote="set -e
 if [ ! -d vmoe_jsd ]; then git clone -b ${BRANCH} ${REPO} vmoe_jsd; fi
 cd vmoe_jsd && git pull -q
-python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt -e . 'jax[tpu]'
+./setup.sh --accelerator=tpu
 .venv/bin/python -m vmoe_jsd.main --distributed --config=${CONFIG} --workdir=${WORKDIR} ${EXTRA_ARGS[*]:-}"
 
 cmd=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all

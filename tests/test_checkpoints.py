@@ -173,13 +173,14 @@ def test_training_resumes_from_previous_checkpoint_past_truncated_one(
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config, workdir)
   _truncate(os.path.join(workdir, 'checkpoints', '6'))
-  with open(os.path.join(workdir, 'train_history.json')) as f:
+  with open(os.path.join(workdir, 'train_history.jsonl')) as f:
     first = [line for line in f if line.strip()]
-  result = train.train_and_evaluate(config, workdir)
+  # A finished workdir is left alone unless asked to evaluate again.
+  result = train.train_and_evaluate(config, workdir, reevaluate=True)
   assert result['step'] == 6
   names = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
   assert names == ['4', '6', '6.damaged']
-  with open(os.path.join(workdir, 'train_history.json')) as f:
+  with open(os.path.join(workdir, 'train_history.jsonl')) as f:
     lines = [line for line in f if line.strip()]
   # Steps 5 and 6 were trained again after resuming from 4.
   assert len(lines) == len(first) + 2

@@ -172,15 +172,13 @@ def test_gs_workdir_trains_resumes_and_evaluates(
 ):
   del gcs
   events = str(tmp_path / 'events')
-  create = train.metric_writers.create_default_writer
+  create = train.run_files.metric_writer
 
-  def local_events(logdir, **kwargs):
+  def local_events(logdir, is_main):
     assert logdir == f'gs://{BUCKET}/run'
-    return create(events, **kwargs)
+    return create(events, is_main)
 
-  monkeypatch.setattr(
-    train.metric_writers, 'create_default_writer', local_events
-  )
+  monkeypatch.setattr(train.run_files, 'metric_writer', local_events)
   monkeypatch.chdir(tmp_path)
   workdir = f'gs://{BUCKET}/run'
   config = _load_smoke(num_train_steps=4)
@@ -195,7 +193,7 @@ def test_gs_workdir_trains_resumes_and_evaluates(
   ]
   assert fs.exists(f'{run}/checkpoints/4/state/_METADATA')
   assert json.loads(fs.cat(f'{run}/results.json'))['step'] == 4
-  history = fs.cat(f'{run}/train_history.json').decode().splitlines()
+  history = fs.cat(f'{run}/train_history.jsonl').decode().splitlines()
   assert [json.loads(h)['step'] for h in history] == [1, 2, 3, 4]
   assert not os.path.exists(tmp_path / 'gs:')  # Nothing went to local disk.
   assert any(n.startswith('events.out') for n in os.listdir(events))
@@ -210,7 +208,7 @@ def test_gs_workdir_trains_resumes_and_evaluates(
     '4',
     '6',
   ]
-  history = fs.cat(f'{run}/train_history.json').decode().splitlines()
+  history = fs.cat(f'{run}/train_history.jsonl').decode().splitlines()
   assert [json.loads(h)['step'] for h in history] == [1, 2, 3, 4, 5, 6]
 
   # eval_main reads the checkpoint from the bucket and gets the accuracy

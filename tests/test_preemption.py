@@ -251,7 +251,7 @@ def test_nan_skip_policy_trains_on_past_a_nan_step(tmp_path, monkeypatch):
   workdir = str(tmp_path / 'run')
   result = train.train_and_evaluate(config, workdir)
   assert result['step'] == 4 and np.isfinite(result['accuracy'])
-  with open(os.path.join(workdir, 'train_history.json')) as f:
+  with open(os.path.join(workdir, 'train_history.jsonl')) as f:
     history = [json.loads(line) for line in f]
   by_step = {h['step']: h for h in history}
   assert by_step[3]['skipped'] == 1.0 and not np.isfinite(by_step[3]['xent'])

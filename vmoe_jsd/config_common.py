@@ -1,4 +1,11 @@
-"""Building blocks shared by the files in configs/ (they import from here)."""
+"""Building blocks shared by the files in configs/ (they import from here).
+
+Optional fields are typed placeholders (`config_dict.placeholder(str)` etc.:
+None until set) rather than plain None, so that every key can be set on the
+command line (`--config.dataset.train.data_dir=/data`,
+`--config.consistency.layers=(1,)`); ml_collections cannot override a field
+whose type is NoneType.
+"""
 
 from __future__ import annotations
 
@@ -63,12 +70,24 @@ def base_config() -> ml_collections.ConfigDict:
   # vmoe's mixup on the views (augment.mixup); concentration 0 is off.
   config.mixup = ml_collections.ConfigDict({'concentration': 0.0})
   config.loss = ml_collections.ConfigDict({'name': 'softmax_xent'})
+  # Few-shot linear evaluation of frozen pre-logits (vmoe_jsd/fewshot.py):
+  # off until datasets = {name: {'train': <dataset block>, 'test': ...}}.
+  config.fewshot = ml_collections.ConfigDict(
+    {
+      'every_steps': 0,  # 0: only after training.
+      'datasets': {},
+      'shots': (1, 5, 10, 25),
+      'seeds': (0, 1, 2),
+      'l2_reg': 2.0**10,
+      'limit': config_dict.placeholder(int),  # test images; None: all.
+    }
+  )
   config.consistency = ml_collections.ConfigDict(
     {
       'loss': 'jsd',
       'weight': 0.0,
       'temperature': 1.0,
-      'layers': None,  # None: every MoE layer.
+      'layers': config_dict.placeholder(tuple),  # None: every MoE layer.
       # Options of losses.ConsistencyOptions (see its docstring).
       'stop_gradient': 'none',  # 'none' | 'view1' | 'view2'
       'include_cls': False,
@@ -162,10 +181,10 @@ def shrink_to_mini_tfds(config: ml_collections.ConfigDict, **model) -> None:
 
 
 def _shrink_model(config: ml_collections.ConfigDict, size: int, **model):
-  config.model.variant = None
+  config.model.variant = config_dict.placeholder(str)
   config.model.hidden_size = model.get('hidden_size', 32)
   config.model.patch_size = (8, 8)
-  config.model.representation_size = None
+  config.model.representation_size = config_dict.placeholder(int)
   config.model.encoder.num_layers = model.get('num_layers', 2)
   config.model.encoder.mlp_dim = model.get('mlp_dim', 64)
   config.model.encoder.num_heads = 2

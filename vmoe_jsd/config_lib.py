@@ -39,8 +39,158 @@ def to_dict(cfg) -> dict[str, Any]:
   return dict(cfg)
 
 
+class ConfigError(ValueError):
+  """A config value that cannot work: names the key, value and valid ones."""
+
+
 def _fail(key: str, value: Any, valid: str):
-  raise ValueError(f'config.{key}={value!r} is invalid: {valid}')
+  raise ConfigError(f'config.{key}={value!r} is invalid: {valid}')
+
+
+def _check_range(
+  key: str,
+  value: Any,
+  low: float | None = None,
+  high: float | None = None,
+  *,
+  low_open: bool = False,
+  high_open: bool = False,
+  integer: bool = False,
+  optional: bool = False,
+) -> None:
+  """Fails unless `value` is a finite number in the given interval.
+
+  Args:
+    key: dotted config key (for the message).
+    value: the value.
+    low: lower bound (None: unbounded).
+    high: upper bound (None: unbounded).
+    low_open: exclude `low` itself.
+    high_open: exclude `high` itself.
+    integer: require an int.
+    optional: allow None.
+  """
+  if value is None and optional:
+    return
+  lo = '(' if low_open else '['
+  hi = ')' if high_open else ']'
+  if low is not None and high is not None:
+    valid = f'in {lo}{low}, {high}{hi}'
+  elif low is not None:
+    valid = f'{">" if low_open else ">="} {low}'
+  elif high is not None:
+    valid = f'{"<" if high_open else "<="} {high}'
+  else:
+    valid = 'any value'
+  kind = 'an integer' if integer else 'a number'
+  valid = f'must be {kind} {valid}' + (' (or None)' if optional else '')
+  is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if not is_number or (integer and not isinstance(value, int)):
+    _fail(key, value, valid)
+  ok = math.isfinite(value)
+  if low is not None:
+    ok = ok and (value > low if low_open else value >= low)
+  if high is not None:
+    ok = ok and (value < high if high_open else value <= high)
+  if not ok:
+    _fail(key, value, valid)
+
+
+def _check_ranges(config, model: Mapping) -> None:
+  """Numbers of the generic, model, consistency and optimizer blocks."""
+  _check_range('seed', config.get('seed', 0), integer=True)
+  steps = config.get('num_train_steps') or 0
+  epochs = config.get('train_epochs') or 0
+  _check_range('num_train_steps', steps, 0, integer=True)
+  _check_range('train_epochs', epochs, 0)
+  if not steps and not epochs:
+    _fail('num_train_steps', steps, 'set it or train_epochs to > 0')
+  _check_range(
+    'num_expert_partitions',
+    config.get('num_expert_partitions', 1),
+    1,
+    integer=True,
+  )
+  ckpt = config.get('save_checkpoint') or {}
+  _check_range(
+    'save_checkpoint.every_steps', ckpt.get('every_steps', 0), 0, integer=True
+  )
+  _check_range(
+    'save_checkpoint.keep_last', ckpt.get('keep_last', 2), 1, integer=True
+  )
+  report = config.get('report_progress') or {}
+  _check_range(
+    'report_progress.every_steps', report.get('every_steps', 1), 1, integer=True
+  )
+  ev = config.get('evaluate') or {}
+  _check_range('evaluate.every_steps', ev.get('every_steps') or 0, 0,
+               integer=True)  # fmt: skip
+  _check_range('evaluate.limit', ev.get('limit'), 1, integer=True,
+               optional=True)  # fmt: skip
+
+  # Model sizes and rates.
+  _check_range('model.num_classes', model.get('num_classes'), 1, integer=True)
+  _check_range('model.hidden_size', model.get('hidden_size'), 1, integer=True)
+  _check_range('model.representation_size', model.get('representation_size'),
+               1, integer=True, optional=True)  # fmt: skip
+  encoder = model.get('encoder') or {}
+  _check_range(
+    'model.encoder.mlp_dim', encoder.get('mlp_dim'), 1, integer=True,
+    optional=True,
+  )  # fmt: skip
+  for rate in ('dropout_rate', 'attention_dropout_rate'):
+    _check_range(f'model.encoder.{rate}', encoder.get(rate), 0, 1,
+                 high_open=True, optional=True)  # fmt: skip
+  moe = encoder.get('moe') or {}
+  _check_range('model.encoder.moe.dropout_rate', moe.get('dropout_rate'), 0,
+               1, high_open=True, optional=True)  # fmt: skip
+  _check_range('model.encoder.moe.group_size', moe.get('group_size'), 1,
+               integer=True, optional=True)  # fmt: skip
+  router = moe.get('router') or {}
+  _check_range('model.encoder.moe.router.noise_std', router.get('noise_std'),
+               0, optional=True)  # fmt: skip
+  for name in ('importance_loss_weight', 'load_loss_weight',
+               'gshard_loss_weight', 'z_loss_weight'):  # fmt: skip
+    _check_range(f'model.encoder.moe.router.{name}', router.get(name), 0,
+                 optional=True)  # fmt: skip
+  dispatcher = router.get('dispatcher') or {}
+  key = 'model.encoder.moe.router.dispatcher'
+  _check_range(f'{key}.capacity_factor', dispatcher.get('capacity_factor'), 0,
+               low_open=True, optional=True)  # fmt: skip
+  _check_range(f'{key}.capacity', dispatcher.get('capacity'), 1, integer=True,
+               optional=True)  # fmt: skip
+
+  # Consistency.
+  cons = config.consistency
+  _check_range('consistency.weight', cons.get('weight'), 0)
+  _check_range('consistency.temperature', cons.get('temperature', 1.0), 0,
+               low_open=True)  # fmt: skip
+
+  # Optimizer.
+  opt = config.optimizer
+  lr = opt.get('learning_rate') or {}
+  key = 'optimizer.learning_rate'
+  _check_range(f'{key}.peak_value', lr.get('peak_value'), 0, low_open=True)
+  _check_range(f'{key}.end_value', lr.get('end_value'), 0, optional=True)
+  _check_range(f'{key}.warmup_steps', lr.get('warmup_steps'), 0, integer=True,
+               optional=True)  # fmt: skip
+  for name in ('b1', 'b2', 'momentum'):
+    _check_range(f'optimizer.{name}', opt.get(name), 0, 1, high_open=True,
+                 optional=True)  # fmt: skip
+  _check_range('optimizer.eps', opt.get('eps'), 0, low_open=True,
+               optional=True)  # fmt: skip
+  decay = opt.get('weight_decay')
+  if isinstance(decay, (int, float)) or decay is None:
+    _check_range('optimizer.weight_decay', decay, 0, optional=True)
+  else:
+    for rule in decay:
+      if len(rule) != 2:
+        _fail('optimizer.weight_decay', decay,
+              'a number or a list of (regex, value) pairs')  # fmt: skip
+      _check_range(f'optimizer.weight_decay[{rule[0]!r}]', rule[1], 0)
+  clip = (opt.get('gradient_clip') or {}).get('global_norm')
+  _check_range('optimizer.gradient_clip.global_norm', clip, 0, low_open=True,
+               optional=True)  # fmt: skip
 
 
 def deep_update(base: Mapping, overrides: Mapping | None) -> dict:
@@ -185,6 +335,7 @@ def validate(config, num_devices: int) -> None:
   """Raises ValueError if the config cannot work on `num_devices` devices."""
   model = models.resolve_model_config(config.model)
   models.check_model_config(model)
+  _check_ranges(config, model)
   encoder = model.get('encoder') or {}
   moe = encoder.get('moe') or {}
   router = dict(moe.get('router') or {})
@@ -405,6 +556,11 @@ def validate(config, num_devices: int) -> None:
     _fail(
       'save_checkpoint.asynchronous', save.get('asynchronous'), 'True or False'
     )
+
+  # Few-shot evaluation.
+  from vmoe_jsd import fewshot  # noqa: PLC0415
+
+  fewshot.check_config(config, tuple(DATASETS))
 
   # Initialization.
   init = to_dict(config.get('initialization'))

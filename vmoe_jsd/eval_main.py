@@ -10,17 +10,16 @@ without `.index`). The config gives the model (its evaluation overrides
 apply: e.g. the evaluation capacity factor), the augmentation size and
 config.dataset.test; --split overrides its split. Prints the accuracy and
 the routing table (agreement, chance, kappa, JSD, confidence, entropy, load,
-dropped) and writes them as JSON.
+dropped), and the few-shot accuracies when config.fewshot names datasets,
+and writes them as JSON.
 """
 
 from __future__ import annotations
 
-import os
-
 from absl import app, flags
 from ml_collections import config_flags
 
-from vmoe_jsd import paths
+from vmoe_jsd import cli, paths
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Config file describing the model and data.',
@@ -62,6 +61,7 @@ def evaluate_checkpoint(config, checkpoint: str, split: str | None = None):
     config_lib,
     data,
     evaluate,
+    fewshot,
     initialization,
     sharding,
   )
@@ -94,20 +94,36 @@ def evaluate_checkpoint(config, checkpoint: str, split: str | None = None):
                                       or sharding.DEFAULT_RULES),
     )  # fmt: skip
     eval_step = jax.jit(evaluate.make_eval_step(config, eval_model, settings))
+    put_batch = sharding.make_put_batch(mesh)
     result = evaluate.run_evaluation(
-      eval_step, params, test_ds, config, sharding.make_put_batch(mesh)
+      eval_step, params, test_ds, config, put_batch
     )
+    fewshot_eval = fewshot.make_evaluator(
+      config, config_lib.eval_model_config(config), settings, put_batch
+    )
+    if fewshot_eval is not None:
+      result['fewshot'] = fewshot_eval(params)
   result['checkpoint'] = checkpoint
   result['split'] = config.dataset.test.split
   return result
 
 
 def main(argv):
-  del argv
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  from vmoe_jsd import evaluate  # noqa: PLC0415
+  if len(argv) > 1:
+    cli.fail(f'unexpected arguments {argv[1:]}; flags start with --')
+  import jax  # noqa: PLC0415
 
   config = _CONFIG.value
+  if _SPLIT.value:
+    with config.unlocked():
+      config.dataset.test.split = _SPLIT.value
+  try:
+    cli.check_config(config, jax.device_count())
+  except cli.CliError as e:
+    cli.fail(str(e))
+  cli.quiet_console()
+  from vmoe_jsd import evaluate, fewshot  # noqa: PLC0415
+
   result = evaluate_checkpoint(config, _CHECKPOINT.value, _SPLIT.value)
   split = result['split'].replace('/', '_')
   output = _OUTPUT.value
@@ -124,9 +140,11 @@ def main(argv):
   )
   if result['routing']:
     print(evaluate.format_routing_table(result['routing']))
+  if result.get('fewshot'):
+    print(fewshot.format_results(result['fewshot']))
   paths.write_json(output, result)
   print(f'Wrote {output}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

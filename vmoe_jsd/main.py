@@ -4,26 +4,36 @@
 
 Config values can be overridden on the command line
 (`--config.consistency.weight=0.1`; the config is locked, so a misspelt key
-fails). Running again with the same --workdir resumes from its latest
-checkpoint. On TPU VM pods and GPU clusters pass --distributed so that
-jax.distributed.initialize() connects the processes (it reads the
-coordinator from the environment on Cloud TPU and SLURM, or from
+fails). A bad config, a missing config file or a bad value ends the run with
+one line on stderr (exit status 2) before anything is compiled. Running
+again with the same --workdir resumes from its latest checkpoint; on a
+finished workdir it says so and keeps results.json (--reevaluate evaluates
+the final checkpoint again). On TPU VM pods and GPU clusters pass
+--distributed so that jax.distributed.initialize() connects the processes (it
+reads the coordinator from the environment on Cloud TPU and SLURM, or from
 --coordinator_address/--num_processes/--process_id).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from vmoe_jsd import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Path to an ml_collections config file.', lock_config=True
 )
 _WORKDIR = flags.DEFINE_string(
   'workdir', None, 'Directory for checkpoints, TensorBoard events, results.'
+)
+_REEVALUATE = flags.DEFINE_bool(
+  'reevaluate',
+  False,
+  'On a finished workdir, evaluate the final checkpoint again and rewrite '
+  'results.json (its training time is kept).',
 )
 _DISTRIBUTED = flags.DEFINE_bool(
   'distributed', False, 'Call jax.distributed.initialize() (multi-host).'
@@ -42,8 +52,8 @@ def _quiet_orbax(record: logging.LogRecord) -> bool:
 
 
 def main(argv):
-  del argv
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  if len(argv) > 1:
+    cli.fail(f'unexpected arguments {argv[1:]}; flags start with --')
   logging.getLogger('absl').addFilter(_quiet_orbax)
   import jax  # noqa: PLC0415 - after flags, before any other jax use.
 
@@ -53,10 +63,19 @@ def main(argv):
       num_processes=_NUM_PROCESSES.value,
       process_id=_PROCESS_ID.value,
     )
+  config = _CONFIG.value
+  try:
+    cli.check_config(config, jax.device_count())
+  except cli.CliError as e:
+    cli.fail(str(e))
+  cli.quiet_console()  # Imports TensorFlow (slow): after the config checks.
+  if jax.process_index() == 0:
+    for line in cli.describe_devices():
+      print(line, flush=True)
   from vmoe_jsd import train  # noqa: PLC0415
 
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train.train_and_evaluate(config, _WORKDIR.value, reevaluate=_REEVALUATE.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -123,7 +123,7 @@ def append_text(path: PathLike, text: str) -> None:
   """Appends `text` to the file at `path` (created if missing).
 
   GCS objects cannot be appended to, so the file is read and written back
-  whole: meant for small logs such as train_history.json.
+  whole: meant for small logs such as train_history.jsonl.
   """
   out = resolve(path)
   old = out.read_text() if out.exists() else ''

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import re
 import time
@@ -33,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from clu import metric_writers
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vmoe_jsd import (
@@ -43,11 +41,13 @@ from vmoe_jsd import (
   config_lib,
   data,
   evaluate,
+  fewshot,
   initialization,
   losses,
   models,
   paths,
   resilience,
+  run_files,
   sharding,
   stability,
 )
@@ -460,12 +460,22 @@ def compile_train_step(config: ml_collections.ConfigDict):
 # ----------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, reevaluate: bool = False
+):
   """Trains (resuming from workdir if it holds checkpoints) and evaluates.
 
   `workdir` may be local or remote (gs://...); see paths.py. SIGTERM (or a
   first Ctrl-C) stops the run after the current step with a checkpoint of
   it (see resilience.py).
+
+  Args:
+    config: the run's config.
+    workdir: checkpoints, event files, config.json, train_history.jsonl and
+      results.json go here.
+    reevaluate: on a finished workdir, evaluate the final checkpoint again
+      and rewrite results.json (keeping its training time); without it, a
+      finished workdir is left as it is.
 
   Returns:
     The final evaluation result (also written to workdir/results.json), or
@@ -473,13 +483,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """
   # --- Config and mesh. -------------------------------------------------
   config_lib.validate(config, jax.device_count())
+  is_main = jax.process_index() == 0
+  log = print if is_main else (lambda *a, **k: None)
+  finished = run_files.finished_result(workdir, config.get('num_train_steps'))
+  if finished is not None and not reevaluate:
+    log(
+      f'{workdir} has finished ({finished["num_train_steps"]} steps, test '
+      f'accuracy {finished["accuracy"]:.4f}); results.json kept. Pass '
+      '--reevaluate to evaluate its final checkpoint again.',
+      flush=True,
+    )
+    return finished
   workdir = paths.makedirs(workdir)
   mesh = sharding.make_mesh(config.get('num_expert_partitions', 1))
-  is_main = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(
-    str(workdir), just_logging=not is_main, asynchronous=False
-  )
-  log = print if is_main else (lambda *a, **k: None)
+  writer = run_files.metric_writer(str(workdir), is_main)
+  if is_main:
+    run_files.write_config(workdir, config)
 
   # --- Input. -----------------------------------------------------------
   train_ds = data.get_dataset(config.dataset.train, config.augment.size)
@@ -544,6 +563,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     if jax.process_count() == 1  # Its jitted call runs on one process.
     else None
   )
+  fewshot_eval = fewshot.make_evaluator(
+    config, config_lib.eval_model_config(config), settings, put_batch
+  )
+
+  def do_fewshot(step):
+    with jax.set_mesh(mesh):
+      out = fewshot_eval(state.params)
+    writer.write_scalars(step, fewshot.scalars(out))
+    log(fewshot.format_results(out, step), flush=True)
+    return out
 
   def do_eval(step):
     with jax.set_mesh(mesh):
@@ -626,6 +655,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       do_eval(step)
       t_last = time.time()
       steps_since = 0
+    if fewshot_eval and fewshot.due(config, step, num_steps):
+      do_fewshot(step)
+      t_last = time.time()
+      steps_since = 0
     if ckpt.every_steps and step % ckpt.every_steps == 0 and step != num_steps:
       _check_finite(jax.device_get(metrics), step, nan_policy)
       ckpt.maybe_save(step, state)
@@ -641,6 +674,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   ckpt.maybe_save(num_steps, state, force=True)
   ckpt.close()
   result = do_eval(num_steps)
+  if fewshot_eval:
+    result['fewshot'] = do_fewshot(num_steps)
+  if finished is not None:  # --reevaluate: the training time stays.
+    train_time = finished.get('train_seconds_excluding_compile', train_time)
   result['train_seconds_excluding_compile'] = train_time
   result['num_train_steps'] = num_steps
   # Unreadable images skipped (image folders; logged once each).
@@ -650,7 +687,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   }
   result['consistency_weight'] = float(config.consistency.weight)
   if is_main:
-    paths.write_json(workdir / 'results.json', result)
+    paths.write_json(workdir / run_files.RESULTS, result)
     _append_history(workdir, history)
   writer.flush()
   writer.close()
@@ -664,8 +701,7 @@ def _check_finite(metrics, step, nan_policy='stop'):
 
 
 def _append_history(workdir, history):
-  text = ''.join(json.dumps(h) + '\n' for h in history)
-  paths.append_text(workdir / 'train_history.json', text)
+  run_files.append_jsonl(workdir / run_files.HISTORY, history)
 
 
 def _stop_preempted(guard, ckpt, state, writer, workdir, history, log):

@@ -1,0 +1,316 @@
+"""Few-shot linear evaluation of frozen features (V-MoE paper, Sec. 3).
+
+Riquelme et al. (NeurIPS 2021) report "few-shot linear transfer" as in
+Kolesnikov et al. (BiT) and Dosovitskiy et al. (ViT): the pre-logits of the
+frozen model (the token or pooled representation before the head; after the
+tanh layer when `representation_size` is set) for `shot` training images per
+class, and a closed-form L2-regularised least-squares classifier on them:
+
+  x <- (x - mean) / (std + 1e-5)      (statistics of the shots)
+  x <- [x, 100]                        (a nearly unregularised bias column)
+  Y  = 2 * onehot(y) - 1               (targets in {-1, +1})
+  W  = argmin ||X W - Y||^2 + l2_reg ||W||^2
+     = (X^T X + l2_reg I)^-1 X^T Y     (or X^T (X X^T + l2_reg I)^-1 Y)
+  prediction: argmax over classes of x_test W
+
+Shots are drawn per class with `np.random.default_rng(seed)` (a permutation
+of each class's indices, its first `shot` entries), and the test accuracy is
+averaged over seeds. The solve runs in float64 on the host.
+
+config.fewshot:
+  every_steps: evaluate every N training steps (0: only at the end).
+  datasets: {name: {'train': <dataset block>, 'test': <dataset block>}}, the
+    blocks as config.dataset.<split> (any registered dataset: tfds, folder,
+    fashion_mnist, synthetic). Empty: few-shot evaluation is off.
+  shots: shots per class, e.g. (1, 5, 10, 25).
+  seeds: seeds of the shot selection, e.g. (0, 1, 2).
+  l2_reg: the fixed regulariser (2**10, as big_vision's few-shot evaluator).
+  limit: at most this many test images per dataset (None: all).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+BIAS_FEATURE = 100.0
+DEFAULT_SHOTS = (1, 5, 10, 25)
+
+
+def ridge_weights(
+  x: np.ndarray, y: np.ndarray, num_classes: int, l2_reg: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Closed-form ridge regression on whitened features and +-1 targets.
+
+  Args:
+    x: (N, D) training features.
+    y: (N,) integer labels in [0, num_classes).
+    num_classes: C.
+    l2_reg: the L2 regulariser (> 0).
+
+  Returns:
+    (W of shape (D + 1, C), mean (D,), std (D,)): the weights over the
+    whitened features plus the bias column, and the whitening statistics.
+  """
+  x = np.asarray(x, np.float64)
+  mean = x.mean(axis=0)
+  std = x.std(axis=0) + 1e-5
+  xw = _augment((x - mean) / std)
+  targets = 2.0 * np.eye(num_classes)[np.asarray(y)] - 1.0
+  n, d = xw.shape
+  if n >= d:
+    w = np.linalg.solve(xw.T @ xw + l2_reg * np.eye(d), xw.T @ targets)
+  else:
+    w = xw.T @ np.linalg.solve(xw @ xw.T + l2_reg * np.eye(n), targets)
+  return w, mean, std
+
+
+def _augment(x: np.ndarray) -> np.ndarray:
+  return np.concatenate([x, np.full((x.shape[0], 1), BIAS_FEATURE)], axis=1)
+
+
+def ridge_predict(
+  x: np.ndarray, w: np.ndarray, mean: np.ndarray, std: np.ndarray
+) -> np.ndarray:
+  """Class predictions of `ridge_weights`' classifier for (M, D) features."""
+  xw = _augment((np.asarray(x, np.float64) - mean) / std)
+  return np.argmax(xw @ w, axis=1)
+
+
+def select_shots(
+  labels: np.ndarray, shot: int, seed: int, num_classes: int
+) -> np.ndarray:
+  """Indices of `shot` examples per class (fewer if a class has fewer)."""
+  rng = np.random.default_rng(seed)
+  picked = [
+    rng.permutation(np.flatnonzero(labels == c))[:shot]
+    for c in range(num_classes)
+  ]
+  return np.concatenate(picked).astype(np.int64)
+
+
+def fewshot_accuracies(
+  train_features: np.ndarray,
+  train_labels: np.ndarray,
+  test_features: np.ndarray,
+  test_labels: np.ndarray,
+  *,
+  shots: Sequence[int] = DEFAULT_SHOTS,
+  seeds: Sequence[int] = (0,),
+  l2_reg: float = 2.0**10,
+  num_classes: int | None = None,
+) -> dict[int, list[float]]:
+  """{shot: [test accuracy for each seed]} of the ridge classifier."""
+  train_labels = np.asarray(train_labels)
+  test_labels = np.asarray(test_labels)
+  if num_classes is None:
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+  out: dict[int, list[float]] = {}
+  for shot in shots:
+    accs = []
+    for seed in seeds:
+      idx = select_shots(train_labels, shot, seed, num_classes)
+      w, mean, std = ridge_weights(
+        train_features[idx], train_labels[idx], num_classes, l2_reg
+      )
+      pred = ridge_predict(test_features, w, mean, std)
+      accs.append(float(np.mean(pred == test_labels)))
+    out[int(shot)] = accs
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Config and model plumbing.
+# ----------------------------------------------------------------------------
+def enabled(config) -> bool:
+  fs = config.get('fewshot') if hasattr(config, 'get') else None
+  return bool(fs and fs.get('datasets'))
+
+
+def due(config, step: int, num_steps: int) -> bool:
+  """Whether a periodic few-shot evaluation falls on `step` (not the last,
+  which the end of training covers)."""
+  every = config.fewshot.get('every_steps') or 0
+  return bool(every) and step % every == 0 and step != num_steps
+
+
+def check_config(config, datasets_registry: Sequence[str]) -> None:
+  """Raises ValueError (key, value, what is valid) for a bad config.fewshot."""
+  fs = config.get('fewshot')
+  if not fs:
+    return
+
+  def bad(key, value, valid):
+    raise ValueError(f'config.fewshot.{key}={value!r} is invalid: {valid}')
+
+  every = fs.get('every_steps') or 0
+  if not isinstance(every, int) or every < 0:
+    bad('every_steps', every, 'must be an integer >= 0')
+  if not fs.get('datasets'):
+    return
+  shots = tuple(fs.get('shots') or ())
+  if not shots or any(not isinstance(s, int) or s < 1 for s in shots):
+    bad('shots', shots, 'a non-empty tuple of integers >= 1, e.g. (1, 5)')
+  seeds = tuple(fs.get('seeds') or ())
+  if not seeds or any(not isinstance(s, int) for s in seeds):
+    bad('seeds', seeds, 'a non-empty tuple of integers, e.g. (0, 1, 2)')
+  l2 = fs.get('l2_reg')
+  if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 > 0:
+    bad('l2_reg', l2, 'must be a number > 0')
+  limit = fs.get('limit')
+  if limit is not None and (not isinstance(limit, int) or limit < 1):
+    bad('limit', limit, 'must be an integer >= 1 (or None)')
+  for name, spec in fs.datasets.items():
+    for split in ('train', 'test'):
+      block = spec.get(split) if hasattr(spec, 'get') else None
+      if not block or block.get('name') not in datasets_registry:
+        bad(
+          f'datasets.{name}.{split}',
+          block and block.get('name'),
+          f'a dataset block whose name is one of {sorted(datasets_registry)}',
+        )
+      batch = block.get('batch_size')
+      if not isinstance(batch, int) or batch < 1:
+        bad(f'datasets.{name}.{split}.batch_size', batch, 'an integer >= 1')
+
+
+def make_feature_fn(model, settings) -> Callable:
+  """(params, images) -> pre-logits of the deterministic centre view.
+
+  Args:
+    model: a model built with num_classes=0 (it returns its pre-logits).
+    settings: augmentation settings (the view size).
+
+  Returns:
+    A function to jit.
+  """
+  import jax  # noqa: PLC0415
+
+  from vmoe_jsd import augment  # noqa: PLC0415
+
+  def features(params, images):
+    center = jax.vmap(lambda im: augment.center_view(im, settings))(images)
+    out, _ = model.apply({'params': params}, augment.to_model_range(center))
+    return out
+
+  return features
+
+
+def extract(feature_fn, params, dataset, batch_size, put_batch, limit=None):
+  """(features (N, D), labels (N,)) over a dataset, padding dropped."""
+  import jax  # noqa: PLC0415
+
+  feats, labels = [], []
+  for batch in dataset.eval_batches(
+    batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    limit=limit,
+  ):
+    images, mask = put_batch(batch['image'], batch['mask'])
+    out = feature_fn(params, images)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # noqa: PLC0415
+
+      out = multihost_utils.process_allgather(out, tiled=True)
+      mask = multihost_utils.process_allgather(mask, tiled=True)
+      label = multihost_utils.process_allgather(
+        put_batch(batch['label'])[0], tiled=True
+      )
+    else:
+      label = batch['label']
+    mask = np.asarray(jax.device_get(mask)).astype(bool)
+    feats.append(np.asarray(jax.device_get(out), np.float64)[mask])
+    labels.append(np.asarray(jax.device_get(label))[mask])
+  return np.concatenate(feats), np.concatenate(labels)
+
+
+def make_evaluator(config, eval_model_cfg: Mapping, settings, put_batch):
+  """A function params -> few-shot results, or None when config.fewshot is
+  off. Datasets are loaded once here.
+
+  Args:
+    config: the run's config (config.fewshot as in the module docstring).
+    eval_model_cfg: the evaluation model config (its head is dropped).
+    settings: augmentation settings (view size).
+    put_batch: sharding.make_put_batch(mesh).
+
+  Returns:
+    None, or evaluate(params) -> {dataset: {'<k>shot': mean accuracy,
+    '<k>shot_std': std over seeds, '<k>shot_seeds': [...]}}.
+  """
+  if not enabled(config):
+    return None
+  import jax  # noqa: PLC0415
+
+  from vmoe_jsd import config_lib, data  # noqa: PLC0415
+  from vmoe_jsd.models import build_model  # noqa: PLC0415
+
+  fs = config.fewshot
+  model_cfg = dict(config_lib.to_dict(eval_model_cfg))
+  model_cfg['num_classes'] = 0
+  feature_fn = jax.jit(
+    make_feature_fn(build_model(model_cfg, deterministic=True), settings)
+  )
+  sets = {}
+  for name, spec in fs.datasets.items():
+    sets[name] = (
+      data.get_dataset(spec.train, settings.size),
+      data.get_dataset(spec.test, settings.size),
+      int(spec.train.batch_size),
+      int(spec.test.batch_size),
+      spec.get('num_classes'),
+    )
+
+  def evaluate(params) -> dict[str, dict[str, Any]]:
+    results = {}
+    for name, (train, test, tb, eb, num_classes) in sets.items():
+      xtr, ytr = extract(feature_fn, params, train, tb, put_batch)
+      xte, yte = extract(
+        feature_fn, params, test, eb, put_batch, fs.get('limit')
+      )
+      accs = fewshot_accuracies(
+        xtr, ytr, xte, yte,
+        shots=tuple(fs.shots), seeds=tuple(fs.seeds),
+        l2_reg=float(fs.l2_reg), num_classes=num_classes,
+      )  # fmt: skip
+      out: dict[str, Any] = {}
+      for shot, values in accs.items():
+        out[f'{shot}shot'] = float(np.mean(values))
+        out[f'{shot}shot_std'] = float(np.std(values, ddof=1)) if len(
+          values
+        ) > 1 else None  # fmt: skip
+        out[f'{shot}shot_seeds'] = values
+      out['num_train_images'] = int(len(ytr))
+      out['num_test_images'] = int(len(yte))
+      results[name] = out
+    return results
+
+  return evaluate
+
+
+def format_results(results: Mapping[str, Mapping[str, Any]], step=None) -> str:
+  """One line per dataset: `[fewshot step N] name: 1-shot 0.312+-0.020 ...`."""
+  lines = []
+  head = '[fewshot' + (f' step {step}]' if step is not None else ']')
+  for name, out in results.items():
+    parts = []
+    for key, value in out.items():
+      if key.endswith('shot'):
+        std = out.get(f'{key}_std')
+        pm = f'+-{std:.3f}' if std is not None else ''
+        parts.append(f'{key[:-4]}-shot {value:.3f}{pm}')
+    lines.append(f'{head} {name}: ' + '  '.join(parts))
+  return '\n'.join(lines)
+
+
+def scalars(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+  """{'fewshot/<dataset>/<k>shot': mean accuracy} for the metric writer."""
+  return {
+    f'fewshot/{name}/{key}': float(value)
+    for name, out in results.items()
+    for key, value in out.items()
+    if key.endswith('shot')
+  }
