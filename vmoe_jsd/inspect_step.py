@@ -22,19 +22,28 @@ import re
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-  'config', None, 'Path to an ml_collections config file.', lock_config=True
-)
-_NUM_DEVICES = flags.DEFINE_integer(
-  'num_devices',
-  None,
-  'Devices of the mesh (default: all visible); simulated on CPU when there '
-  'are fewer real ones.',
-)
-_JSON = flags.DEFINE_string(
-  'json', None, 'Also write the figures (collectives, memory, FLOPs) here.'
-)
-flags.mark_flags_as_required(['config'])
+# Flags are defined only when this module runs as a program (see
+# define_flags), so that importing it beside eval_main or main, which define
+# their own --config, does not clash.
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines --config, --num_devices and --json on absl's global flags."""
+  config_flags.DEFINE_config_file(
+    'config', None, 'Path to an ml_collections config file.', lock_config=True
+  )
+  flags.DEFINE_integer(
+    'num_devices',
+    None,
+    'Devices of the mesh (default: all visible); simulated on CPU when there '
+    'are fewer real ones.',
+  )
+  flags.DEFINE_string(
+    'json', None, 'Also write the figures (collectives, memory, FLOPs) here.'
+  )
+  flags.mark_flags_as_required(['config'])
+
 
 MIB = 2**20
 
@@ -156,7 +165,7 @@ def _select_devices(num_devices):
 
 def main(argv):
   del argv
-  num_devices = _NUM_DEVICES.value
+  num_devices = FLAGS.num_devices
   if num_devices is not None:
     if num_devices < 1:
       raise ValueError(f'--num_devices={num_devices} must be >= 1')
@@ -170,14 +179,14 @@ def main(argv):
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   from vmoe_jsd import sharding, train  # noqa: PLC0415
 
-  config = _CONFIG.value
+  config = FLAGS.config
   devices = _select_devices(num_devices)
   mesh = sharding.make_mesh(config.get('num_expert_partitions', 1), devices)
   lowered, mesh = train.lower_train_step(config, mesh)
   compiled = lowered.compile()
   print(report(compiled, mesh), flush=True)
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
+  if FLAGS.json:
+    with open(FLAGS.json, 'w') as f:
       json.dump(
         {
           'mesh': dict(mesh.shape),
@@ -191,4 +200,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
