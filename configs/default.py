@@ -121,9 +121,4 @@ def get_config(arg=None):
 def get_hyper(hyper):
   """`python -m vmoe_jsd.sweep --config=configs/default.py --workdir=DIR`:
   consistency weight {0, 0.1} x seed {0, 1, 2} (6 runs)."""
-  return hyper.product(
-    [
-      hyper.sweep('config.consistency.weight', [0.0, 0.1]),
-      hyper.sweep('config.seed', [0, 1, 2]),
-    ]
-  )
+  return config_common.weight_seed_sweep(hyper)

@@ -121,9 +121,4 @@ def get_hyper(hyper):
   `hyper` has vmoe's sweep API: `sweep(key, values)` lists one-key
   assignments, `product(sweeps)` their Cartesian product.
   """
-  return hyper.product(
-    [
-      hyper.sweep('config.consistency.weight', [0.0, 0.1]),
-      hyper.sweep('config.seed', [0, 1, 2]),
-    ]
-  )
+  return config_common.weight_seed_sweep(hyper)

@@ -47,9 +47,4 @@ def get_config(arg=None):
 
 def get_hyper(hyper):
   """Consistency weight 0 vs 0.1, three fine-tuning seeds each."""
-  return hyper.product(
-    [
-      hyper.sweep('config.consistency.weight', [0.0, 0.1]),
-      hyper.sweep('config.seed', [0, 1, 2]),
-    ]
-  )
+  return config_common.weight_seed_sweep(hyper)

@@ -325,3 +325,24 @@ def finetune_runlocal(config: ml_collections.ConfigDict) -> None:
   config.initialization.source = None
   config.evaluate.every_steps = 0
   shrink_to_mini_tfds(config)
+
+
+def weight_seed_sweep(hyper, weights=(0.0, 0.1), seeds=(0, 1, 2)):
+  """Consistency weight x seed: the sweep most configs here define.
+
+  Args:
+    hyper: the sweep API passed to a config's get_hyper (vmoe_jsd.sweep.Hyper:
+      `sweep(key, values)` lists one-key assignments, `product(sweeps)` their
+      Cartesian product).
+    weights: values of config.consistency.weight.
+    seeds: values of config.seed.
+
+  Returns:
+    The product of the two sweeps, weight-major.
+  """
+  return hyper.product(
+    [
+      hyper.sweep('config.consistency.weight', list(weights)),
+      hyper.sweep('config.seed', list(seeds)),
+    ]
+  )
