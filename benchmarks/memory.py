@@ -1,7 +1,7 @@
 r"""Per-device memory of the compiled train step by model.dtype and remat.
 
   python benchmarks/memory.py --config=configs/default.py
-  python benchmarks/memory.py --config=configs/vmoe_s32_i1k_jsd.py \
+  python benchmarks/memory.py --config=configs/imagenet.py \
       --config.dataset.train.batch_size=128
 
 Compiles (nothing runs, no data is read: abstract shapes only) the train
