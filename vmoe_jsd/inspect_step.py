@@ -177,10 +177,14 @@ def main(argv):
     )
     os.environ['XLA_FLAGS'] = f'{old} {flag}'.strip()
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  from vmoe_jsd import sharding, train  # noqa: PLC0415
+  from vmoe_jsd import cli, sharding, train  # noqa: PLC0415
 
   config = FLAGS.config
   devices = _select_devices(num_devices)
+  try:  # A config error is one line (cli's convention), before compiling.
+    cli.check_config(config, len(devices))
+  except cli.CliError as e:
+    cli.fail(str(e))
   mesh = sharding.make_mesh(config.get('num_expert_partitions', 1), devices)
   lowered, mesh = train.lower_train_step(config, mesh)
   compiled = lowered.compile()
@@ -201,4 +205,6 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  from vmoe_jsd import cli  # noqa: E402 - jax is imported lazily by main.
+
+  app.run(main, flags_parser=cli.parse_flags)
