@@ -215,8 +215,13 @@ ROUTER_VARIANTS = {
     },
     {'name': 'einsum'},
   ),
+  # Soft MoE with float32 dispatch: with vmoe's default bfloat16 dispatch the
+  # loss still matches (1e-5) but a few gradients differ by up to 5e-4
+  # relative between meshes, consistent with XLA:CPU keeping the bf16
+  # rounding where the buffers cross devices and folding it away on one
+  # device (not proven). The bf16 exchange itself is covered by indices_bf16.
   'soft': (
-    {'name': 'SoftRouter', 'noise_std': 0.5},
+    {'name': 'SoftRouter', 'noise_std': 0.5, 'bfloat16': False},
     None,
   ),
 }
