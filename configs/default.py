@@ -111,10 +111,9 @@ def get_config(arg=None):
   config.report_progress.every_steps = 50
   config.save_checkpoint.every_steps = 500
 
-  if arg == 'runlocal':
-    config_common.shrink_for_local_run(config)
-  elif arg:
-    raise ValueError(f"config argument {arg!r} is unknown; use 'runlocal'")
+  config_common.apply_config_arg(
+    config, arg, config_common.shrink_for_local_run
+  )
   return ml_collections.ConfigDict(config)
 
 

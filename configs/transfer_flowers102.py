@@ -38,11 +38,9 @@ def get_config(arg=None):
     warmup_steps=50,
     canvas=320,
   )
-  if arg == 'runlocal':
-    config_common.finetune_runlocal(config)
-  elif arg:
-    raise ValueError(f"config argument {arg!r} is unknown; use 'runlocal'")
-  return config
+  return config_common.apply_config_arg(
+    config, arg, config_common.finetune_runlocal
+  )
 
 
 def get_hyper(hyper):

@@ -79,9 +79,9 @@ def get_config(arg=None):
   config.report_progress.every_steps = 100
   config.evaluate.every_steps = 2000
   config = ml_collections.ConfigDict(config)
-  if arg == 'runlocal':
-    config.num_expert_partitions = 1
-    config_common.shrink_to_mini_tfds(config, num_layers=4, layers='every 2')
-  elif arg:
-    raise ValueError(f"config argument {arg!r} is unknown; use 'runlocal'")
-  return config
+  return config_common.apply_config_arg(config, arg, _runlocal)
+
+
+def _runlocal(config):
+  config.num_expert_partitions = 1
+  config_common.shrink_to_mini_tfds(config, num_layers=4, layers='every 2')

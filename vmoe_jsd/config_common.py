@@ -346,3 +346,24 @@ def weight_seed_sweep(hyper, weights=(0.0, 0.1), seeds=(0, 1, 2)):
       hyper.sweep('config.seed', list(seeds)),
     ]
   )
+
+
+def apply_config_arg(config, arg, runlocal) -> ml_collections.ConfigDict:
+  """The `get_config(arg)` convention of every config here.
+
+  Args:
+    config: the full-size config.
+    arg: None (full size) or 'runlocal'.
+    runlocal: callable(config) that shrinks it in place to a CPU smoke run.
+
+  Returns:
+    config, shrunk when arg == 'runlocal'.
+
+  Raises:
+    ValueError: any other arg, naming it and the valid one.
+  """
+  if arg == 'runlocal':
+    runlocal(config)
+  elif arg:
+    raise ValueError(f"config argument {arg!r} is unknown; use 'runlocal'")
+  return config
