@@ -97,3 +97,82 @@ def test_report_only_writes_results_md_from_the_run_folders(tmp_path):
   assert '| margin@0.1 | 2 | 81.50 ± 0.71 |' in text
   assert 'No setting met the target' in text
   assert 'This is a pilot on a short schedule (50 steps' in text
+
+
+def _write_runs(root, steps_dir, results_by_setting, seeds=(0,)):
+  for name, result in results_by_setting.items():
+    for seed in seeds:
+      d = root / steps_dir / f'{name}_s{seed}'
+      d.mkdir(parents=True)
+      (d / 'results.json').write_text(json.dumps(result))
+
+
+# Hand-made search: none at kappa (.4, .3), entropy (.6, .8), 80% accuracy.
+SEARCH = {
+  'none': fake_result(0.80, (0.4, 0.3), (0.6, 0.8), (FLAT, FLAT)),
+  # All four conditions (accuracy 79.5 >= 80 - 1 point), min Δkappa .2.
+  'margin@0.1': fake_result(0.795, (0.6, 0.5), (0.5, 0.7), (FLAT, FLAT)),
+  # More kappa, but accuracy 75 < 79: three conditions, so not chosen.
+  'margin@0.3': fake_result(0.75, (0.8, 0.7), (0.5, 0.7), (FLAT, FLAT)),
+  # Δkappa .1 < .15: three conditions (entropy, accuracy, load).
+  'l2@0.1': fake_result(0.80, (0.5, 0.4), (0.5, 0.7), (FLAT, FLAT)),
+  # Flatter and too little kappa on block 1: two conditions.
+  'l2@0.3': fake_result(0.80, (0.45, 0.9), (0.9, 0.9), (FLAT, FLAT)),
+}
+
+
+def test_choose_picks_each_losses_weight_then_the_finalists_by_hand():
+  parsed = [study.parse_setting(n) for n in SEARCH]
+  aggs = {n: study.aggregate([r]) for n, r in SEARCH.items()}
+  decision = study.choose(aggs['none'], aggs, parsed, finalists=1)
+  assert decision['best_weight'] == {'margin': 'margin@0.1', 'l2': 'l2@0.1'}
+  assert decision['finalists'] == ['margin@0.1']
+  assert study.search_score(decision['checks']['l2@0.1']) == (
+    3, pytest.approx(0.1)
+  )  # fmt: skip
+  assert study.search_score(decision['checks']['l2@0.3'])[0] == 2
+  # Without the one-seed tolerance margin@0.1 fails the accuracy condition.
+  strict = study.choose(aggs['none'], aggs, parsed, 2, tolerance=0.0)
+  assert not strict['checks']['margin@0.1']['accuracy_ok']
+
+
+def test_search_then_final_reports_from_the_run_folders(tmp_path):
+  root = tmp_path / 'runs'
+  _write_runs(root, 'n50', SEARCH)
+  full = {
+    'none': fake_result(0.86, (0.4, 0.3), (0.6, 0.8), (FLAT, FLAT)),
+    'jsd@0.1': fake_result(0.86, (0.5, 0.4), (0.8, 0.9), (FLAT, FLAT)),
+    'margin@0.1': fake_result(0.86, (0.6, 0.5), (0.5, 0.7), (FLAT, FLAT)),
+  }
+  _write_runs(root, 'full', full, seeds=(0, 1))
+  docs = tmp_path / 'docs'
+  proc = subprocess.run(
+    [sys.executable, os.path.join(ROOT, 'tools', 'study.py'),
+     '--phase=final', '--losses=margin,l2', '--search_weights=0.1,0.3',
+     '--search_steps=50', '--finalists=1', '--seeds=0,1', f'--root={root}',
+     f'--report={docs / "results.md"}',
+     f'--search_report={docs / "search.md"}', '--report_only',
+     '--no_analyze'],
+    capture_output=True, text=True, cwd=ROOT,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  choice = json.loads((docs / 'search_choice.json').read_text())
+  assert choice['finalists'] == ['margin@0.1']
+  search = (docs / 'search.md').read_text()
+  assert '| margin@0.1 | 79.50 | +0.200 / +0.200 |' in search
+  assert 'best weight, finalist 1 |' in search
+  results = (docs / 'results.md').read_text()
+  assert '## How the settings were chosen' in results
+  assert '| margin@0.1 | 2 | 86.00 ± 0.00 |' in results
+  assert 'Met the target: margin@0.1.' in results
+  # A search with a missing run is refused, naming it.
+  (root / 'n50' / 'l2@0.3_s0' / 'results.json').unlink()
+  proc = subprocess.run(
+    [sys.executable, os.path.join(ROOT, 'tools', 'study.py'),
+     '--phase=search', '--losses=margin,l2', '--search_weights=0.1,0.3',
+     '--search_steps=50', f'--root={root}', '--report_only',
+     f'--search_report={docs / "search.md"}'],
+    capture_output=True, text=True, cwd=ROOT,
+  )  # fmt: skip
+  assert proc.returncode != 0
+  assert "lacks runs of ['l2@0.3']" in proc.stderr
