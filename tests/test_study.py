@@ -165,6 +165,12 @@ def test_search_then_final_reports_from_the_run_folders(tmp_path):
   assert '## How the settings were chosen' in results
   assert '| margin@0.1 | 2 | 86.00 ± 0.00 |' in results
   assert 'Met the target: margin@0.1.' in results
+  summary = results.split('## Summary')[1].split('## Accuracy')[0]
+  assert (
+    '| margin@0.1 | 2 | 86.00 ± 0.00 | 0.600 ± 0.000 / 0.500 ± 0.000 |'
+    in (summary)
+  )
+  assert summary.count('| met |') == 1 and summary.count('| not met |') == 1
   # A search with a missing run is refused, naming it.
   (root / 'n50' / 'l2@0.3_s0' / 'results.json').unlink()
   proc = subprocess.run(

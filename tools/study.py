@@ -343,6 +343,57 @@ def target_check(base: dict, agg: dict, tolerance: float = 0.0) -> dict:
   }
 
 
+def summary_table(aggs, names, layers, base, tolerance) -> list[str]:
+  """The study in one table: means ± std over seeds, and the target."""
+  if not names:
+    return []
+  short = lambda layer: layer.replace('encoderblock_', 'b')
+  head = ' / '.join(short(x) for x in layers)
+  has_flip = all(
+    'shift_1' in aggs[n]['layers'][x].get('flip', {})
+    for n in names
+    for x in layers
+  )
+  lines = [
+    '## Summary',
+    '',
+    'Means over seeds (± sample std where there are several). kappa: '
+    'top-1 agreement of matched patches of two views beyond chance; '
+    'H/Hmax: router entropy (1 = uniform); max/fair: largest expert load '
+    '× E; flip: share of patches whose top-1 expert changes under a '
+    '1-pixel shift. Definitions and the other figures below.',
+    '',
+    f'| setting | runs | accuracy (%) | kappa {head} | H/Hmax {head} | '
+    f'max/fair {head} |' + (f' flip, 1 px {head} |' if has_flip else '')
+    + ' issue 8 target |',
+    '| --- | --- | --- | --- | --- | --- |' + (' --- |' if has_flip else '')
+    + ' --- |',
+  ]  # fmt: skip
+  for name in names:
+    a = aggs[name]
+    lay = a['layers']
+
+    def per_layer(get, digits, lay=lay):
+      return ' / '.join(fmt(*get(lay[x])[:2], digits) for x in layers)
+
+    if name == 'none':
+      target = 'baseline'
+    elif base is None:
+      target = 'n/a'
+    else:
+      target = 'met' if target_check(base, a, tolerance)['met'] else 'not met'
+    row = (
+      f'| {name} | {a["accuracy"][2]} | {fmt(*a["accuracy"][:2], 2, 100)} | '
+      f'{per_layer(lambda e: e["kappa"], 3)} | '
+      f'{per_layer(lambda e: e["entropy_fraction"], 2)} | '
+      f'{per_layer(lambda e: e["max_load_share"], 2)} |'
+    )
+    if has_flip:
+      row += f' {per_layer(lambda e: e["flip"]["shift_1"], 3)} |'
+    lines.append(row + f' {target} |')
+  return lines + ['']
+
+
 def yes(flag: bool) -> str:
   return 'yes' if flag else '**no**'
 
@@ -406,6 +457,7 @@ def write_report(
       + 'Read it as a check that the tooling works and as a first hint.',
       '',
     ]  # fmt: skip
+  lines += summary_table(aggs, names, layers, base, tolerance)
   lines += [
     '## Accuracy and time',
     '',
