@@ -184,3 +184,29 @@ def test_training_resumes_from_previous_checkpoint_past_truncated_one(
     lines = [line for line in f if line.strip()]
   # Steps 5 and 6 were trained again after resuming from 4.
   assert len(lines) == len(first) + 2
+
+
+@pytest.mark.parametrize('damage', [_truncate, _delete_metadata, _half_written])
+def test_reading_params_for_evaluation_skips_a_damaged_latest(tmp_path, damage):
+  """eval_main/convert/initialization read params through read_orbax_params:
+  from a workdir it falls back to the newest readable step, says why, and
+  leaves the damaged one in place; an explicit damaged step is an error."""
+  from vmoe_jsd import initialization  # noqa: PLC0415
+
+  workdir = str(tmp_path)
+  _save_steps(workdir, [2, 4])
+  step4 = os.path.join(workdir, 'checkpoints', '4')
+  damage(step4)
+  before = sorted(str(p) for p in pathlib.Path(step4).rglob('*'))
+  for path in (workdir, os.path.join(workdir, 'checkpoints')):
+    params, info = initialization.read_orbax_params(path)
+    assert info['step'] == 2 and set(info['skipped']) == {4}
+    np.testing.assert_array_equal(params['w'], _state(2)['params']['w'])
+  assert sorted(str(p) for p in pathlib.Path(step4).rglob('*')) == before
+  if damage is _truncate:  # Named explicitly: an error, not step 2.
+    with pytest.raises(Exception):  # noqa: B017, PT011 - orbax's own.
+      initialization.read_orbax_params(step4)
+  _truncate(os.path.join(workdir, 'checkpoints', '2'))
+  with pytest.raises(ValueError, match='None of the checkpoints') as info:
+    initialization.read_orbax_params(workdir)
+  assert 'step 2:' in str(info.value) and 'step 4:' in str(info.value)

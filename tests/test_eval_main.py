@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -34,7 +35,7 @@ def test_eval_main_on_our_checkpoint_matches_training_eval(tmp_path):
     f'--config={SMOKE}',
     f'--workdir={workdir}',
     '--config.num_train_steps=4',
-    '--config.save_checkpoint.every_steps=4',
+    '--config.save_checkpoint.every_steps=2',
   )
   out = run('vmoe_jsd.eval_main', f'--config={SMOKE}',
             f'--checkpoint={workdir}')  # fmt: skip
@@ -46,6 +47,28 @@ def test_eval_main_on_our_checkpoint_matches_training_eval(tmp_path):
   # Same params, same data, same fixed routing key: same figures.
   assert evaluated['accuracy'] == trained['accuracy']
   assert evaluated['routing'] == trained['routing']
+  assert evaluated['step'] == 4 and 'skipped_checkpoints' not in evaluated
+
+  # A damaged latest checkpoint: step 2 is evaluated instead, with a warning
+  # and a record in the JSON; the damaged files stay where they were.
+  step4 = os.path.join(workdir, 'checkpoints', '4')
+  data = sorted(
+    p for p in pathlib.Path(step4, 'state').rglob('*')
+    if p.is_file() and p.parent.name == 'd'
+  )  # fmt: skip
+  assert data
+  for path in data:
+    with open(path, 'r+b') as f:
+      f.truncate(path.stat().st_size // 2)
+  out = run('vmoe_jsd.eval_main', f'--config={SMOKE}',
+            f'--checkpoint={workdir}')  # fmt: skip
+  assert 'WARNING: checkpoint step 4 cannot be read' in out
+  with open(os.path.join(workdir, 'eval_test.json')) as f:
+    fallback = json.load(f)
+  assert fallback['step'] == 2 and list(fallback['skipped_checkpoints']) == [
+    '4'
+  ]
+  assert all(p.exists() for p in data)
 
 
 def test_eval_main_on_vmoe_checkpoint(tmp_path):

@@ -63,6 +63,16 @@ def test_second_sigint_interrupts_at_once():
       ran.append(step)
       if step == 2:
         os.kill(os.getpid(), signal.SIGINT)  # First: stop after this step.
+        # Python runs handlers in the main thread; two signals that arrive
+        # before it does coalesce into one (XLA's threads can take the
+        # delivery). A person's second Ctrl-C comes after the first was
+        # handled: wait for that, as a person would (polling: a blocking
+        # wait in the main thread would not run the handler when another
+        # thread took the signal).
+        deadline = time.monotonic() + 10
+        while not guard._requested.is_set() and time.monotonic() < deadline:
+          time.sleep(0.005)
+        assert guard._requested.is_set()
         os.kill(os.getpid(), signal.SIGINT)  # Second: interrupt now.
   assert ran == [1, 2]
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -4,9 +4,10 @@ r"""Evaluates a checkpoint (ours or vmoe's) on a dataset split, no training.
       --checkpoint=runs/default [--split=test] [--output=eval.json]
 
 Paths may be local or gs://... (see paths.py).
---checkpoint is one of our workdirs (its latest checkpoint), a checkpoints/
-folder or a step folder, or a vmoe-format checkpoint prefix (the path
-without `.index`). The config gives the model (its evaluation overrides
+--checkpoint is one of our workdirs or checkpoints/ folders (its newest
+readable checkpoint: a damaged newer one is reported, recorded in the JSON
+and left in place), a step folder, or a vmoe-format checkpoint prefix (the
+path without `.index`). The config gives the model (its evaluation overrides
 apply: e.g. the evaluation capacity factor), the augmentation size and
 config.dataset.test; --split overrides its split. Prints the accuracy and
 the routing table (agreement, chance, kappa, JSD, confidence, entropy, load,
@@ -83,7 +84,7 @@ def evaluate_checkpoint(config, checkpoint: str, split: str | None = None):
   abstract = jax.eval_shape(
     lambda: eval_model.init(jax.random.key(0), jnp.zeros(shape))['params']
   )
-  params, _ = initialization.load_initial_params(
+  params, report = initialization.load_initial_params(
     {'source': source, 'path': checkpoint, 'keep_head': True, 'strict': True},
     abstract,
   )
@@ -104,6 +105,13 @@ def evaluate_checkpoint(config, checkpoint: str, split: str | None = None):
     if fewshot_eval is not None:
       result['fewshot'] = fewshot_eval(params)
   result['checkpoint'] = checkpoint
+  if report.get('step') is not None:
+    result['step'] = report['step']
+  if report.get('skipped_checkpoints'):
+    # Newer checkpoints that could not be read (left in place).
+    result['skipped_checkpoints'] = {
+      str(k): v for k, v in report['skipped_checkpoints'].items()
+    }
   result['split'] = config.dataset.test.split
   return result
 
@@ -134,8 +142,15 @@ def main(argv):
       if checkpoint_source(_CHECKPOINT.value) == 'vmoe'
       else str(paths.join(ckpt, f'eval_{split}.json'))
     )
+  for step, why in result.get('skipped_checkpoints', {}).items():
+    print(
+      f'WARNING: checkpoint step {step} cannot be read ({why}); left in '
+      f'place. Evaluated step {result.get("step")} instead.'
+    )
   print(
-    f'{result["checkpoint"]} on {result["split"]}: accuracy '
+    f'{result["checkpoint"]}'
+    + (f' (step {result["step"]})' if 'step' in result else '')
+    + f' on {result["split"]}: accuracy '
     f'{result["accuracy"]:.4f} ({result["num_examples"]} images)'
   )
   if result['routing']:

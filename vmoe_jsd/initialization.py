@@ -43,6 +43,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from vmoe_jsd import paths, vmoe_format
 
@@ -654,16 +655,18 @@ def copy_matching_params(
   return vmoe_format.unflatten_tree(flat_params), report
 
 
-def find_orbax_state_dir(path: str) -> tuple[str, int | None]:
-  """The orbax item folder holding the train state under `path`.
+def orbax_state_candidates(path: str) -> tuple[list, dict[int, str]]:
+  """The orbax 'state' item folders `path` may mean, newest first.
 
   Args:
-    path: a workdir (with checkpoints/), a checkpoints/ folder (its latest
-      finished step is used), a step folder (with state/), or the state/
-      item folder itself.
+    path: a workdir (with checkpoints/) or a checkpoints/ folder: every
+      step folder there with state/_METADATA, newest first; a step folder
+      (with state/) or the state/ item folder itself: just that one.
 
   Returns:
-    (folder of the 'state' item, step number or None if not known).
+    ([(folder of the 'state' item, step number or None), ...], incomplete):
+    incomplete maps the steps of step folders without state/_METADATA
+    (half-written, or not checkpoints) to why they were left out.
 
   Raises:
     FileNotFoundError: if `path` does not exist.
@@ -682,45 +685,51 @@ def find_orbax_state_dir(path: str) -> tuple[str, int | None]:
     return int(folder.name) if folder.name.isdigit() else None
 
   if is_item(root):
-    return str(root), step_of(root.parent)
+    return [(str(root), step_of(root.parent))], {}
   if is_item(root / 'state'):
-    return str(root / 'state'), step_of(root)
+    return [(str(root / 'state'), step_of(root))], {}
+  incomplete: dict[int, str] = {}
   for folder in (root, root / 'checkpoints'):
     if not folder.is_dir():
       continue
-    steps = [
-      int(entry.name)
-      for entry in folder.iterdir()
-      if entry.name.isdigit() and is_item(entry / 'state')
-    ]
+    steps = []
+    for entry in folder.iterdir():
+      if not (entry.name.isdigit() and entry.is_dir()):
+        continue
+      if is_item(entry / 'state'):
+        steps.append(int(entry.name))
+      else:
+        incomplete[int(entry.name)] = (
+          'no state/_METADATA (half-written, or not a checkpoint)'
+        )
     if steps:
-      step = max(steps)
-      return str(folder / str(step) / 'state'), step
+      return [
+        (str(folder / str(step) / 'state'), step)
+        for step in sorted(steps, reverse=True)
+      ], incomplete
   raise ValueError(
     f'No orbax checkpoint found at {path!r}: expected a workdir with '
     'checkpoints/<step>/state/, a checkpoints/ folder, a step folder with '
     'state/, or a state/ folder with _METADATA.'
+    + (f' Incomplete step folders: {sorted(incomplete)}.' if incomplete else '')
   )
 
 
-def read_orbax_params(path: str) -> tuple[dict, dict[str, Any]]:
-  """Reads only the params of one of our orbax checkpoints, as numpy.
-
-  The optimizer state is not read: the restore is partial, driven by the
-  checkpoint's own metadata, so it needs neither a target nor the mesh
-  the checkpoint was saved from.
-
-  Args:
-    path: see `find_orbax_state_dir`.
+def find_orbax_state_dir(path: str) -> tuple[str, int | None]:
+  """The newest orbax 'state' item folder under `path`.
 
   Returns:
-    (params as a nested dict of numpy arrays, {'directory', 'step'}).
-
-  Raises:
-    FileNotFoundError: if `path` does not exist.
-    ValueError: if there is no checkpoint, or it has no params.
+    (folder of the 'state' item, step number or None if not known); see
+    `orbax_state_candidates` for `path` and the errors.
   """
-  directory, step = find_orbax_state_dir(path)
+  return orbax_state_candidates(path)[0][0]
+
+
+class _NoParamsError(ValueError):
+  """A readable checkpoint without params: not damage, so no fallback."""
+
+
+def _read_state_params(directory: str) -> dict:
   handler = ocp.PyTreeCheckpointHandler()
   try:
     structure = handler.metadata(paths.resolve(directory)).tree
@@ -729,7 +738,7 @@ def read_orbax_params(path: str) -> tuple[dict, dict[str, Any]]:
     elif 'Encoder' in structure:
       key = None
     else:
-      raise ValueError(
+      raise _NoParamsError(
         f'The orbax checkpoint {directory!r} has no params: its top-level '
         f'keys are {sorted(structure)}.'
       )
@@ -751,8 +760,58 @@ def read_orbax_params(path: str) -> tuple[dict, dict[str, Any]]:
   finally:
     handler.close()
   params = restored[key] if key else restored
-  params = vmoe_format.unflatten_tree(vmoe_format.flatten_tree(params))
-  return params, {'directory': directory, 'step': step}
+  return vmoe_format.unflatten_tree(vmoe_format.flatten_tree(params))
+
+
+def read_orbax_params(path: str) -> tuple[dict, dict[str, Any]]:
+  """Reads only the params of one of our orbax checkpoints, as numpy.
+
+  The optimizer state is not read: the restore is partial, driven by the
+  checkpoint's own metadata, so it needs neither a target nor the mesh
+  the checkpoint was saved from. Given a workdir or a checkpoints/ folder,
+  it takes the newest checkpoint that can be read: a damaged one (a
+  truncated or missing file, a half-written step) is logged, recorded in
+  the returned 'skipped' and left in place, as training does on resume
+  (checkpoints.Checkpointer.restore_latest). An explicit step or state/
+  folder is read or fails, never replaced by another step.
+
+  Args:
+    path: see `orbax_state_candidates`.
+
+  Returns:
+    (params as a nested dict of numpy arrays, {'directory', 'step',
+    'skipped': {step: why it could not be read}}).
+
+  Raises:
+    FileNotFoundError: if `path` does not exist.
+    ValueError: if there is no checkpoint, none can be read (each step's
+      error is named), or the one read has no params.
+  """
+  candidates, skipped = orbax_state_candidates(path)
+  skipped = dict(skipped)
+  if len(candidates) == 1 and not skipped:
+    directory, step = candidates[0]
+    return _read_state_params(directory), {
+      'directory': directory, 'step': step, 'skipped': {},
+    }  # fmt: skip
+  for directory, step in candidates:
+    try:
+      params = _read_state_params(directory)
+    except _NoParamsError:
+      raise
+    except Exception as e:  # noqa: BLE001 - any failure means unreadable.
+      first = (str(e).strip().splitlines() or [''])[0][:300]
+      skipped[step] = f'{type(e).__name__}: {first}'
+      logging.warning(
+        'Checkpoint at step %s under %s cannot be read (%s); left in '
+        'place, trying an older one.', step, path, skipped[step],
+      )  # fmt: skip
+      continue
+    return params, {'directory': directory, 'step': step, 'skipped': skipped}
+  problems = '; '.join(f'step {s}: {skipped[s]}' for s in sorted(skipped))
+  raise ValueError(
+    f'None of the checkpoints under {path!r} can be read ({problems}).'
+  )
 
 
 def load_initial_params(
@@ -836,6 +895,7 @@ def load_initial_params(
       what=f'orbax checkpoint {info["directory"]!r}',
     )
     report['step'] = info['step']
+    report['skipped_checkpoints'] = info['skipped']
   if source != 'vit_npz' and 'upcycle' in cfg:
     report['notes'].append(f'upcycle is ignored for source={source!r}')
   report['source'] = source
