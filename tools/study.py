@@ -797,6 +797,20 @@ def search_phase(args, argv):
   return decision, rule
 
 
+def runs_and_figures(args, parsed, seeds, steps, tag):
+  """Trains what is missing; the results and the first seed's figures."""
+  runs = train_and_collect(
+    args.root, parsed, seeds, steps, args.override, args.jobs, args.report_only
+  )
+  figures = {}
+  if not args.no_analyze:
+    fig_dir = os.path.join(os.path.dirname(args.report), 'figures')
+    figures = routing_figures(
+      args.root, parsed, seeds[0], steps, args.override, fig_dir, tag
+    )
+  return runs, figures
+
+
 def final_phase(args, argv, decision, rule):
   """The baseline, the reference and the finalists on the full schedule."""
   seeds = [int(x) for x in args.seeds.split(',') if x]
@@ -804,20 +818,7 @@ def final_phase(args, argv, decision, rule):
     n for n in decision['finalists'] if n != REFERENCE
   ]
   parsed = [parse_setting(n) for n in names]
-  runs = train_and_collect(
-    args.root, parsed, seeds, None, args.override, args.jobs, args.report_only
-  )
-  figures = {}
-  if not args.no_analyze:
-    figures = routing_figures(
-      args.root,
-      parsed,
-      seeds[0],
-      None,
-      args.override,
-      os.path.join(os.path.dirname(args.report), 'figures'),
-      'study',
-    )
+  runs, figures = runs_and_figures(args, parsed, seeds, None, 'study')
   search_link = os.path.relpath(
     args.search_report, os.path.dirname(args.report)
   )
@@ -849,20 +850,7 @@ def custom(args, argv):
   seeds = [int(s) for s in args.seeds.split(',') if s]
   parsed = [parse_setting(s) for s in args.settings.split(',') if s]
   steps = args.steps or None
-  runs = train_and_collect(
-    args.root, parsed, seeds, steps, args.override, args.jobs, args.report_only
-  )
-  figures = {}
-  if not args.no_analyze:
-    figures = routing_figures(
-      args.root,
-      parsed,
-      seeds[0],
-      steps,
-      args.override,
-      os.path.join(os.path.dirname(args.report), 'figures'),
-      args.label,
-    )
+  runs, figures = runs_and_figures(args, parsed, seeds, steps, args.label)
   write_report(
     args.report,
     args.label,
