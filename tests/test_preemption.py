@@ -39,6 +39,16 @@ def _load_smoke(**overrides):
 # ----------------------------------------------------------------------------
 # The signal path, in process.
 # ----------------------------------------------------------------------------
+def _signal_main_thread(sig):
+  """Sends `sig` to this process's main thread, handled before returning.
+
+  os.kill(getpid()) lets the kernel pick any thread (XLA's included); the
+  handler then runs when that thread is next scheduled, which under load
+  can be after the step the test expects it in.
+  """
+  signal.pthread_kill(threading.main_thread().ident, sig)
+
+
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_after_the_current_step(sig):
   before = signal.getsignal(sig)
@@ -47,7 +57,7 @@ def test_signal_stops_after_the_current_step(sig):
   for step in guard.steps(0, 10, on_exit=lambda: exits.append(True)):
     ran.append(step)
     if step == 3:
-      os.kill(os.getpid(), sig)
+      _signal_main_thread(sig)
   assert ran == [1, 2, 3]
   assert guard.stopped_at == 3
   assert guard.signal_name == signal.Signals(sig).name
@@ -74,6 +84,13 @@ def test_second_sigint_interrupts_at_once():
           time.sleep(0.005)
         assert guard._requested.is_set()
         os.kill(os.getpid(), signal.SIGINT)  # Second: interrupt now.
+        # The kernel may hand it to a thread that runs only later; Python
+        # raises KeyboardInterrupt in the main thread once that thread has
+        # run its C handler. Give it that time (it leaves this loop by
+        # raising; a handler that never comes leaves the test failing).
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+          time.sleep(0.005)
   assert ran == [1, 2]
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
@@ -100,7 +117,7 @@ def test_sigterm_in_training_saves_that_step_and_resume_finishes(
   def sigterm_at_step_3(step, *args):
     # Progress lines are printed in the main thread, after each step here.
     if step == 3:
-      os.kill(os.getpid(), signal.SIGTERM)
+      _signal_main_thread(signal.SIGTERM)
     return original(step, *args)
 
   monkeypatch.setattr(train, '_progress_line', sigterm_at_step_3)
