@@ -39,6 +39,34 @@ def _load_smoke(**overrides):
 # ----------------------------------------------------------------------------
 # The signal path, in process.
 # ----------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _sigint_as_python_sets_it():
+  """SIGINT raising KeyboardInterrupt, as in a foreground Python process.
+
+  A process started with SIGINT ignored (a background job of a
+  non-interactive shell, nohup) keeps it ignored in Python, and the guard
+  then leaves it so (test below); these tests are about the usual case.
+  """
+  before = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, before)
+
+
+def test_an_ignored_sigint_stays_ignored_and_sigterm_still_stops():
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  guard = resilience.PreemptionGuard()
+  ran = []
+  for step in guard.steps(0, 10):
+    ran.append(step)
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if step == 2:
+      _signal_main_thread(signal.SIGINT)  # Ignored: the loop goes on.
+    if step == 4:
+      _signal_main_thread(signal.SIGTERM)
+  assert ran == [1, 2, 3, 4] and guard.signal_name == 'SIGTERM'
+  assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
 def _signal_main_thread(sig):
   """Sends `sig` to this process's main thread, handled before returning.
 

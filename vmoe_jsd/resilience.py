@@ -98,6 +98,10 @@ class PreemptionGuard:
     # its default (KeyboardInterrupt).
     wanted = [] if self._multi else [signal.SIGTERM, signal.SIGINT]
     for sig in wanted:
+      if sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN:
+        # Started with SIGINT ignored (nohup, a background job of a
+        # non-interactive shell): whoever started us chose that; keep it.
+        continue
       self._previous[sig] = signal.signal(sig, self._handle)
 
   def uninstall(self) -> None:
