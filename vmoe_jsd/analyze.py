@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vmoe_jsd import augment, config_lib, models
+from vmoe_jsd import augment, config_lib, evaluate, models
 
 Array = jax.Array
 
@@ -103,13 +103,9 @@ def make_routing_map_fn(config, eval_model, settings):
   def fn(params, images):
     views, maps = augment.batched_paired_views(key, images, settings)
     n = images.shape[0]
-    flat = views.reshape(2 * n, *views.shape[2:])
-    _, state = eval_model.apply(
-      {'params': params},
-      augment.to_model_range(flat),
-      mutable=['intermediates'],
+    by_layer = evaluate.router_logits_of_views(
+      eval_model, params, views, layers
     )
-    by_layer = models.router_logits_by_layer(state['intermediates'], layers)
     top1 = {
       b: jnp.argmax(models.per_image_patches(lg, 2 * n, prefix), -1).reshape(
         n, 2, -1
@@ -466,7 +462,6 @@ def analyze(config, workdir: str, out: str, num_images: int = 4) -> dict:
   """
   from vmoe_jsd import (  # noqa: PLC0415
     data,
-    evaluate,
     initialization,
     sharding,
     stability,

@@ -160,6 +160,26 @@ def group_real_tokens(mask: Array, num_groups: int) -> Array:
   return jnp.sum(scaled.reshape(num_groups, -1), axis=1)
 
 
+def router_logits_of_views(eval_model, params, views, layers) -> dict:
+  """Router logits per MoE layer for paired views.
+
+  Args:
+    eval_model: the deterministic model.
+    params: its parameters.
+    views: (n, 2, H, W, C) views in [0, 1] (augment.paired_views).
+    layers: the MoE block indices to read.
+
+  Returns:
+    {block: logits} for the 2n images in view-major-within-image order
+    (image 0 view 1, image 0 view 2, image 1 view 1, ...).
+  """
+  flat = views.reshape(-1, *views.shape[2:])
+  _, state = eval_model.apply(
+    {'params': params}, augment.to_model_range(flat), mutable=['intermediates']
+  )
+  return models.router_logits_by_layer(state['intermediates'], layers)
+
+
 def make_eval_step(config, eval_model, settings):
   """(params, images, labels, mask, index) -> sums for evaluation.
 
@@ -196,15 +216,7 @@ def make_eval_step(config, eval_model, settings):
         lambda k, im: augment.paired_views(k, im, settings)
       )(keys, images)
       num_images = images.shape[0]
-      views = views.reshape(2 * num_images, *views.shape[2:])
-      _, state_vars = eval_model.apply(
-        {'params': params},
-        augment.to_model_range(views),
-        mutable=['intermediates'],
-      )
-      by_layer = models.router_logits_by_layer(
-        state_vars['intermediates'], layers
-      )
+      by_layer = router_logits_of_views(eval_model, params, views, layers)
       for block, lg in by_layer.items():
         patches = models.per_image_patches(lg, 2 * num_images, prefix)
         patches = patches.reshape(num_images, 2, maps.shape[-1], -1)

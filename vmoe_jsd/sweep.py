@@ -76,13 +76,7 @@ class Hyper:
   @staticmethod
   def product(sweeps: Sequence[Sequence[Point]]) -> list[Point]:
     """Every combination; the first sweep varies slowest."""
-    points = []
-    for combo in itertools.product(*sweeps):
-      point = {}
-      for part in combo:
-        point.update(part)
-      points.append(point)
-    return points
+    return [_merged(combo) for combo in itertools.product(*sweeps)]
 
   @staticmethod
   def zipit(sweeps: Sequence[Sequence[Point]]) -> list[Point]:
@@ -90,18 +84,20 @@ class Hyper:
     lengths = [len(s) for s in sweeps]
     if len(set(lengths)) > 1:
       raise cli.CliError(f'hyper.zipit needs sweeps of equal length: {lengths}')
-    points = []
-    for combo in zip(*sweeps, strict=True):
-      point = {}
-      for part in combo:
-        point.update(part)
-      points.append(point)
-    return points
+    return [_merged(combo) for combo in zip(*sweeps, strict=True)]
 
   @staticmethod
   def chainit(sweeps: Sequence[Sequence[Point]]) -> list[Point]:
     """The points of every sweep, one sweep after the other."""
     return [dict(p) for s in sweeps for p in s]
+
+
+def _merged(parts: Sequence[Point]) -> Point:
+  """One point from several: later parts win on a shared key."""
+  point = {}
+  for part in parts:
+    point.update(part)
+  return point
 
 
 def _strip(key: str) -> str:
