@@ -26,28 +26,16 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'where to save (default tmp)')
 
 def main(_):
   import jax
-  import jax.numpy as jnp
+  from bench_setup import train_setup
 
-  from vmoe_jsd import checkpoints, config_lib, data, sharding, train
-  from vmoe_jsd.models import build_model
+  from vmoe_jsd import checkpoints, train
 
   config = _CONFIG.value
-  config_lib.validate(config, jax.device_count())
-  mesh = sharding.make_mesh(config.num_expert_partitions)
-  ds = data.get_dataset(config.dataset.train)
-  settings = config_lib.view_settings(config)
-  model = build_model(config.model, deterministic=False)
-  tx, schedule = train.make_optimizer(config.optimizer, 1000)
-  b = config.dataset.train.batch_size
-  batch = next(ds.train_batches(b, seed=0))
-  images, labels = jnp.asarray(batch['image']), jnp.asarray(batch['label'])
-  key = jax.random.key(0)
+  s = train_setup(config)
+  mesh, model, tx, schedule, settings = (s.mesh, s.model, s.tx, s.schedule,
+                                         s.settings)  # fmt: skip
+  images, labels, state = s.images, s.labels, s.state
   with jax.set_mesh(mesh):
-    dummy = jnp.zeros((2 * b, settings.size, settings.size, images.shape[-1]))
-    params = model.init({'params': key, 'dropout': key, 'gating': key}, dummy)[
-      'params'
-    ]
-    state = train.TrainState(jnp.int32(0), params, tx.init(params))
     step = jax.jit(
       train.make_train_step(config, model, tx, schedule, settings),
       donate_argnums=(0,),

@@ -27,32 +27,20 @@ _STEPS = flags.DEFINE_integer('steps', 20, 'timed steps')
 
 def main(_):
   import jax
-  import jax.numpy as jnp
   import numpy as np
+  from bench_setup import train_setup
 
-  from vmoe_jsd import augment, config_lib, data, sharding, train
-  from vmoe_jsd.models import build_model
+  from vmoe_jsd import augment, sharding, train
 
   config = _CONFIG.value
-  config_lib.validate(config, jax.device_count())
-  mesh = sharding.make_mesh(config.num_expert_partitions)
-  ds = data.get_dataset(config.dataset.train, config.augment.size)
-  settings = config_lib.view_settings(config)
-  model = build_model(config.model, deterministic=False)
-  tx, schedule = train.make_optimizer(config.optimizer, 1000)
-  b = config.dataset.train.batch_size
-  batch = next(ds.train_batches(b, seed=0))
-  images, labels = jnp.asarray(batch['image']), jnp.asarray(batch['label'])
-  key = jax.random.key(0)
+  s = train_setup(config)
+  mesh, model, tx, schedule, settings = (s.mesh, s.model, s.tx, s.schedule,
+                                         s.settings)  # fmt: skip
+  images, labels, state, key, b = s.images, s.labels, s.state, s.key, s.b
   # Keys made outside the mesh context: keys made by eager ops under it made
   # every later call of the augmentation tens of ms slower on CPU.
   keys = list(jax.random.split(key, _STEPS.value))
   with jax.set_mesh(mesh):
-    dummy = jnp.zeros((2 * b, settings.size, settings.size, images.shape[-1]))
-    params = model.init({'params': key, 'dropout': key, 'gating': key}, dummy)[
-      'params'
-    ]
-    state = train.TrainState(jnp.int32(0), params, tx.init(params))
     # Placed as training places them (sharding.tree_shardings and batch
     # sharding), so that the step on N devices is the one training runs.
     shardings = sharding.tree_shardings(state, mesh)
@@ -83,7 +71,7 @@ def main(_):
       state, m = step(state, images, labels)
     jax.block_until_ready(m)
     ts = (time.time() - t) / _STEPS.value
-  n = sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
+  n = sum(np.size(x) for x in jax.tree_util.tree_leaves(state.params))
   print(
     f'params {n:,}  batch {b}x2 views  step {ts * 1e3:.1f} ms  '
     f'({b / ts:.0f} img/s)  augmentation alone {ta * 1e3:.1f} ms'
