@@ -332,13 +332,17 @@ def _geometric_pairs():
   return keys, image, np.asarray(views), jax.device_get(maps)
 
 
-@pytest.mark.parametrize('patch_size', _PATCH_SIZES)
-def test_patch_index_map_matches_brute_force_pixel_search(patch_size):
-  source_hw = _SOURCE_HW
-  _, _, views, all_maps = _geometric_pairs()
-  maps = all_maps[patch_size]
+def _check_maps_by_brute_force(views, maps, patch_size, source_hw, locate):
+  """Asserts every patch map entry equals the brute-force pixel search.
+
+  For each patch of each view, its centre is mapped to a source point
+  (`_patch_centre_source_point`) and looked up in the other view with
+  `locate`. Returns counts of the cases: 'patch' (matched), 'outside_view'
+  (-1: the point is not in the other view), 'fill' (-1: the centre shows
+  no content) and 'skipped' (too close to a boundary to decide).
+  """
   grid = 24 // patch_size
-  counts = dict(patch=0, outside_view=0, outside_source=0, skipped=0)
+  counts = dict(patch=0, outside_view=0, fill=0, skipped=0)
   for views_k, maps_k in zip(views, maps, strict=True):
     for a in range(2):
       for index in range(grid * grid):
@@ -348,24 +352,33 @@ def test_patch_index_map_matches_brute_force_pixel_search(patch_size):
         )
         if isinstance(point, str):  # 'fill': the centre shows no content.
           assert maps_k[a, index] == -1
-          counts['outside_source'] += 1
+          counts['fill'] += 1
           continue
         expected = None
         if point is not None:
-          expected = _locate_in_view(
-            point, views_k[1 - a], patch_size, source_hw
-          )
+          expected = locate(point, views_k[1 - a], patch_size, source_hw)
         if expected is None:
           counts['skipped'] += 1
           continue
         assert maps_k[a, index] == expected, (a, index, point)
         counts['patch' if expected >= 0 else 'outside_view'] += 1
+  return counts
+
+
+@pytest.mark.parametrize('patch_size', _PATCH_SIZES)
+def test_patch_index_map_matches_brute_force_pixel_search(patch_size):
+  source_hw = _SOURCE_HW
+  _, _, views, all_maps = _geometric_pairs()
+  maps = all_maps[patch_size]
+  counts = _check_maps_by_brute_force(
+    views, maps, patch_size, source_hw, _locate_in_view
+  )
   total = sum(counts.values())
   assert counts['patch'] > 0.3 * total, counts
   assert counts['skipped'] < 0.35 * total, counts
   assert counts['outside_view'] > 20, counts
   if patch_size % 2:
-    assert counts['outside_source'] > 20, counts
+    assert counts['fill'] > 20, counts
 
 
 def test_fill_and_outside_source_agree_between_render_and_map():
@@ -735,29 +748,9 @@ def test_randaugment_maps_match_brute_force_pixel_search(patch_size):
   """Crop, flip and random geometric RandAugment ops (and Cutout) composed."""
   source_hw = RA_SOURCE_HW
   _, views, maps, geometry = _randaugment_pairs(patch_size)
-  grid = 24 // patch_size
-  counts = dict(patch=0, outside_view=0, fill=0, skipped=0)
-  for views_k, maps_k in zip(views, maps, strict=True):
-    for a in range(2):
-      for index in range(grid * grid):
-        row, col = divmod(index, grid)
-        point = _patch_centre_source_point(
-          views_k[a], row, col, patch_size, source_hw
-        )
-        if isinstance(point, str):  # 'fill': the centre shows no content.
-          assert maps_k[a, index] == -1
-          counts['fill'] += 1
-          continue
-        expected = None
-        if point is not None:
-          expected = _locate_with_fill(
-            point, views_k[1 - a], patch_size, source_hw
-          )
-        if expected is None:
-          counts['skipped'] += 1
-          continue
-        assert maps_k[a, index] == expected, (a, index, point)
-        counts['patch' if expected >= 0 else 'outside_view'] += 1
+  counts = _check_maps_by_brute_force(
+    views, maps, patch_size, source_hw, _locate_with_fill
+  )
   total = sum(counts.values())
   assert counts['patch'] > 0.2 * total, counts
   # Even p: centres on pixel corners, often beside a fill edge.
