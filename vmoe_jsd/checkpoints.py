@@ -27,7 +27,8 @@ written by vmoe_format.py; `read_vmoe_checkpoint` is re-exported here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -36,6 +37,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from vmoe_jsd import paths
+from vmoe_jsd.config_errors import check_range, fail, to_dict
 from vmoe_jsd.vmoe_format import (  # noqa: F401 - re-exported API
   match_tree,
   read_vmoe_checkpoint,
@@ -43,6 +45,32 @@ from vmoe_jsd.vmoe_format import (  # noqa: F401 - re-exported API
 )
 
 DAMAGED_SUFFIX = '.damaged'
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+  """config.save_checkpoint.
+
+  Attributes:
+    every_steps: save every N steps (0: only at the end and on a stop).
+    keep_last: how many checkpoints to keep (>= 1).
+    asynchronous: write files in the background while training goes on.
+  """
+
+  every_steps: int = 0
+  keep_last: int = 2
+  asynchronous: bool = True
+
+  @classmethod
+  def from_config(cls, cfg: Mapping | None) -> CheckpointSpec:
+    cfg = to_dict(cfg)
+    every, keep = cfg.get('every_steps', 0), cfg.get('keep_last', 2)
+    check_range('save_checkpoint.every_steps', every, 0, integer=True)
+    check_range('save_checkpoint.keep_last', keep, 1, integer=True)
+    asynchronous = cfg.get('asynchronous', True)
+    if not isinstance(asynchronous, bool):
+      fail('save_checkpoint.asynchronous', asynchronous, 'True or False')
+    return cls(every, keep, asynchronous)
 
 
 class NoUsableCheckpointError(RuntimeError):

@@ -36,16 +36,78 @@ default's evaluation capacity factor 4 with K=2 of E=4).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vmoe_jsd import augment, config_lib, losses, models
+from vmoe_jsd import augment, losses, models, streams
+from vmoe_jsd.config_errors import check_range, to_dict
+from vmoe_jsd.models.spec import ModelSpec
 
 Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+  """config.evaluate (its model_overrides live in the ModelSpec, its
+  stability block in stability.StabilitySpec).
+
+  Attributes:
+    every_steps: evaluate every N training steps (0: only at the end).
+    limit: at most this many test images (None: the whole split).
+    routing_map_images: test images in the routing-map figure written to
+      TensorBoard at each evaluation (0: none).
+  """
+
+  every_steps: int = 0
+  limit: int | None = None
+  routing_map_images: int = 0
+
+  @classmethod
+  def from_config(cls, cfg) -> EvalSpec:
+    cfg = to_dict(cfg)
+    every = cfg.get('every_steps') or 0
+    check_range('evaluate.every_steps', every, 0, integer=True)
+    check_range('evaluate.limit', cfg.get('limit'), 1, integer=True,
+                optional=True)  # fmt: skip
+    images = int(cfg.get('routing_map_images', 0) or 0)
+    return cls(every, cfg.get('limit'), images)
+
+
+def eval_batches(dataset, batch_size: int, limit: int | None = None):
+  """This process's evaluation batches (padded alike on every process)."""
+  return dataset.eval_batches(
+    batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    limit=limit,
+  )
+
+
+def sum_over_batches(
+  step_fn: Callable[[np.int32, Mapping], Mapping[str, Array]],
+  batches: Iterable[Mapping],
+) -> dict[str, np.ndarray]:
+  """Sums, in float64 on the host, the per-batch sums of `step_fn`.
+
+  Args:
+    step_fn: (batch index, host batch) -> {name: device sum}; it puts the
+      batch on the devices itself.
+    batches: host batches.
+
+  Returns:
+    {name: float64 total}.
+  """
+  totals: dict[str, np.ndarray] = {}
+  for i, batch in enumerate(batches):
+    sums = jax.device_get(step_fn(np.int32(i), batch))
+    for k, v in sums.items():
+      totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
+  return totals
 
 
 def routing_sums(logits: Array, maps: Array, mask: Array) -> dict[str, Array]:
@@ -160,6 +222,14 @@ def group_real_tokens(mask: Array, num_groups: int) -> Array:
   return jnp.sum(scaled.reshape(num_groups, -1), axis=1)
 
 
+def router_logits(eval_model, params, views, layers) -> dict:
+  """{block: (G, S, E) clean router logits} of (N, S, S, C) views in [0, 1]."""
+  _, state = eval_model.apply(
+    {'params': params}, augment.to_model_range(views), mutable=['intermediates']
+  )
+  return models.router_logits_by_layer(state['intermediates'], layers)
+
+
 def router_logits_of_views(eval_model, params, views, layers) -> dict:
   """Router logits per MoE layer for paired views.
 
@@ -174,21 +244,31 @@ def router_logits_of_views(eval_model, params, views, layers) -> dict:
     (image 0 view 1, image 0 view 2, image 1 view 1, ...).
   """
   flat = views.reshape(-1, *views.shape[2:])
-  _, state = eval_model.apply(
-    {'params': params}, augment.to_model_range(flat), mutable=['intermediates']
+  return router_logits(eval_model, params, flat, layers)
+
+
+def evaluation_views(views_key, images, index, mask, settings):
+  """The two random views of each example, keyed by its position in the
+  split (padding: position 0), and their patch maps."""
+  keys = streams.example_keys(views_key, jnp.where(mask, index, 0))
+  return jax.vmap(lambda k, im: augment.paired_views(k, im, settings))(
+    keys, images
   )
-  return models.router_logits_by_layer(state['intermediates'], layers)
 
 
-def make_eval_step(config, eval_model, settings):
+def make_eval_step(eval_model, model: ModelSpec, settings, views_key):
   """(params, images, labels, mask, index) -> sums for evaluation.
+
+  Args:
+    eval_model: the deterministic evaluation model.
+    model: its spec (MoE layers, class-token prefix).
+    settings: augment.ViewSettings.
+    views_key: streams.stream(seed, 'eval_views').
 
   `index` (B,) int32 is each example's position in the split (any value for
   padding); it keys the example's two random views.
   """
-  layers = config_lib.moe_layers(config.model)
-  prefix = config_lib.num_prefix_tokens(config.model)
-  eval_key = jax.random.fold_in(jax.random.key(config.seed), 2)
+  layers, prefix = model.moe_layers, model.num_prefix_tokens
 
   def eval_step(params, images, labels, mask, index):
     center = jax.vmap(lambda im: augment.center_view(im, settings))(images)
@@ -198,28 +278,12 @@ def make_eval_step(config, eval_model, settings):
     correct = (jnp.argmax(logits, -1) == labels) & mask
     sums = {'correct': jnp.sum(correct), 'count': jnp.sum(mask)}
     for block in layers:
-      m = metrics[f'encoderblock_{block}']
-      # Top-K: choices over capacity; expert choice: tokens no expert took;
-      # Soft MoE drops nothing. Per group, weighted by its real tokens.
-      dropped = m.get('dropped_fraction', m.get('dropped_tokens'))
-      if dropped is None:
-        sums[f'dropped/encoderblock_{block}'] = jnp.float32(0.0)
-        sums[f'dropped_weight/encoderblock_{block}'] = jnp.float32(1.0)
-      else:
-        real = group_real_tokens(mask, dropped.shape[0])
-        sums[f'dropped/encoderblock_{block}'] = jnp.sum(dropped * real)
-        sums[f'dropped_weight/encoderblock_{block}'] = jnp.sum(real)
+      sums.update(_dropped_sums(metrics[f'encoderblock_{block}'], mask, block))
     if layers:
-      safe_index = jnp.where(mask, index, 0).astype(jnp.uint32)
-      keys = jax.vmap(lambda i: jax.random.fold_in(eval_key, i))(safe_index)
-      views, maps = jax.vmap(
-        lambda k, im: augment.paired_views(k, im, settings)
-      )(keys, images)
-      num_images = images.shape[0]
+      views, maps = evaluation_views(views_key, images, index, mask, settings)
       by_layer = router_logits_of_views(eval_model, params, views, layers)
       for block, lg in by_layer.items():
-        patches = models.per_image_patches(lg, 2 * num_images, prefix)
-        patches = patches.reshape(num_images, 2, maps.shape[-1], -1)
+        patches = models.paired_patches(lg, images.shape[0], prefix)
         for k, v in routing_sums(patches, maps, mask).items():
           sums[f'routing/encoderblock_{block}/{k}'] = v
     return sums
@@ -227,26 +291,45 @@ def make_eval_step(config, eval_model, settings):
   return eval_step
 
 
-def run_evaluation(eval_step_fn, params, dataset, config, put_batch):
-  """Accuracy and routing figures over config.dataset.test."""
-  totals: dict[str, Any] = {}
-  for batch in dataset.eval_batches(
-    config.dataset.test.batch_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    limit=config.evaluate.get('limit'),
-  ):
-    images, labels, mask, index = put_batch(
-      batch['image'], batch['label'], batch['mask'], batch['index']
-    )
-    sums = eval_step_fn(params, images, labels, mask, index)
-    sums = jax.device_get(sums)
-    for k, v in sums.items():
-      totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
+def _dropped_sums(metrics, mask, block) -> dict[str, Array]:
+  """Top-K: choices over capacity; expert choice: tokens no expert took;
+  Soft MoE drops nothing. Per group, weighted by its real tokens."""
+  dropped = metrics.get('dropped_fraction', metrics.get('dropped_tokens'))
+  if dropped is None:
+    return {
+      f'dropped/encoderblock_{block}': jnp.float32(0.0),
+      f'dropped_weight/encoderblock_{block}': jnp.float32(1.0),
+    }
+  real = group_real_tokens(mask, dropped.shape[0])
+  return {
+    f'dropped/encoderblock_{block}': jnp.sum(dropped * real),
+    f'dropped_weight/encoderblock_{block}': jnp.sum(real),
+  }
+
+
+def run_evaluation(
+  eval_step_fn, params, dataset, batch_size: int, limit, layers, put_batch
+):
+  """Accuracy and routing figures over a test split.
+
+  Args:
+    eval_step_fn: the jitted `make_eval_step` function.
+    params: the parameters.
+    dataset: the test split.
+    batch_size: its global batch size.
+    limit: at most this many images (None: all).
+    layers: the MoE blocks (ModelSpec.moe_layers).
+    put_batch: sharding.make_put_batch(mesh).
+  """
+  fields = ('image', 'label', 'mask', 'index')
+  totals = sum_over_batches(
+    lambda _, b: eval_step_fn(params, *put_batch(*(b[f] for f in fields))),
+    eval_batches(dataset, batch_size, limit),
+  )
   result = {'accuracy': float(totals['correct'] / max(totals['count'], 1)),
             'num_examples': int(totals['count'])}  # fmt: skip
   routing_figs = {}
-  for block in config_lib.moe_layers(config.model):
+  for block in layers:
     prefix = f'routing/encoderblock_{block}/'
     layer_sums = {
       k[len(prefix) :]: v for k, v in totals.items() if k.startswith(prefix)

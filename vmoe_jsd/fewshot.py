@@ -30,10 +30,17 @@ config.fewshot:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
+
+from vmoe_jsd import augment, data, evaluate
+from vmoe_jsd.config_errors import to_dict
+from vmoe_jsd.models.spec import ModelSpec
 
 BIAS_FEATURE = 100.0
 DEFAULT_SHOTS = (1, 5, 10, 25)
@@ -124,56 +131,75 @@ def fewshot_accuracies(
 # ----------------------------------------------------------------------------
 # Config and model plumbing.
 # ----------------------------------------------------------------------------
-def enabled(config) -> bool:
-  fs = config.get('fewshot') if hasattr(config, 'get') else None
-  return bool(fs and fs.get('datasets'))
+@dataclasses.dataclass(frozen=True)
+class FewshotDataset:
+  """One few-shot dataset: its shots come from `train`, its test images
+  from `test`; num_classes None: from the labels."""
+
+  name: str
+  train: data.SplitSpec
+  test: data.SplitSpec
+  num_classes: int | None = None
 
 
-def due(config, step: int, num_steps: int) -> bool:
-  """Whether a periodic few-shot evaluation falls on `step` (not the last,
-  which the end of training covers)."""
-  every = config.fewshot.get('every_steps') or 0
-  return bool(every) and step % every == 0 and step != num_steps
+@dataclasses.dataclass(frozen=True)
+class FewshotSpec:
+  """config.fewshot (see the module docstring); no datasets: off."""
 
+  every_steps: int = 0
+  datasets: tuple[FewshotDataset, ...] = ()
+  shots: tuple[int, ...] = DEFAULT_SHOTS
+  seeds: tuple[int, ...] = (0,)
+  l2_reg: float = 2.0**10
+  limit: int | None = None
 
-def check_config(config, datasets_registry: Sequence[str]) -> None:
-  """Raises ValueError (key, value, what is valid) for a bad config.fewshot."""
-  fs = config.get('fewshot')
-  if not fs:
-    return
+  @property
+  def enabled(self) -> bool:
+    return bool(self.datasets)
 
-  def bad(key, value, valid):
-    raise ValueError(f'config.fewshot.{key}={value!r} is invalid: {valid}')
+  @classmethod
+  def from_config(
+    cls, cfg, datasets_registry: Sequence[str], image_size: int
+  ) -> FewshotSpec:
+    """Raises ValueError (key, value, what is valid) for a bad block."""
+    fs = to_dict(cfg)
 
-  every = fs.get('every_steps') or 0
-  if not isinstance(every, int) or every < 0:
-    bad('every_steps', every, 'must be an integer >= 0')
-  if not fs.get('datasets'):
-    return
-  shots = tuple(fs.get('shots') or ())
-  if not shots or any(not isinstance(s, int) or s < 1 for s in shots):
-    bad('shots', shots, 'a non-empty tuple of integers >= 1, e.g. (1, 5)')
-  seeds = tuple(fs.get('seeds') or ())
-  if not seeds or any(not isinstance(s, int) for s in seeds):
-    bad('seeds', seeds, 'a non-empty tuple of integers, e.g. (0, 1, 2)')
-  l2 = fs.get('l2_reg')
-  if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 > 0:
-    bad('l2_reg', l2, 'must be a number > 0')
-  limit = fs.get('limit')
-  if limit is not None and (not isinstance(limit, int) or limit < 1):
-    bad('limit', limit, 'must be an integer >= 1 (or None)')
-  for name, spec in fs.datasets.items():
-    for split in ('train', 'test'):
-      block = spec.get(split) if hasattr(spec, 'get') else None
-      if not block or block.get('name') not in datasets_registry:
-        bad(
-          f'datasets.{name}.{split}',
-          block and block.get('name'),
-          f'a dataset block whose name is one of {sorted(datasets_registry)}',
-        )
-      batch = block.get('batch_size')
-      if not isinstance(batch, int) or batch < 1:
-        bad(f'datasets.{name}.{split}.batch_size', batch, 'an integer >= 1')
+    def bad(key, value, valid):
+      raise ValueError(f'config.fewshot.{key}={value!r} is invalid: {valid}')
+
+    every = fs.get('every_steps') or 0
+    if not isinstance(every, int) or every < 0:
+      bad('every_steps', every, 'must be an integer >= 0')
+    if not fs.get('datasets'):
+      return cls(every_steps=every)
+    shots = tuple(fs.get('shots') or ())
+    if not shots or any(not isinstance(s, int) or s < 1 for s in shots):
+      bad('shots', shots, 'a non-empty tuple of integers >= 1, e.g. (1, 5)')
+    seeds = tuple(fs.get('seeds') or ())
+    if not seeds or any(not isinstance(s, int) for s in seeds):
+      bad('seeds', seeds, 'a non-empty tuple of integers, e.g. (0, 1, 2)')
+    l2 = fs.get('l2_reg')
+    if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 > 0:
+      bad('l2_reg', l2, 'must be a number > 0')
+    limit = fs.get('limit')
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+      bad('limit', limit, 'must be an integer >= 1 (or None)')
+    sets = []
+    for name, spec in fs['datasets'].items():
+      for split in ('train', 'test'):
+        block = spec.get(split) if hasattr(spec, 'get') else None
+        if not block or block.get('name') not in datasets_registry:
+          bad(f'datasets.{name}.{split}', block and block.get('name'),
+              'a dataset block whose name is one of '
+              f'{sorted(datasets_registry)}')  # fmt: skip
+        batch = block.get('batch_size')
+        if not isinstance(batch, int) or batch < 1:
+          bad(f'datasets.{name}.{split}.batch_size', batch, 'an integer >= 1')
+      sets.append(FewshotDataset(
+        name, data.SplitSpec(spec['train'], image_size),
+        data.SplitSpec(spec['test'], image_size), spec.get('num_classes'),
+      ))  # fmt: skip
+    return cls(every, tuple(sets), shots, seeds, float(l2), limit)
 
 
 def make_feature_fn(model, settings) -> Callable:
@@ -186,9 +212,6 @@ def make_feature_fn(model, settings) -> Callable:
   Returns:
     A function to jit.
   """
-  import jax  # noqa: PLC0415
-
-  from vmoe_jsd import augment  # noqa: PLC0415
 
   def features(params, images):
     center = jax.vmap(lambda im: augment.center_view(im, settings))(images)
@@ -200,20 +223,11 @@ def make_feature_fn(model, settings) -> Callable:
 
 def extract(feature_fn, params, dataset, batch_size, put_batch, limit=None):
   """(features (N, D), labels (N,)) over a dataset, padding dropped."""
-  import jax  # noqa: PLC0415
-
   feats, labels = [], []
-  for batch in dataset.eval_batches(
-    batch_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    limit=limit,
-  ):
+  for batch in evaluate.eval_batches(dataset, batch_size, limit):
     images, mask = put_batch(batch['image'], batch['mask'])
     out = feature_fn(params, images)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # noqa: PLC0415
-
       out = multihost_utils.process_allgather(out, tiled=True)
       mask = multihost_utils.process_allgather(mask, tiled=True)
       label = multihost_utils.process_allgather(
@@ -227,13 +241,14 @@ def extract(feature_fn, params, dataset, batch_size, put_batch, limit=None):
   return np.concatenate(feats), np.concatenate(labels)
 
 
-def make_evaluator(config, eval_model_cfg: Mapping, settings, put_batch):
-  """A function params -> few-shot results, or None when config.fewshot is
-  off. Datasets are loaded once here.
+def make_evaluator(spec: FewshotSpec, model: ModelSpec, settings, put_batch):
+  """A function params -> few-shot results, or None when few-shot is off.
+  Datasets are loaded once here.
 
   Args:
-    config: the run's config (config.fewshot as in the module docstring).
-    eval_model_cfg: the evaluation model config (its head is dropped).
+    spec: the few-shot datasets and settings.
+    model: the model spec (its evaluation model, head dropped, gives the
+      features).
     settings: augmentation settings (view size).
     put_batch: sharding.make_put_batch(mesh).
 
@@ -241,54 +256,39 @@ def make_evaluator(config, eval_model_cfg: Mapping, settings, put_batch):
     None, or evaluate(params) -> {dataset: {'<k>shot': mean accuracy,
     '<k>shot_std': std over seeds, '<k>shot_seeds': [...]}}.
   """
-  if not enabled(config):
+  if not spec.enabled:
     return None
-  import jax  # noqa: PLC0415
+  feature_fn = jax.jit(make_feature_fn(model.build_eval(0), settings))
+  sets = [(d, d.train.load(), d.test.load()) for d in spec.datasets]
 
-  from vmoe_jsd import config_lib, data  # noqa: PLC0415
-  from vmoe_jsd.models import build_model  # noqa: PLC0415
-
-  fs = config.fewshot
-  model_cfg = dict(config_lib.to_dict(eval_model_cfg))
-  model_cfg['num_classes'] = 0
-  feature_fn = jax.jit(
-    make_feature_fn(build_model(model_cfg, deterministic=True), settings)
-  )
-  sets = {}
-  for name, spec in fs.datasets.items():
-    sets[name] = (
-      data.get_dataset(spec.train, settings.size),
-      data.get_dataset(spec.test, settings.size),
-      int(spec.train.batch_size),
-      int(spec.test.batch_size),
-      spec.get('num_classes'),
-    )
-
-  def evaluate(params) -> dict[str, dict[str, Any]]:
+  def evaluate_fn(params) -> dict[str, dict[str, Any]]:
     results = {}
-    for name, (train, test, tb, eb, num_classes) in sets.items():
-      xtr, ytr = extract(feature_fn, params, train, tb, put_batch)
-      xte, yte = extract(
-        feature_fn, params, test, eb, put_batch, fs.get('limit')
-      )
+    for d, train, test in sets:
+      xtr, ytr = extract(feature_fn, params, train, d.train.batch_size,
+                         put_batch)  # fmt: skip
+      xte, yte = extract(feature_fn, params, test, d.test.batch_size,
+                         put_batch, spec.limit)  # fmt: skip
       accs = fewshot_accuracies(
-        xtr, ytr, xte, yte,
-        shots=tuple(fs.shots), seeds=tuple(fs.seeds),
-        l2_reg=float(fs.l2_reg), num_classes=num_classes,
+        xtr, ytr, xte, yte, shots=spec.shots, seeds=spec.seeds,
+        l2_reg=spec.l2_reg, num_classes=d.num_classes,
       )  # fmt: skip
-      out: dict[str, Any] = {}
-      for shot, values in accs.items():
-        out[f'{shot}shot'] = float(np.mean(values))
-        out[f'{shot}shot_std'] = float(np.std(values, ddof=1)) if len(
-          values
-        ) > 1 else None  # fmt: skip
-        out[f'{shot}shot_seeds'] = values
-      out['num_train_images'] = int(len(ytr))
-      out['num_test_images'] = int(len(yte))
-      results[name] = out
+      results[d.name] = _summary(accs, len(ytr), len(yte))
     return results
 
-  return evaluate
+  return evaluate_fn
+
+
+def _summary(accs: Mapping[int, list[float]], num_train, num_test) -> dict:
+  out: dict[str, Any] = {}
+  for shot, values in accs.items():
+    out[f'{shot}shot'] = float(np.mean(values))
+    out[f'{shot}shot_std'] = (
+      float(np.std(values, ddof=1)) if len(values) > 1 else None
+    )
+    out[f'{shot}shot_seeds'] = values
+  out['num_train_images'] = int(num_train)
+  out['num_test_images'] = int(num_test)
+  return out
 
 
 def format_results(results: Mapping[str, Mapping[str, Any]], step=None) -> str:

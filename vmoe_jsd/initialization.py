@@ -45,7 +45,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from vmoe_jsd import paths, vmoe_format
+import jax.numpy as jnp
+
+from vmoe_jsd import paths, sharding, vmoe_format
+from vmoe_jsd.config_errors import fail
 
 SOURCES = ('orbax', 'vit_npz', 'vmoe')
 CONFIG_KEYS = ('keep_head', 'path', 'source', 'strict', 'upcycle')
@@ -814,6 +817,19 @@ def read_orbax_params(path: str) -> tuple[dict, dict[str, Any]]:
   )
 
 
+def check_config(init: collections.abc.Mapping) -> None:
+  """Pure checks of a config.initialization block whose source is set."""
+  unknown = sorted(set(init) - set(CONFIG_KEYS))
+  if unknown:
+    fail('initialization', unknown, f'keys in {CONFIG_KEYS}')
+  if init['source'] not in SOURCES:
+    fail('initialization.source', init['source'],
+         f'one of {list(SOURCES)} or None')  # fmt: skip
+  if not init.get('path'):
+    fail('initialization.path', init.get('path') or '',
+         'a local or gs:// path')  # fmt: skip
+
+
 def load_initial_params(
   init_config: Any, target_params: collections.abc.Mapping
 ) -> tuple[dict, dict]:
@@ -900,6 +916,42 @@ def load_initial_params(
     report['notes'].append(f'upcycle is ignored for source={source!r}')
   report['source'] = source
   report['path'] = path
+  return params, report
+
+
+def load_eval_params(
+  model_spec, image_size: int, channels: int, checkpoint: str, source: str,
+  mesh, rules=sharding.DEFAULT_RULES,
+) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+  """The evaluation model's parameters from a checkpoint, on `mesh`.
+
+  Args:
+    model_spec: models.spec.ModelSpec (its evaluation model gives the tree).
+    image_size: the view side.
+    channels: image channels.
+    checkpoint: an orbax workdir, checkpoints/ or step folder, or a vmoe
+      prefix.
+    source: 'orbax' or 'vmoe'.
+    mesh: the device mesh.
+    rules: the parameter sharding rules.
+
+  Returns:
+    (params sharded by `rules`, the report of `load_initial_params`).
+  """
+  eval_model = model_spec.build_eval()
+  num = model_spec.min_images_per_batch(image_size, evaluation=True)
+  shape = (num, image_size, image_size, channels)
+  abstract = jax.eval_shape(
+    lambda: eval_model.init(jax.random.key(0), jnp.zeros(shape))['params']
+  )
+  params, report = load_initial_params(
+    {'source': source, 'path': checkpoint, 'keep_head': True, 'strict': True},
+    abstract,
+  )
+  with jax.set_mesh(mesh):
+    params = jax.device_put(
+      params, sharding.tree_shardings(params, mesh, rules)
+    )
   return params, report
 
 

@@ -17,6 +17,8 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from vmoe_jsd import paths
+
 CONFIG = 'config.json'
 HISTORY = 'train_history.jsonl'
 RESULTS = 'results.json'
@@ -24,37 +26,28 @@ RESULTS = 'results.json'
 
 def write_json(path, obj: Any) -> None:
   """Writes `obj` as indented JSON (local or gs:// path)."""
-  from vmoe_jsd import paths  # noqa: PLC0415
-
   paths.write_json(path, obj)
 
 
 def read_json(path) -> Any:
-  from vmoe_jsd import paths  # noqa: PLC0415
-
   return paths.read_json(path)
 
 
 def append_jsonl(path, rows: Iterable[Mapping[str, Any]]) -> None:
   """Appends one JSON object per line."""
-  from vmoe_jsd import paths  # noqa: PLC0415
-
   text = ''.join(json.dumps(dict(r), default=str) + '\n' for r in rows)
   paths.append_text(path, text)
 
 
 def read_jsonl(path) -> list[dict[str, Any]]:
-  from vmoe_jsd import paths  # noqa: PLC0415
-
   text = paths.read_bytes(path).decode()
   return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def write_config(workdir, config) -> None:
-  """workdir/config.json: the config as the run sees it (overrides applied)."""
-  from vmoe_jsd import config_lib, paths  # noqa: PLC0415
-
-  write_json(paths.join(workdir, CONFIG), config_lib.to_dict(config))
+def write_config(workdir, config: Mapping[str, Any]) -> None:
+  """workdir/config.json: the config as the run sees it (overrides applied),
+  as a plain dict (RunSpec.config)."""
+  write_json(paths.join(workdir, CONFIG), dict(config))
 
 
 def is_complete(result: Mapping[str, Any] | None) -> bool:
@@ -80,8 +73,6 @@ def finished_result(
   Returns:
     The results dict, or None when the run has still to train or evaluate.
   """
-  from vmoe_jsd import paths  # noqa: PLC0415
-
   path = paths.join(workdir, RESULTS)
   if not paths.exists(path):
     return None
@@ -102,8 +93,27 @@ def metric_writer(workdir: str, is_main: bool):
   clu's default writer also logs every scalar through absl; the progress
   line of the trainer is the console's copy.
   """
+  # clu's writers import TensorFlow: only when a run writes events.
   from clu import metric_writers  # noqa: PLC0415
 
   if not is_main:
     return metric_writers.MultiWriter([])
   return metric_writers.SummaryWriter(workdir)
+
+
+def flat_hparams(config: Mapping[str, Any]) -> dict[str, Any]:
+  """{'a.b.c': value} of a config dict, for TensorBoard's hparams (values
+  that are not numbers, strings or booleans as strings)."""
+  flat = {}
+
+  def walk(prefix, value):
+    if isinstance(value, Mapping):
+      for k, v in value.items():
+        walk(f'{prefix}{k}.', v)
+    elif isinstance(value, (int, float, str, bool)):
+      flat[prefix[:-1]] = value
+    else:
+      flat[prefix[:-1]] = str(value)
+
+  walk('', config)
+  return flat

@@ -107,14 +107,14 @@ def tree_shardings(tree, mesh: Mesh, rules: Sequence = DEFAULT_RULES):
   """
 
   def one(path, leaf):
-    name = '/'.join(_key_name(k) for k in path)
+    name = '/'.join(key_name(k) for k in path)
     ndim = getattr(leaf, 'ndim', 0)
     return NamedSharding(mesh, spec_for(name, ndim, rules))
 
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def _key_name(key) -> str:
+def key_name(key) -> str:
   for attr in ('key', 'name', 'idx'):
     if hasattr(key, attr):
       return str(getattr(key, attr))

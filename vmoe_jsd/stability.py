@@ -35,11 +35,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from vmoe_jsd import augment, config_lib, models
+from vmoe_jsd import augment, evaluate, models
+from vmoe_jsd.config_errors import to_dict
+from vmoe_jsd.models.spec import ModelSpec
 
 Array = jax.Array
 
@@ -190,55 +193,67 @@ def stability_sums(
   return out
 
 
-def stability_options(config) -> dict[str, Any]:
-  """config.evaluate.stability with defaults: noise_std, shifts, limit.
+@dataclasses.dataclass(frozen=True)
+class StabilitySpec:
+  """config.evaluate.stability.
 
-  The limit (images) is at most config.evaluate.limit when that is set.
+  Attributes:
+    enabled: measure flip rates at each evaluation.
+    noise_std: Gaussian noise levels (pixels in [0, 1]).
+    shifts: shifts in whole pixels.
+    limit: at most this many test images (None: the whole split); never
+      more than config.evaluate.limit.
   """
-  cfg = dict(config.evaluate.get('stability') or {})
-  noise = tuple(float(s) for s in cfg.get('noise_std', DEFAULT_NOISE_STDS))
-  shifts = tuple(int(d) for d in cfg.get('shifts', DEFAULT_SHIFTS))
-  if any(not s > 0 for s in noise):
-    raise ValueError(
-      f'config.evaluate.stability.noise_std={noise!r}: every level must be > 0'
-    )
-  if any(d < 1 for d in shifts):
-    raise ValueError(
-      f'config.evaluate.stability.shifts={shifts!r}: shifts are whole '
-      'pixels >= 1'
-    )
-  limit = cfg.get('limit', 2000)
-  eval_limit = config.evaluate.get('limit')
-  if eval_limit is not None:  # Never more images than the evaluation.
-    limit = eval_limit if limit is None else min(limit, eval_limit)
-  if limit is not None and limit < 1:
-    raise ValueError(
-      f'config.evaluate.stability.limit={limit!r} must be >= 1 (or None '
-      'for the whole test split)'
-    )
-  return {
-    'enabled': bool(cfg.get('enabled', True)),
-    'noise_std': noise,
-    'shifts': shifts,
-    'limit': limit,
-  }
+
+  enabled: bool = True
+  noise_std: tuple[float, ...] = DEFAULT_NOISE_STDS
+  shifts: tuple[int, ...] = DEFAULT_SHIFTS
+  limit: int | None = 2000
+
+  @classmethod
+  def from_config(cls, cfg, eval_limit: int | None = None) -> StabilitySpec:
+    cfg = to_dict(cfg)
+    noise = tuple(float(s) for s in cfg.get('noise_std', DEFAULT_NOISE_STDS))
+    shifts = tuple(int(d) for d in cfg.get('shifts', DEFAULT_SHIFTS))
+    if any(not s > 0 for s in noise):
+      raise ValueError(
+        f'config.evaluate.stability.noise_std={noise!r}: every level must be '
+        '> 0'
+      )
+    if any(d < 1 for d in shifts):
+      raise ValueError(
+        f'config.evaluate.stability.shifts={shifts!r}: shifts are whole '
+        'pixels >= 1'
+      )
+    limit = cfg.get('limit', 2000)
+    if eval_limit is not None:  # Never more images than the evaluation.
+      limit = eval_limit if limit is None else min(limit, eval_limit)
+    if limit is not None and limit < 1:
+      raise ValueError(
+        f'config.evaluate.stability.limit={limit!r} must be >= 1 (or None '
+        'for the whole test split)'
+      )
+    return cls(bool(cfg.get('enabled', True)), noise, shifts, limit)
 
 
-def make_stability_step(config, eval_model, settings):
-  """(params, images, mask, batch_index) -> flip sums, with the eval model."""
-  layers = config_lib.moe_layers(config.model)
-  prefix = config_lib.num_prefix_tokens(config.model)
-  opts = stability_options(config)
-  noise_key = jax.random.fold_in(jax.random.key(config.seed), 3)
+def make_stability_step(
+  eval_model, model: ModelSpec, settings, spec: StabilitySpec, noise_key
+):
+  """(params, images, mask, batch_index) -> flip sums, with the eval model.
+
+  Args:
+    eval_model: the deterministic evaluation model.
+    model: its spec (MoE layers, class-token prefix).
+    settings: augment.ViewSettings (view size, patch size, fill value).
+    spec: the perturbations.
+    noise_key: streams.stream(seed, 'stability_noise'); each batch folds its
+      index in.
+  """
+  layers, prefix = model.moe_layers, model.num_prefix_tokens
 
   def step(params, images, mask, batch_index):
     def route_fn(views):
-      _, state = eval_model.apply(
-        {'params': params},
-        augment.to_model_range(views),
-        mutable=['intermediates'],
-      )
-      by_layer = models.router_logits_by_layer(state['intermediates'], layers)
+      by_layer = evaluate.router_logits(eval_model, params, views, layers)
       return {
         f'encoderblock_{b}': jnp.argmax(
           models.per_image_patches(lg, views.shape[0], prefix), axis=-1
@@ -248,7 +263,7 @@ def make_stability_step(config, eval_model, settings):
 
     key = jax.random.fold_in(noise_key, batch_index)
     sums = stability_sums(
-      route_fn, key, images, mask, settings, opts['noise_std'], opts['shifts']
+      route_fn, key, images, mask, settings, spec.noise_std, spec.shifts
     )
     # Counted on device: the global number of images (all processes).
     sums['num_examples'] = jnp.sum(mask)
@@ -257,42 +272,35 @@ def make_stability_step(config, eval_model, settings):
   return step
 
 
-def run_stability(step_fn, params, dataset, config, put_batch) -> dict:
+def run_stability(
+  step_fn, params, dataset, batch_size: int, spec: StabilitySpec, put_batch
+) -> dict:
   """Flip rates {layer: {perturbation: rate}} over the first `limit` images.
 
   Returns:
     {'flip_rate': {layer: {name: rate}}, 'num_examples': n, 'noise_std':
-    [...], 'shifts': [...]}, or {} when disabled or without MoE layers.
+    [...], 'shifts': [...]}, or {} when disabled.
   """
-  opts = stability_options(config)
-  if not opts['enabled'] or not config_lib.moe_layers(config.model):
+  if not spec.enabled:
     return {}
-  totals: dict[str, float] = {}
-  for i, batch in enumerate(
-    dataset.eval_batches(
-      config.dataset.test.batch_size,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      limit=opts['limit'],
-    )
-  ):
-    images, mask = put_batch(batch['image'], batch['mask'])
-    sums = jax.device_get(step_fn(params, images, mask, np.int32(i)))
-    for k, v in sums.items():
-      totals[k] = totals.get(k, 0.0) + float(v)
-  count = int(totals.get('num_examples', 0))
+  totals = evaluate.sum_over_batches(
+    lambda i, b: step_fn(params, *put_batch(b['image'], b['mask']), i),
+    evaluate.eval_batches(dataset, batch_size, spec.limit),
+  )
   rates: dict[str, dict[str, float]] = {}
   for k, flips in totals.items():
     if not k.endswith('/flips'):
       continue
     layer, name, _ = k.split('/')
     pairs = totals[f'{layer}/{name}/pairs']
-    rates.setdefault(layer, {})[name] = flips / pairs if pairs else float('nan')
+    rates.setdefault(layer, {})[name] = (
+      float(flips / pairs) if pairs else float('nan')
+    )
   return {
     'flip_rate': rates,
-    'num_examples': count,
-    'noise_std': list(opts['noise_std']),
-    'shifts': list(opts['shifts']),
+    'num_examples': int(totals.get('num_examples', 0)),
+    'noise_std': list(spec.noise_std),
+    'shifts': list(spec.shifts),
   }
 
 

@@ -330,3 +330,10 @@ def per_image_patches(logits, num_images: int, prefix: int):
   """(G, S, E) router logits -> (num_images, P, E) of the patch tokens."""
   per_image = logits.reshape(num_images, -1, logits.shape[-1])
   return per_image[:, prefix:]
+
+
+def paired_patches(logits, num_images: int, prefix: int):
+  """(G, S, E) router logits of 2n views (the two views of each image
+  adjacent) -> (n, 2, P, E) of the patch tokens."""
+  patches = per_image_patches(logits, 2 * num_images, prefix)
+  return patches.reshape(num_images, 2, patches.shape[1], -1)

@@ -1,0 +1,77 @@
+"""The error type and number checks shared by every config spec.
+
+A spec's `from_config` (in the module that uses the spec) raises
+`ConfigError` naming the dotted key, the bad value and what would be valid,
+so that a bad config fails in one line before any work starts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work: names the key, value and valid ones."""
+
+
+def fail(key: str, value: Any, valid: str):
+  raise ConfigError(f'config.{key}={value!r} is invalid: {valid}')
+
+
+def check_range(
+  key: str,
+  value: Any,
+  low: float | None = None,
+  high: float | None = None,
+  *,
+  low_open: bool = False,
+  high_open: bool = False,
+  integer: bool = False,
+  optional: bool = False,
+) -> None:
+  """Fails unless `value` is a finite number in the given interval.
+
+  Args:
+    key: dotted config key (for the message).
+    value: the value.
+    low: lower bound (None: unbounded).
+    high: upper bound (None: unbounded).
+    low_open: exclude `low` itself.
+    high_open: exclude `high` itself.
+    integer: require an int.
+    optional: allow None.
+  """
+  if value is None and optional:
+    return
+  lo = '(' if low_open else '['
+  hi = ')' if high_open else ']'
+  if low is not None and high is not None:
+    valid = f'in {lo}{low}, {high}{hi}'
+  elif low is not None:
+    valid = f'{">" if low_open else ">="} {low}'
+  elif high is not None:
+    valid = f'{"<" if high_open else "<="} {high}'
+  else:
+    valid = 'any value'
+  kind = 'an integer' if integer else 'a number'
+  valid = f'must be {kind} {valid}' + (' (or None)' if optional else '')
+  is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if not is_number or (integer and not isinstance(value, int)):
+    fail(key, value, valid)
+  ok = math.isfinite(value)
+  if low is not None:
+    ok = ok and (value > low if low_open else value >= low)
+  if high is not None:
+    ok = ok and (value < high if high_open else value <= high)
+  if not ok:
+    fail(key, value, valid)
+
+
+def to_dict(cfg) -> dict[str, Any]:
+  """A plain dict of a ConfigDict, a mapping or None ({})."""
+  if cfg is None:
+    return {}
+  if hasattr(cfg, 'to_dict'):
+    return cfg.to_dict()
+  return dict(cfg)

@@ -1,0 +1,391 @@
+"""Figures of routing: the routing-map picture and the analysis plots.
+
+* `plot_routing_maps`: for a few test images, the image and its two
+  augmented views (the evaluation's own views: each image keyed by its
+  position in the split, as evaluate.evaluation_views) side by side, each
+  patch coloured by its top-1 expert, per MoE layer; matched patches whose
+  top-1 differs from their partner's are crossed out, patches with no
+  partner in the other view are hatched (the picture of router consistency
+  of Kada et al., MIRU 2023).
+* `plot_expert_by_class`, `plot_load_dropped`, `plot_flip_rates`: the
+  analysis command's other figures (analyze.py).
+* `RoutingMapWriter`: the routing-map figure in TensorBoard at each
+  evaluation (train.py).
+
+matplotlib is imported when a figure is drawn: training without figures
+needs none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vmoe_jsd import evaluate, models
+from vmoe_jsd.data import fashion_mnist
+from vmoe_jsd.models.spec import ModelSpec
+
+# Distinct colours (Okabe-Ito, colour-blind safe) for up to 8 experts; more
+# experts cycle through matplotlib's tab20.
+EXPERT_COLOURS = (
+  '#0072B2', '#E69F00', '#009E73', '#CC79A7',
+  '#56B4E9', '#D55E00', '#F0E442', '#999999',
+)  # fmt: skip
+
+
+def expert_colour(e: int) -> str:
+  if e < len(EXPERT_COLOURS):
+    return EXPERT_COLOURS[e]
+  import matplotlib  # noqa: PLC0415
+
+  return matplotlib.colors.to_hex(matplotlib.colormaps['tab20'](e % 20))
+
+
+# ----------------------------------------------------------------------------
+# Data for the routing maps.
+# ----------------------------------------------------------------------------
+def make_routing_map_fn(eval_model, model: ModelSpec, settings, views_key):
+  """jit-able (params, images, index, mask) -> views, maps and top-1
+  experts per layer.
+
+  The views are the evaluation's own (evaluate.evaluation_views: each image
+  keyed by its position `index` in the split), so the picture shows the
+  views behind the routing figures beside it.
+
+  Returns:
+    A function returning {'views': (B, 2, S, S, C) in [0, 1], 'maps':
+    (B, 2, P), 'top1': {block: (B, 2, P)}}.
+  """
+  layers, prefix = model.moe_layers, model.num_prefix_tokens
+
+  def fn(params, images, index, mask):
+    views, maps = evaluate.evaluation_views(
+      views_key, images, index, mask, settings
+    )
+    by_layer = evaluate.router_logits_of_views(
+      eval_model, params, views, layers
+    )
+    top1 = {
+      b: jnp.argmax(models.paired_patches(lg, images.shape[0], prefix), -1)
+      for b, lg in by_layer.items()
+    }
+    return {'views': views, 'maps': maps, 'top1': top1}
+
+  return fn
+
+
+def first_images(test_ds, model: ModelSpec, image_size: int, num: int):
+  """The first test batch holding `num` images in whole routing groups."""
+  unit = model.min_images_per_batch(image_size, evaluation=True)
+  return next(iter(test_ds.eval_batches(unit * math.ceil(num / unit))))
+
+
+def routing_map_data(fn, params, batch, num: int) -> dict:
+  """`make_routing_map_fn`'s output for the first `num` images of batch."""
+  out = jax.device_get(
+    fn(params, *(jnp.asarray(batch[k]) for k in ('image', 'index', 'mask')))
+  )
+  return {
+    'views': out['views'][:num],
+    'maps': out['maps'][:num],
+    'top1': {b: v[:num] for b, v in out['top1'].items()},
+  }
+
+
+# ----------------------------------------------------------------------------
+# Figures (matplotlib, imported lazily: training without figures needs none).
+# ----------------------------------------------------------------------------
+def _pyplot():
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  return plt
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+  raw = np.asarray(image)
+  image = raw.astype(np.float32)
+  if raw.dtype == np.uint8:
+    image = image / 255.0
+  return image[..., 0] if image.shape[-1] == 1 else image
+
+
+def plot_routing_maps(
+  images: np.ndarray,
+  data: dict,
+  patch_size: int,
+  num_experts: int,
+  class_names: list[str] | None = None,
+  labels: np.ndarray | None = None,
+  title: str = '',
+):
+  """The routing-map figure; returns the matplotlib Figure.
+
+  Args:
+    images: (B, H, W, C) the source test images.
+    data: output of the `make_routing_map_fn` function (host numpy).
+    patch_size: p.
+    num_experts: E (legend).
+    class_names: optional names of the classes.
+    labels: optional (B,) labels.
+    title: figure title.
+  """
+  plt = _pyplot()
+  from matplotlib.lines import Line2D  # noqa: PLC0415
+  from matplotlib.patches import Patch, Rectangle  # noqa: PLC0415
+
+  views, maps, top1 = data['views'], data['maps'], data['top1']
+  blocks = sorted(top1)
+  n = images.shape[0]
+  size = views.shape[2]
+  grid = size // patch_size
+  cols = 1 + 2 * len(blocks)
+  height = 2.5 * n + 1.2
+  fig, axes = plt.subplots(n, cols, figsize=(2.1 * cols, height),
+                           squeeze=False)  # fmt: skip
+  fig.subplots_adjust(
+    left=0.01, right=0.99, top=1 - 0.85 / height, bottom=0.55 / height,
+    hspace=0.45, wspace=0.06,
+  )  # fmt: skip
+  for i in range(n):
+    ax = axes[i, 0]
+    ax.imshow(_grey(images[i]), cmap='gray', vmin=0, vmax=1)
+    name = ''
+    if labels is not None:
+      name = (
+        class_names[int(labels[i])] if class_names else f'class {labels[i]}'
+      )
+    ax.set_title(f'test image {i}: {name}\n(original)', fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for j, block in enumerate(blocks):
+      t = top1[block][i]  # (2, P)
+      for v in range(2):
+        ax = axes[i, 1 + 2 * j + v]
+        # Black lifted to mid grey so that the expert colours stay visible.
+        ax.imshow(_grey(views[i, v]), cmap='gray', vmin=-0.8, vmax=1)
+        partner_map = maps[i, v]
+        other = t[1 - v]
+        agree = pairs = 0
+        for k in range(grid * grid):
+          r, c = divmod(k, grid)
+          e = int(t[v, k])
+          ax.add_patch(
+            Rectangle(
+              (c * patch_size - 0.5, r * patch_size - 0.5),
+              patch_size, patch_size,
+              facecolor=expert_colour(e), alpha=0.55, edgecolor='white',
+              linewidth=0.5,
+            )
+          )  # fmt: skip
+          m = int(partner_map[k])
+          if m < 0:
+            ax.add_patch(
+              Rectangle(
+                (c * patch_size - 0.5, r * patch_size - 0.5),
+                patch_size, patch_size, fill=False, hatch='////',
+                edgecolor='black', linewidth=0,
+              )
+            )  # fmt: skip
+            continue
+          pairs += 1
+          if int(other[m]) == e:
+            agree += 1
+          else:
+            x0, y0 = c * patch_size - 0.5, r * patch_size - 0.5
+            ax.plot(
+              [x0 + 1, x0 + patch_size - 1], [y0 + 1, y0 + patch_size - 1],
+              color='red', linewidth=1.6,
+            )  # fmt: skip
+            ax.plot(
+              [x0 + 1, x0 + patch_size - 1], [y0 + patch_size - 1, y0 + 1],
+              color='red', linewidth=1.6,
+            )  # fmt: skip
+        ax.set_xlim(-0.5, size - 0.5)
+        ax.set_ylim(size - 0.5, -0.5)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(
+          f'block {block}, view {v + 1}\n{agree}/{pairs} matched agree',
+          fontsize=9,
+        )
+  handles = [
+    Patch(facecolor=expert_colour(e), alpha=0.6, label=f'expert {e}')
+    for e in range(num_experts)
+  ]
+  handles.append(
+    Line2D([], [], color='red', marker='x', linestyle='none',
+           markersize=8, label='top-1 differs from matched patch')
+  )  # fmt: skip
+  handles.append(
+    Patch(facecolor='white', edgecolor='black', hatch='////',
+          label='no matched patch in the other view')
+  )  # fmt: skip
+  fig.legend(
+    handles=handles, loc='lower center', ncol=min(len(handles), 6),
+    fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0),
+  )  # fmt: skip
+  fig.suptitle(
+    (title or 'Top-1 expert of each patch in two augmented views') + '\n'
+    "views: random crops / flips of the image; a patch's match is the patch "
+    'of the other view that shows its centre point',
+    fontsize=10, y=1 - 0.08 / height,
+  )  # fmt: skip
+  return fig
+
+
+def figure_to_array(fig) -> np.ndarray:
+  """(H, W, 3) uint8 pixels of a matplotlib figure (then closed)."""
+  plt = _pyplot()
+  fig.canvas.draw()
+  pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+  plt.close(fig)
+  return pixels
+
+
+def plot_expert_by_class(counts: dict, class_names: list[str]):
+  """Heatmaps: per layer, share of each class's tokens sent to each expert."""
+  plt = _pyplot()
+  blocks = sorted(counts)
+  fig, axes = plt.subplots(
+    1, len(blocks), figsize=(2.0 + 3.2 * len(blocks), 4.4), squeeze=False,
+    layout='constrained',
+  )  # fmt: skip
+  for j, block in enumerate(blocks):
+    c = np.asarray(counts[block], np.float64)
+    share = c / np.maximum(c.sum(1, keepdims=True), 1)
+    ax = axes[0, j]
+    im = ax.imshow(share, cmap='viridis', vmin=0, vmax=1, aspect='auto')
+    ax.set_xticks(range(share.shape[1]))
+    ax.set_xticklabels([f'{e}' for e in range(share.shape[1])])
+    ax.set_yticks(range(share.shape[0]))
+    ax.set_yticklabels(class_names if j == 0 else [])
+    ax.set_xlabel('top-1 expert')
+    if j == 0:
+      ax.set_ylabel('class (true label)')
+    ax.set_title(f'block {block}')
+    for r in range(share.shape[0]):
+      for e in range(share.shape[1]):
+        colour = 'white' if share[r, e] < 0.6 else 'black'
+        ax.text(e, r, f'{share[r, e]:.2f}', ha='center', va='center',
+                fontsize=7, color=colour)  # fmt: skip
+  fig.colorbar(im, ax=axes[0].tolist(), label="share of the class's patches")
+  fig.suptitle('Which expert each class is routed to (clean test view)')
+  return fig
+
+
+def plot_load_dropped(routing: dict):
+  """Bars: per layer, top-1 load per expert vs 1/E; dropped fraction."""
+  plt = _pyplot()
+  layers = list(routing)
+  fig, axes = plt.subplots(
+    1, len(layers), figsize=(0.6 + 3.2 * len(layers), 3.4), squeeze=False
+  )
+  for j, layer in enumerate(layers):
+    r = routing[layer]
+    load = np.asarray(r['load'])
+    ax = axes[0, j]
+    ax.bar(range(len(load)), load,
+           color=[expert_colour(e) for e in range(len(load))])  # fmt: skip
+    ax.axhline(1 / len(load), color='black', linestyle='--', linewidth=1,
+               label='fair share 1/E')  # fmt: skip
+    ax.axhline(2 / len(load), color='red', linestyle=':', linewidth=1,
+               label='2 x fair share')  # fmt: skip
+    ax.set_xticks(range(len(load)))
+    ax.set_xlabel('expert')
+    ax.set_ylabel('fraction of patch tokens (top-1)')
+    ax.set_ylim(0, max(0.6, float(load.max()) * 1.15))
+    ax.set_title(
+      f'{layer.replace("encoderblock_", "block ")}: dropped '
+      f'{r.get("dropped", float("nan")):.3f}',
+      fontsize=10,
+    )
+    if j == 0:
+      ax.legend(fontsize=8, loc='upper right')
+  fig.suptitle('Expert load (top-1) and dropped token choices, test set')
+  fig.tight_layout()
+  return fig
+
+
+def plot_flip_rates(stab: dict):
+  """Grouped bars: per layer, top-1 flip rate under each perturbation."""
+  plt = _pyplot()
+  rates = stab['flip_rate']
+  layers = list(rates)
+  names = list(next(iter(rates.values())))
+  fig, ax = plt.subplots(figsize=(2.0 + 1.2 * len(names), 3.8))
+  width = 0.8 / len(layers)
+  for j, layer in enumerate(layers):
+    x = np.arange(len(names)) + (j - (len(layers) - 1) / 2) * width
+    values = [rates[layer][n] for n in names]
+    ax.bar(x, values, width, label=layer.replace('encoderblock_', 'block '))
+    for xi, v in zip(x, values, strict=True):
+      ax.text(xi, v, f'{v:.3f}', ha='center', va='bottom', fontsize=7)
+  labels = [
+    n.replace('noise_', 'noise sd ').replace('shift_', 'shift ') + (
+      ' px' if n.startswith('shift') else '')
+    for n in names
+  ]  # fmt: skip
+  ax.set_xticks(range(len(names)))
+  ax.set_xticklabels(labels)
+  ax.set_ylabel('fraction of patches whose\ntop-1 expert flips')
+  ax.set_xlabel('perturbation of the clean test view')
+  ax.set_title(
+    f'Top-1 flips on {stab["num_examples"]} test images\n(noise sd on '
+    'pixels in [0, 1]; shifts down and right, averaged)',
+    fontsize=10,
+  )
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  return fig
+
+
+# ----------------------------------------------------------------------------
+# TensorBoard hook for train.py.
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class RoutingMapWriter:
+  """Writes the routing-map figure of a few fixed test images to TensorBoard
+  at each evaluation (`write(writer, step, params)`)."""
+
+  num: int
+  batch: dict[str, np.ndarray]
+  fn: Any  # jitted make_routing_map_fn
+  patch_size: int
+  num_experts: int
+  class_names: list[str]
+
+  @classmethod
+  def build(cls, num, eval_model, model: ModelSpec, settings, views_key,
+            test_ds, dataset_name: str) -> RoutingMapWriter | None:  # fmt: skip
+    """None without images to draw or without MoE layers."""
+    if not num or not model.moe_layers:
+      return None
+    batch = first_images(test_ds, model, settings.size, num)
+    fn = jax.jit(make_routing_map_fn(eval_model, model, settings, views_key))
+    names = class_names_for(dataset_name, int(np.max(batch['label'])) + 1)
+    return cls(num, dict(batch), fn, settings.patch_size, model.num_experts,
+               names)  # fmt: skip
+
+  def write(self, writer, step: int, params) -> None:
+    n = self.num
+    fig = plot_routing_maps(
+      np.asarray(self.batch['image'])[:n],
+      routing_map_data(self.fn, params, self.batch, n), self.patch_size,
+      self.num_experts, self.class_names, np.asarray(self.batch['label'])[:n],
+      title=f'Top-1 expert per patch, two views (step {step})',
+    )  # fmt: skip
+    writer.write_images(step, {'routing_maps': figure_to_array(fig)[None]})
+
+
+def class_names_for(dataset_name: str, num_classes: int) -> list[str]:
+  if dataset_name == 'fashion_mnist':
+    return list(fashion_mnist.CLASS_NAMES)
+  return [f'class {c}' for c in range(num_classes)]

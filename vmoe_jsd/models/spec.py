@@ -1,0 +1,234 @@
+"""ModelSpec: config.model checked and resolved once, and what follows from it.
+
+The training model is config.model with its variant and MoE placement made
+explicit (`resolve_model_config`); the evaluation model is the same with
+config.evaluate.model_overrides merged in (e.g. a larger capacity factor,
+vmoe's evaluation convention). Every number derived from the model (MoE
+layers, tokens per image, the class-token prefix, routing-group arithmetic)
+is a property here, computed in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from vmoe_jsd.config_errors import check_range, fail, to_dict
+from vmoe_jsd.models import (
+  build_model,
+  check_model_config,
+  resolve_model_config,
+  routing,
+)
+from vmoe_jsd.models import moe as moe_lib
+
+CLASSIFIERS = ('0', 'gap', 'map', 'token')
+DEFAULT_ROUTER = 'NoisyTopExpertsPerItemRouter'
+EXPERT_CHOICE = 'NoisyTopItemsPerExpertRouter'
+
+
+def deep_update(base: Mapping, overrides: Mapping | None) -> dict:
+  """Recursively merged copy of `base` with `overrides` (dicts merge)."""
+  out = dict(base)
+  for key, value in to_dict(overrides).items():
+    if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+      out[key] = deep_update(out[key], value)
+    else:
+      out[key] = value
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """The training and evaluation model configs, resolved and checked.
+
+  Attributes:
+    config: config.model with variant and MoE placement explicit.
+    eval_config: the same with config.evaluate.model_overrides applied.
+  """
+
+  config: Mapping[str, Any]
+  eval_config: Mapping[str, Any]
+
+  @classmethod
+  def from_config(cls, model, overrides=None) -> ModelSpec:
+    """Checks config.model (and its evaluation overrides); raises naming
+    the bad key."""
+    cfg = resolve_model_config(model)
+    check_model_config(cfg)
+    _check_ranges(cfg)
+    _check_shape(cfg)
+    eval_cfg = resolve_model_config(deep_update(to_dict(model), overrides))
+    _check_moe(cfg, eval_cfg)
+    return cls(config=cfg, eval_config=eval_cfg)
+
+  def _moe(self, evaluation: bool = False) -> Mapping[str, Any]:
+    cfg = self.eval_config if evaluation else self.config
+    return cfg.get('encoder', {}).get('moe') or {}
+
+  @property
+  def moe_layers(self) -> tuple[int, ...]:
+    return tuple(self._moe().get('layers', ()))
+
+  @property
+  def num_experts(self) -> int:
+    return int(self._moe().get('num_experts', 0))
+
+  @property
+  def num_classes(self) -> int:
+    return int(self.config['num_classes'])
+
+  @property
+  def patch_size(self) -> int:
+    """The (square) patch side."""
+    return self.config['patch_size'][0]
+
+  @property
+  def num_prefix_tokens(self) -> int:
+    """Tokens before the patches: 1 with a class token, else 0."""
+    return 1 if self.config.get('classifier', 'token') == 'token' else 0
+
+  def tokens_per_image(self, image_size: int) -> int:
+    patch = self.config['patch_size']
+    grid = (image_size // patch[0]) * (image_size // patch[1])
+    return grid + self.num_prefix_tokens
+
+  def min_images_per_batch(
+    self, image_size: int, *, evaluation: bool = False
+  ) -> int:
+    """Fewest images whose tokens split into whole routing groups."""
+    if not self.moe_layers:
+      return 1
+    tokens = self.tokens_per_image(image_size)
+    group = self._moe(evaluation)['group_size']
+    return group // math.gcd(group, tokens)
+
+  def build(self, *, deterministic: bool = False):
+    """The training model (deterministic: no dropout, no router noise)."""
+    return build_model(self.config, deterministic=deterministic)
+
+  def build_eval(self, num_classes: int | None = None):
+    """The deterministic evaluation model; num_classes=0 drops the head."""
+    cfg = dict(self.eval_config)
+    if num_classes is not None:
+      cfg['num_classes'] = num_classes
+    return build_model(cfg, deterministic=True)
+
+
+def _check_ranges(model: Mapping) -> None:
+  """Sizes and rates of config.model."""
+  check_range('model.num_classes', model.get('num_classes'), 1, integer=True)
+  check_range('model.hidden_size', model.get('hidden_size'), 1, integer=True)
+  check_range('model.representation_size', model.get('representation_size'),
+              1, integer=True, optional=True)  # fmt: skip
+  encoder = model.get('encoder') or {}
+  check_range('model.encoder.mlp_dim', encoder.get('mlp_dim'), 1,
+              integer=True, optional=True)  # fmt: skip
+  for rate in ('dropout_rate', 'attention_dropout_rate'):
+    check_range(f'model.encoder.{rate}', encoder.get(rate), 0, 1,
+                high_open=True, optional=True)  # fmt: skip
+  moe = encoder.get('moe') or {}
+  check_range('model.encoder.moe.dropout_rate', moe.get('dropout_rate'), 0,
+              1, high_open=True, optional=True)  # fmt: skip
+  check_range('model.encoder.moe.group_size', moe.get('group_size'), 1,
+              integer=True, optional=True)  # fmt: skip
+  router = moe.get('router') or {}
+  check_range('model.encoder.moe.router.noise_std', router.get('noise_std'),
+              0, optional=True)  # fmt: skip
+  for name in ('importance_loss_weight', 'load_loss_weight',
+               'gshard_loss_weight', 'z_loss_weight'):  # fmt: skip
+    check_range(f'model.encoder.moe.router.{name}', router.get(name), 0,
+                optional=True)  # fmt: skip
+  dispatcher = router.get('dispatcher') or {}
+  key = 'model.encoder.moe.router.dispatcher'
+  check_range(f'{key}.capacity_factor', dispatcher.get('capacity_factor'), 0,
+              low_open=True, optional=True)  # fmt: skip
+  check_range(f'{key}.capacity', dispatcher.get('capacity'), 1, integer=True,
+              optional=True)  # fmt: skip
+
+
+def _check_shape(model: Mapping) -> None:
+  """Name, patches, classifier, position embedding, heads, blocks."""
+  encoder = model.get('encoder') or {}
+  patch = tuple(model.get('patch_size', ()))
+  if model.get('name', 'VisionTransformerMoe') != 'VisionTransformerMoe':
+    fail('model.name', model.get('name'), "choose 'VisionTransformerMoe'")
+  if len(patch) != 2 or any(p <= 0 for p in patch):
+    fail('model.patch_size', model.get('patch_size'), 'use (p, p), p > 0')
+  if patch[0] != patch[1]:
+    fail('model.patch_size', patch, 'square patches only (views are square)')
+  if model.get('classifier', 'token') not in CLASSIFIERS:
+    fail('model.classifier', model.get('classifier'), f'one of {CLASSIFIERS}')
+  pos = (encoder.get('position_emb') or {}).get('name', 'learned')
+  if pos not in ('learned', 'sincos2d', 'none'):
+    fail('model.encoder.position_emb.name', pos,
+         "one of ['learned', 'none', 'sincos2d']")  # fmt: skip
+  heads = encoder.get('num_heads', 0)
+  if heads <= 0 or model['hidden_size'] % encoder.get('num_heads', 1):
+    fail('model.encoder.num_heads', encoder.get('num_heads'),
+         f'must be > 0 and divide hidden_size={model["hidden_size"]}')  # fmt: skip
+
+
+def _check_moe(model: Mapping, eval_model: Mapping) -> None:
+  """MoE placement, router, K and the dispatchers (training and eval)."""
+  encoder = model.get('encoder') or {}
+  moe = encoder.get('moe') or {}
+  router = dict(moe.get('router') or {})
+  num_layers = encoder.get('num_layers', 0)
+  layers = tuple(moe.get('layers', ()))
+  if num_layers <= 0:
+    fail('model.encoder.num_layers', num_layers, 'must be >= 1')
+  if [x for x in layers if not 0 <= x < num_layers]:
+    fail('model.encoder.moe.layers', layers,
+         f'block indices in [0, num_layers={num_layers})')  # fmt: skip
+  if not layers:
+    return
+  num_experts = moe.get('num_experts', 0)
+  router_name = router.get('name', DEFAULT_ROUTER)
+  if router_name not in routing.ROUTERS:
+    fail('model.encoder.moe.router.name', router_name,
+         f'one of {sorted(routing.ROUTERS)}')  # fmt: skip
+  if num_experts < 1:
+    fail('model.encoder.moe.num_experts', num_experts, 'must be >= 1')
+  k = router.get('num_selected_experts', 1)
+  if router_name == DEFAULT_ROUTER and not 1 <= k <= num_experts:
+    fail('model.encoder.moe.router.num_selected_experts', k,
+         f'K must be in [1, num_experts={num_experts}]')  # fmt: skip
+  check_dispatcher('training', router, moe.get('group_size'), num_experts)
+  eval_moe = eval_model['encoder']['moe']
+  check_dispatcher('with evaluate.model_overrides',
+                   eval_moe.get('router') or {}, eval_moe.get('group_size'),
+                   num_experts)  # fmt: skip
+
+
+def check_dispatcher(
+  where: str, router: Mapping, group_size, num_experts: int
+) -> None:
+  """Dispatcher settings of a top-K or expert-choice router."""
+  name = router.get('name', DEFAULT_ROUTER)
+  if name == 'SoftRouter':  # Soft MoE has slots, not a dispatcher.
+    return
+  key = f'model.encoder.moe.router.dispatcher ({where})'
+  dispatcher = router.get('dispatcher') or {}
+  valid = ('einsum',) if name == EXPERT_CHOICE else ('einsum', 'indices')
+  if dispatcher.get('name', 'einsum') not in valid:
+    fail(f'{key}.name', dispatcher.get('name'), f'one of {list(valid)}')
+  if (dispatcher.get('capacity') is None) == (
+    dispatcher.get('capacity_factor') is None
+  ):
+    fail(key, dispatcher, 'set exactly one of capacity and capacity_factor')
+  if name != EXPERT_CHOICE or not group_size:
+    return
+  capacity = dispatcher.get('capacity') or moe_lib.compute_capacity(
+    group_size,
+    num_experts,
+    dispatcher['capacity_factor'],
+    dispatcher.get('capacity_ceil_or_round', 'ceil'),
+    dispatcher.get('capacity_multiple_of', 4),
+  )
+  if capacity > group_size:
+    fail(key, dispatcher,
+         f'expert-choice capacity {capacity} exceeds the group size '
+         f'{group_size}: lower capacity or capacity_factor')  # fmt: skip
