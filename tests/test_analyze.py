@@ -1,21 +1,33 @@
 """analyze: a trained smoke checkpoint -> every file; the figures' content
-against the data they draw."""
+against the data they draw; the routing maps are the evaluation's own views;
+an image folder that sets no image_size is read at the augmentation size."""
 
 import json
 import os
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
-from vmoe_jsd import analyze, train
+from vmoe_jsd import (
+  analyze,
+  checkpoints,
+  config_lib,
+  evaluate,
+  figures,
+  streams,
+  train,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _smoke(**overrides):
   sys.path.insert(0, os.path.join(ROOT, 'tests'))
-  import smoke_config  # noqa: PLC0415
+  import smoke_config  # noqa: PLC0415 - tests/ is on sys.path from here
 
   return smoke_config.with_overrides(smoke_config.get_config(), **overrides)
 
@@ -35,7 +47,7 @@ def test_analyze_writes_every_file_from_a_trained_checkpoint(tmp_path):
                            'shift_1', 'shift_2']  # fmt: skip
   assert all(0.0 <= r <= 1.0 for r in rates.values())
   # ... and a routing-map image in TensorBoard.
-  from tensorboard.backend.event_processing import (  # noqa: PLC0415
+  from tensorboard.backend.event_processing import (  # noqa: PLC0415 - slow
     plugin_event_accumulator as pea,
   )
 
@@ -73,7 +85,7 @@ def test_routing_map_marks_exactly_the_disagreeing_matched_patches():
   maps = np.array([[[0, 1, 2, -1], [0, 1, 2, 2]]])
   top1 = {1: np.array([[[0, 1, 2, 3], [0, 1, 3, 3]]])}
   data = {'views': views, 'maps': maps, 'top1': top1}
-  fig = analyze.plot_routing_maps(
+  fig = figures.plot_routing_maps(
     np.zeros((1, 8, 8, 1), np.uint8), data, patch_size=4, num_experts=4
   )
   axes = fig.axes
@@ -86,5 +98,146 @@ def test_routing_map_marks_exactly_the_disagreeing_matched_patches():
   assert '2/4 matched agree' in axes[2].get_title()
   labels = [t.get_text() for t in fig.legends[0].get_texts()]
   assert labels[:4] == ['expert 0', 'expert 1', 'expert 2', 'expert 3']
-  pixels = analyze.figure_to_array(fig)
+  pixels = figures.figure_to_array(fig)
   assert pixels.ndim == 3 and pixels.shape[-1] == 3 and pixels.dtype == np.uint8
+
+
+# ----------------------------------------------------------------------------
+# The routing maps are the evaluation's views; folders at the default size.
+# ----------------------------------------------------------------------------
+def _init_params(spec, channels):
+  """Fresh parameters of the evaluation model (routing is not uniform)."""
+  size = spec.views.size
+  shape = (spec.model.min_images_per_batch(size, evaluation=True), size,
+           size, channels)  # fmt: skip
+  model = spec.model.build_eval()
+  return model.init(jax.random.key(1), jnp.zeros(shape))['params']
+
+
+def _save_params(workdir, params, step):
+  """A checkpoint of `params` at `step`, as training writes one."""
+  ckpt = checkpoints.Checkpointer(workdir, 1, asynchronous=False)
+  ckpt.maybe_save(step, {'params': params}, force=True)
+  ckpt.close()
+
+
+def _map_agreement(maps, top1):
+  """(agreeing, matched) patch pairs, counted from routing-map data."""
+  agree = pairs = 0
+  for i in range(maps.shape[0]):
+    for v in range(2):
+      for k, m in enumerate(maps[i, v]):
+        if m >= 0:
+          pairs += 1
+          agree += int(top1[i, v, k] == top1[i, 1 - v, m])
+  return agree, pairs
+
+
+def test_routing_map_views_are_the_evaluation_views():
+  """Test images 4..7: the map's views are the evaluation's views of those
+  positions, and the agreement the map shows is the evaluation's."""
+  spec = config_lib.resolve(_smoke(), jax.device_count())
+  eval_model = spec.model.build_eval()
+  params = _init_params(spec, 1)
+  views_key = streams.stream(spec.seed, 'eval_views')
+  test_ds = spec.test_data.load()
+  batches = iter(test_ds.eval_batches(4))
+  next(batches)
+  batch = next(batches)
+  np.testing.assert_array_equal(batch['index'], [4, 5, 6, 7])
+  fn = jax.jit(
+    figures.make_routing_map_fn(eval_model, spec.model, spec.views, views_key)
+  )
+  out = figures.routing_map_data(fn, params, batch, 4)
+  images, index, mask = (jnp.asarray(batch[k])
+                         for k in ('image', 'index', 'mask'))  # fmt: skip
+  views, maps = evaluate.evaluation_views(
+    views_key, images, index, mask, spec.views
+  )
+  # Compiled with the model, not alone: equal up to float rounding.
+  np.testing.assert_allclose(out['views'], views, atol=1e-5)
+  np.testing.assert_array_equal(out['maps'], maps)
+  # Keyed by position: the same images at positions 0..3 look different.
+  other, _ = evaluate.evaluation_views(
+    views_key, images, index - 4, mask, spec.views
+  )
+  assert np.abs(out['views'] - np.asarray(other)).max() > 0.1
+  step = jax.jit(
+    evaluate.make_eval_step(eval_model, spec.model, spec.views, views_key)
+  )
+  sums = step(params, images, jnp.asarray(batch['label']), mask, index)
+  agree, pairs = _map_agreement(out['maps'], out['top1'][1])
+  assert 0 < agree < pairs
+  assert (agree, pairs) == (
+    int(sums['routing/encoderblock_1/agree']),
+    int(sums['routing/encoderblock_1/pairs']),
+  )
+
+
+def _image_folder(root):
+  """{train,test}/c{0..3}: two RGB PNGs per class, of several sizes."""
+  rng = np.random.default_rng(0)
+  for split in ('train', 'test'):
+    for c in range(4):
+      for i, (h, w) in enumerate(((20, 28), (12, 12))):
+        path = os.path.join(root, split, f'c{c}', f'{i}.png')
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path)
+  return str(root)
+
+
+@pytest.fixture(scope='module')
+def folder_analysis(tmp_path_factory):
+  """analyze on a checkpoint of a config whose folder blocks set no
+  image_size; returns (summary, what plot_routing_maps was given)."""
+  tmp = tmp_path_factory.mktemp('folder_analysis')
+  root = _image_folder(tmp / 'images')
+  config = _smoke(**{
+    'dataset.train': {'name': 'folder', 'data_dir': root, 'split': 'train',
+                      'batch_size': 8},
+    'dataset.test': {'name': 'folder', 'data_dir': root, 'split': 'test',
+                     'batch_size': 16},
+  })  # fmt: skip
+  spec = config_lib.validate(config, jax.device_count())
+  workdir = str(tmp / 'run')
+  _save_params(workdir, _init_params(spec, 3), step=3)
+  drawn = {}
+  draw = figures.plot_routing_maps
+
+  def capture(images, data, *args, **kwargs):
+    drawn.update(images=images, data=data)
+    return draw(images[:1], {'views': data['views'][:1],
+                             'maps': data['maps'][:1],
+                             'top1': {b: t[:1] for b, t in
+                                      data['top1'].items()}},
+                *args, **kwargs)  # fmt: skip
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(figures, 'plot_routing_maps', capture)
+    summary = analyze.analyze(config, workdir, str(tmp / 'out'), num_images=8)
+  return summary, drawn
+
+
+def test_analyze_reads_a_folder_test_split_at_the_augmentation_size(
+  folder_analysis,
+):
+  summary, drawn = folder_analysis
+  assert summary['num_examples'] == 8 and summary['step'] == 3
+  # The test images are read at augment.size (16), as training reads them.
+  assert drawn['images'].shape == (8, 16, 16, 3)
+  assert drawn['data']['views'].shape == (8, 2, 16, 16, 3)
+  assert 'routing_maps.png' in summary['files']
+
+
+def test_routing_maps_of_the_whole_test_split_agree_as_the_evaluation(
+  folder_analysis,
+):
+  """Maps of every test image: the agreement they show is the one
+  run_evaluation reports."""
+  summary, drawn = folder_analysis
+  data = drawn['data']
+  agree, pairs = _map_agreement(data['maps'], data['top1'][1])
+  routing = summary['routing']['encoderblock_1']
+  assert pairs == routing['pairs']
+  assert agree / pairs == pytest.approx(routing['agreement'], abs=1e-12)

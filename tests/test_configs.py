@@ -11,8 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from vmoe_jsd import config_lib, sharding
+from vmoe_jsd.config_errors import to_dict
 from vmoe_jsd.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,10 +39,10 @@ def test_config_validates(path, tmp_path):
       if config.dataset[split].name == 'fashion_mnist':
         config.dataset[split].name = 'synthetic'
   devices = config.num_expert_partitions
-  config_lib.validate(config, num_devices=devices)
+  spec = config_lib.validate(config, num_devices=devices)
   # The model builds (abstractly) at the config's size.
-  model = build_model(config.model, deterministic=True)
-  images = config_lib.min_images_per_batch(config.model, config.augment.size)
+  model = spec.model.build(deterministic=True)
+  images = spec.model.min_images_per_batch(config.augment.size)
   shapes = jax.eval_shape(
     model.init, jax.random.key(0),
     jnp.zeros((images, config.augment.size, config.augment.size, 3)),
@@ -60,7 +63,7 @@ def test_upcycling_config_runs_from_a_dense_vit_npz(tmp_path):
   vision_transformer's naming written here by hand."""
   path = os.path.join(ROOT, 'configs', 'upcycle_vit_b16_i1k.py')
   config = load(path, 'runlocal')
-  dense_cfg = config_lib.to_dict(config.model)
+  dense_cfg = to_dict(config.model)
   dense_cfg['encoder'] = {k: v for k, v in dense_cfg['encoder'].items()
                           if k != 'moe'}  # fmt: skip
   dense = build_model(dense_cfg, deterministic=True)
@@ -103,9 +106,6 @@ def test_tfds_configs_runlocal_on_the_tfds_path_and_take_flags(
   """:runlocal keeps the tfds dataset (mini copy), not synthetic arrays;
   data_dir and friends (None by default) are settable from the command
   line."""
-  from absl import flags  # noqa: PLC0415
-  from ml_collections import config_flags  # noqa: PLC0415
-
   full, local = load(path), load(path, 'runlocal')
   for split in ('train', 'test'):
     assert local.dataset[split].name == 'tfds'

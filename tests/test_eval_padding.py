@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 from smoke_config import get_config, with_overrides
 
-from vmoe_jsd import config_lib, data, evaluate
+from vmoe_jsd import config_lib, data, evaluate, streams
 from vmoe_jsd.data import eval_padding
-from vmoe_jsd.models import build_model
 
 
 def _per_process(ds, batch_size, process_count, limit=None):
@@ -131,17 +130,25 @@ def test_padding_changes_no_figure():
       },
     },
   )
-  settings = config_lib.view_settings(config)
-  ds = data.get_dataset(config.dataset.test)
-  model = build_model(config_lib.eval_model_config(config), deterministic=True)
+  spec = config_lib.validate(config, jax.device_count())
+  ds = spec.test_data.load()
+  model = spec.model.build_eval()
   params = model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 1)))['params']
-  step = jax.jit(evaluate.make_eval_step(config, model, settings))
+  step = jax.jit(
+    evaluate.make_eval_step(
+      model, spec.model, spec.views, streams.stream(spec.seed, 'eval_views')
+    )
+  )
   results = {}
   for batch in (16, 8):
-    with config.unlocked():
-      config.dataset.test.batch_size = batch
     results[batch] = evaluate.run_evaluation(
-      step, params, ds, config, lambda *a: tuple(map(jnp.asarray, a))
+      step,
+      params,
+      ds,
+      batch,
+      spec.evaluate.limit,
+      spec.model.moe_layers,
+      lambda *a: tuple(map(jnp.asarray, a)),
     )
   padded, unpadded = results[16], results[8]
   assert padded['num_examples'] == unpadded['num_examples'] == 24

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vmoe_jsd import config_lib, fewshot, sharding
+from vmoe_jsd import augment, config_lib, fewshot, sharding, train
 from vmoe_jsd.data import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,16 +100,14 @@ def test_evaluator_uses_pre_logits_and_the_closed_form():
   """The features are what the head sees (logits = f @ kernel + bias); the
   accuracies equal the float64 reference on those features."""
   config = _fewshot_config()
-  config_lib.validate(config, num_devices=8)
-  settings = config_lib.view_settings(config)
+  spec = config_lib.validate(config, num_devices=8)
+  settings = spec.views
   mesh = sharding.make_mesh(1)
   put_batch = sharding.make_put_batch(mesh)
   evaluate = fewshot.make_evaluator(
-    config, config_lib.eval_model_config(config), settings, put_batch
+    spec.fewshot, spec.model, settings, put_batch
   )
-  from vmoe_jsd.models import build_model  # noqa: PLC0415
-
-  model = build_model(config_lib.eval_model_config(config), deterministic=True)
+  model = spec.model.build_eval()
   params = model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 1)))['params']
   # A non-zero head, so that logits test the features.
   params['head']['kernel'] = jax.random.normal(
@@ -118,12 +116,9 @@ def test_evaluator_uses_pre_logits_and_the_closed_form():
   with jax.set_mesh(mesh):
     got = evaluate(params)['syn']
 
-  headless = {**config_lib.eval_model_config(config), 'num_classes': 0}
   feature_fn = jax.jit(
-    fewshot.make_feature_fn(build_model(headless, deterministic=True),
-                            settings)
-  )  # fmt: skip
-  from vmoe_jsd import augment  # noqa: PLC0415
+    fewshot.make_feature_fn(spec.model.build_eval(num_classes=0), settings)
+  )
 
   def features_and_logits(split, n):
     images = synthetic.load(split, num_examples=n, image_size=16).images
@@ -173,8 +168,6 @@ def test_bad_fewshot_config_is_rejected(key, value, message):
 
 
 def test_training_runs_fewshot_periodically_and_at_the_end(tmp_path, capsys):
-  from vmoe_jsd import train  # noqa: PLC0415
-
   config = _fewshot_config()
   with config.unlocked():
     config.num_train_steps = 2

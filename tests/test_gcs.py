@@ -22,7 +22,9 @@ emulator; the events of this run are written to a local folder.
 Then: a short training run with `gs://bucket/run` writes checkpoints,
 results and history into the bucket (and nothing to a local `gs:` folder),
 a second run resumes from them, `eval_main` evaluates the checkpoint from
-the bucket, and `convert` writes and reads a vmoe-format checkpoint there.
+the bucket, and `convert` writes and reads a vmoe-format checkpoint there;
+`analyze` reads a checkpoint from the bucket (its figures go to a local
+folder).
 """
 
 import json
@@ -47,7 +49,16 @@ gcsfs = pytest.importorskip('gcsfs')
 import fsspec  # noqa: E402
 from gcsfs import core as gcsfs_core  # noqa: E402
 
-from vmoe_jsd import convert, eval_main, train, vmoe_format  # noqa: E402
+from vmoe_jsd import (  # noqa: E402
+  analyze,
+  checkpoints,
+  config_lib,
+  convert,
+  eval_main,
+  initialization,
+  train,
+  vmoe_format,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = 'vmoe-jsd-test'
@@ -148,7 +159,7 @@ def _fs():
 
 def _load_smoke(**overrides):
   sys.path.insert(0, os.path.join(ROOT, 'tests'))
-  import smoke_config  # noqa: PLC0415
+  import smoke_config  # noqa: PLC0415 - tests/ is on sys.path from here
 
   return smoke_config.with_overrides(smoke_config.get_config(), **overrides)
 
@@ -224,11 +235,41 @@ def test_gs_workdir_trains_resumes_and_evaluates(
   fs.invalidate_cache()
   assert fs.exists(f'{BUCKET}/vmoe/ckpt.index')
   assert fs.exists(f'{BUCKET}/vmoe/ckpt.data-00001-of-00002')
-  from vmoe_jsd import initialization  # noqa: PLC0415
-
   params, _ = initialization.read_orbax_params(workdir)
   jax.tree_util.tree_map(
     np.testing.assert_array_equal,
     vmoe_format.read_vmoe_checkpoint(prefix),
     params,
   )
+
+
+def test_analyze_reads_a_gs_workdir(gcs, tmp_path, monkeypatch):
+  """The newest checkpoint in the bucket is found, loaded and named (its
+  step); the results are those eval_main gets from the same checkpoint."""
+  del gcs
+  monkeypatch.chdir(tmp_path)
+  workdir = f'gs://{BUCKET}/analyzed'
+  spec = config_lib.resolve(_load_smoke(), jax.device_count())
+  size = spec.views.size
+  shape = (spec.model.min_images_per_batch(size, evaluation=True), size, size,
+           1)  # fmt: skip
+  params = spec.model.build_eval().init(jax.random.key(1), np.zeros(shape))
+  ckpt = checkpoints.Checkpointer(workdir, 1, asynchronous=False)
+  for step in (2, 3):
+    ckpt.maybe_save(step, {'params': params['params']}, force=True)
+  ckpt.close()
+  out = tmp_path / 'analysis'
+  summary = analyze.analyze(_load_smoke(), workdir, str(out), num_images=2)
+  assert summary['step'] == 3 and summary['workdir'] == workdir
+  for name in ('routing_maps.png', 'expert_by_class.png', 'load_dropped.png',
+               'results.json', 'summary.md'):  # fmt: skip
+    assert (out / name).stat().st_size > 0, name
+  assert (
+    f'# Routing analysis of `{workdir}` (step 3)'
+    in (out / 'summary.md').read_text()
+  )
+  assert not os.path.exists(tmp_path / 'gs:')  # Nothing went to local disk.
+  evaluated = eval_main.evaluate_checkpoint(_load_smoke(), workdir)
+  assert evaluated['step'] == 3
+  assert summary['accuracy'] == evaluated['accuracy']
+  assert summary['routing'] == evaluated['routing']

@@ -6,8 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy.stats import norm
 
-from vmoe_jsd import losses
+from vmoe_jsd import losses, step
+from vmoe_jsd.models import routing
 
 LN2 = math.log(2.0)
 
@@ -153,8 +155,6 @@ def test_load_loss_against_float64_reference():
   s, e, k, sigma = 16, 4, 2, 0.25
   logits = rng.normal(size=(s, e))
   noisy = logits + sigma * rng.normal(size=(s, e))
-  from scipy.stats import norm
-
   threshold = np.sort(noisy, axis=1)[:, -k][:, None]
   prob = 1 - norm.cdf((threshold - logits) / sigma)
   load = prob.mean(0)
@@ -426,10 +426,8 @@ def test_consistency_options_reject_bad_values_naming_them():
 
 
 def test_train_consistency_loss_takes_class_token_and_patches_by_view():
-  """train.consistency_loss slices the sown (G, S, E) router logits of 2B
+  """step.consistency_loss slices the sown (G, S, E) router logits of 2B
   adjacent views into view-1 / view-2 patches and class tokens."""
-  from vmoe_jsd import train  # noqa: PLC0415
-  from vmoe_jsd.models import routing  # noqa: PLC0415
 
   rng = np.random.default_rng(6)
   b, p, e = 2, 4, 3
@@ -440,7 +438,7 @@ def test_train_consistency_loss_takes_class_token_and_patches_by_view():
   inter = {'Encoder': {'encoderblock_1': {'Moe': {'Router': {
     routing.ROUTER_LOGITS: (sown,)}}}}}  # fmt: skip
   opts = losses.ConsistencyOptions(loss='sym_kl', include_cls=True)
-  got, metrics = train.consistency_loss(
+  got, metrics = step.consistency_loss(
     inter, jnp.asarray(maps), layers=(1,), prefix=1, options=opts
   )
   pairs = pairs64(tokens[:, 0, 1:], tokens[:, 1, 1:], maps[:, 0], maps[:, 1],

@@ -4,11 +4,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vmoe_jsd import train
+from vmoe_jsd import optimizer
+from vmoe_jsd.optimizer import OptimizerSpec, ScheduleSpec
+
+
+def _schedule(cfg, num_steps):
+  return optimizer.make_schedule(ScheduleSpec.from_config(cfg), num_steps)
+
+
+def _optimizer(cfg, num_steps):
+  return optimizer.make_optimizer(OptimizerSpec.from_config(cfg), num_steps)
 
 
 def test_warmup_cosine_schedule_hand_computed():
-  fn = train.make_schedule(
+  fn = _schedule(
     {'schedule': 'warmup_cosine_decay', 'peak_value': 2.0, 'end_value': 0.2,
      'warmup_steps': 10}, num_steps=110)  # fmt: skip
   assert float(fn(0)) == pytest.approx(0.0)
@@ -20,12 +29,12 @@ def test_warmup_cosine_schedule_hand_computed():
 
 
 def test_warmup_linear_and_rsqrt_schedules():
-  lin = train.make_schedule(
+  lin = _schedule(
     {'schedule': 'warmup_linear_decay', 'peak_value': 1.0, 'end_value': 0.0,
      'warmup_steps': 4}, num_steps=14)  # fmt: skip
   assert float(lin(4)) == pytest.approx(1.0)
   assert float(lin(9)) == pytest.approx(0.5)
-  rsqrt = train.make_schedule(
+  rsqrt = _schedule(
     {'schedule': 'warmup_rsqrt_decay', 'peak_value': 1.0, 'warmup_steps': 4},
     num_steps=100,
   )
@@ -36,7 +45,7 @@ def test_warmup_linear_and_rsqrt_schedules():
 def test_weight_decay_hits_kernels_only(weight_decay):
   params = {'Dense_0': {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones(2)},
             'LayerNorm_0': {'scale': jnp.ones(2)}}  # fmt: skip
-  tx, _ = train.make_optimizer(
+  tx, _ = _optimizer(
     {'name': 'adamw', 'weight_decay': weight_decay,
      'learning_rate': {'schedule': 'constant', 'peak_value': 0.5}},
     num_steps=10,
@@ -52,7 +61,7 @@ def test_weight_decay_hits_kernels_only(weight_decay):
 
 
 def test_global_norm_clipping():
-  tx, _ = train.make_optimizer(
+  tx, _ = _optimizer(
     {'name': 'sgd', 'momentum': 0.0, 'gradient_clip': {'global_norm': 1.0},
      'learning_rate': {'schedule': 'constant', 'peak_value': 1.0}},
     num_steps=1,

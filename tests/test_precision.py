@@ -14,8 +14,7 @@ import pytest
 from scipy.stats import norm
 from smoke_config import get_config, with_overrides
 
-from vmoe_jsd import config_lib, evaluate, losses, train
-from vmoe_jsd.models import build_model
+from vmoe_jsd import config_lib, evaluate, losses, optimizer, step, streams
 
 
 def _config(**overrides):
@@ -31,17 +30,22 @@ def _batch(num_images=8, size=16):
 
 def _one_train_step(config):
   """(state before, state after, metrics) of one jitted train step."""
-  model = build_model(config.model, deterministic=False)
-  tx, schedule = train.make_optimizer(config.optimizer, 6)
-  settings = config_lib.view_settings(config)
+  spec = config_lib.validate(config, jax.device_count())
+  model = spec.model.build(deterministic=False)
+  tx, schedule = optimizer.make_optimizer(spec.optimizer, 6)
   key = jax.random.key(0)
   dummy = jnp.zeros((16, 16, 16, 1))
   params = model.init({'params': key, 'dropout': key, 'gating': key}, dummy)
-  state = train.TrainState(
+  state = step.TrainState(
     jnp.int32(0), params['params'], tx.init(params['params'])
   )
-  step = jax.jit(train.make_train_step(config, model, tx, schedule, settings))
-  new_state, metrics = step(state, *_batch())
+  train_step = jax.jit(
+    step.make_train_step(
+      spec.step, model, tx, schedule, spec.views,
+      streams.stream(spec.seed, 'train'),
+    )
+  )  # fmt: skip
+  new_state, metrics = train_step(state, *_batch())
   return state, new_state, jax.device_get(metrics)
 
 
@@ -103,7 +107,7 @@ def test_bfloat16_train_step_is_finite_close_to_float32_and_keeps_f32_state():
 
 def _grads(remat):
   config = _config(**{'model.encoder.remat': remat})
-  model = build_model(config.model, deterministic=False)
+  model = config_lib.validate(config, 8).model.build(deterministic=False)
   images = jax.random.uniform(jax.random.key(1), (4, 16, 16, 1))
   key = jax.random.key(2)
   rngs = {'dropout': key, 'gating': jax.random.key(3)}
@@ -155,8 +159,7 @@ def test_bad_dtype_or_remat_fails_validation_listing_valid_names(
 
 
 def test_bfloat16_evaluation_is_close_to_float32():
-  config = _config()
-  settings = config_lib.view_settings(config)
+  settings = config_lib.validate(_config(), 8).views
   images, labels = _batch(16)
   mask = jnp.arange(16) < 13
   params = None
@@ -165,15 +168,18 @@ def test_bfloat16_evaluation_is_close_to_float32():
     config = _config(
       **{'model.dtype': dtype, 'model.head_kernel_zero_init': False}
     )
-    model = build_model(
-      config_lib.eval_model_config(config), deterministic=True
-    )
+    spec = config_lib.validate(config, 8)
+    model = spec.model.build_eval()
     if params is None:
       params = model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 1)))
       params = params['params']
-    step = jax.jit(evaluate.make_eval_step(config, model, settings))
+    eval_step = jax.jit(
+      evaluate.make_eval_step(
+        model, spec.model, settings, streams.stream(spec.seed, 'eval_views')
+      )
+    )
     sums[dtype] = jax.device_get(
-      step(params, images, labels, mask, jnp.arange(16, dtype=jnp.int32))
+      eval_step(params, images, labels, mask, jnp.arange(16, dtype=jnp.int32))
     )
   f32, bf16 = sums['float32'], sums['bfloat16']
   assert bf16['count'] == f32['count'] == 13

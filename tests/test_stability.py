@@ -5,6 +5,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -108,14 +109,18 @@ def test_noise_flip_rates_match_the_normal_distribution():
     assert rate == pytest.approx(expected, abs=tol)
 
 
-def test_bad_stability_options_are_rejected():
-  import ml_collections  # noqa: PLC0415
+def _stability_spec(cfg):
+  return stability.StabilitySpec.from_config(
+    cfg.evaluate.get('stability'), cfg.evaluate.get('limit')
+  )
 
+
+def test_bad_stability_options_are_rejected():
   cfg = ml_collections.ConfigDict(
     {'evaluate': {'stability': {'noise_std': (0.0,), 'shifts': (1,)}}}
   )
   with pytest.raises(ValueError, match=r'noise_std=\(0.0,\)'):
-    stability.stability_options(cfg)
+    _stability_spec(cfg)
   cfg.evaluate.stability = {'shifts': (0,)}
   with pytest.raises(ValueError, match=r'shifts=\(0,\)'):
-    stability.stability_options(cfg)
+    _stability_spec(cfg)

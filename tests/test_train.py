@@ -8,10 +8,20 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import smoke_config
 
-from vmoe_jsd import train
+from vmoe_jsd import (
+  augment,
+  checkpoints,
+  config_lib,
+  optimizer,
+  step,
+  streams,
+  train,
+)
 from vmoe_jsd.data import arrays
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,9 +29,6 @@ SMOKE = os.path.join(ROOT, 'tests', 'smoke_config.py')
 
 
 def _load_smoke(**overrides):
-  sys.path.insert(0, os.path.join(ROOT, 'tests'))
-  import smoke_config  # noqa: PLC0415
-
   return smoke_config.with_overrides(smoke_config.get_config(), **overrides)
 
 
@@ -97,8 +104,6 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
   resumed = train.train_and_evaluate(config, workdir)
 
-  from vmoe_jsd import checkpoints  # noqa: PLC0415
-
   def final_params(wd):
     ckpt = checkpoints.Checkpointer(wd, every_steps=2)
     restored = ckpt._manager.restore(6)
@@ -141,11 +146,6 @@ def test_other_routers_validate_train_and_evaluate(tmp_path, router):
 def test_mixup_and_randaugment_in_the_train_step(monkeypatch):
   """The config-gated mixup block: called on the views with one group per
   device (partners never cross devices), soft targets, finite step."""
-  import jax.numpy as jnp  # noqa: PLC0415
-
-  from vmoe_jsd import augment, config_lib  # noqa: PLC0415
-  from vmoe_jsd.models import build_model  # noqa: PLC0415
-
   calls = []
   real_mixup = augment.mixup
 
@@ -161,20 +161,24 @@ def test_mixup_and_randaugment_in_the_train_step(monkeypatch):
     config.mixup.concentration = 0.2
     config.augment.randaugment = (2, 10)
     config.augment.fill_value = 128 / 255
-  config_lib.validate(config, jax.device_count())
-  settings = config_lib.view_settings(config)
-  model = build_model(config.model, deterministic=False)
-  tx, schedule = train.make_optimizer(config.optimizer, 2)
+  spec = config_lib.validate(config, jax.device_count())
+  model = spec.model.build(deterministic=False)
+  tx, schedule = optimizer.make_optimizer(spec.optimizer, 2)
   key = jax.random.key(0)
   params = model.init(
     {'params': key, 'dropout': key, 'gating': key},
     jnp.zeros((32, 16, 16, 3)),
   )['params']
-  state = train.TrainState(jnp.int32(0), params, tx.init(params))
-  step = jax.jit(train.make_train_step(config, model, tx, schedule, settings))
+  state = step.TrainState(jnp.int32(0), params, tx.init(params))
+  train_step = jax.jit(
+    step.make_train_step(
+      spec.step, model, tx, schedule, spec.views,
+      streams.stream(spec.seed, 'train'),
+    )
+  )  # fmt: skip
   images = np.random.RandomState(0).randint(0, 256, (16, 16, 16, 3))
   labels = np.arange(16, dtype=np.int32) % 4
-  state, metrics = step(state, images.astype(np.uint8), labels)
+  state, metrics = train_step(state, images.astype(np.uint8), labels)
   assert int(state.step) == 1
   assert all(np.all(np.isfinite(v)) for v in jax.device_get(metrics).values())
   assert len(calls) == 1

@@ -3,13 +3,14 @@ r"""Routing analysis of a trained checkpoint: figures, JSON and Markdown.
   python -m vmoe_jsd.analyze --config=configs/default.py \
       --workdir=runs/default [--out=runs/default/analysis] [--num_images=4]
 
-Loads the latest checkpoint of --workdir and writes to --out:
+Loads the newest readable checkpoint of --workdir (local or gs://) and
+writes to --out (a local folder):
   * routing_maps.png: for a few test images, the image and its two augmented
-    views (the evaluation's views: fixed key) side by side, each patch
-    coloured by its top-1 expert, per MoE layer; matched patches whose top-1
-    differs from their partner's are crossed out, patches with no partner in
-    the other view are hatched. This is the picture of router consistency of
-    Kada et al. (MIRU 2023).
+    views (the evaluation's own: each image keyed by its position in the
+    split) side by side, each patch coloured by its top-1 expert, per MoE
+    layer; matched patches whose top-1 differs from their partner's are
+    crossed out, patches with no partner in the other view are hatched. This
+    is the picture of router consistency of Kada et al. (MIRU 2023).
   * expert_by_class.png: per MoE layer, the share of each class's patch
     tokens whose top-1 is each expert (clean evaluation view).
   * load_dropped.png: per MoE layer, the top-1 load of each expert against
@@ -19,24 +20,43 @@ Loads the latest checkpoint of --workdir and writes to --out:
   * results.json (every number) and summary.md (tables, the augmentation
     the routing figures were measured under, the list of files).
 
-The same routing-map figure goes to TensorBoard at each evaluation
-(`write_routing_map`, called from train.py).
+The figures are drawn by figures.py, whose routing-map figure also goes to
+TensorBoard at each evaluation (figures.RoutingMapWriter, from train.py).
+The config is resolved once (config_lib.validate); the measurements are
+those of the evaluation (evaluate.run_evaluation, stability.run_stability),
+on the parameters that initialization.load_eval_params loads.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
-from vmoe_jsd import augment, config_lib, evaluate, models
+from vmoe_jsd import (
+  augment,
+  config_lib,
+  evaluate,
+  figures,
+  initialization,
+  models,
+  paths,
+  sharding,
+  stability,
+  streams,
+)
+from vmoe_jsd.models.spec import ModelSpec
 
 Array = jax.Array
+
 
 def describe_augmentation(settings: augment.ViewSettings) -> str:
   """One sentence naming the augmentation of the evaluation's two views."""
@@ -69,23 +89,19 @@ def describe_augmentation(settings: augment.ViewSettings) -> str:
 # ----------------------------------------------------------------------------
 # Data for the figures.
 # ----------------------------------------------------------------------------
-def make_class_counts_fn(config, eval_model, settings, num_classes: int):
+def make_class_counts_fn(
+  eval_model, model: ModelSpec, settings, num_classes: int
+):
   """jit-able (params, images, labels, mask) -> {block: (classes, E) counts}.
 
   Counts the patch tokens of the clean evaluation view of each class whose
   top-1 expert is each expert.
   """
-  layers = config_lib.moe_layers(config.model)
-  prefix = config_lib.num_prefix_tokens(config.model)
+  layers, prefix = model.moe_layers, model.num_prefix_tokens
 
   def fn(params, images, labels, mask):
     center = jax.vmap(lambda im: augment.center_view(im, settings))(images)
-    _, state = eval_model.apply(
-      {'params': params},
-      augment.to_model_range(center),
-      mutable=['intermediates'],
-    )
-    by_layer = models.router_logits_by_layer(state['intermediates'], layers)
+    by_layer = evaluate.router_logits(eval_model, params, center, layers)
     cls = jax.nn.one_hot(labels, num_classes) * mask[:, None]  # (B, C)
     out = {}
     for b, lg in by_layer.items():
@@ -97,133 +113,125 @@ def make_class_counts_fn(config, eval_model, settings, num_classes: int):
   return fn
 
 
+@dataclasses.dataclass(frozen=True)
+class Measurements:
+  """What the figures and the summary are made of (host values).
+
+  Attributes:
+    step: the step of the checkpoint that was loaded (None: not known).
+    result: evaluate.run_evaluation's accuracy and routing figures.
+    stability: stability.run_stability's flip rates ({} when off).
+    counts: {block: (classes, E) float64} top-1 counts per class.
+    first: the first test images (figures.first_images).
+    maps: figures.routing_map_data of the first `num_images` of them.
+  """
+
+  step: int | None
+  result: dict[str, Any]
+  stability: dict[str, Any]
+  counts: dict[int, np.ndarray]
+  first: dict[str, np.ndarray]
+  maps: dict[str, Any]
+
+
+def measure(
+  spec: config_lib.RunSpec, workdir: str, num_images: int
+) -> Measurements:
+  """Loads the newest readable checkpoint of `workdir` (local or gs://) and
+  measures the test split as the evaluation does."""
+  mesh = sharding.make_mesh(spec.num_expert_partitions)
+  put_batch = sharding.make_put_batch(mesh)
+  settings, model = spec.views, spec.model
+  test_ds = spec.test_data.load()
+  params, report = initialization.load_eval_params(
+    model, settings.size, test_ds.image_shape[-1], workdir, 'orbax', mesh,
+    spec.params_rules,
+  )  # fmt: skip
+  eval_model = model.build_eval()
+  views_key = streams.stream(spec.seed, 'eval_views')
+  batch_size, limit = spec.test_data.batch_size, spec.evaluate.limit
+  with jax.set_mesh(mesh):
+    # Accuracy and the routing figures of the evaluation (full test split).
+    eval_step = jax.jit(
+      evaluate.make_eval_step(eval_model, model, settings, views_key)
+    )
+    result = evaluate.run_evaluation(
+      eval_step, params, test_ds, batch_size, limit, model.moe_layers,
+      put_batch,
+    )  # fmt: skip
+    stab_step = jax.jit(
+      stability.make_stability_step(
+        eval_model, model, settings, spec.stability,
+        streams.stream(spec.seed, 'stability_noise'),
+      )
+    )  # fmt: skip
+    stab = stability.run_stability(
+      stab_step, params, test_ds, batch_size, spec.stability, put_batch
+    )
+    # Expert-by-class counts over the evaluated images.
+    count_fn = jax.jit(
+      make_class_counts_fn(eval_model, model, settings, model.num_classes)
+    )
+    fields = ('image', 'label', 'mask')
+    counts = evaluate.sum_over_batches(
+      lambda _, b: count_fn(params, *put_batch(*(b[f] for f in fields))),
+      evaluate.eval_batches(test_ds, batch_size, limit),
+    )
+  # Routing maps of the first images: the evaluation's own views, computed
+  # as train.py's figure is (outside the mesh: a few images, whatever the
+  # number of devices).
+  first = figures.first_images(test_ds, model, settings.size, num_images)
+  map_fn = jax.jit(
+    figures.make_routing_map_fn(eval_model, model, settings, views_key)
+  )
+  maps = figures.routing_map_data(map_fn, params, first, num_images)
+  return Measurements(
+    report.get('step'), result, stab, counts, dict(first), maps
+  )
+
+
 # ----------------------------------------------------------------------------
 # The command.
 # ----------------------------------------------------------------------------
 def analyze(config, workdir: str, out: str, num_images: int = 4) -> dict:
   """Loads the latest checkpoint of `workdir`; writes figures and summaries.
 
+  Args:
+    config: the run's config (resolved here, once).
+    workdir: the training workdir, local or gs://.
+    out: the local output folder.
+    num_images: test images in the routing maps.
+
   Returns:
     The results dict written to out/results.json.
   """
-  from vmoe_jsd import (  # noqa: PLC0415
-    data,
-    initialization,
-    sharding,
-    stability,
-  )
-  from vmoe_jsd.models import build_model  # noqa: PLC0415
-
   t0 = time.time()
-  os.makedirs(out, exist_ok=True)
-  config_lib.validate(config, jax.device_count())
-  if not config_lib.moe_layers(config.model):
+  spec = config_lib.validate(config, jax.device_count())
+  if not spec.model.moe_layers:
     raise ValueError(
       'analyze needs a model with MoE layers (model.encoder.moe)'
     )
-  settings = config_lib.view_settings(config)
-  eval_model = build_model(
-    config_lib.eval_model_config(config), deterministic=True
+  os.makedirs(out, exist_ok=True)
+  m = measure(spec, workdir, num_images)
+  class_names = figures.class_names_for(
+    spec.test_data.name, spec.model.num_classes
   )
-  test_ds = data.get_dataset(config.dataset.test)
-  images_per_batch = config_lib.min_images_per_batch(
-    config_lib.eval_model_config(config), settings.size
-  )
-  shape = (images_per_batch, settings.size, settings.size,
-           test_ds.image_shape[-1])  # fmt: skip
-  abstract = jax.eval_shape(
-    lambda: eval_model.init(jax.random.key(0), jnp.zeros(shape))['params']
-  )
-  params, _ = initialization.load_initial_params(
-    {'source': 'orbax', 'path': workdir, 'keep_head': True, 'strict': True},
-    abstract,
-  )
-  mesh = sharding.make_mesh(config.get('num_expert_partitions', 1))
-  put_batch = sharding.make_put_batch(mesh)
-  num_classes = int(models.resolve_model_config(config.model)['num_classes'])
-  class_names = class_names_for(config, num_classes)
-  num_experts = int(
-    models.resolve_model_config(config.model)['encoder']['moe']['num_experts']
-  )
-  with jax.set_mesh(mesh):
-    params = jax.device_put(
-      params,
-      sharding.tree_shardings(
-        params, mesh,
-        config.get('params_axis_resources') or sharding.DEFAULT_RULES,
-      ),
-    )  # fmt: skip
-    # Accuracy and the routing figures of the evaluation (full test split).
-    eval_step = jax.jit(evaluate.make_eval_step(config, eval_model, settings))
-    result = evaluate.run_evaluation(eval_step, params, test_ds, config,
-                                     put_batch)  # fmt: skip
-    # Stability.
-    stab_step = jax.jit(
-      stability.make_stability_step(config, eval_model, settings)
-    )
-    stab = stability.run_stability(stab_step, params, test_ds, config,
-                                   put_batch)  # fmt: skip
-    # Expert-by-class counts over the evaluated images.
-    count_fn = jax.jit(
-      make_class_counts_fn(config, eval_model, settings, num_classes)
-    )
-    counts: dict[int, np.ndarray] = {}
-    for batch in test_ds.eval_batches(
-      config.dataset.test.batch_size, limit=config.evaluate.get('limit')
-    ):
-      c = jax.device_get(
-        count_fn(params, *put_batch(batch['image'], batch['label'],
-                                    batch['mask']))
-      )  # fmt: skip
-      for b, v in c.items():
-        counts[b] = counts.get(b, 0) + np.asarray(v, np.float64)
-    # Routing maps of the first images (the evaluation's first views).
-    first = next(iter(test_ds.eval_batches(images_per_batch * math.ceil(
-      num_images / images_per_batch))))  # fmt: skip
-    map_fn = jax.jit(make_routing_map_fn(config, eval_model, settings))
-    maps_data = jax.device_get(map_fn(params, jnp.asarray(first['image'])))
-  keep = slice(0, num_images)
-  maps_data = {
-    'views': maps_data['views'][keep],
-    'maps': maps_data['maps'][keep],
-    'top1': {b: v[keep] for b, v in maps_data['top1'].items()},
-  }
-  plt = _pyplot()
-  files = {}
-
-  def save(fig, name):
-    path = os.path.join(out, name)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    files[name] = path
-
-  step = _latest_step(workdir)
-  save(
-    plot_routing_maps(
-      np.asarray(first['image'])[keep], maps_data, settings.patch_size,
-      num_experts, class_names, np.asarray(first['label'])[keep],
-      title=f'Top-1 expert per patch in two augmented views (step {step})',
-    ),
-    'routing_maps.png',
-  )  # fmt: skip
-  save(plot_expert_by_class(counts, class_names), 'expert_by_class.png')
-  save(plot_load_dropped(result['routing']), 'load_dropped.png')
-  if stab:
-    save(plot_flip_rates(stab), 'flip_rates.png')
+  files = write_figures(m, spec, out, class_names)
+  remote = paths.is_remote(workdir)
   summary = {
-    'workdir': os.path.abspath(workdir),
-    'step': step,
-    'accuracy': result['accuracy'],
-    'num_examples': result['num_examples'],
-    'routing': result['routing'],
-    'augmentation': describe_augmentation(settings),
-    'stability': stab,
+    'workdir': workdir if remote else os.path.abspath(workdir),
+    'step': m.step,
+    'accuracy': m.result['accuracy'],
+    'num_examples': m.result['num_examples'],
+    'routing': m.result['routing'],
+    'augmentation': describe_augmentation(spec.views),
+    'stability': m.stability,
     'expert_by_class': {
       f'encoderblock_{b}': (c / np.maximum(c.sum(1, keepdims=True), 1)).tolist()
-      for b, c in sorted(counts.items())
+      for b, c in sorted(m.counts.items())
     },
     'class_names': class_names,
-    'consistency': config_lib.to_dict(config.consistency),
+    'consistency': dict(spec.config['consistency']),
     'files': sorted(files),
   }
   summary['seconds'] = time.time() - t0
@@ -234,17 +242,34 @@ def analyze(config, workdir: str, out: str, num_images: int = 4) -> dict:
   return summary
 
 
-def _latest_step(workdir: str) -> int | None:
-  ckpt = os.path.join(workdir, 'checkpoints')
-  steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(
-    ckpt) else []  # fmt: skip
-  return max(steps) if steps else None
+def write_figures(
+  m: Measurements, spec: config_lib.RunSpec, out: str, class_names
+) -> dict[str, str]:
+  """Draws the figures of `m` into `out`; returns {file name: path}."""
+  num = len(m.maps['views'])
+  figs = {
+    'routing_maps.png': lambda: figures.plot_routing_maps(
+      np.asarray(m.first['image'])[:num], m.maps, spec.views.patch_size,
+      spec.model.num_experts, class_names,
+      np.asarray(m.first['label'])[:num],
+      title=f'Top-1 expert per patch in two augmented views (step {m.step})',
+    ),
+    'expert_by_class.png': lambda: figures.plot_expert_by_class(
+      m.counts, class_names
+    ),
+    'load_dropped.png': lambda: figures.plot_load_dropped(m.result['routing']),
+  }  # fmt: skip
+  if m.stability:
+    figs['flip_rates.png'] = lambda: figures.plot_flip_rates(m.stability)
+  files = {}
+  for name, draw in figs.items():
+    files[name] = os.path.join(out, name)
+    figures.save_figure(draw(), files[name])
+  return files
 
 
 def format_summary(s: dict) -> str:
   """summary.md from the results dict."""
-  from vmoe_jsd import stability  # noqa: PLC0415
-
   lines = [
     f'# Routing analysis of `{s["workdir"]}` (step {s["step"]})',
     '',
@@ -301,8 +326,6 @@ def format_summary(s: dict) -> str:
 
 def main(argv):
   del argv
-  from absl import flags  # noqa: PLC0415
-
   flag_values = flags.FLAGS
   workdir = flag_values.workdir
   out = flag_values.out or os.path.join(workdir, 'analysis')
@@ -315,9 +338,6 @@ def main(argv):
 
 if __name__ == '__main__':
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  from absl import app, flags
-  from ml_collections import config_flags
-
   config_flags.DEFINE_config_file(
     'config', None, 'Config file of the run.', lock_config=True
   )

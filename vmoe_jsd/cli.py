@@ -6,7 +6,8 @@
   lists the configs that exist.
 - `load_config`: the same parsing on a private FlagValues (for tests and
   tools), raising `CliError`.
-- `check_config`: `config_lib.validate` with its error turned into one line.
+- `check_config`: `config_lib.validate` (its RunSpec) with its error turned
+  into one line.
 - `quiet_console`: TensorFlow's start-up banners (printed by its C++ logging,
   which ignores TF_CPP_MIN_LOG_LEVEL in TF 2.21) and absl INFO records from
   libraries (clu's metric copies, jax's backend probing, orbax) stay off the
@@ -24,9 +25,12 @@ import os
 import sys
 from collections.abc import Sequence
 
+import jax
 from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from vmoe_jsd import config_lib
 
 REPO_CONFIGS = os.path.join(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs'
@@ -202,12 +206,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
-def check_config(config, num_devices: int) -> None:
-  """config_lib.validate, its error (if any) raised as a one-line CliError."""
-  from vmoe_jsd import config_lib  # noqa: PLC0415
-
+def check_config(config, num_devices: int) -> config_lib.RunSpec:
+  """config_lib.validate (its RunSpec), its error (if any) raised as a
+  one-line CliError."""
   try:
-    config_lib.validate(config, num_devices)
+    return config_lib.validate(config, num_devices)
   except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
     raise CliError(one_line(str(e).strip('"\''))) from None
 
@@ -245,7 +248,7 @@ def quiet_console() -> None:
     return
   try:
     with _stderr_to_devnull():
-      import tensorflow  # noqa: F401, PLC0415
+      import tensorflow  # noqa: F401, PLC0415 - optional; banners muted
   except ImportError:
     pass  # TF is optional for the pure-JAX paths.
 
@@ -257,8 +260,6 @@ def visible_gpus() -> list[str]:
 
 def describe_devices() -> list[str]:
   """Lines naming JAX's backend and devices (and a warning if a GPU idles)."""
-  import jax  # noqa: PLC0415
-
   backend = jax.default_backend()
   devices = jax.devices()
   kinds = sorted({d.device_kind for d in devices})

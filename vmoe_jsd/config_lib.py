@@ -137,8 +137,8 @@ def resolve(config, num_devices: int) -> RunSpec:
   opt = optimizer.OptimizerSpec.from_config(config.optimizer)
   size = config.augment.size
   if size % model.patch_size:
-    fail('augment.size', size,
-         f'must be a multiple of model.patch_size={model.patch_size}')  # fmt: skip
+    valid = f'must be a multiple of model.patch_size={model.patch_size}'
+    fail('augment.size', size, valid)
   datasets = {
     split: data.SplitSpec.from_config(split, config.dataset[split], size)
     for split in config.dataset
@@ -156,6 +156,7 @@ def resolve(config, num_devices: int) -> RunSpec:
   fs = fewshot.FewshotSpec.from_config(
     config.get('fewshot'), data.DATASETS, size
   )
+  _check_fewshot_batches(fs, model, size, num_devices)
   init = to_dict(config.get('initialization'))
   if init.get('source') is not None:
     initialization.check_config(init)
@@ -229,8 +230,8 @@ def _check_across(config, model: ModelSpec, datasets, num_devices) -> None:
   if layers:
     num_parts = config.get('num_expert_partitions', 1)
     if model.num_experts % num_parts:
-      fail('num_expert_partitions', num_parts,
-           f'must divide model.encoder.moe.num_experts={model.num_experts}')  # fmt: skip
+      valid = f'must divide model.encoder.moe.num_experts={model.num_experts}'
+      fail('num_expert_partitions', num_parts, valid)
     if num_devices % num_parts:
       fail('num_expert_partitions', num_parts,
            f'must divide the number of devices ({num_devices})')  # fmt: skip
@@ -241,8 +242,8 @@ def _check_across(config, model: ModelSpec, datasets, num_devices) -> None:
   for split, views in checks:
     key, batch = f'dataset.{split}.batch_size', datasets[split].batch_size
     if batch <= 0 or batch % num_devices:
-      fail(key, batch,
-           f'must be a positive multiple of the device count ({num_devices})')  # fmt: skip
+      valid = f'must be a positive multiple of the device count ({num_devices})'
+      fail(key, batch, valid)
     per_device = batch * views // num_devices * tokens
     if layers and (not group_size or per_device % group_size):
       fail('model.encoder.moe.group_size', group_size,
@@ -250,6 +251,20 @@ def _check_across(config, model: ModelSpec, datasets, num_devices) -> None:
            f'view(s) x {batch // num_devices} images x {tokens} tokens = '
            f'{per_device}); e.g. a multiple of {tokens} tokens per image that'
            f' divides it')  # fmt: skip
+
+
+def _check_fewshot_batches(fs, model: ModelSpec, size, num_devices) -> None:
+  """Few-shot batches go through the evaluation model on every device: each
+  device's images must fill whole routing groups (unit: the fewest images
+  that do)."""
+  unit = model.min_images_per_batch(size, evaluation=True) * num_devices
+  for d in fs.datasets:
+    for split, block in (('train', d.train), ('test', d.test)):
+      if block.batch_size % unit:
+        fail(f'fewshot.datasets.{d.name}.{split}.batch_size', block.batch_size,
+             f'must be a multiple of {unit}: {num_devices} device(s) x the '
+             f'{unit // num_devices} image(s) that fill whole routing groups '
+             'of the evaluation model')  # fmt: skip
 
 
 def _step_spec(config, model: ModelSpec, num_devices: int) -> step.StepSpec:

@@ -17,10 +17,20 @@ and writes them as JSON.
 
 from __future__ import annotations
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from vmoe_jsd import cli, paths
+from vmoe_jsd import (
+  cli,
+  config_lib,
+  evaluate,
+  fewshot,
+  initialization,
+  paths,
+  sharding,
+  streams,
+)
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Config file describing the model and data.',
@@ -52,55 +62,45 @@ def checkpoint_source(path: str) -> str:
 def evaluate_checkpoint(config, checkpoint: str, split: str | None = None):
   """Loads `checkpoint` into config.model and evaluates config.dataset.test.
 
+  Args:
+    config: the run's config (not modified; resolved here, once).
+    checkpoint: see the module docstring.
+    split: overrides config.dataset.test.split.
+
   Returns:
     The result dict (accuracy, num_examples, routing per MoE layer).
   """
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-
-  from vmoe_jsd import (  # noqa: PLC0415
-    config_lib,
-    data,
-    evaluate,
-    fewshot,
-    initialization,
-    sharding,
-  )
-  from vmoe_jsd.models import build_model  # noqa: PLC0415
-
   if split:
+    config = config.copy_and_resolve_references()
     with config.unlocked():
       config.dataset.test.split = split
-  config_lib.validate(config, jax.device_count())
+  return evaluate_spec(config_lib.validate(config, jax.device_count()),
+                       checkpoint)  # fmt: skip
+
+
+def evaluate_spec(spec: config_lib.RunSpec, checkpoint: str) -> dict:
+  """`evaluate_checkpoint` of an already resolved config."""
   source = checkpoint_source(checkpoint)
-  mesh = sharding.make_mesh(config.get('num_expert_partitions', 1))
-  settings = config_lib.view_settings(config)
-  test_ds = data.get_dataset(config.dataset.test, config.augment.size)
-  eval_model = build_model(
-    config_lib.eval_model_config(config), deterministic=True
-  )
-  images = config_lib.min_images_per_batch(config.model, settings.size)
-  shape = (images, settings.size, settings.size, test_ds.image_shape[-1])
-  abstract = jax.eval_shape(
-    lambda: eval_model.init(jax.random.key(0), jnp.zeros(shape))['params']
-  )
-  params, report = initialization.load_initial_params(
-    {'source': source, 'path': checkpoint, 'keep_head': True, 'strict': True},
-    abstract,
-  )
+  mesh = sharding.make_mesh(spec.num_expert_partitions)
+  put_batch = sharding.make_put_batch(mesh)
+  settings, model = spec.views, spec.model
+  test_ds = spec.test_data.load()
+  params, report = initialization.load_eval_params(
+    model, settings.size, test_ds.image_shape[-1], checkpoint, source, mesh,
+    spec.params_rules,
+  )  # fmt: skip
+  eval_model = model.build_eval()
+  views_key = streams.stream(spec.seed, 'eval_views')
   with jax.set_mesh(mesh):
-    params = jax.device_put(
-      params, sharding.tree_shardings(params, mesh,
-                                      config.get('params_axis_resources')
-                                      or sharding.DEFAULT_RULES),
-    )  # fmt: skip
-    eval_step = jax.jit(evaluate.make_eval_step(config, eval_model, settings))
-    put_batch = sharding.make_put_batch(mesh)
-    result = evaluate.run_evaluation(
-      eval_step, params, test_ds, config, put_batch
+    eval_step = jax.jit(
+      evaluate.make_eval_step(eval_model, model, settings, views_key)
     )
+    result = evaluate.run_evaluation(
+      eval_step, params, test_ds, spec.test_data.batch_size,
+      spec.evaluate.limit, model.moe_layers, put_batch,
+    )  # fmt: skip
     fewshot_eval = fewshot.make_evaluator(
-      config, config_lib.eval_model_config(config), settings, put_batch
+      spec.fewshot, model, settings, put_batch
     )
     if fewshot_eval is not None:
       result['fewshot'] = fewshot_eval(params)
@@ -112,27 +112,23 @@ def evaluate_checkpoint(config, checkpoint: str, split: str | None = None):
     result['skipped_checkpoints'] = {
       str(k): v for k, v in report['skipped_checkpoints'].items()
     }
-  result['split'] = config.dataset.test.split
+  result['split'] = spec.test_data.split
   return result
 
 
 def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {argv[1:]}; flags start with --')
-  import jax  # noqa: PLC0415
-
   config = _CONFIG.value
   if _SPLIT.value:
     with config.unlocked():
       config.dataset.test.split = _SPLIT.value
   try:
-    cli.check_config(config, jax.device_count())
+    spec = cli.check_config(config, jax.device_count())
   except cli.CliError as e:
     cli.fail(str(e))
   cli.quiet_console()
-  from vmoe_jsd import evaluate, fewshot  # noqa: PLC0415
-
-  result = evaluate_checkpoint(config, _CHECKPOINT.value, _SPLIT.value)
+  result = evaluate_spec(spec, _CHECKPOINT.value)
   split = result['split'].replace('/', '_')
   output = _OUTPUT.value
   if output is None:

@@ -41,7 +41,7 @@ EXPERT_COLOURS = (
 def expert_colour(e: int) -> str:
   if e < len(EXPERT_COLOURS):
     return EXPERT_COLOURS[e]
-  import matplotlib  # noqa: PLC0415
+  import matplotlib  # noqa: PLC0415 - lazy: training draws no figure
 
   return matplotlib.colors.to_hex(matplotlib.colormaps['tab20'](e % 20))
 
@@ -101,10 +101,10 @@ def routing_map_data(fn, params, batch, num: int) -> dict:
 # Figures (matplotlib, imported lazily: training without figures needs none).
 # ----------------------------------------------------------------------------
 def _pyplot():
-  import matplotlib  # noqa: PLC0415
+  import matplotlib  # noqa: PLC0415 - lazy: training draws no figure
 
   matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # noqa: PLC0415
+  import matplotlib.pyplot as plt  # noqa: PLC0415 - after use('Agg')
 
   return plt
 
@@ -138,14 +138,9 @@ def plot_routing_maps(
     title: figure title.
   """
   plt = _pyplot()
-  from matplotlib.lines import Line2D  # noqa: PLC0415
-  from matplotlib.patches import Patch, Rectangle  # noqa: PLC0415
-
   views, maps, top1 = data['views'], data['maps'], data['top1']
   blocks = sorted(top1)
   n = images.shape[0]
-  size = views.shape[2]
-  grid = size // patch_size
   cols = 1 + 2 * len(blocks)
   height = 2.5 * n + 1.2
   fig, axes = plt.subplots(n, cols, figsize=(2.1 * cols, height),
@@ -155,67 +150,98 @@ def plot_routing_maps(
     hspace=0.45, wspace=0.06,
   )  # fmt: skip
   for i in range(n):
-    ax = axes[i, 0]
-    ax.imshow(_grey(images[i]), cmap='gray', vmin=0, vmax=1)
     name = ''
     if labels is not None:
       name = (
         class_names[int(labels[i])] if class_names else f'class {labels[i]}'
       )
+    ax = axes[i, 0]
+    ax.imshow(_grey(images[i]), cmap='gray', vmin=0, vmax=1)
     ax.set_title(f'test image {i}: {name}\n(original)', fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
     for j, block in enumerate(blocks):
-      t = top1[block][i]  # (2, P)
       for v in range(2):
-        ax = axes[i, 1 + 2 * j + v]
-        # Black lifted to mid grey so that the expert colours stay visible.
-        ax.imshow(_grey(views[i, v]), cmap='gray', vmin=-0.8, vmax=1)
-        partner_map = maps[i, v]
-        other = t[1 - v]
-        agree = pairs = 0
-        for k in range(grid * grid):
-          r, c = divmod(k, grid)
-          e = int(t[v, k])
-          ax.add_patch(
-            Rectangle(
-              (c * patch_size - 0.5, r * patch_size - 0.5),
-              patch_size, patch_size,
-              facecolor=expert_colour(e), alpha=0.55, edgecolor='white',
-              linewidth=0.5,
-            )
-          )  # fmt: skip
-          m = int(partner_map[k])
-          if m < 0:
-            ax.add_patch(
-              Rectangle(
-                (c * patch_size - 0.5, r * patch_size - 0.5),
-                patch_size, patch_size, fill=False, hatch='////',
-                edgecolor='black', linewidth=0,
-              )
-            )  # fmt: skip
-            continue
-          pairs += 1
-          if int(other[m]) == e:
-            agree += 1
-          else:
-            x0, y0 = c * patch_size - 0.5, r * patch_size - 0.5
-            ax.plot(
-              [x0 + 1, x0 + patch_size - 1], [y0 + 1, y0 + patch_size - 1],
-              color='red', linewidth=1.6,
-            )  # fmt: skip
-            ax.plot(
-              [x0 + 1, x0 + patch_size - 1], [y0 + patch_size - 1, y0 + 1],
-              color='red', linewidth=1.6,
-            )  # fmt: skip
-        ax.set_xlim(-0.5, size - 0.5)
-        ax.set_ylim(size - 0.5, -0.5)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(
-          f'block {block}, view {v + 1}\n{agree}/{pairs} matched agree',
-          fontsize=9,
+        _draw_view(
+          axes[i, 1 + 2 * j + v], views[i, v], maps[i, v], top1[block][i], v,
+          patch_size, block,
+        )  # fmt: skip
+  handles = _routing_map_legend(num_experts)
+  fig.legend(
+    handles=handles, loc='lower center', ncol=min(len(handles), 6),
+    fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0),
+  )  # fmt: skip
+  fig.suptitle(
+    (title or 'Top-1 expert of each patch in two augmented views') + '\n'
+    "views: random crops / flips of the image; a patch's match is the patch "
+    'of the other view that shows its centre point',
+    fontsize=10, y=1 - 0.08 / height,
+  )  # fmt: skip
+  return fig
+
+
+def _draw_view(ax, view, partner_map, top1, v: int, patch_size: int, block):
+  """One view of one image in one MoE block: its patches coloured by their
+  top-1 expert, unmatched ones hatched, matched ones that disagree crossed
+  out; the title counts the matched patches that agree.
+
+  Args:
+    ax: the axes.
+    view: (S, S, C) the view in [0, 1].
+    partner_map: (P,) its patches' partners in the other view (-1: none).
+    top1: (2, P) the top-1 expert of each patch of both views.
+    v: which view (0 or 1).
+    patch_size: p.
+    block: the MoE block (title).
+  """
+  from matplotlib.patches import Rectangle  # noqa: PLC0415 - lazy matplotlib
+
+  size = view.shape[0]
+  grid = size // patch_size
+  # Black lifted to mid grey so that the expert colours stay visible.
+  ax.imshow(_grey(view), cmap='gray', vmin=-0.8, vmax=1)
+  other = top1[1 - v]
+  agree = pairs = 0
+  for k in range(grid * grid):
+    r, c = divmod(k, grid)
+    x0, y0 = c * patch_size - 0.5, r * patch_size - 0.5
+    e = int(top1[v, k])
+    ax.add_patch(
+      Rectangle(
+        (x0, y0), patch_size, patch_size, facecolor=expert_colour(e),
+        alpha=0.55, edgecolor='white', linewidth=0.5,
+      )
+    )  # fmt: skip
+    m = int(partner_map[k])
+    if m < 0:
+      ax.add_patch(
+        Rectangle(
+          (x0, y0), patch_size, patch_size, fill=False, hatch='////',
+          edgecolor='black', linewidth=0,
         )
+      )  # fmt: skip
+      continue
+    pairs += 1
+    if int(other[m]) == e:
+      agree += 1
+      continue
+    for ys in ((y0 + 1, y0 + patch_size - 1), (y0 + patch_size - 1, y0 + 1)):
+      ax.plot([x0 + 1, x0 + patch_size - 1], list(ys), color='red',
+              linewidth=1.6)  # fmt: skip
+  ax.set_xlim(-0.5, size - 0.5)
+  ax.set_ylim(size - 0.5, -0.5)
+  ax.set_xticks([])
+  ax.set_yticks([])
+  ax.set_title(
+    f'block {block}, view {v + 1}\n{agree}/{pairs} matched agree', fontsize=9
+  )
+
+
+def _routing_map_legend(num_experts: int) -> list:
+  """The legend's handles: one colour per expert, the cross, the hatch."""
+  from matplotlib.lines import Line2D  # noqa: PLC0415 - lazy matplotlib
+  from matplotlib.patches import Patch  # noqa: PLC0415 - lazy matplotlib
+
   handles = [
     Patch(facecolor=expert_colour(e), alpha=0.6, label=f'expert {e}')
     for e in range(num_experts)
@@ -228,17 +254,14 @@ def plot_routing_maps(
     Patch(facecolor='white', edgecolor='black', hatch='////',
           label='no matched patch in the other view')
   )  # fmt: skip
-  fig.legend(
-    handles=handles, loc='lower center', ncol=min(len(handles), 6),
-    fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0),
-  )  # fmt: skip
-  fig.suptitle(
-    (title or 'Top-1 expert of each patch in two augmented views') + '\n'
-    "views: random crops / flips of the image; a patch's match is the patch "
-    'of the other view that shows its centre point',
-    fontsize=10, y=1 - 0.08 / height,
-  )  # fmt: skip
-  return fig
+  return handles
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> None:
+  """Writes `fig` to `path` (local) and closes it."""
+  plt = _pyplot()
+  fig.savefig(path, dpi=dpi)
+  plt.close(fig)
 
 
 def figure_to_array(fig) -> np.ndarray:

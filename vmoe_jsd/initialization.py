@@ -41,11 +41,10 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-
-import jax.numpy as jnp
 
 from vmoe_jsd import paths, sharding, vmoe_format
 from vmoe_jsd.config_errors import fail

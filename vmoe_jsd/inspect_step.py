@@ -19,8 +19,12 @@ import json
 import os
 import re
 
+import jax
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
+
+from vmoe_jsd import cli, hlo, sharding, train
 
 # Flags are defined only when this module runs as a program (see
 # define_flags), so that importing it beside eval_main or main, which define
@@ -55,10 +59,6 @@ def collective_rows(compiled, mesh) -> list[dict]:
     compiled: a jax.stages.Compiled program partitioned over `mesh`.
     mesh: its jax.sharding.Mesh (partition id = flat index in mesh.devices).
   """
-  import numpy as np  # noqa: PLC0415
-
-  from vmoe_jsd import hlo  # noqa: PLC0415
-
   ids = np.arange(mesh.devices.size).reshape(mesh.devices.shape)
   rows = []
   for c in hlo.parse_collectives(compiled.as_text(), mesh.devices.size):
@@ -148,8 +148,6 @@ def report(compiled, mesh) -> str:
 
 
 def _select_devices(num_devices):
-  import jax  # noqa: PLC0415
-
   if num_devices is None:
     return None
   if jax.device_count() >= num_devices:
@@ -166,6 +164,8 @@ def _select_devices(num_devices):
 def main(argv):
   del argv
   num_devices = FLAGS.num_devices
+  # XLA reads XLA_FLAGS when its backends start (the first device query, in
+  # _select_devices), not when jax is imported: importing is no jax use.
   if num_devices is not None:
     if num_devices < 1:
       raise ValueError(f'--num_devices={num_devices} must be >= 1')
@@ -177,15 +177,15 @@ def main(argv):
     )
     os.environ['XLA_FLAGS'] = f'{old} {flag}'.strip()
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  from vmoe_jsd import cli, sharding, train  # noqa: PLC0415
-
   config = FLAGS.config
   devices = _select_devices(num_devices)
   try:  # A config error is one line (cli's convention), before compiling.
-    cli.check_config(config, len(devices))
+    spec = cli.check_config(
+      config, jax.device_count() if devices is None else len(devices)
+    )
   except cli.CliError as e:
     cli.fail(str(e))
-  mesh = sharding.make_mesh(config.get('num_expert_partitions', 1), devices)
+  mesh = sharding.make_mesh(spec.num_expert_partitions, devices)
   lowered, mesh = train.lower_train_step(config, mesh)
   compiled = lowered.compile()
   print(report(compiled, mesh), flush=True)
@@ -205,6 +205,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  from vmoe_jsd import cli  # noqa: E402 - jax is imported lazily by main.
-
   app.run(main, flags_parser=cli.parse_flags)

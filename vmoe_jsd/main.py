@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import logging
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from vmoe_jsd import cli
+from vmoe_jsd import cli, train
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Path to an ml_collections config file.', lock_config=True
@@ -55,8 +56,7 @@ def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {argv[1:]}; flags start with --')
   logging.getLogger('absl').addFilter(_quiet_orbax)
-  import jax  # noqa: PLC0415 - after flags, before any other jax use.
-
+  # Before any jax call (importing jax and vmoe_jsd makes none).
   if _DISTRIBUTED.value:
     jax.distributed.initialize(
       coordinator_address=_COORDINATOR.value,
@@ -72,8 +72,6 @@ def main(argv):
   if jax.process_index() == 0:
     for line in cli.describe_devices():
       print(line, flush=True)
-  from vmoe_jsd import train  # noqa: PLC0415
-
   train.train_and_evaluate(config, _WORKDIR.value, reevaluate=_REEVALUATE.value)
 
 

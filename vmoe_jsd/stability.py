@@ -32,10 +32,9 @@ Evaluation uses a fixed noise key per batch, so figures repeat exactly.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp

@@ -106,8 +106,10 @@ def build_training(
     out_shardings=(state_shardings, None),
     donate_argnums=(0,),
   )
-  return TrainingSetup(model, tx, schedule, settings, init_state, init_key,
-                       abstract, state_shardings, data_sharding, train_step)  # fmt: skip
+  return TrainingSetup(
+    model, tx, schedule, settings, init_state, init_key, abstract,
+    state_shardings, data_sharding, train_step,
+  )  # fmt: skip
 
 
 def lower_train_step(config: ml_collections.ConfigDict, mesh=None):
@@ -255,6 +257,13 @@ class Evaluations:
       self.routing_maps.write(self.writer, step, params)
     return result
 
+  def final(self, params, step: int) -> dict[str, Any]:
+    """The end of training: the test evaluation and, if on, few-shot."""
+    result = self.test(params, step)
+    if self.fewshot_fn:
+      result['fewshot'] = self.fewshot(params, step)
+    return result
+
   def fewshot(self, params, step: int) -> dict[str, Any]:
     with jax.set_mesh(self.mesh):
       out = self.fewshot_fn(params)
@@ -263,8 +272,8 @@ class Evaluations:
     return out
 
 
-def report(step, metrics, skipped, clock: progress.Progress, num_steps,
-           writer, log) -> dict[str, Any]:  # fmt: skip
+def report(step, metrics, skipped, clock: progress.Progress, writer,
+           log) -> dict[str, Any]:  # fmt: skip
   """Writes and prints the progress of `step`; returns its history row."""
   metrics = jax.device_get(metrics)
   img_per_s, eta = clock.measure(step)
@@ -276,7 +285,7 @@ def report(step, metrics, skipped, clock: progress.Progress, num_steps,
   if step == clock.start_step + 1:  # This step's time is mostly compilation.
     scalars.pop('images_per_second')
   writer.write_scalars(step, scalars)
-  log(_progress_line(step, num_steps, scalars, img_per_s, eta))
+  log(_progress_line(step, clock.num_steps, scalars, img_per_s, eta))
   return {'step': step, **scalars}
 
 
@@ -315,7 +324,7 @@ def train_and_evaluate(
     The final evaluation result (also written to workdir/results.json), or
     {'preempted_at_step': step, 'signal': name} when stopped by a signal.
   """
-  # --- Config: resolved once. -------------------------------------------
+  # --- Config: resolved once; a finished run is left as it is. ----------
   spec = config_lib.validate(config, jax.device_count())
   is_main = jax.process_index() == 0
   log = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
@@ -326,45 +335,69 @@ def train_and_evaluate(
         '--reevaluate to evaluate its final checkpoint again.')  # fmt: skip
     return finished
 
-  # --- Mesh and run files. ------------------------------------------------
+  # --- Mesh, run files and input. ----------------------------------------
   workdir = paths.makedirs(workdir)
   mesh = sharding.make_mesh(spec.num_expert_partitions)
   writer = run_files.metric_writer(str(workdir), is_main)
   if is_main:
     run_files.write_config(workdir, spec.config)
-
-  # --- Input. -------------------------------------------------------------
   train_ds, test_ds = spec.train_data.load(), spec.test_data.load()
   num_steps = spec.num_train_steps(len(train_ds))
-  batch_size = spec.train_data.batch_size
-  put_batch = sharding.make_put_batch(mesh)
 
-  # --- Model, optimizer, step; restore or initialise. --------------------
+  # --- Model, optimizer, step; restore or initialise; evaluations. -------
   setup = build_training(spec, mesh, num_steps, train_ds.image_shape)
   ckpt = checkpoints.Checkpointer(
     workdir, spec.checkpoint.every_steps, spec.checkpoint.keep_last,
     spec.checkpoint.asynchronous, log=log)  # fmt: skip
   state = restore_or_init(spec, setup, ckpt, mesh, log)
   start_step = int(jax.device_get(state.step))
-  num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-  log(f'Model: {num_params:,} parameters; {num_steps} steps of {batch_size} '
-      f'images x 2 views; devices: {jax.device_count()} (mesh '
-      f'{dict(mesh.shape)}).')  # fmt: skip
-  if is_main and start_step == 0:
-    writer.write_hparams(run_files.flat_hparams(spec.config))
-
-  # --- Evaluations. -------------------------------------------------------
+  describe_run(spec, state, start_step, num_steps, mesh, writer, log, is_main)
   evals = Evaluations.build(spec, mesh, test_ds, writer, log)
 
   # --- Loop. --------------------------------------------------------------
+  clock = progress.Progress(start_step, num_steps, spec.train_data.batch_size)
+  guard = resilience.PreemptionGuard()
+  state, history = train_loop(spec, setup, state, train_ds, mesh, ckpt, evals,
+                              clock, guard, writer, log)  # fmt: skip
+  stopped = guard.stopped_at is not None
+  ckpt.maybe_save(guard.stopped_at if stopped else num_steps, state, force=True)
+  ckpt.close()
+  if stopped:
+    return _stop_preempted(guard, ckpt, writer, workdir, history, log)
+
+  # --- The end: final evaluation and results. ----------------------------
+  result = evals.final(state.params, num_steps)
+  train_time = clock.train_seconds
+  if finished is not None:  # --reevaluate: the training time stays.
+    train_time = finished.get('train_seconds_excluding_compile', train_time)
+  result.update(
+    train_seconds_excluding_compile=train_time, num_train_steps=num_steps,
+    # Unreadable images skipped (image folders; logged once each).
+    skipped_images={'train': getattr(train_ds, 'num_skipped', 0),
+                    'test': getattr(test_ds, 'num_skipped', 0)},
+    consistency_weight=spec.step.consistency_weight,
+  )  # fmt: skip
+  if is_main:
+    paths.write_json(workdir / run_files.RESULTS, result)
+    run_files.append_jsonl(workdir / run_files.HISTORY, history)
+  writer.flush()
+  writer.close()
+  return result
+
+
+def train_loop(spec, setup, state, train_ds, mesh, ckpt, evals,
+               clock: progress.Progress, guard, writer, log):  # fmt: skip
+  """Steps from clock.start_step to clock.num_steps (or to a stop signal),
+  with every periodic action; returns (state, progress history rows)."""
+  start_step, num_steps = clock.start_step, clock.num_steps
+  put_batch = sharding.make_put_batch(mesh)
   batches = data.prefetch(train_ds.train_batches(
-    batch_size, seed=spec.seed, start_step=start_step,
-    process_index=jax.process_index(), process_count=jax.process_count()))  # fmt: skip
-  clock = progress.Progress(start_step, num_steps, batch_size)
+    spec.train_data.batch_size, seed=spec.seed, start_step=start_step,
+    process_index=jax.process_index(), process_count=jax.process_count(),
+  ))  # fmt: skip
   history = []
   # Under 'skip': a device scalar, summed without host syncs.
   skipped = 0 if spec.step.nan_policy == 'skip' else None
-  guard = resilience.PreemptionGuard()
   for step in guard.steps(start_step, num_steps, on_exit=ckpt.wait):
     batch = next(batches)
     arrays = put_batch(batch['image'], batch['label'], data.orig_sizes(batch))
@@ -375,59 +408,39 @@ def train_and_evaluate(
       skipped = skipped + metrics['skipped']
     if progress.itstime(step, spec.report_every, num_steps, last=True,
                         first=start_step + 1):  # fmt: skip
-      history.append(report(step, metrics, skipped, clock, num_steps,
-                            writer, log))  # fmt: skip
+      history.append(report(step, metrics, skipped, clock, writer, log))
     if progress.itstime(step, spec.evaluate.every_steps, num_steps):
       evals.test(state.params, step)
       clock.resume()
-    if evals.fewshot_fn and progress.itstime(
-      step, spec.fewshot.every_steps, num_steps
-    ):
+    if evals.fewshot_fn and progress.itstime(step, spec.fewshot.every_steps,
+                                             num_steps):  # fmt: skip
       evals.fewshot(state.params, step)
       clock.resume()
     if progress.itstime(step, spec.checkpoint.every_steps, num_steps):
       check_finite(jax.device_get(metrics), step, skipped)
       ckpt.maybe_save(step, state)
       clock.resume()
+  return state, history
 
-  if guard.stopped_at is not None:
-    return _stop_preempted(guard, ckpt, state, writer, workdir,
-                           history if is_main else None, log)  # fmt: skip
 
-  # --- The end: checkpoint, final evaluation, results. -------------------
-  ckpt.maybe_save(num_steps, state, force=True)
-  ckpt.close()
-  result = evals.test(state.params, num_steps)
-  if evals.fewshot_fn:
-    result['fewshot'] = evals.fewshot(state.params, num_steps)
-  train_time = clock.train_seconds
-  if finished is not None:  # --reevaluate: the training time stays.
-    train_time = finished.get('train_seconds_excluding_compile', train_time)
-  result['train_seconds_excluding_compile'] = train_time
-  result['num_train_steps'] = num_steps
-  # Unreadable images skipped (image folders; logged once each).
-  result['skipped_images'] = {
-    'train': getattr(train_ds, 'num_skipped', 0),
-    'test': getattr(test_ds, 'num_skipped', 0),
-  }
-  result['consistency_weight'] = spec.step.consistency_weight
-  if is_main:
-    paths.write_json(workdir / run_files.RESULTS, result)
+def describe_run(spec, state, start_step, num_steps, mesh, writer, log,
+                 is_main) -> None:  # fmt: skip
+  """The model line on the console; the hyperparameters on a fresh run."""
+  num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+  log(f'Model: {num_params:,} parameters; {num_steps} steps of '
+      f'{spec.train_data.batch_size} images x 2 views; devices: '
+      f'{jax.device_count()} (mesh {dict(mesh.shape)}).')  # fmt: skip
+  if is_main and start_step == 0:
+    writer.write_hparams(run_files.flat_hparams(spec.config))
+
+
+def _stop_preempted(guard, ckpt, writer, workdir, history, log):
+  """Reports a stop by signal (its step is saved); keeps the history."""
+  if jax.process_index() == 0:
     run_files.append_jsonl(workdir / run_files.HISTORY, history)
   writer.flush()
   writer.close()
-  return result
-
-
-def _stop_preempted(guard, ckpt, state, writer, workdir, history, log):
-  """Saves the step just finished, waits for it, and reports the stop."""
-  step = guard.stopped_at
-  ckpt.maybe_save(step, state, force=True)
-  ckpt.close()
-  if history is not None:
-    run_files.append_jsonl(workdir / run_files.HISTORY, history)
-  writer.flush()
-  writer.close()
-  log(f'Stopped by {guard.signal_name} after step {step}: checkpoint saved in '
-      f'{ckpt.directory}. Run the same command to resume.')  # fmt: skip
-  return {'preempted_at_step': step, 'signal': guard.signal_name}
+  log(f'Stopped by {guard.signal_name} after step {guard.stopped_at}: '
+      f'checkpoint saved in {ckpt.directory}. Run the same command to '
+      'resume.')  # fmt: skip
+  return {'preempted_at_step': guard.stopped_at, 'signal': guard.signal_name}

@@ -19,7 +19,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -27,55 +27,119 @@ from vmoe_jsd.config_errors import fail, to_dict
 from vmoe_jsd.data import fashion_mnist, folder, synthetic, tfds_data
 
 
-def _fashion_mnist(cfg, default_image_size):
-  del default_image_size
-  return fashion_mnist.load(cfg['split'], cfg.get('data_dir'))
+class DatasetKind(NamedTuple):
+  """What the code knows of one dataset name (an entry of DATASET_KINDS).
+
+  Attributes:
+    load: (block, default image size) -> the dataset.
+    image_shape: (block, default image size) -> (H, W, C), reading nothing.
+    check: (dotted key of the block, block, default image size, is_train)
+      -> None; pure checks, raising ConfigError naming the key.
+    check_files: (split name, block, global batch) -> None; start-up checks
+      that touch the file system.
+  """
+
+  load: Callable[[Mapping, int | None], Any]
+  image_shape: Callable[[Mapping, int | None], tuple[int, int, int]]
+  check: Callable[[str, Mapping, int | None, bool], None] | None = None
+  check_files: Callable[[str, Mapping, int], None] | None = None
 
 
-def _synthetic(cfg, default_image_size):
-  del default_image_size
-  return synthetic.load(
-    cfg['split'],
-    num_examples=cfg.get('num_examples', 512),
-    image_size=cfg.get('image_size', 16),
-    channels=cfg.get('channels', 1),
-    num_classes=cfg.get('num_classes', 4),
-    seed=cfg.get('seed', 0),
-  )
+def _square(size: int, channels: int) -> tuple[int, int, int]:
+  return (size, size, channels)
 
 
-def _tfds(cfg, default_image_size):
-  del default_image_size
-  return tfds_data.TfdsDataset(
-    cfg['tfds_name'],
-    cfg['split'],
-    image_size=cfg['image_size'],
-    data_dir=cfg.get('data_dir'),
-    resize_size=cfg.get('resize_size'),
-    mini=cfg.get('mini', False),
-    num_workers=cfg.get('num_workers'),
-  )
+def _fashion_base(key: str, cfg: Mapping) -> str:
+  base = cfg['split'].partition('[')[0]
+  if base not in fashion_mnist.FILES:
+    fail(f'{key}.split', cfg['split'], f'one of {sorted(fashion_mnist.FILES)}')
+  return base
 
 
-def _folder(cfg, default_image_size):
-  return folder.FolderDataset(
-    cfg['data_dir'],
-    cfg['split'],
-    image_size=cfg.get('image_size') or default_image_size,
-    channels=cfg.get('channels', 3),
-    resize_size=cfg.get('resize_size'),
-    num_workers=cfg.get('num_workers'),
-  )
+def _fashion_files(split: str, cfg: Mapping, batch: int) -> None:
+  del batch
+  data_dir = cfg.get('data_dir') or fashion_mnist.DEFAULT_DIR
+  base = cfg['split'].partition('[')[0]
+  missing = [f for f in fashion_mnist.FILES[base]
+             if not os.path.exists(os.path.join(data_dir, f))]  # fmt: skip
+  if missing:
+    raise FileNotFoundError(
+      f'config.dataset.{split}: Fashion-MNIST files {missing} are not in '
+      f'{data_dir!r}. {fashion_mnist.HOW_TO_GET}'
+    )
 
 
-# name -> (block, default image size) -> dataset.
-LOADERS: dict[str, Callable[[Mapping, int | None], Any]] = {
-  'fashion_mnist': _fashion_mnist,
-  'folder': _folder,
-  'synthetic': _synthetic,
-  'tfds': _tfds,
-}
-DATASETS = tuple(sorted(LOADERS))
+def _check_canvas(key: str, cfg: Mapping, default_size, is_train) -> None:
+  """Keys of a 'tfds' or 'folder' block (images resized into a canvas)."""
+  size = cfg.get('image_size')
+  if cfg['name'] == 'tfds' and not cfg.get('tfds_name'):
+    fail(f'{key}.tfds_name', cfg.get('tfds_name'), 'a tfds dataset name')
+  if size is not None and (not isinstance(size, int) or size <= 0):
+    fail(f'{key}.image_size', size, 'a positive int (pixels) or None')
+  if is_train and size is not None and size < default_size:
+    valid = f'the training canvas must be >= augment.size={default_size}'
+    fail(f'{key}.image_size', size, valid)
+  resize = cfg.get('resize_size')
+  if resize is not None and (size is None or resize < size):
+    fail(f'{key}.resize_size', resize, f'None or >= image_size={size}')
+
+
+def _folder_files(split: str, cfg: Mapping, batch: int) -> None:
+  # Evaluation pads its last batch; training needs one full batch.
+  folder.check(cfg, batch if split == 'train' else 1)
+
+
+DATASET_KINDS: dict[str, DatasetKind] = {
+  'fashion_mnist': DatasetKind(
+    load=lambda cfg, _: fashion_mnist.load(cfg['split'], cfg.get('data_dir')),
+    image_shape=lambda cfg, _: (28, 28, 1),
+    check=lambda key, cfg, *_: _fashion_base(key, cfg) and None,
+    check_files=_fashion_files,
+  ),
+  'folder': DatasetKind(
+    load=lambda cfg, size: folder.FolderDataset(
+      cfg['data_dir'], cfg['split'], image_size=cfg.get('image_size') or size,
+      channels=cfg.get('channels', 3), resize_size=cfg.get('resize_size'),
+      num_workers=cfg.get('num_workers'),
+    ),
+    image_shape=lambda cfg, size: _square(
+      cfg.get('image_size') or size, cfg.get('channels', 3)
+    ),
+    check=_check_canvas,
+    check_files=_folder_files,
+  ),
+  'synthetic': DatasetKind(
+    load=lambda cfg, _: synthetic.load(
+      cfg['split'], num_examples=cfg.get('num_examples', 512),
+      image_size=cfg.get('image_size', 16), channels=cfg.get('channels', 1),
+      num_classes=cfg.get('num_classes', 4), seed=cfg.get('seed', 0),
+    ),
+    image_shape=lambda cfg, _: _square(
+      cfg.get('image_size', 16), cfg.get('channels', 1)
+    ),
+  ),
+  'tfds': DatasetKind(
+    load=lambda cfg, _: tfds_data.TfdsDataset(
+      cfg['tfds_name'], cfg['split'], image_size=cfg['image_size'],
+      data_dir=cfg.get('data_dir'), resize_size=cfg.get('resize_size'),
+      mini=cfg.get('mini', False), num_workers=cfg.get('num_workers'),
+    ),
+    image_shape=lambda cfg, _: _square(
+      cfg['image_size'], cfg.get('channels', 3)
+    ),
+    check=_check_canvas,
+  ),
+}  # fmt: skip
+DATASETS = tuple(sorted(DATASET_KINDS))
+
+
+def _kind(cfg: Mapping[str, Any]) -> DatasetKind:
+  name = cfg['name']
+  if name not in DATASET_KINDS:
+    raise ValueError(
+      f'dataset.name={name!r} is unknown; choose one of {sorted(DATASETS)}'
+    )
+  return DATASET_KINDS[name]
 
 
 def get_dataset(cfg: Mapping[str, Any], default_image_size: int | None = None):
@@ -85,16 +149,8 @@ def get_dataset(cfg: Mapping[str, Any], default_image_size: int | None = None):
     cfg: the block (name, split and the dataset's own keys).
     default_image_size: image_size of a 'folder' block that sets none (the
       augmentation size).
-
-  Returns:
-    The dataset.
   """
-  name = cfg['name']
-  if name not in LOADERS:
-    raise ValueError(
-      f'dataset.name={name!r} is unknown; choose one of {sorted(DATASETS)}'
-    )
-  return LOADERS[name](cfg, default_image_size)
+  return _kind(cfg).load(cfg, default_image_size)
 
 
 def image_shape(
@@ -102,21 +158,7 @@ def image_shape(
 ) -> tuple[int, int, int]:
   """(H, W, C) of a dataset block's images, without reading data (the
   canvas of 'tfds' and 'folder' blocks)."""
-  name = cfg['name']
-  if name == 'fashion_mnist':
-    return (28, 28, 1)
-  if name == 'synthetic':
-    size = cfg.get('image_size', 16)
-    return (size, size, cfg.get('channels', 1))
-  if name == 'tfds':
-    size = cfg['image_size']
-    return (size, size, cfg.get('channels', 3))
-  if name == 'folder':
-    size = cfg.get('image_size') or default_image_size
-    return (size, size, cfg.get('channels', 3))
-  raise ValueError(
-    f'dataset.name={name!r} is unknown; choose one of {sorted(DATASETS)}'
-  )
+  return _kind(cfg).image_shape(cfg, default_image_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +178,12 @@ class SplitSpec:
   def from_config(cls, split: str, cfg, default_image_size: int) -> SplitSpec:
     """Pure checks of config.dataset.<split> (no file is touched)."""
     spec = cls(to_dict(cfg), default_image_size)
-    spec._check_keys(split)
+    key, name = f'dataset.{split}', spec.block['name']
+    if name not in DATASET_KINDS:
+      fail(f'{key}.name', name, f'one of {sorted(DATASETS)}')
+    check = DATASET_KINDS[name].check
+    if check is not None:
+      check(key, spec.block, default_image_size, split == 'train')
     return spec
 
   @property
@@ -157,46 +204,11 @@ class SplitSpec:
   def image_shape(self) -> tuple[int, int, int]:
     return image_shape(self.block, self.default_image_size)
 
-  def _check_keys(self, split: str) -> None:
-    cfg, key = self.block, f'dataset.{split}'
-    if cfg['name'] not in DATASETS:
-      fail(f'{key}.name', cfg['name'], f'one of {sorted(DATASETS)}')
-    if cfg['name'] == 'fashion_mnist':
-      base = cfg['split'].partition('[')[0]
-      if base not in fashion_mnist.FILES:
-        fail(f'{key}.split', cfg['split'],
-             f'one of {sorted(fashion_mnist.FILES)}')  # fmt: skip
-    if cfg['name'] not in ('tfds', 'folder'):
-      return
-    size = cfg.get('image_size')
-    if cfg['name'] == 'tfds' and not cfg.get('tfds_name'):
-      fail(f'{key}.tfds_name', cfg.get('tfds_name'), 'a tfds dataset name')
-    if size is not None and (not isinstance(size, int) or size <= 0):
-      fail(f'{key}.image_size', size, 'a positive int (pixels) or None')
-    if split == 'train' and size is not None and size < self.default_image_size:
-      fail(f'{key}.image_size', size,
-           f'the training canvas must be >= augment.size='
-           f'{self.default_image_size}')  # fmt: skip
-    resize = cfg.get('resize_size')
-    if resize is not None and (size is None or resize < size):
-      fail(f'{key}.resize_size', resize, f'None or >= image_size={size}')
-
   def check_files(self, split: str) -> None:
     """Start-up checks that read the file system (before any work)."""
-    cfg = self.block
-    if cfg['name'] == 'fashion_mnist':
-      base = cfg['split'].partition('[')[0]
-      data_dir = cfg.get('data_dir') or fashion_mnist.DEFAULT_DIR
-      missing = [f for f in fashion_mnist.FILES[base]
-                 if not os.path.exists(os.path.join(data_dir, f))]  # fmt: skip
-      if missing:
-        raise FileNotFoundError(
-          f'config.dataset.{split}: Fashion-MNIST files {missing} are not in '
-          f'{data_dir!r}. {fashion_mnist.HOW_TO_GET}'
-        )
-    if cfg['name'] == 'folder':
-      # Evaluation pads its last batch; training needs one full batch.
-      folder.check(cfg, self.batch_size if split == 'train' else 1)
+    check_files = DATASET_KINDS[self.name].check_files
+    if check_files is not None:
+      check_files(split, self.block, self.batch_size)
 
 
 def prefetch(iterator: Iterator, size: int = 2) -> Iterator:

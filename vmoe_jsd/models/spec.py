@@ -167,8 +167,8 @@ def _check_shape(model: Mapping) -> None:
          "one of ['learned', 'none', 'sincos2d']")  # fmt: skip
   heads = encoder.get('num_heads', 0)
   if heads <= 0 or model['hidden_size'] % encoder.get('num_heads', 1):
-    fail('model.encoder.num_heads', encoder.get('num_heads'),
-         f'must be > 0 and divide hidden_size={model["hidden_size"]}')  # fmt: skip
+    valid = f'must be > 0 and divide hidden_size={model["hidden_size"]}'
+    fail('model.encoder.num_heads', encoder.get('num_heads'), valid)
 
 
 def _check_moe(model: Mapping, eval_model: Mapping) -> None:
