@@ -7,7 +7,8 @@ the whole command (about 1,000 images/s, each with 2 views; 2300 steps), test
 accuracy 86.13%; routing across views (block 1 / block 3): agreement
 0.742 / 0.574, kappa 0.646 / 0.421, router entropy 88% / 97% of the maximum.
 With --config.consistency.weight=0.0: about 5 min 33 s, 86.28%, agreement
-0.564 / 0.546, kappa 0.417 / 0.393, entropy 54% / 78% (see README).
+0.564 / 0.546, kappa 0.417 / 0.393, entropy 54% / 78%
+(docs/consistency_and_routing.md).
 
 ViT patch 7 (16 patches + class token), width 96, 4 blocks, MoE on blocks 1
 and 3: 4 experts, top-2, capacity factor 1.25 (4.0 at evaluation), routing
@@ -60,7 +61,7 @@ def get_config(arg=None):
 
   config.model = dict(
     name='VisionTransformerMoe',
-    dtype='float32',  # or 'bfloat16' (README: Precision and memory)
+    dtype='float32',  # or 'bfloat16': docs/scaling_and_performance.md
     num_classes=10,
     patch_size=(PATCH, PATCH),
     hidden_size=96,

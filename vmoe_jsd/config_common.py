@@ -217,7 +217,7 @@ def vmoe_s32_model(
   tokens = (image_size // 32) ** 2 + 1
   return dict(
     variant='S/32',
-    dtype='float32',  # or 'bfloat16' (README: Precision and memory)
+    dtype='float32',  # or 'bfloat16': docs/scaling_and_performance.md
     num_classes=num_classes,
     classifier='token',
     representation_size=config_dict.placeholder(int)
