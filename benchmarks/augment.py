@@ -20,7 +20,11 @@ jax.devices()[0] is (CPU here).
 import os
 import time
 
+import jax
+import numpy as np
 from absl import app, flags
+
+from vmoe_jsd import augment
 
 _BATCH = flags.DEFINE_integer('batch', 64, 'images per batch')
 _SIZE = flags.DEFINE_integer('size', 224, 'view side')
@@ -34,11 +38,6 @@ _VARIANTS = flags.DEFINE_list(
 
 
 def main(_):
-  import jax
-  import numpy as np
-
-  from vmoe_jsd import augment
-
   rng = np.random.RandomState(0)
   b, canvas = _BATCH.value, _CANVAS.value
   # Smooth random images (not noise), so the colour ops' histograms are

@@ -15,8 +15,12 @@ import statistics
 import tempfile
 import time
 
+import jax
 from absl import app, flags
+from bench_setup import train_setup
 from ml_collections import config_flags
+
+from vmoe_jsd import checkpoints
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file')
 _STEPS = flags.DEFINE_integer('steps', 60, 'timed steps per mode')
@@ -25,21 +29,10 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'where to save (default tmp)')
 
 
 def main(_):
-  import jax
-  from bench_setup import train_setup
-
-  from vmoe_jsd import checkpoints, train
-
-  config = _CONFIG.value
-  s = train_setup(config)
-  mesh, model, tx, schedule, settings = (s.mesh, s.model, s.tx, s.schedule,
-                                         s.settings)  # fmt: skip
-  images, labels, state = s.images, s.labels, s.state
+  s = train_setup(_CONFIG.value)
+  mesh, images, labels, state = s.mesh, s.images, s.labels, s.state
   with jax.set_mesh(mesh):
-    step = jax.jit(
-      train.make_train_step(config, model, tx, schedule, settings),
-      donate_argnums=(0,),
-    )
+    step = jax.jit(s.step_fn, donate_argnums=(0,))
     state, _ = step(state, images, labels)  # Compile.
     jax.block_until_ready(state)
   size = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))

@@ -29,7 +29,11 @@ import tempfile
 import time
 
 import numpy as np
+import tensorflow_datasets as tfds
 from absl import app, flags
+from PIL import Image
+
+from vmoe_jsd.data import indexed, tfds_data
 
 _PHOTOS = flags.DEFINE_string('photos_dir', None, 'folder of colour photos')
 _NUM = flags.DEFINE_integer('num_images', 400, 'JPEGs to make')
@@ -46,8 +50,6 @@ def make_jpegs(photos_dir, num, seed=0):
   Returns:
     (JPEG bytes, the uint8 pixels each was encoded from).
   """
-  from PIL import Image  # noqa: PLC0415
-
   rng = np.random.default_rng(seed)
   photos = []
   for name in sorted(os.listdir(photos_dir)):
@@ -117,10 +119,6 @@ def inception_box(rng, h, w):
 
 
 def quality(jpegs, canvases, num_crops):
-  from PIL import Image  # noqa: PLC0415
-
-  from vmoe_jsd.data import indexed  # noqa: PLC0415
-
   rng = np.random.default_rng(1)
   rows = {s: {'small': [], 'large': []} for s in canvases}
   vmoe_rows = {'small': [], 'large': []}
@@ -145,8 +143,6 @@ def quality(jpegs, canvases, num_crops):
 
 
 def throughput(jpegs, canvas, batches, workers):
-  import tensorflow_datasets as tfds  # noqa: PLC0415
-
   class BenchJpegs(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version('1.0.0')
 
@@ -175,8 +171,6 @@ def throughput(jpegs, canvas, batches, workers):
 
 
 def _time_pipeline(builder_cls, data_dir, canvas, batches, workers):
-  from vmoe_jsd.data import tfds_data  # noqa: PLC0415
-
   builder_cls(
     data_dir=data_dir, file_format='array_record'
   ).download_and_prepare()
@@ -208,8 +202,6 @@ def _time_pipeline(builder_cls, data_dir, canvas, batches, workers):
 
 
 def main(_):
-  from PIL import Image  # noqa: PLC0415
-
   jpegs, sources = make_jpegs(_PHOTOS.value, _NUM.value)
   sizes = [len(j) for j in jpegs]
   print(
@@ -249,8 +241,6 @@ def main(_):
   print(f'  load average: {os.getloadavg()}')
   for step, (seconds, reads) in resume.items():
     print(f'first batch at step {step}: {seconds:.3f} s, {reads} records read')
-  from vmoe_jsd.data import indexed  # noqa: PLC0415
-
   t = time.perf_counter()
   perm = indexed.epoch_permutation(0, 70, 1_281_167)
   print(

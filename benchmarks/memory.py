@@ -19,8 +19,12 @@ are a lower bound of an accelerator's.
 
 import itertools
 
+import jax
+import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
+
+from vmoe_jsd import config_lib, losses, models, optimizer, step, streams
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file')
 _DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'model.dtype')
@@ -39,38 +43,33 @@ MIB = 2**20
 
 def memory_of_train_step(config) -> dict[str, float]:
   """memory_analysis() of the train step of `config`, in MiB, on 1 device."""
-  import jax
-  import jax.numpy as jnp
-
-  from vmoe_jsd import config_lib, train
-  from vmoe_jsd.models import build_model
-
-  settings = config_lib.view_settings(config)
-  model = build_model(config.model, deterministic=False)
-  tx, schedule = train.make_optimizer(config.optimizer, 1000)
-  batch = config.dataset.train.batch_size
-  channels = config.dataset.train.get('channels', 1)
-  size = config.dataset.train.get('image_size', settings.size)
-  if config.dataset.train.name == 'fashion_mnist':
-    size, channels = 28, 1
-  elif config.dataset.train.name == 'tfds':
-    channels = 3
+  spec = config_lib.resolve(config, jax.device_count())
+  settings = spec.views
+  model = spec.model.build(deterministic=False)
+  tx, schedule = optimizer.make_optimizer(spec.optimizer, 1000)
+  batch = spec.train_data.batch_size
+  image_shape = spec.train_data.image_shape()
+  channels = image_shape[-1]
 
   def init_state(key):
     dummy = jnp.zeros((2 * batch, settings.size, settings.size, channels))
     params = model.init({'params': key, 'dropout': key, 'gating': key}, dummy)
-    return train.TrainState(
+    return step.TrainState(
       jnp.int32(0), params['params'], tx.init(params['params'])
     )
 
   state = jax.eval_shape(init_state, jax.random.key(0))
-  images = jax.ShapeDtypeStruct((batch, size, size, channels), jnp.uint8)
+  images = jax.ShapeDtypeStruct((batch, *image_shape), jnp.uint8)
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
-  step = jax.jit(
-    train.make_train_step(config, model, tx, schedule, settings),
+  train_step = jax.jit(
+    step.make_train_step(
+      spec.step, model, tx, schedule, settings,
+      streams.stream(spec.seed, 'train'),
+    ),
     donate_argnums=(0,),
-  )
-  return _mib(step.lower(state, images, labels).compile().memory_analysis())
+  )  # fmt: skip
+  lowered = train_step.lower(state, images, labels)
+  return _mib(lowered.compile().memory_analysis())
 
 
 def memory_of_model_grad(config) -> dict[str, float]:
@@ -80,17 +79,11 @@ def memory_of_model_grad(config) -> dict[str, float]:
   (as the consistency loss reads them) with respect to the parameters, on
   2 * batch float32 views given as input: no augmentation, no optimizer.
   """
-  import jax
-  import jax.numpy as jnp
-
-  from vmoe_jsd import config_lib, losses, models
-  from vmoe_jsd.models import build_model
-
-  settings = config_lib.view_settings(config)
-  model = build_model(config.model, deterministic=False)
-  batch = config.dataset.train.batch_size
-  channels = 3 if config.dataset.train.name == 'tfds' else 1
-  channels = config.dataset.train.get('channels', channels)
+  spec = config_lib.resolve(config, jax.device_count())
+  settings = spec.views
+  model = spec.model.build(deterministic=False)
+  batch = spec.train_data.batch_size
+  channels = spec.train_data.image_shape()[-1]
   views = jax.ShapeDtypeStruct(
     (2 * batch, settings.size, settings.size, channels), jnp.float32
   )
@@ -101,7 +94,7 @@ def memory_of_model_grad(config) -> dict[str, float]:
     lambda v: model.init(rngs, v)['params'],
     views,
   )
-  layers = config_lib.moe_layers(config.model)
+  layers = spec.model.moe_layers
 
   def loss(p, v, y):
     (logits, metrics), state = model.apply(
@@ -135,10 +128,6 @@ def _mib(mem) -> dict[str, float]:
 
 
 def main(_):
-  import jax
-
-  from vmoe_jsd import config_lib
-
   config = _CONFIG.value
   config_lib.validate(config, jax.device_count())
   print(
@@ -156,16 +145,14 @@ def main(_):
       config.model.encoder.remat = remat
     m = memory_of_train_step(config) if _STEP.value else None
     g = memory_of_model_grad(config)
-    step = (
+    step_cols = (
       f'{m["arguments"]:.1f} | {m["outputs"]:.1f} | {m["alias"]:.1f} | '
       f'{m["temp"]:.1f} | {m["peak"]:.1f}'
       if m
       else '- | - | - | - | -'
     )
-    print(
-      f'| {dtype} | {remat} | {step} | {g["temp"]:.1f} | {g["peak"]:.1f} |',
-      flush=True,
-    )
+    grad_cols = f'{g["temp"]:.1f} | {g["peak"]:.1f}'
+    print(f'| {dtype} | {remat} | {step_cols} | {grad_cols} |', flush=True)
 
 
 if __name__ == '__main__':

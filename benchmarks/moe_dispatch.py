@@ -19,10 +19,15 @@ import os
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
+from einops import rearrange
 
 # Measure the code of this checkout, not whatever vmoe_jsd is installed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from vmoe_jsd.models import moe  # noqa: E402 - after the path above
 
 _GROUPS = flags.DEFINE_list('group_sizes', ['1024', '4096'], 'S values')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'timed repetitions')
@@ -36,11 +41,6 @@ TOKENS, DIM, MLP, EXPERTS, K, CF = 8192, 192, 768, 8, 2, 1.25
 
 def _old_einsum_dispatcher(gates, capacity):
   """The einsum dispatcher as it was before (float einsums over K)."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-
-  from vmoe_jsd.models import moe  # noqa: PLC0415
-
   top_gate, expert_index, buffer_index = jax.vmap(
     lambda g: moe.top_experts_per_item(g, K, False)
   )(gates)
@@ -53,12 +53,6 @@ def _old_einsum_dispatcher(gates, capacity):
 
 
 def _layer(variant, group_size):
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  from einops import rearrange  # noqa: PLC0415
-
-  from vmoe_jsd.models import moe  # noqa: PLC0415
-
   capacity = moe.compute_capacity(K * group_size, EXPERTS, CF)
 
   def make(gates):
@@ -68,7 +62,8 @@ def _layer(variant, group_size):
       )[0]
     if variant == 'einsum_old':
       return _old_einsum_dispatcher(gates, capacity)
-    import vmoe.moe  # noqa: PLC0415
+    # vmoe is an optional checkout put on sys.path by main (--vmoe_path).
+    import vmoe.moe  # noqa: PLC0415 - optional, from --vmoe_path at run time
 
     name = variant.split('_')[1]
     return jax.vmap(
@@ -101,14 +96,11 @@ def _layer(variant, group_size):
 
 
 def main(_):
-  import jax  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
-
   variants = ['einsum', 'einsum_old', 'indices']
   if os.path.isdir(_VMOE.value):
     sys.path.insert(0, _VMOE.value)
     try:
-      import vmoe.moe  # noqa: F401, PLC0415
+      import vmoe.moe  # noqa: F401, PLC0415 - optional, from --vmoe_path
 
       variants += ['vmoe_einsum', 'vmoe_indices']
     except Exception as e:  # noqa: BLE001 - report and go on without it.

@@ -15,27 +15,24 @@ import os
 import sys
 import time
 
+import jax
+import numpy as np
 from absl import app, flags
+from ml_collections import config_flags
 
 # Measure the code of this checkout, not whatever vmoe_jsd is installed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ml_collections import config_flags
+from bench_setup import train_setup  # noqa: E402 - after the path above
+
+from vmoe_jsd import augment, sharding  # noqa: E402 - after the path above
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file')
 _STEPS = flags.DEFINE_integer('steps', 20, 'timed steps')
 
 
 def main(_):
-  import jax
-  import numpy as np
-  from bench_setup import train_setup
-
-  from vmoe_jsd import augment, sharding, train
-
-  config = _CONFIG.value
-  s = train_setup(config)
-  mesh, model, tx, schedule, settings = (s.mesh, s.model, s.tx, s.schedule,
-                                         s.settings)  # fmt: skip
+  s = train_setup(_CONFIG.value)
+  mesh, settings = s.mesh, s.settings
   images, labels, state, key, b = s.images, s.labels, s.state, s.key, s.b
   # Keys made outside the mesh context: keys made by eager ops under it made
   # every later call of the augmentation tens of ms slower on CPU.
@@ -50,7 +47,7 @@ def main(_):
       (images, labels), sharding.batch_sharding(mesh)
     )
     step = jax.jit(
-      train.make_train_step(config, model, tx, schedule, settings),
+      s.step_fn,
       in_shardings=(shardings, *(sharding.batch_sharding(mesh),) * 2),
       out_shardings=(shardings, None),
       donate_argnums=(0,),

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import smoke_config
 from PIL import Image
 
 from vmoe_jsd import (
@@ -27,7 +28,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _smoke(**overrides):
   sys.path.insert(0, os.path.join(ROOT, 'tests'))
-  import smoke_config  # noqa: PLC0415 - tests/ is on sys.path from here
 
   return smoke_config.with_overrides(smoke_config.get_config(), **overrides)
 

@@ -19,7 +19,7 @@ import PIL.Image
 import PIL.ImageOps
 import pytest
 
-from vmoe_jsd import augment
+from vmoe_jsd import augment, sharding
 
 FILL = -1000.0
 
@@ -1175,8 +1175,6 @@ def test_mixup_rejects_bad_arguments():
 
 def test_mixup_moves_no_data_between_devices():
   """The compiled program of a batch-sharded mixup has no collective."""
-  from vmoe_jsd import sharding  # noqa: PLC0415
-
   mesh = sharding.make_mesh(2)  # 8 devices: data 4 x expert 2.
   batch_sharding = sharding.batch_sharding(mesh)
   num_devices = jax.device_count()

@@ -9,16 +9,16 @@ than start from scratch.
 
 import os
 import pathlib
-import sys
+import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import smoke_config
+from orbax.checkpoint._src.path import atomicity
 
-from vmoe_jsd import checkpoints, train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from vmoe_jsd import checkpoints, initialization, train
 
 
 def _state(step):
@@ -137,10 +137,6 @@ def test_saves_restore_exactly(tmp_path, asynchronous):
 
 def test_async_save_does_not_block_on_writing(tmp_path, monkeypatch):
   """`maybe_save` returns before the files are written; `wait` finishes."""
-  import threading  # noqa: PLC0415
-
-  from orbax.checkpoint._src.path import atomicity  # noqa: PLC0415
-
   release = threading.Event()
   original = atomicity.AtomicRenameTemporaryPath.finalize
 
@@ -166,9 +162,6 @@ def test_training_resumes_from_previous_checkpoint_past_truncated_one(
 ):
   """End to end: the last checkpoint of a finished run is truncated; the
   next run reports it, resumes from the one before and redoes the steps."""
-  sys.path.insert(0, os.path.join(ROOT, 'tests'))
-  import smoke_config  # noqa: PLC0415
-
   config = smoke_config.get_config()
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config, workdir)
@@ -191,8 +184,6 @@ def test_reading_params_for_evaluation_skips_a_damaged_latest(tmp_path, damage):
   """eval_main/convert/initialization read params through read_orbax_params:
   from a workdir it falls back to the newest readable step, says why, and
   leaves the damaged one in place; an explicit damaged step is an error."""
-  from vmoe_jsd import initialization  # noqa: PLC0415
-
   workdir = str(tmp_path)
   _save_steps(workdir, [2, 4])
   step4 = os.path.join(workdir, 'checkpoints', '4')

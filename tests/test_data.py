@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from vmoe_jsd import data
-from vmoe_jsd.data import arrays, fashion_mnist
+from vmoe_jsd.data import arrays, fashion_mnist, indexed
 
 
 def write_idx(path, array, type_code=0x08):
@@ -107,8 +107,6 @@ def test_prefetch_reraises_producer_errors():
 
 
 def test_index_sampler_crosses_epochs_inside_a_batch():
-  from vmoe_jsd.data import indexed  # noqa: PLC0415
-
   sampler = indexed.IndexSampler(7, seed=2)
   # Batches of 5 over 7 records: batch 1 holds positions 5..9, across the
   # first epoch boundary. By definition position q reads perm_(q//7)[q%7].

@@ -76,7 +76,9 @@ def test_step_count_errors_name_the_problem():
 
 def test_tfds_eval_batches_equal_steps_on_every_process(tmp_path):
   pytest.importorskip('tensorflow')
-  from test_tfds_data import RampImages  # noqa: PLC0415
+  # test_tfds_data skips itself without tensorflow: not at the top, where
+  # it would skip every test of this file.
+  from test_tfds_data import RampImages  # noqa: PLC0415 - needs tensorflow
 
   RampImages(
     data_dir=str(tmp_path), file_format='array_record'

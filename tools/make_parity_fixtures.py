@@ -55,6 +55,10 @@ import platform
 import subprocess
 import sys
 
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 NUM_IMAGES, IMAGE_SIZE, NUM_CLASSES = 4, 16, 5
@@ -192,8 +196,6 @@ def train_rngs(seed):
   Returns:
     {'gating': router-noise key, 'dropout': dropout key} (threefry).
   """
-  import jax  # noqa: PLC0415
-
   return {
     'gating': jax.random.key(seed, impl='threefry2x32'),
     'dropout': jax.random.key(seed + 1000, impl='threefry2x32'),
@@ -239,10 +241,7 @@ def _record(model_cfg, params, images, labels, *, train, rng_seed):
   Returns:
     {array name (see the module docstring): float32 numpy array}.
   """
-  import flax.linen as nn  # noqa: PLC0415
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  from vmoe.nn import vit_moe  # noqa: PLC0415
+  from vmoe.nn import vit_moe  # noqa: PLC0415 - from --vmoe_dir
 
   model = vit_moe.VisionTransformerMoe(deterministic=not train, **model_cfg)
   rngs = train_rngs(rng_seed) if train else {}
@@ -290,7 +289,7 @@ def _record(model_cfg, params, images, labels, *, train, rng_seed):
 
 def _patch_soft_router():
   """Makes vmoe's SoftRouter sow its clean logits (vmoe code unchanged)."""
-  from vmoe.projects.soft_moe import router  # noqa: PLC0415
+  from vmoe.projects.soft_moe import router  # noqa: PLC0415 - from --vmoe_dir
 
   add_noise = router.SoftRouter.add_noise
 
@@ -311,10 +310,8 @@ def make_case(name, model_cfg, train, out_dir, seed):
     out_dir: the folder of all cases.
     seed: seeds the images, labels, initialisation, noise and rngs.
   """
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  from vmoe.checkpoints import partitioned  # noqa: PLC0415
-  from vmoe.nn import vit_moe  # noqa: PLC0415
+  from vmoe.checkpoints import partitioned  # noqa: PLC0415 - from --vmoe_dir
+  from vmoe.nn import vit_moe  # noqa: PLC0415 - from --vmoe_dir
 
   rng = np.random.default_rng(seed)
   images = rng.uniform(-1, 1, (NUM_IMAGES, IMAGE_SIZE, IMAGE_SIZE, 3))
@@ -357,10 +354,8 @@ def check_vmoe_parity(fixture_dir):
     The largest |vmoe - fixture| over the arrays, each relative to its
     array's largest absolute value.
   """
-  import flax.linen as nn  # noqa: PLC0415
-  import jax  # noqa: PLC0415
-  from vmoe.checkpoints import partitioned  # noqa: PLC0415
-  from vmoe.nn import vit_moe  # noqa: PLC0415
+  from vmoe.checkpoints import partitioned  # noqa: PLC0415 - from --vmoe_dir
+  from vmoe.nn import vit_moe  # noqa: PLC0415 - from --vmoe_dir
 
   with open(os.path.join(fixture_dir, 'config.json')) as f:
     config = json.load(f)
@@ -449,9 +444,6 @@ def main(argv=None):
   unknown = sorted(set(names) - set(CASES))
   if unknown:
     raise SystemExit(f'--cases: unknown {unknown}; valid: {sorted(CASES)}')
-
-  import flax  # noqa: PLC0415
-  import jax  # noqa: PLC0415
 
   _patch_soft_router()
   for i, name in enumerate(names):

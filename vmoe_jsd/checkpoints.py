@@ -35,6 +35,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from vmoe_jsd import paths
 from vmoe_jsd.config_errors import check_range, fail, to_dict
@@ -239,16 +240,12 @@ def _all_processes_succeeded(ok: bool) -> bool:
   """True iff `ok` on every process (a collective on multi-process runs)."""
   if jax.process_count() == 1:
     return ok
-  from jax.experimental import multihost_utils  # noqa: PLC0415
-
   flags = multihost_utils.process_allgather(np.int32(ok))
   return bool(np.all(flags))
 
 
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
     multihost_utils.sync_global_devices(name)
 
 

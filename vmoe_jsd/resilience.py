@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 NAN_POLICIES = ('stop', 'skip')
 
@@ -136,8 +137,6 @@ class PreemptionGuard:
     it is JAX's preemption sync point, which needs to see every step.
     """
     if self._multi:
-      from jax.experimental import multihost_utils  # noqa: PLC0415
-
       try:
         reached = multihost_utils.reached_preemption_sync_point(step)
       except RuntimeError as e:  # jax_enable_preemption_service=False.

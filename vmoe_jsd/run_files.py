@@ -94,7 +94,7 @@ def metric_writer(workdir: str, is_main: bool):
   line of the trainer is the console's copy.
   """
   # clu's writers import TensorFlow: only when a run writes events.
-  from clu import metric_writers  # noqa: PLC0415
+  from clu import metric_writers  # noqa: PLC0415 - imports TensorFlow
 
   if not is_main:
     return metric_writers.MultiWriter([])

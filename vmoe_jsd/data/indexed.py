@@ -128,7 +128,7 @@ def to_canvas(data, canvas: int, channels: int):
   Returns:
     ((canvas, canvas, channels) uint8, (height, width) of the original).
   """
-  from PIL import Image  # noqa: PLC0415
+  from PIL import Image  # noqa: PLC0415 - optional: image datasets only
 
   raw = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
   width, height = raw.size
@@ -175,7 +175,7 @@ def resize_small_central_crop(
   Returns:
     (size, size, channels) uint8.
   """
-  from PIL import Image  # noqa: PLC0415
+  from PIL import Image  # noqa: PLC0415 - optional: image datasets only
 
   if resize is None:
     return to_canvas(data, size, channels)[0]

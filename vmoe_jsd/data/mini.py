@@ -33,7 +33,7 @@ def _fake_image(rng, shape, label: int, num_classes: int) -> np.ndarray:
 
 
 def _fake_example(features, rng, index: int) -> dict:
-  import tensorflow_datasets as tfds  # noqa: PLC0415
+  import tensorflow_datasets as tfds  # noqa: PLC0415 - optional, heavy
 
   out = {}
   labels = {
@@ -74,7 +74,7 @@ def prepare(name: str, data_dir: str, splits: dict | None = None):
   Returns:
     The builder of the prepared dataset.
   """
-  import tensorflow_datasets as tfds  # noqa: PLC0415
+  import tensorflow_datasets as tfds  # noqa: PLC0415 - optional, heavy
 
   real = tfds.builder_cls(name)
   splits = dict(splits or SPLITS)

@@ -23,6 +23,7 @@ import os
 import tempfile
 
 from vmoe_jsd.data import indexed
+from vmoe_jsd.data import mini as mini_lib
 
 DEFAULT_MINI_DIR = os.path.join(tempfile.gettempdir(), 'vmoe_jsd_mini_tfds')
 
@@ -51,11 +52,10 @@ class TfdsDataset(indexed.IndexedDataset):
     mini: bool = False,
     num_workers: int | None = None,
   ):
-    import tensorflow_datasets as tfds  # noqa: PLC0415
+    # TensorFlow Datasets only when a tfds dataset is used (slow to import).
+    import tensorflow_datasets as tfds  # noqa: PLC0415 - optional, heavy
 
     if mini:
-      from vmoe_jsd.data import mini as mini_lib  # noqa: PLC0415
-
       data_dir = data_dir or DEFAULT_MINI_DIR
       mini_lib.prepare(tfds_name, data_dir)
     self.tfds_name = tfds_name

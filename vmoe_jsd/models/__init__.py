@@ -22,6 +22,7 @@ exactly as google-research/vmoe passes it to its `VisionTransformerMoe`.
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import re
@@ -288,8 +289,6 @@ def parse_call(spec: str) -> tuple[str, dict[str, Any]]:
   vmoe names routers by (dotted) class name, optionally written as a call
   with literal keyword arguments; the module path is dropped.
   """
-  import ast  # noqa: PLC0415
-
   try:
     node = ast.parse(str(spec).strip(), mode='eval').body
   except SyntaxError:
