@@ -119,6 +119,27 @@ def _modes(name):
 PARAMS = [(n, m) for n in CASES for m in _modes(n)]
 
 
+def _tolerances(model_cfg, logits):
+  """(absolute logit tolerance, relative loss tolerance, gradient tolerance
+  relative to the largest gradient).
+
+  The fixtures were computed by vmoe on one machine; XLA fuses and
+  reassociates float32 sums differently on other CPUs, which moves the
+  outputs by round-off. Measured on an AMD EPYC without AVX512 (and reported
+  on an AVX512-BF16 machine in issue 16): float32 cases up to 1e-6 on
+  logits of magnitude 2 and 2.5e-6 of the largest gradient; where a
+  bfloat16 rounding (4e-3 relative) sits inside (Soft MoE, bfloat16
+  dispatch) 4e-5 of the largest logit, 4e-6 of the loss and 2e-4 of the
+  largest gradient (issue 16 reports 3.3e-6 on a scale of 2.2 there). The
+  tolerances keep a margin of about 5x over those; a wrong routing, weight
+  or missing term moves results by orders of magnitude more.
+  """
+  scale = max(1.0, float(np.abs(logits).max()))
+  if _uses_bfloat16(model_cfg):
+    return 2e-4 * scale, 2e-5, 1e-3
+  return 2e-6 * scale, 1e-6, 1e-5
+
+
 def test_manifest_names_every_case_and_the_vmoe_commit():
   with open(os.path.join(CASES_DIR, 'manifest.json')) as f:
     manifest = json.load(f)
@@ -177,9 +198,12 @@ def test_matches_vmoe(name, mode):
   expert_dropout = mode == 'train' and encoder['moe'].get(
     'dropout_rate', encoder.get('dropout_rate', 0.0)
   )
+  logit_atol, loss_rtol, grad_atol = _tolerances(model_cfg, io[pre + 'logits'])
   if not expert_dropout:
-    np.testing.assert_allclose(logits, io[pre + 'logits'], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(loss, io[pre + 'loss'], rtol=1e-6)
+    np.testing.assert_allclose(
+      logits, io[pre + 'logits'], rtol=1e-5, atol=logit_atol
+    )
+    np.testing.assert_allclose(loss, io[pre + 'loss'], rtol=loss_rtol)
   np.testing.assert_allclose(
     np.broadcast_to(metrics['auxiliary_loss'], (2,)),
     io[pre + 'aux_loss'],
@@ -221,5 +245,5 @@ def test_matches_vmoe(name, mode):
   scale = max(np.abs(g).max() for g in expected.values())
   for key, want in expected.items():
     np.testing.assert_allclose(
-      flat[key], want, rtol=1e-5, atol=1e-6 * scale, err_msg=key
+      flat[key], want, rtol=1e-5, atol=grad_atol * scale, err_msg=key
     )
