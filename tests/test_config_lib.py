@@ -190,3 +190,27 @@ def test_folder_block_is_checked_before_any_work(tmp_path):
   (tmp_path / 'train' / 'cat').mkdir(parents=True)
   with pytest.raises(ValueError, match='is empty'):
     config_lib.validate(config, num_devices=8)
+
+
+def test_fewshot_batches_must_fill_whole_routing_groups():
+  """Few-shot features go through the evaluation model: each device's
+  images must fill whole routing groups, or the model fails mid-run."""
+  config = smoke()
+  unit = config_lib.resolve(config, 8).model.min_images_per_batch(
+    config.augment.size, evaluation=True
+  )
+  block = dict(name='synthetic', split='train', num_examples=64)
+  with config.unlocked():
+    config.fewshot.datasets = {'s': {
+      'train': dict(block, batch_size=8 * unit),
+      'test': dict(block, split='test', batch_size=8 * unit + 8),
+    }}  # fmt: skip
+  with pytest.raises(ValueError) as e:
+    config_lib.validate(config, num_devices=8)
+  assert str(e.value).startswith(
+    f'config.fewshot.datasets.s.test.batch_size={8 * unit + 8} is invalid: '
+    f'must be a multiple of {8 * unit}'
+  )
+  with config.unlocked():
+    config.fewshot.datasets.s.test.batch_size = 16 * unit
+  assert config_lib.validate(config, num_devices=8).fewshot.enabled
