@@ -34,7 +34,6 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from jax.experimental import multihost_utils
 
 from vmoe_jsd import paths
@@ -256,8 +255,3 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
     tree,
     shardings,
   )
-
-
-def step_directory(workdir: paths.PathLike, step: int) -> epath.Path:
-  """WORKDIR/checkpoints/<step>."""
-  return paths.join(workdir, 'checkpoints', str(step))

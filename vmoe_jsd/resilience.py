@@ -151,14 +151,6 @@ class PreemptionGuard:
     return self._requested.is_set()
 
 
-def check_nan_policy(policy: str) -> None:
-  if policy not in NAN_POLICIES:
-    raise ValueError(
-      f'config.nan_policy={policy!r} is unknown; choose one of '
-      f'{list(NAN_POLICIES)}'
-    )
-
-
 def apply_nan_policy(
   policy: str, old_state, new_state, metrics: dict[str, jax.Array]
 ):
