@@ -71,31 +71,15 @@ _NUM_GEOMETRY_UNIFORMS = 2 * _NUM_CROP_TRIALS + 6
 # big_vision/pp/autoaugment.py is a copy. Its 16 ops in its order (the op id
 # is the index); each layer picks one uniformly and always applies it.
 RANDAUGMENT_OPS = (
-  'AutoContrast',
-  'Equalize',
-  'Invert',
-  'Rotate',
-  'Posterize',
-  'Solarize',
-  'Color',
-  'Contrast',
-  'Brightness',
-  'Sharpness',
-  'ShearX',
-  'ShearY',
-  'TranslateX',
-  'TranslateY',
-  'Cutout',
-  'SolarizeAdd',
-)
+  'AutoContrast', 'Equalize', 'Invert', 'Rotate',  # ids 0-3
+  'Posterize', 'Solarize', 'Color', 'Contrast',  # 4-7
+  'Brightness', 'Sharpness', 'ShearX', 'ShearY',  # 8-11
+  'TranslateX', 'TranslateY', 'Cutout', 'SolarizeAdd',  # 12-15
+)  # fmt: skip
 # Composed into the view's affine (maps stay exact).
 RANDAUGMENT_GEOMETRIC = (
-  'Rotate',
-  'ShearX',
-  'ShearY',
-  'TranslateX',
-  'TranslateY',
-)
+  'Rotate', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY'
+)  # fmt: skip
 # An occlusion: part of the view shows fill instead of content. Handled with
 # the geometry (its square moves with later geometric ops; patch centres in
 # it show no image point, so their maps say -1), kept when photometric=False.
@@ -527,20 +511,28 @@ def _randaugment_layers(
     view onto the view before RandAugment; the rest as in `ViewGeometry`.
   """
   size = float(settings.size)
-  num_layers, magnitude = settings.randaugment
+  _, magnitude = settings.randaugment
   level = magnitude / _RANDAUGMENT_LEVEL
   scale = size / _REFERENCE_SIZE
-  shear = 0.3 * level
-  shift = _TRANSLATE_PIXELS * level * scale
   pad = int(_CUTOUT_PIXELS * level) * scale
   num_ops = len(RANDAUGMENT_OPS)
   ops = jnp.minimum(jnp.floor(u[:, 0] * num_ops), num_ops - 1).astype(jnp.int32)
   signs = jnp.where(u[:, 1] >= 0.5, 1.0, -1.0)
   eye = jnp.eye(3, dtype=jnp.float32)
-  half = translation(0.5, 0.5), translation(-0.5, -0.5)
+  transforms = _layer_transforms(ops, signs, eye, size, level, scale)
+  full, checks, boxes, modes = _layer_checks(u, ops, transforms, eye, size, pad)
+  return full, checks, boxes, modes, ops
 
+
+def _layer_transforms(
+  ops: Array, signs: Array, eye: Array, size: float, level: float, scale: float
+) -> list[Array]:
+  """T_k of each layer: its geometric op's matrix, the identity for others."""
+  shear = 0.3 * level
+  shift = _TRANSLATE_PIXELS * level * scale
+  half = translation(0.5, 0.5), translation(-0.5, -0.5)
   transforms = []
-  for k in range(num_layers):
+  for k in range(ops.shape[0]):
     op, sign = ops[k], signs[k]
     s = sign * shear
     candidates = {
@@ -554,7 +546,14 @@ def _randaugment_layers(
     for name, matrix in candidates.items():
       transform = jnp.where(op == _OP_ID[name], matrix, transform)
     transforms.append(transform)
+  return transforms
 
+
+def _layer_checks(
+  u: Array, ops: Array, transforms: list, eye: Array, size: float, pad: float
+) -> tuple[Array, Array, Array, Array]:
+  """(R, checks, boxes, modes) of the layers; see `_randaugment_layers`."""
+  num_layers = len(transforms)
   # suffix[k] = T_{k+1} @ ... @ T_N maps the final view into the frame just
   # after layer k (0-based: after transforms[k]).
   suffix = [eye] * num_layers
@@ -564,6 +563,10 @@ def _randaugment_layers(
   is_geometric = jnp.isin(
     ops, jnp.array([_OP_ID[n] for n in RANDAUGMENT_GEOMETRIC])
   )
+
+  def box(side):
+    return jnp.full((2,), side, jnp.float32)
+
   for k in range(num_layers):
     cy = jnp.floor(u[k, 2] * size)
     cx = jnp.floor(u[k, 3] * size)
@@ -571,28 +574,12 @@ def _randaugment_layers(
     geometric = transforms[k] @ suffix[k]
     is_cutout = (ops[k] == _OP_ID['Cutout']) & (pad > 0)
     checks.append(jnp.where(is_cutout, cutout, geometric))
-    boxes.append(
-      jnp.where(
-        is_cutout,
-        jnp.full((2,), 2 * pad, jnp.float32),
-        jnp.full((2,), size, jnp.float32),
-      )
-    )
-    modes.append(
-      jnp.where(
-        is_cutout,
-        _FILL_INSIDE,
-        jnp.where(is_geometric[k], _FILL_OUTSIDE, _NEVER),
-      )
-    )
+    boxes.append(jnp.where(is_cutout, box(2 * pad), box(size)))
+    other = jnp.where(is_geometric[k], _FILL_OUTSIDE, _NEVER)
+    modes.append(jnp.where(is_cutout, _FILL_INSIDE, other))
   full = transforms[0] @ suffix[0]
-  return (
-    full,
-    jnp.stack(checks),
-    jnp.stack(boxes),
-    jnp.stack(modes).astype(jnp.int32),
-    ops,
-  )
+  stacked = jnp.stack(checks), jnp.stack(boxes), jnp.stack(modes)
+  return full, stacked[0], stacked[1], stacked[2].astype(jnp.int32)
 
 
 def _no_layers(affine: Array) -> ViewGeometry:
@@ -713,8 +700,7 @@ def render_view(
   """
   image = _to_unit_float(image)
   src_h, src_w = image.shape[:2]
-  centres = jnp.arange(size, dtype=jnp.float32) + 0.5
-  view_y, view_x = jnp.meshgrid(centres, centres, indexing='ij')
+  view_y, view_x = _pixel_centres(size)
   src_y, src_x = apply_affine(affine, view_y, view_x)
   inside = (src_y >= 0) & (src_y < src_h) & (src_x >= 0) & (src_x < src_w)
   # map_coordinates puts pixel centres at integer coordinates.
@@ -872,13 +858,8 @@ def _sharpen(x: Array, factor: float) -> Array:
 
 # Colour ops that act on each value alone (their tables depend on no pixel).
 _POINTWISE_OPS = (
-  'Invert',
-  'Posterize',
-  'Solarize',
-  'SolarizeAdd',
-  'Contrast',
-  'Brightness',
-)
+  'Invert', 'Posterize', 'Solarize', 'SolarizeAdd', 'Contrast', 'Brightness'
+)  # fmt: skip
 
 
 def _photometric_ops(magnitude: float, size: int) -> dict[str, Any]:
@@ -1134,43 +1115,47 @@ def paired_views(
     geometry = paired_geometry(
       key_geometry, (orig[0], orig[1]), settings, canvas_hw
     )
-  affines = geometry.affine  # (2, 3, 3)
-
-  if settings.randaugment is None:
-    views = jax.vmap(
-      lambda a: render_view(image, a, settings.size, settings.fill_value)
-    )(affines)
-  else:
-    views, stages = jax.vmap(lambda g: render_geometry(image, g, settings))(
-      geometry
-    )
-    if settings.photometric:
-      views = jax.vmap(
-        lambda v, s, o: randaugment_photometric(v, s, o, settings)
-      )(views, stages, geometry.ops)
-    else:
-      views = jnp.where(stages[..., None] >= 0, settings.fill_value, views)
+  views = _render_pair(image, geometry, settings)
   if _has_jitter(settings):
     u = jax.random.uniform(key_photometric, (2, 2))  # One row per view.
     views = jax.vmap(lambda u, v: _jitter_from_uniforms(u, v, settings))(
       u, views
     )
+  return views, _paired_maps(geometry, settings, canvas_hw)
 
-  def one_map(geometry_a, geometry_b):
-    layers = settings.randaugment is not None
-    return patch_index_map(
-      geometry_a.affine,
-      geometry_b.affine,
-      settings.size,
-      settings.patch_size,
-      canvas_hw,
-      geometry_a if layers else None,
-      geometry_b if layers else None,
+
+def _render_pair(
+  image: Array, geometry: ViewGeometry, settings: ViewSettings
+) -> Array:
+  """(2, S, S, C) views of `geometry`, with RandAugment's fill and colours."""
+  if settings.randaugment is None:
+    return jax.vmap(
+      lambda a: render_view(image, a, settings.size, settings.fill_value)
+    )(geometry.affine)
+  views, stages = jax.vmap(lambda g: render_geometry(image, g, settings))(
+    geometry
+  )
+  if settings.photometric:
+    return jax.vmap(lambda v, s, o: randaugment_photometric(v, s, o, settings))(
+      views, stages, geometry.ops
     )
+  return jnp.where(stages[..., None] >= 0, settings.fill_value, views)
+
+
+def _paired_maps(
+  geometry: ViewGeometry, settings: ViewSettings, canvas_hw: tuple[int, int]
+) -> Array:
+  """(2, P) maps from view 1 to view 2 and back (see `paired_views`)."""
+  layers = settings.randaugment is not None
+
+  def one_map(a, b):
+    return patch_index_map(
+      a.affine, b.affine, settings.size, settings.patch_size, canvas_hw,
+      a if layers else None, b if layers else None,
+    )  # fmt: skip
 
   swapped = jax.tree.map(lambda x: x[::-1], geometry)
-  maps = jax.vmap(one_map)(geometry, swapped)
-  return views, maps
+  return jax.vmap(one_map)(geometry, swapped)
 
 
 def batched_paired_views(
@@ -1253,17 +1238,7 @@ def mixup(
   Raises:
     ValueError: for concentration <= 0 or num_groups not dividing B.
   """
-  if not _is_real(concentration) or not 0 < concentration < math.inf:
-    raise ValueError(
-      f'mixup concentration={concentration!r} must be a number > 0 (0 means '
-      'no mixup: do not call mixup then).'
-    )
-  batch = views.shape[0]
-  if not _is_int(num_groups) or num_groups < 1 or batch % num_groups:
-    raise ValueError(
-      f'num_groups={num_groups!r} must be a positive integer dividing the '
-      f'batch size {batch}.'
-    )
+  _check_mixup(concentration, num_groups, views.shape[0])
   if jnp.issubdtype(labels.dtype, jnp.integer):
     targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
   else:
@@ -1275,15 +1250,30 @@ def mixup(
   # the devices and its rejection loop all-reduces a stop flag per round.
   weights = sharding.constrain(weights, jax.sharding.PartitionSpec())
   lam = jnp.max(weights, axis=-1)  # vmoe sorts: the larger weight first.
+  return _mix(views, lam), maps, _mix(targets, lam), lam
 
-  def mix(x):
-    grouped = x.reshape(num_groups, batch // num_groups, *x.shape[1:])
-    partner = jnp.roll(grouped, -1, axis=1)
-    weight = lam.reshape((num_groups,) + (1,) * (grouped.ndim - 1))
-    mixed = weight * grouped + (1 - weight) * partner
-    return mixed.reshape(x.shape).astype(x.dtype)
 
-  return mix(views), maps, mix(targets), lam
+def _check_mixup(concentration: Any, num_groups: Any, batch: int) -> None:
+  if not _is_real(concentration) or not 0 < concentration < math.inf:
+    raise ValueError(
+      f'mixup concentration={concentration!r} must be a number > 0 (0 means '
+      'no mixup: do not call mixup then).'
+    )
+  if not _is_int(num_groups) or num_groups < 1 or batch % num_groups:
+    raise ValueError(
+      f'num_groups={num_groups!r} must be a positive integer dividing the '
+      f'batch size {batch}.'
+    )
+
+
+def _mix(x: Array, lam: Array) -> Array:
+  """Mixes each of len(lam) blocks of x's rows with the next row (cyclic)."""
+  num_groups = lam.shape[0]
+  grouped = x.reshape(num_groups, x.shape[0] // num_groups, *x.shape[1:])
+  partner = jnp.roll(grouped, -1, axis=1)
+  weight = lam.reshape((num_groups,) + (1,) * (grouped.ndim - 1))
+  mixed = weight * grouped + (1 - weight) * partner
+  return mixed.reshape(x.shape).astype(x.dtype)
 
 
 def center_view(image: Array, settings: ViewSettings) -> Array:

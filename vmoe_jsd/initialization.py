@@ -385,59 +385,27 @@ def _fill_target(
   report['notes'] = []
   out, used, missing, mismatched = {}, set(), [], []
   for name, leaf in target_flat.items():
-    shape, dtype = _shape(leaf), leaf.dtype
     if _is_head(name):
-      src = source_flat.get(name)
-      if keep_head and src is not None and _shape(src) == shape:
-        out[name] = _host_array(src, dtype)
-        used.add(name)
-        report['loaded'].append(name)
-      else:
-        out[name] = leaf
-        report['fresh'].append(name)
-        if keep_head and src is not None:
-          report['notes'].append(
-            f'{name}: kept fresh, the checkpoint has shape '
-            f'{_shape(src)} and the target {shape}'
-          )
+      out[name] = _head_value(name, leaf, source_flat, keep_head, used, report)
       continue
     dense = _dense_mlp_name(name) if upcycle else None
     if dense is not None and name not in source_flat and dense in source_flat:
-      src = source_flat[dense]
-      used.add(dense)
-      if _shape(src) != shape[1:]:
-        mismatched.append(
-          f'{name} (from {origin[dense]}): expected {shape[1:]} per expert, '
-          f'got {_shape(src)}'
-        )
-        continue
-      out[name] = np.array(np.broadcast_to(_host_array(src, dtype), shape))
-      report['upcycled'].append(name)
-      continue
-    if name in source_flat:
-      src = source_flat[name]
-      used.add(name)
-      if _shape(src) == shape:
-        out[name] = _host_array(src, dtype)
-        report['loaded'].append(name)
-      elif name == POSEMB:
-        try:
-          out[name], how = _resize_target_posemb(src, leaf, source_flat)
-        except ValueError as e:
-          mismatched.append(f'{name} (from {origin[name]}): {e}')
-          continue
-        report['resized'].append(name)
-        report['notes'].append(f'{name}: {_shape(src)} -> {shape}, {how}')
-      else:
-        mismatched.append(
-          f'{name} (from {origin[name]}): expected {shape}, got {_shape(src)}'
-        )
-      continue
-    if fresh_ok(name):
+      from_name = dense
+    elif name in source_flat:
+      from_name = name
+    elif fresh_ok(name):
       out[name] = leaf
       report['fresh'].append(name)
       continue
-    missing.append(name)
+    else:
+      missing.append(name)
+      continue
+    used.add(from_name)
+    value, problem = _converted(name, leaf, from_name, source_flat, report)
+    if problem is None:
+      out[name] = value
+    else:
+      mismatched.append(f'{name} (from {origin[from_name]}): {problem}')
 
   unused = [name for name in source_flat if name not in used]
   unexpected = sorted(origin[n] for n in unused if not skippable(n))
@@ -450,6 +418,48 @@ def _fill_target(
   report['unused'] = sorted(origin[n] for n in unused)
   # Keep the target's order.
   return {name: out[name] for name in target_flat}, report
+
+
+def _head_value(name, leaf, source_flat, keep_head, used, report) -> Any:
+  """A head parameter: the checkpoint's with keep_head and equal shapes."""
+  src, shape = source_flat.get(name), _shape(leaf)
+  if keep_head and src is not None and _shape(src) == shape:
+    used.add(name)
+    report['loaded'].append(name)
+    return _host_array(src, leaf.dtype)
+  report['fresh'].append(name)
+  if keep_head and src is not None:
+    report['notes'].append(
+      f'{name}: kept fresh, the checkpoint has shape '
+      f'{_shape(src)} and the target {shape}'
+    )
+  return leaf
+
+
+def _converted(name, leaf, from_name, source_flat, report) -> tuple[Any, Any]:
+  """(value, None) of `name` from the checkpoint's `from_name`, or (None, why).
+
+  The value is copied, broadcast to every expert (from_name is a dense MLP:
+  upcycling) or resized (the position embedding).
+  """
+  src, shape, dtype = source_flat[from_name], _shape(leaf), leaf.dtype
+  if from_name != name:
+    if _shape(src) != shape[1:]:
+      return None, f'expected {shape[1:]} per expert, got {_shape(src)}'
+    report['upcycled'].append(name)
+    return np.array(np.broadcast_to(_host_array(src, dtype), shape)), None
+  if _shape(src) == shape:
+    report['loaded'].append(name)
+    return _host_array(src, dtype), None
+  if name != POSEMB:
+    return None, f'expected {shape}, got {_shape(src)}'
+  try:
+    value, how = _resize_target_posemb(src, leaf, source_flat)
+  except ValueError as e:
+    return None, str(e)
+  report['resized'].append(name)
+  report['notes'].append(f'{name}: {_shape(src)} -> {shape}, {how}')
+  return value, None
 
 
 def _resize_target_posemb(src, leaf, source_flat) -> tuple[np.ndarray, str]:
@@ -535,13 +545,43 @@ def vit_to_vmoe_params(
   Raises:
     ValueError: listing the unmatched names (strict) and shape mismatches.
   """
+  source, origin, naming, scanned = _vit_source(vit_tree, what)
+  target_flat = vmoe_format.flatten_tree(target_params)
+  moe_blocks = {m.group(1) for m in map(_EXPERT_RE.match, target_flat) if m}
+
+  def fresh_ok(name: str) -> bool:
+    return bool(_ROUTER_RE.match(name)) or (
+      not upcycle and _dense_mlp_name(name) is not None
+    )
+
+  def skippable(name: str) -> bool:
+    m = _DENSE_MLP_RE.match(name)
+    return _is_head(name) or (
+      not upcycle and m is not None and m.group(1) in moe_blocks
+    )
+
+  flat_params, report = _fill_target(
+    target_flat, source, what=f'{what} ({naming} naming)', origin=origin,
+    keep_head=keep_head, strict=strict, upcycle=upcycle, fresh_ok=fresh_ok,
+    skippable=skippable,
+  )  # fmt: skip
+  report['naming'] = naming + (' (scanned blocks)' if scanned else '')
+  if not upcycle and moe_blocks:
+    report['notes'].append(
+      'upcycle=False: experts kept fresh, the dense MLPs of '
+      f'{sorted(moe_blocks)} unused'
+    )
+  return vmoe_format.unflatten_tree(flat_params), report
+
+
+def _vit_source(vit_tree, what: str) -> tuple[dict, dict, str, bool]:
+  """(our name -> array, our name -> ViT name, naming, scanned) of a ViT."""
   flat = {n: _fix_npz_dtype(v) for n, v in _joined_names(vit_tree).items()}
   inside, outside, wrapper = _unwrap_vit(flat)
   scanned = any(_SCANNED_RE.match(n) for n in inside)
   inside = _unscan(inside)
   naming = detect_vit_naming(inside)
-  source, origin = {}, {}
-  unmapped = {}
+  source, origin, unmapped = {}, {}, {}
   for name, value in inside.items():
     ours = _vit_name_to_ours(name, naming)
     if ours is None:
@@ -558,42 +598,7 @@ def vit_to_vmoe_params(
   for name, value in {**outside, **unmapped}.items():
     source[name] = value
     origin[name] = name
-
-  target_flat = vmoe_format.flatten_tree(target_params)
-  moe_blocks = {
-    m.group(1) for m in map(_EXPERT_RE.match, target_flat) if m is not None
-  }
-
-  def fresh_ok(name: str) -> bool:
-    return bool(_ROUTER_RE.match(name)) or (
-      not upcycle and _dense_mlp_name(name) is not None
-    )
-
-  def skippable(name: str) -> bool:
-    m = _DENSE_MLP_RE.match(name)
-    return _is_head(name) or (
-      not upcycle and m is not None and m.group(1) in moe_blocks
-    )
-
-  label = f'{what} ({naming} naming)'
-  flat_params, report = _fill_target(
-    target_flat,
-    source,
-    what=label,
-    origin=origin,
-    keep_head=keep_head,
-    strict=strict,
-    upcycle=upcycle,
-    fresh_ok=fresh_ok,
-    skippable=skippable,
-  )
-  report['naming'] = naming + (' (scanned blocks)' if scanned else '')
-  if not upcycle and moe_blocks:
-    report['notes'].append(
-      'upcycle=False: experts kept fresh, the dense MLPs of '
-      f'{sorted(moe_blocks)} unused'
-    )
-  return vmoe_format.unflatten_tree(flat_params), report
+  return source, origin, naming, scanned
 
 
 def copy_matching_params(
@@ -646,14 +651,9 @@ def copy_matching_params(
       what=what,
     )
   flat_params, report = _fill_target(
-    target_flat,
-    source,
-    what=what,
-    origin={name: name for name in source},
-    keep_head=keep_head,
-    strict=strict,
-    upcycle=False,
-  )
+    target_flat, source, what=what, origin={name: name for name in source},
+    keep_head=keep_head, strict=strict, upcycle=False,
+  )  # fmt: skip
   return vmoe_format.unflatten_tree(flat_params), report
 
 
@@ -717,12 +717,10 @@ def orbax_state_candidates(path: str) -> tuple[list, dict[int, str]]:
   )
 
 
-def find_orbax_state_dir(path: str) -> tuple[str, int | None]:
+def find_orbax_state_dir(path: str) -> str:
   """The newest orbax 'state' item folder under `path`.
 
-  Returns:
-    (folder of the 'state' item, step number or None if not known); see
-    `orbax_state_candidates` for `path` and the errors.
+  See `orbax_state_candidates` for `path` and the errors.
   """
   return orbax_state_candidates(path)[0][0]
 
@@ -745,12 +743,10 @@ def _read_state_params(directory: str) -> dict:
         f'keys are {sorted(structure)}.'
       )
     meta = structure[key] if key else structure
-
-    def as_numpy(_):
-      return ocp.RestoreArgs(restore_type=np.ndarray)
-
     item = jax.tree_util.tree_map(lambda _: 0, meta)
-    restore_args = jax.tree_util.tree_map(as_numpy, meta)
+    restore_args = jax.tree_util.tree_map(
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta
+    )
     if key:
       item, restore_args = {key: item}, {key: restore_args}
     restored = handler.restore(
@@ -871,51 +867,54 @@ def load_initial_params(
   if not path:
     raise ValueError(f'initialization.path={path!r} must name a checkpoint.')
   path = str(path)
-  keep_head = bool(cfg.get('keep_head', False))
-  strict = bool(cfg.get('strict', True))
-
-  if source == 'vit_npz':
-    if not paths.isfile(path):
-      raise FileNotFoundError(
-        errno.ENOENT, 'ViT checkpoint (.npz) not found', path
-      )
-    params, report = vit_to_vmoe_params(
-      vmoe_format.read_npz_tree(path),
-      target_params,
-      upcycle=bool(cfg.get('upcycle', True)),
-      keep_head=keep_head,
-      strict=strict,
-      what=f'ViT checkpoint {path!r}',
-    )
-  elif source == 'vmoe':
-    prefix = path[: -len('.index')] if path.endswith('.index') else path
-    if not paths.isfile(prefix + '.index'):
-      raise FileNotFoundError(
-        errno.ENOENT, 'vmoe checkpoint index not found', prefix + '.index'
-      )
-    params, report = copy_matching_params(
-      vmoe_format.read_vmoe_checkpoint(prefix),
-      target_params,
-      keep_head=keep_head,
-      strict=strict,
-      what=f'vmoe checkpoint {prefix!r}',
-    )
-  else:
-    tree, info = read_orbax_params(path)
-    params, report = copy_matching_params(
-      tree,
-      target_params,
-      keep_head=keep_head,
-      strict=strict,
-      what=f'orbax checkpoint {info["directory"]!r}',
-    )
-    report['step'] = info['step']
-    report['skipped_checkpoints'] = info['skipped']
+  params, report = _READERS[source](
+    path, cfg, target_params, keep_head=bool(cfg.get('keep_head', False)),
+    strict=bool(cfg.get('strict', True)),
+  )  # fmt: skip
   if source != 'vit_npz' and 'upcycle' in cfg:
     report['notes'].append(f'upcycle is ignored for source={source!r}')
   report['source'] = source
   report['path'] = path
   return params, report
+
+
+def _load_vit_npz(path: str, cfg: dict, target_params, **kwargs):
+  if not paths.isfile(path):
+    raise FileNotFoundError(
+      errno.ENOENT, 'ViT checkpoint (.npz) not found', path
+    )
+  return vit_to_vmoe_params(
+    vmoe_format.read_npz_tree(path), target_params,
+    upcycle=bool(cfg.get('upcycle', True)), what=f'ViT checkpoint {path!r}',
+    **kwargs,
+  )  # fmt: skip
+
+
+def _load_vmoe(path: str, cfg: dict, target_params, **kwargs):
+  prefix = path.removesuffix('.index')
+  if not paths.isfile(prefix + '.index'):
+    raise FileNotFoundError(
+      errno.ENOENT, 'vmoe checkpoint index not found', prefix + '.index'
+    )
+  return copy_matching_params(
+    vmoe_format.read_vmoe_checkpoint(prefix), target_params,
+    what=f'vmoe checkpoint {prefix!r}', **kwargs,
+  )  # fmt: skip
+
+
+def _load_orbax(path: str, cfg: dict, target_params, **kwargs):
+  tree, info = read_orbax_params(path)
+  params, report = copy_matching_params(
+    tree, target_params, what=f'orbax checkpoint {info["directory"]!r}',
+    **kwargs,
+  )  # fmt: skip
+  report['step'] = info['step']
+  report['skipped_checkpoints'] = info['skipped']
+  return params, report
+
+
+# source -> (path, cfg, target, keep_head=, strict=) -> (params, report).
+_READERS = {'orbax': _load_orbax, 'vit_npz': _load_vit_npz, 'vmoe': _load_vmoe}
 
 
 def load_eval_params(

@@ -94,10 +94,7 @@ class Hyper:
 
 def _merged(parts: Sequence[Point]) -> Point:
   """One point from several: later parts win on a shared key."""
-  point = {}
-  for part in parts:
-    point.update(part)
-  return point
+  return {key: value for part in parts for key, value in part.items()}
 
 
 def _strip(key: str) -> str:
@@ -236,15 +233,8 @@ def run_sweep(
   if dupes:
     raise cli.CliError(f'get_hyper gives the same point twice: {dupes}')
   steps = check_points(config_arg, points, extra)
-  todo, skipped = [], 0
-  for point, name, num_steps in zip(points, names, steps, strict=True):
-    point_dir = os.path.join(workdir, name)
-    if run_files.finished_result(point_dir, num_steps) is not None:
-      skipped += 1
-      if dry_run:
-        print(f'# finished, skipped: {point_dir}', file=out)
-      continue
-    todo.append((point, name, point_dir))
+  todo = _unfinished(workdir, points, names, steps, dry_run, out)
+  skipped = len(points) - len(todo)
   counts = {'points': len(points), 'skipped': skipped, 'ran': 0, 'failed': 0}
   if dry_run:
     for point, _, point_dir in todo:
@@ -264,52 +254,64 @@ def run_sweep(
     file=out,
     flush=True,
   )
-  running: list[tuple[subprocess.Popen, str, str, float, Any]] = []
-  queue = list(todo)
-  done = 0
+  _run_points(todo, config_arg, extra, parallel, counts, out)
+  return counts
 
-  def reap(block: bool):
-    nonlocal done
-    while running:
-      for item in list(running):
-        proc, name, point_dir, t0, log = item
-        if proc.poll() is None:
-          continue
-        log.close()
-        running.remove(item)
-        done += 1
-        took = time.time() - t0
-        result = run_files.finished_result(point_dir)
-        if proc.returncode == 0 and result is not None:
-          counts['ran'] += 1
-          status = f'done in {took:.0f}s, accuracy {result["accuracy"]:.4f}'
-        else:
-          counts['failed'] += 1
-          status = (
-            f'FAILED (exit {proc.returncode}) after {took:.0f}s; see '
-            f'{os.path.join(point_dir, "run.log")}: {_last_line(point_dir)}'
-          )
-        print(f'[{done}/{len(todo)}] {name}: {status}', file=out, flush=True)
-      if not block or len(running) < parallel:
-        return
-      time.sleep(0.2)
 
+def _unfinished(workdir, points, names, steps, dry_run, out) -> list[tuple]:
+  """(point, name, folder) of the points without a complete results.json."""
+  todo = []
+  for point, name, num_steps in zip(points, names, steps, strict=True):
+    point_dir = os.path.join(workdir, name)
+    if run_files.finished_result(point_dir, num_steps) is None:
+      todo.append((point, name, point_dir))
+    elif dry_run:
+      print(f'# finished, skipped: {point_dir}', file=out)
+  return todo
+
+
+def _run_points(todo, config_arg, extra, parallel, counts, out) -> None:
+  """Runs `todo`, `parallel` processes at a time; counts 'ran' and 'failed'."""
+  running, queue = [], list(todo)
   while queue or running:
     while queue and len(running) < parallel:
-      point, name, point_dir = queue.pop(0)
-      os.makedirs(point_dir, exist_ok=True)
-      run_files.write_json(os.path.join(point_dir, POINT_FILE), point)
-      log = open(os.path.join(point_dir, 'run.log'), 'a')  # noqa: SIM115
-      cmd = point_command(config_arg, point_dir, point, extra)
-      print(f'start {name}: {shlex.join(cmd)}', file=out, flush=True)
-      proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-      running.append((proc, name, point_dir, time.time(), log))
-    reap(block=True)
-    if not queue:
-      while running:
-        reap(block=False)
-        time.sleep(0.2)
-  return counts
+      running.append(_start_point(config_arg, extra, *queue.pop(0), out))
+    time.sleep(0.2)
+    _reap(running, counts, len(todo), out)
+
+
+def _start_point(config_arg, extra, point, name, point_dir, out) -> tuple:
+  """Starts one point: (process, name, folder, start time, log file)."""
+  os.makedirs(point_dir, exist_ok=True)
+  run_files.write_json(os.path.join(point_dir, POINT_FILE), point)
+  log = open(os.path.join(point_dir, 'run.log'), 'a')  # noqa: SIM115
+  cmd = point_command(config_arg, point_dir, point, extra)
+  print(f'start {name}: {shlex.join(cmd)}', file=out, flush=True)
+  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+  return proc, name, point_dir, time.time(), log
+
+
+def _reap(running: list, counts: dict[str, int], total: int, out) -> None:
+  """Reports the finished processes of `running` and removes them."""
+  for item in list(running):
+    proc, name, point_dir, t0, log = item
+    if proc.poll() is None:
+      continue
+    log.close()
+    running.remove(item)
+    took = time.time() - t0
+    result = run_files.finished_result(point_dir)
+    if proc.returncode == 0 and result is not None:
+      counts['ran'] += 1
+      status = f'done in {took:.0f}s, accuracy {result["accuracy"]:.4f}'
+    else:
+      counts['failed'] += 1
+      status = (
+        f'FAILED (exit {proc.returncode}) after {took:.0f}s; see '
+        f'{os.path.join(point_dir, "run.log")}: {_last_line(point_dir)}'
+      )
+    done = counts['ran'] + counts['failed']
+    print(f'[{done}/{total}] {name}: {status}', file=out, flush=True)
 
 
 def _last_line(point_dir: str) -> str:
@@ -403,17 +405,14 @@ def collect(workdir: str) -> tuple[list[dict], list[dict], list[str]]:
   groups: dict[tuple, list[dict]] = {}
   for row in rows:
     if row['status'] == 'finished':
-      key = tuple(row[k] for k in group_keys)
-      groups.setdefault(key, []).append(row)
+      groups.setdefault(tuple(row[k] for k in group_keys), []).append(row)
   summary = []
   for members in groups.values():
     out = {k: members[0][k] for k in group_keys}
     out['n'] = len(members)
     for m in metric_names:
       values = [r[m] for r in members if m in r]
-      mean, std = mean_std(values)
-      out[f'{m} mean'] = mean
-      out[f'{m} std'] = std
+      out[f'{m} mean'], out[f'{m} std'] = mean_std(values)
     summary.append(out)
   return rows, summary, metric_names
 
@@ -434,10 +433,8 @@ def _fmt(value: Any) -> str:
   if value is None:
     return ''
   if isinstance(value, float):
-    if math.isnan(value):
-      return ''
-    return f'{value:.4f}'
-  return cli_value(value) if not isinstance(value, str) else value
+    return '' if math.isnan(value) else f'{value:.4f}'
+  return cli_value(value)  # Strings as they are.
 
 
 def markdown_table(rows: Sequence[Mapping], columns: Sequence[str]) -> str:

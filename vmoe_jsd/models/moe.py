@@ -129,27 +129,20 @@ class EinsumDispatcher:
   bfloat16: bool = flax.struct.field(pytree_node=False, default=False)
   precision: Any = flax.struct.field(pytree_node=False, default=None)
 
+  def _einsum(self, spec: str, weights: Array, data: Array) -> Array:
+    out = jnp.einsum(
+      spec, weights, _maybe_bfloat16(data, self.bfloat16),
+      precision=self.precision,
+    )  # fmt: skip
+    return out.astype(data.dtype)
+
   def dispatch(self, data: Array) -> Array:
     """(G, S, ...) -> (G, E, C, ...)."""
-    dtype = data.dtype
-    out = jnp.einsum(
-      'GSEC,GS...->GEC...',
-      self.dispatch_weights,
-      _maybe_bfloat16(data, self.bfloat16),
-      precision=self.precision,
-    )
-    return out.astype(dtype)
+    return self._einsum('GSEC,GS...->GEC...', self.dispatch_weights, data)
 
   def combine(self, data: Array) -> Array:
     """(G, E, C, ...) -> (G, S, ...)."""
-    dtype = data.dtype
-    out = jnp.einsum(
-      'GSEC,GEC...->GS...',
-      self.combine_weights,
-      _maybe_bfloat16(data, self.bfloat16),
-      precision=self.precision,
-    )
-    return out.astype(dtype)
+    return self._einsum('GSEC,GEC...->GS...', self.combine_weights, data)
 
 
 @flax.struct.dataclass
@@ -295,20 +288,11 @@ def make_top_k_dispatcher(
     group's K * S choices that did not fit, and 'dropped_tokens' (G,), the
     fraction of tokens that lost every choice.
   """
-  if (capacity is None) == (capacity_factor is None):
-    raise ValueError(
-      'Set exactly one of dispatcher.capacity and dispatcher.capacity_factor;'
-      f' got capacity={capacity!r}, capacity_factor={capacity_factor!r}'
-    )
   _, group_size, num_experts = gates.shape
-  if capacity is None:
-    capacity = compute_capacity(
-      group_size * num_selected_experts,
-      num_experts,
-      capacity_factor,
-      capacity_ceil_or_round,
-      capacity_multiple_of,
-    )
+  capacity = _group_capacity(
+    capacity, capacity_factor, group_size * num_selected_experts, num_experts,
+    capacity_ceil_or_round, capacity_multiple_of,
+  )  # fmt: skip
   top_gate, expert_index, buffer_index = jax.vmap(
     lambda g: top_experts_per_item(g, num_selected_experts, batch_priority)
   )(gates)
@@ -328,20 +312,11 @@ def make_top_k_dispatcher(
       bfloat16=bfloat16,
     )
   elif name == 'einsum':
-    # A token picks an expert at most once: its slot in each expert's
-    # buffer is one (G, S, E) int (-1 where not picked; >= C where dropped),
-    # whose boolean one-hot (G, S, E, C) XLA fuses into the dispatch einsum,
-    # as vmoe does. No float (G, S, E, C) product over K is formed.
-    picked = expert_index[..., None] == jnp.arange(num_experts)  # (G,S,K,E)
-    slot = jnp.max(jnp.where(picked, buffer_index[..., None], -1), axis=2)
-    dispatch = jax.nn.one_hot(slot, capacity, dtype=jnp.bool_)
-    gate = jnp.sum(jnp.where(picked, combine[..., None], 0.0), axis=2)
-    combine_w = jnp.where(dispatch, gate[..., None], 0.0).astype(gates.dtype)
+    dispatch, combine_w = _top_k_einsum_weights(
+      expert_index, buffer_index, combine, num_experts, capacity
+    )
     dispatcher = EinsumDispatcher(
-      dispatch_weights=dispatch,
-      combine_weights=combine_w,
-      bfloat16=bfloat16,
-      precision=einsum_precision,
+      dispatch, combine_w.astype(gates.dtype), bfloat16, einsum_precision
     )
   else:
     raise ValueError(
@@ -349,6 +324,39 @@ def make_top_k_dispatcher(
       "'indices']"
     )
   return dispatcher, metrics
+
+
+def _group_capacity(
+  capacity, capacity_factor, num_tokens, num_experts, ceil_or_round, multiple_of
+) -> int:
+  """`capacity`, or the one `capacity_factor` gives (see compute_capacity)."""
+  if (capacity is None) == (capacity_factor is None):
+    raise ValueError(
+      'Set exactly one of dispatcher.capacity and dispatcher.capacity_factor;'
+      f' got capacity={capacity!r}, capacity_factor={capacity_factor!r}'
+    )
+  if capacity is None:
+    capacity = compute_capacity(
+      num_tokens, num_experts, capacity_factor, ceil_or_round, multiple_of
+    )
+  return capacity
+
+
+def _top_k_einsum_weights(
+  expert_index, buffer_index, combine, num_experts: int, capacity: int
+) -> tuple[Array, Array]:
+  """(G, S, E, C) bool dispatch and combine weights of top-K choices.
+
+  A token picks an expert at most once: its slot in each expert's buffer is
+  one (G, S, E) int (-1 where not picked; >= C where dropped), whose boolean
+  one-hot (G, S, E, C) XLA fuses into the dispatch einsum, as vmoe does. No
+  float (G, S, E, C) product over K is formed.
+  """
+  picked = expert_index[..., None] == jnp.arange(num_experts)  # (G,S,K,E)
+  slot = jnp.max(jnp.where(picked, buffer_index[..., None], -1), axis=2)
+  dispatch = jax.nn.one_hot(slot, capacity, dtype=jnp.bool_)
+  gate = jnp.sum(jnp.where(picked, combine[..., None], 0.0), axis=2)
+  return dispatch, jnp.where(dispatch, gate[..., None], 0.0)
 
 
 def make_top_items_per_expert_dispatcher(
@@ -385,20 +393,11 @@ def make_top_items_per_expert_dispatcher(
       f'dispatcher.name={name!r} is not available for expert-choice routing;'
       " choose 'einsum'"
     )
-  if (capacity is None) == (capacity_factor is None):
-    raise ValueError(
-      'Set exactly one of dispatcher.capacity and dispatcher.capacity_factor;'
-      f' got capacity={capacity!r}, capacity_factor={capacity_factor!r}'
-    )
   _, group_size, num_experts = gates.shape
-  if capacity is None:
-    capacity = compute_capacity(
-      group_size,
-      num_experts,
-      capacity_factor,
-      capacity_ceil_or_round,
-      capacity_multiple_of,
-    )
+  capacity = _group_capacity(
+    capacity, capacity_factor, group_size, num_experts,
+    capacity_ceil_or_round, capacity_multiple_of,
+  )  # fmt: skip
   if capacity > group_size:
     raise ValueError(
       f'expert-choice capacity {capacity} exceeds the group size '
@@ -413,15 +412,8 @@ def make_top_items_per_expert_dispatcher(
     'dropped_tokens': jnp.mean(experts_per_token == 0, axis=1),
     'experts_per_token': jnp.mean(experts_per_token, axis=1),
   }
-  return (
-    EinsumDispatcher(
-      dispatch_weights=dispatch,
-      combine_weights=combine,
-      bfloat16=bfloat16,
-      precision=einsum_precision,
-    ),
-    metrics,
-  )
+  dispatcher = EinsumDispatcher(dispatch, combine, bfloat16, einsum_precision)
+  return dispatcher, metrics
 
 
 # ----------------------------------------------------------------------------
