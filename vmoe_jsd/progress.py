@@ -23,8 +23,8 @@ def itstime(
     step: the step just finished (1-based).
     every: the period in steps (0: never periodically).
     total: the last step.
-    last: also at (and only then periodically at) `total`; when False the
-      last step is left to the end of training, which acts on it anyway.
+    last: act at `total` too; when False the last step is left to the end
+      of training, which acts on it anyway.
     first: also at this step (e.g. the first after a (re)start).
   """
   periodic = bool(every) and step % every == 0

@@ -49,11 +49,9 @@ def _square(size: int, channels: int) -> tuple[int, int, int]:
   return (size, size, channels)
 
 
-def _fashion_base(key: str, cfg: Mapping) -> str:
-  base = cfg['split'].partition('[')[0]
-  if base not in fashion_mnist.FILES:
+def _check_fashion(key: str, cfg: Mapping, *_) -> None:
+  if cfg['split'].partition('[')[0] not in fashion_mnist.FILES:
     fail(f'{key}.split', cfg['split'], f'one of {sorted(fashion_mnist.FILES)}')
-  return base
 
 
 def _fashion_files(split: str, cfg: Mapping, batch: int) -> None:
@@ -93,7 +91,7 @@ DATASET_KINDS: dict[str, DatasetKind] = {
   'fashion_mnist': DatasetKind(
     load=lambda cfg, _: fashion_mnist.load(cfg['split'], cfg.get('data_dir')),
     image_shape=lambda cfg, _: (28, 28, 1),
-    check=lambda key, cfg, *_: _fashion_base(key, cfg) and None,
+    check=_check_fashion,
     check_files=_fashion_files,
   ),
   'folder': DatasetKind(
