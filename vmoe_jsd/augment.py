@@ -179,6 +179,11 @@ class ViewSettings:
       2020) applied after the crop and flip, or None (off). N is an integer
       in [1, 8]; M a number in [0, 20] (vmoe's configs use 0 to 20; the ops
       scale M / 10). See `RANDAUGMENT_OPS` and `_randaugment_layers`.
+    second_crop_scale: (min, max) crop area of view 2, or None (the same
+      as `crop_scale`: the two views are identically distributed). Pairwise
+      Router Consistency's (Kada et al., IEEE OJSP 2025) 384-px fine-tuning
+      draws view 1 from 5-70% and view 2 from 60-100% of the image (its
+      `decode_jpeg_and_ssl_augment`), so that the views overlap a lot.
   """
 
   size: int
@@ -193,6 +198,7 @@ class ViewSettings:
   contrast: float = 0.0
   photometric: bool = True
   randaugment: tuple[int, float] | None = None
+  second_crop_scale: tuple[float, float] | None = None
 
   def __post_init__(self):
     for name in ('size', 'patch_size'):
@@ -215,6 +221,14 @@ class ViewSettings:
         f'crop_ratio={self.crop_ratio!r} must satisfy 0 < min <= max < inf.'
       )
     object.__setattr__(self, 'crop_scale', scale)
+    if self.second_crop_scale is not None:
+      second = _as_pair('second_crop_scale', self.second_crop_scale)
+      if not 0 < second[0] <= second[1] <= 1:
+        raise ValueError(
+          f'second_crop_scale={self.second_crop_scale!r} must be None or '
+          'satisfy 0 < min <= max <= 1.'
+        )
+      object.__setattr__(self, 'second_crop_scale', second)
     object.__setattr__(self, 'crop_ratio', ratio)
     for name in ('flip', 'photometric'):
       value = getattr(self, name)
@@ -629,9 +643,18 @@ def paired_geometry(
     A ViewGeometry whose fields have a leading axis of 2 (the two views).
   """
   u = jax.random.uniform(key, (2, _NUM_GEOMETRY_UNIFORMS))
-  affines = jax.vmap(lambda u: _geometry_from_uniforms(u, source_hw, settings))(
-    u
-  )
+  if settings.second_crop_scale is None:
+    affines = jax.vmap(
+      lambda u: _geometry_from_uniforms(u, source_hw, settings)
+    )(u)
+  else:  # View 2 crops from its own area range; same numbers otherwise.
+    second = dataclasses.replace(
+      settings, crop_scale=settings.second_crop_scale
+    )
+    affines = jnp.stack([
+      _geometry_from_uniforms(u[0], source_hw, settings),
+      _geometry_from_uniforms(u[1], source_hw, second),
+    ])  # fmt: skip
   if canvas_hw is not None:
     affines = _canvas_scaling(source_hw, canvas_hw) @ affines
   if settings.randaugment is None:
