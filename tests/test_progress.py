@@ -62,4 +62,4 @@ def test_progress_line_shows_compiling_then_rate_and_eta():
   )
   line = progress.progress_line(5, 10, {**s, 'consistency': 0.2}, 99.6, 3725)
   assert line.startswith('[step 5/10]  loss 1.0000  xent 0.9000')
-  assert 'jsd 0.2000' in line and line.endswith('100 img/s  ETA 1:02:05')
+  assert 'cons 0.2000' in line and line.endswith('100 img/s  ETA 1:02:05')

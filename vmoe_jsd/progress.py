@@ -84,7 +84,7 @@ def progress_line(step: int, num_steps: int, s: Mapping[str, float],
     f'aux {s["auxiliary_loss"]:.4f}',
   ]
   if 'consistency' in s:
-    parts.append(f'jsd {s["consistency"]:.4f}')
+    parts.append(f'cons {s["consistency"]:.4f}')
   if s.get('skipped_steps'):
     parts.append(f'skipped {int(s["skipped_steps"])}')
   parts += [f'acc {s["train_accuracy"]:.3f}', f'lr {s["learning_rate"]:.2e}']
