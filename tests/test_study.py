@@ -44,6 +44,32 @@ def test_settings_are_parsed_and_bad_ones_rejected():
     study.parse_setting('l2@0')
 
 
+def test_prc_recipe_and_top1_suffix_set_the_right_flags():
+  name, loss, weight = study.parse_setting('prc/k1')
+  assert (name, loss, weight) == ('prc/k1', 'cross_correlation', 5e-3)
+  flags = study.run_flags(name, loss, weight, 1, 400, ['evaluate.limit=8'])
+  for flag in (
+    '--config.consistency.include_cls=True',
+    '--config.consistency.offdiagonal_weight=10.0',
+    '--config.model.encoder.moe.router.importance_loss_weight=0.0',
+    '--config.model.encoder.moe.router.load_loss_weight=0.0',
+    '--config.model.encoder.moe.router.num_selected_experts=1',
+    '--config.evaluate.limit=8',
+  ):
+    assert flag in flags
+  # Plain settings add nothing but their loss and weight.
+  plain = study.run_flags('none', 'jsd', 0.0, 0, None, [])
+  assert not any('router' in f or 'include_cls' in f for f in plain)
+  assert study.parse_setting('cross_correlation@0.3/k1')[0] == (
+    'cross_correlation@0.3/k1'
+  )
+  assert study.run_dir('R', 'none/k1', 2, 400) == os.path.join(
+    'R', 'n400', 'none_k1_s2'
+  )
+  with pytest.raises(SystemExit, match='not a consistency loss'):
+    study.parse_setting('kl/k1')
+
+
 def test_aggregate_and_target_check_by_hand():
   base = study.aggregate([
     fake_result(0.80, (0.40, 0.30), (0.6, 0.8), (FLAT, FLAT), 0.2),

@@ -67,15 +67,58 @@ DEFAULT_WEIGHTS = {
 DEFAULT_SETTINGS = ('none',) + tuple(DEFAULT_WEIGHTS)
 
 
+# Named recipes: (loss, weight, extra overrides). 'prc' is Pairwise Router
+# Consistency's released setting (configs/imagenet_prc.py): the
+# cross-correlation loss at 5e-3 x (diagonal 1 : off-diagonal 10), the class
+# tokens paired, the importance and load losses off.
+RECIPES = {
+  'prc': ('cross_correlation', 5e-3, (
+    'consistency.diagonal_weight=1.0', 'consistency.offdiagonal_weight=10.0',
+    'consistency.include_cls=True',
+    'model.encoder.moe.router.importance_loss_weight=0.0',
+    'model.encoder.moe.router.load_loss_weight=0.0',
+  )),
+}  # fmt: skip
+# A '/k1' suffix trains the setting with top-1 routing (K=1) instead of
+# the config's K=2.
+TOP1_SUFFIX = '/k1'
+
+
+def setting_overrides(name: str) -> list[str]:
+  """The config overrides a setting adds beyond its loss and weight."""
+  base, top1 = _split_top1(name)
+  extra = list(RECIPES[base][2]) if base in RECIPES else []
+  if top1:
+    extra.append('model.encoder.moe.router.num_selected_experts=1')
+  return extra
+
+
+def _split_top1(text: str) -> tuple[str, bool]:
+  if text.endswith(TOP1_SUFFIX):
+    return text[: -len(TOP1_SUFFIX)], True
+  return text, False
+
+
 def parse_setting(text: str) -> tuple[str, str, float]:
-  """'none' | 'LOSS' | 'LOSS@WEIGHT' -> (name, loss, weight)."""
-  if text == 'none':
-    return 'none', 'jsd', 0.0
+  """'none' | 'LOSS' | 'LOSS@WEIGHT' | a RECIPES name, optionally with the
+  '/k1' suffix (top-1 routing) -> (name, loss, weight)."""
+  base, top1 = _split_top1(text)
+  suffix = TOP1_SUFFIX if top1 else ''
+  if base == 'none':
+    return 'none' + suffix, 'jsd', 0.0
+  if base in RECIPES:
+    return base + suffix, RECIPES[base][0], RECIPES[base][1]
+  name, loss, weight = _parse_loss(base)
+  return name + suffix, loss, weight
+
+
+def _parse_loss(text: str) -> tuple[str, str, float]:
   loss, _, weight = text.partition('@')
   if loss not in DEFAULT_WEIGHTS:
     raise SystemExit(
       f'--settings: {loss!r} is not a consistency loss; choose from '
-      f'{["none", *DEFAULT_WEIGHTS]} (optionally LOSS@WEIGHT)'
+      f'{["none", *RECIPES, *DEFAULT_WEIGHTS]} (optionally LOSS@WEIGHT, '
+      f'and {TOP1_SUFFIX!r} after any of them for top-1 routing)'
     )
   w = float(weight) if weight else DEFAULT_WEIGHTS[loss]
   if not w > 0:
@@ -85,10 +128,11 @@ def parse_setting(text: str) -> tuple[str, str, float]:
 
 def run_dir(root: str, name: str, seed: int, steps: int | None) -> str:
   schedule = f'n{steps}' if steps else 'full'
-  return os.path.join(root, schedule, f'{name}_s{seed}')
+  folder = name.replace('/', '_')  # 'none/k1' -> 'none_k1'
+  return os.path.join(root, schedule, f'{folder}_s{seed}')
 
 
-def run_flags(loss, weight, seed, steps, overrides) -> list[str]:
+def run_flags(name, loss, weight, seed, steps, overrides) -> list[str]:
   flags = [
     f'--config={CONFIG}',
     f'--config.seed={seed}',
@@ -97,6 +141,7 @@ def run_flags(loss, weight, seed, steps, overrides) -> list[str]:
   ]
   if steps:
     flags.append(f'--config.num_train_steps={steps}')
+  flags += [f'--config.{o}' for o in setting_overrides(name)]
   flags += [f'--config.{o}' for o in overrides]
   return flags
 
@@ -675,7 +720,7 @@ def train_and_collect(root, parsed, seeds, steps, overrides, jobs,
         print(f'done already: {workdir}', flush=True)
       elif not report_only:
         pending.append(
-          (workdir, run_flags(loss, weight, seed, steps, overrides))
+          (workdir, run_flags(name, loss, weight, seed, steps, overrides))
         )
   if pending:
     print(f'{len(pending)} run(s) to train', flush=True)
@@ -711,11 +756,12 @@ def routing_figures(root, parsed, seed, steps, overrides, fig_dir, label):
     if not os.path.exists(os.path.join(workdir, 'results.json')):
       continue
     analysis = analyze_one(
-      workdir, run_flags(loss, weight, seed, steps, overrides)
+      workdir, run_flags(name, loss, weight, seed, steps, overrides)
     )
     os.makedirs(fig_dir, exist_ok=True)
     tag = label.replace(' ', '_')
-    fig_name = f'{tag}_{name.replace("@", "_w")}_routing_maps.png'
+    stem = name.replace('@', '_w').replace('/', '_')
+    fig_name = f'{tag}_{stem}_routing_maps.png'
     shutil.copyfile(
       os.path.join(analysis, 'routing_maps.png'),
       os.path.join(fig_dir, fig_name),
