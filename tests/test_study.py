@@ -208,3 +208,17 @@ def test_search_then_final_reports_from_the_run_folders(tmp_path):
   )  # fmt: skip
   assert proc.returncode != 0
   assert "lacks runs of ['l2@0.3']" in proc.stderr
+
+
+def test_cpu_description_names_the_model_and_the_bf16_flags(tmp_path):
+  info = tmp_path / 'cpuinfo'
+  info.write_text(
+    'processor\t: 0\nmodel name\t: AMD EPYC 9B14\n'
+    'flags\t\t: fpu sse avx2 avx512f avx512_bf16 vaes\n'
+    'processor\t: 1\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu\n'
+  )
+  assert study.cpu_description(str(info)) == (
+    'CPU AMD EPYC 9B14 (flags: avx2 avx512f avx512_bf16)'
+  )
+  info.write_text('model name : Old\nflags : sse2\n')
+  assert 'none of avx2/' in study.cpu_description(str(info))

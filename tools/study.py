@@ -481,6 +481,7 @@ def write_report(
     f'- Seeds: {", ".join(map(str, seeds))} (one run per seed and setting; '
     'std is the sample standard deviation over seeds, absent with one seed)',
     f'- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, '
+    f'{cpu_description()}, '
     f'{platform.python_implementation()} {platform.python_version()}; '
     f'generated {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC',
     f'- Code: commit {code_version()}',
@@ -680,6 +681,31 @@ def write_report(
   with open(path, 'w') as f:
     f.write('\n'.join(lines))
   return aggs
+
+
+# CPU features that change how XLA:CPU computes (bfloat16 dots natively or
+# through float32, vector width): runs reproduce bit for bit on one machine,
+# across machines only within the seed spread (docs/results.md).
+CPU_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile')
+
+
+def cpu_description(cpuinfo: str = '/proc/cpuinfo') -> str:
+  """'CPU <model name> (flags: avx2 avx512f ...)' from /proc/cpuinfo."""
+  try:
+    with open(cpuinfo) as f:
+      text = f.read()
+  except OSError:
+    return f'CPU {platform.processor() or "unknown"} (flags unknown)'
+  model, flags = 'unknown', set()
+  for line in text.splitlines():
+    key, _, value = line.partition(':')
+    if key.strip() == 'model name' and model == 'unknown':
+      model = value.strip()
+    elif key.strip() in ('flags', 'Features') and not flags:
+      flags = set(value.split())
+  present = [f for f in CPU_FLAGS if f in flags]
+  listed = ' '.join(present) or 'none of ' + '/'.join(CPU_FLAGS)
+  return f'CPU {model} (flags: {listed})'
 
 
 def code_version() -> str:
