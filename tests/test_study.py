@@ -222,3 +222,53 @@ def test_cpu_description_names_the_model_and_the_bf16_flags(tmp_path):
   )
   info.write_text('model name : Old\nflags : sse2\n')
   assert 'none of avx2/' in study.cpu_description(str(info))
+
+
+def _suites(clean, corrupted, pgd, k1):
+  layer = 'encoderblock_1'
+  return {
+    'corruptions': {'clean_accuracy': clean, 'summary': {
+      'mean_accuracy': corrupted, 'accuracy_drop': clean - corrupted,
+      'mean_flip_rate': {layer: 0.1}}},
+    'attacks': {'clean': {'accuracy': clean}, 'pgd': {
+      'accuracy': pgd, 'accuracy_drop': clean - pgd,
+      'routing_changes': {layer: 0.2}}},
+    'cheap': {'rows': [
+      {'name': 'default', 'accuracy_drop': 0.0, 'expert_flops': 1.0},
+      {'name': 'k1_cf4', 'accuracy_drop': k1, 'expert_flops': 0.5}]},
+  }  # fmt: skip
+
+
+def test_robustness_verdict_by_hand(tmp_path):
+  root = str(tmp_path)
+  cases = {
+    'none': [(0.80, 0.60, 0.40, 0.05), (0.82, 0.60, 0.42, 0.07)],
+    'prc': [(0.80, 0.70, 0.40, 0.002), (0.82, 0.72, 0.42, 0.002)],
+  }
+  for name, runs in cases.items():
+    for seed, figures in enumerate(runs):
+      workdir = study.run_dir(root, name, seed, 400)
+      os.makedirs(workdir)
+      for suite, data in _suites(*figures).items():
+        with open(os.path.join(workdir, f'{suite}_test.json'), 'w') as f:
+          json.dump(data, f)
+  parsed = [study.parse_setting('none'), study.parse_setting('prc')]
+  aggs = study.aggregate_robustness(root, parsed, [0, 1], 400)
+  # Baseline corruption drops 0.20, 0.22 (mean 0.21, std 0.01414);
+  # prc's 0.10, 0.10: cut by 52%, 0.11 beyond the std: met.
+  assert aggs['none']['corruption_drop'][0] == pytest.approx(0.21)
+  notes = study.robustness_verdict(aggs['none'], aggs['prc'])
+  assert notes[0] == (
+    'corruption drop cut by 52% (met: needs >= 25% and beyond 1 baseline std)'
+  )
+  # PGD drops equal (0.40 both): cut 0%, not met.
+  assert notes[1].startswith('PGD drop cut by 0% (not met')
+  # K=1: prc loses 0.2 points, the baseline 6 +- 1.4: met.
+  assert notes[2].startswith('served at K=1 (k1_cf4): loses 0.20 points')
+  assert '(met:' in notes[2]
+  report = tmp_path / 'r.md'
+  study.robustness_report(str(report), aggs, ['none', 'prc'], 400, [0, 1],
+                          ['tools/study.py'], ['prc/k1 seed 0'])  # fmt: skip
+  text = report.read_text()
+  assert '| prc | 2 | 81.00 ± 1.41 | 71.00 ± 1.41 | 10.00 ± 0.00 |' in text
+  assert 'prc/k1 seed 0' in text

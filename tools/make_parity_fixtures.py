@@ -339,7 +339,10 @@ def make_case(name, model_cfg, train, out_dir, seed):
   np.savez_compressed(os.path.join(case_dir, 'io.npz'), **record)
   with open(os.path.join(case_dir, 'config.json'), 'w') as f:
     json.dump(
-      {'model': model_cfg, 'train': train, 'rng_seed': seed}, f, indent=1
+      {'model': model_cfg, 'train': train, 'rng_seed': seed},
+      f,
+      indent=1,
+      allow_nan=False,
     )
     f.write('\n')
 
@@ -469,7 +472,7 @@ def main(argv=None):
   )
   manifest['cases'] = sorted(set(manifest.get('cases', [])) | set(names))
   with open(manifest_path, 'w') as f:
-    json.dump(manifest, f, indent=1)
+    json.dump(manifest, f, indent=1, allow_nan=False)
     f.write('\n')
 
 

@@ -181,7 +181,7 @@ def _train(workdir: str, flags: list[str]) -> None:
     with open(path) as f:
       previous = json.load(f)
   with open(path, 'w') as f:
-    json.dump(previous + [wall], f)
+    json.dump(previous + [wall], f, allow_nan=False)
 
 
 def analyze_one(workdir: str, flags: list[str]) -> str:
@@ -864,7 +864,7 @@ def search_phase(args, argv):
       'search_steps': args.search_steps, 'search_seeds': seeds,
       'weights': weights, 'best_weight': decision['best_weight'],
       'finalists': decision['finalists'],
-    }, f, indent=1)  # fmt: skip
+    }, f, indent=1, allow_nan=False)  # fmt: skip
   print(f'Wrote {args.search_report} and {choice_path}', flush=True)
   return decision, rule
 
@@ -937,6 +937,235 @@ def custom(args, argv):
   print(f'Wrote {args.report}')
 
 
+# ----------------------------------------------------------------------------
+# Issue 14: what consistent routing buys (corruptions, attacks, cheaper
+# inference), from eval_main's suites on every trained run.
+# ----------------------------------------------------------------------------
+ROBUSTNESS_FILES = ('corruptions_test.json', 'attacks_test.json',
+                    'cheap_test.json')  # fmt: skip
+# Target of issue 14: a drop cut by this share against the baseline, or at
+# most this many points lost at K=1 while the baseline loses clearly more.
+DROP_CUT = 0.25
+K1_LOSS = 0.003
+
+
+def robustness_one(workdir: str, flags: list[str], extra: list[str]) -> bool:
+  """Runs eval_main's robustness suites on a finished run (once)."""
+  if all(os.path.exists(os.path.join(workdir, f)) for f in ROBUSTNESS_FILES):
+    return True
+  cmd = [sys.executable, '-m', 'vmoe_jsd.eval_main',
+         f'--checkpoint={workdir}', '--suite=robustness', *flags,
+         *[f'--config.{o}' for o in extra]]  # fmt: skip
+  print('$', ' '.join(cmd), flush=True)
+  with open(os.path.join(workdir, 'robustness_log.txt'), 'w') as log:
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+  if proc.returncode:
+    print(f'robustness failed; see {workdir}/robustness_log.txt', flush=True)
+  return proc.returncode == 0
+
+
+def _read_suites(workdir: str) -> dict | None:
+  out = {}
+  for name in ROBUSTNESS_FILES:
+    path = os.path.join(workdir, name)
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      out[name.split('_')[0]] = json.load(f)
+  return out
+
+
+def robustness_figures(suites: dict) -> dict[str, float]:
+  """The per-run numbers the robustness report aggregates (fractions)."""
+  c, a, ch = suites['corruptions'], suites['attacks'], suites['cheap']
+  fig = {
+    'clean': c['clean_accuracy'],
+    'corruption_accuracy': c['summary']['mean_accuracy'],
+    'corruption_drop': c['summary']['accuracy_drop'],
+    'attack_clean': a['clean']['accuracy'],
+  }
+  for attack in ('pgd', 'routing'):
+    if attack in a:
+      fig[f'{attack}_accuracy'] = a[attack]['accuracy']
+      fig[f'{attack}_drop'] = a[attack]['accuracy_drop']
+      for layer, v in (a[attack].get('routing_changes') or {}).items():
+        fig[f'{attack}_routing_changes/{layer}'] = v
+  for layer, v in c['summary']['mean_flip_rate'].items():
+    fig[f'corruption_flip/{layer}'] = v
+  for row in ch['rows']:
+    fig[f'cheap/{row["name"]}/drop'] = row['accuracy_drop']
+    fig[f'cheap/{row["name"]}/flops'] = row['expert_flops']
+  return fig
+
+
+def aggregate_robustness(root, parsed, seeds, steps) -> dict:
+  """{setting: {figure: (mean, std, n)}} over the runs that have suites."""
+  aggs = {}
+  for name, _, _ in parsed:
+    figs = []
+    for seed in seeds:
+      suites = _read_suites(run_dir(root, name, seed, steps))
+      if suites is not None:
+        figs.append(robustness_figures(suites))
+    if figs:
+      keys = sorted(set().union(*figs))
+      aggs[name] = {k: mean_std([f.get(k) for f in figs]) for k in keys}
+  return aggs
+
+
+def robustness_verdict(base: dict, agg: dict) -> list[str]:
+  """Issue 14's target conditions for one setting against the baseline."""
+  notes = []
+  for key, label in (('corruption_drop', 'corruption drop'),
+                     ('pgd_drop', 'PGD drop')):  # fmt: skip
+    b, s = base.get(key), agg.get(key)
+    if not b or not s or not math.isfinite(b[0]) or b[0] <= 0:
+      continue
+    cut = (b[0] - s[0]) / b[0]
+    beyond = math.isfinite(b[1]) and b[0] - s[0] > b[1]
+    met = cut >= DROP_CUT and beyond
+    verdict = 'met' if met else 'not met'
+    notes.append(
+      f'{label} cut by {cut * 100:.0f}% ({verdict}: needs >= '
+      f'{DROP_CUT * 100:.0f}% and beyond 1 baseline std)'
+    )
+  k1 = [k for k in agg if k.startswith('cheap/k1_cf') and k.endswith('/drop')]
+  default_k1 = [k for k in k1 if k in base]
+  for key in sorted(default_k1)[:1]:
+    b, s = base[key], agg[key]
+    met = (
+      s[0] <= K1_LOSS
+      and math.isfinite(b[1])
+      and b[0] - s[0] > max(b[1], 0.0)
+      and b[0] > K1_LOSS
+    )
+    notes.append(
+      f'served at K=1 ({key.split("/")[1]}): loses {s[0] * 100:.2f} points '
+      f"against the baseline's {b[0] * 100:.2f} "
+      f'({"met" if met else "not met"}: needs <= {K1_LOSS * 100:.1f} while '
+      'the baseline loses more by over 1 std)'
+    )
+  return notes
+
+
+def robustness_table(aggs: dict, names: list[str]) -> list[str]:
+  layers = sorted({k.split('/')[1] for a in aggs.values() for k in a
+                   if k.startswith('corruption_flip/')})  # fmt: skip
+  short = lambda layer: layer.replace('encoderblock_', 'b')
+  head = ('| setting | runs | clean (%) | corruptions (%) | drop (pts) | '
+          'PGD (%) | PGD drop (pts) | routing attack drop (pts) | '
+          + ' | '.join(f'PGD routing changes {short(x)}' for x in layers)
+          + ' |')  # fmt: skip
+  lines = [head, '|' + ' --- |' * (head.count('|') - 1)]
+  for name in names:
+    a = aggs[name]
+
+    def get(k, d=3, s=1.0, a=a):
+      return fmt(*a.get(k, (math.nan, math.nan))[:2], d, s)
+
+    runs = max(v[2] for v in a.values())
+    cells = [name, str(runs), get('clean', 2, 100),
+             get('corruption_accuracy', 2, 100), get('corruption_drop', 2, 100),
+             get('pgd_accuracy', 2, 100), get('pgd_drop', 2, 100),
+             get('routing_drop', 2, 100)] + [
+      get(f'pgd_routing_changes/{x}') for x in layers]  # fmt: skip
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return lines
+
+
+def cheap_table(aggs: dict, names: list[str]) -> list[str]:
+  rows = sorted({k.split('/')[1] for a in aggs.values() for k in a
+                 if k.startswith('cheap/')})  # fmt: skip
+  rows = [r for r in rows if r != 'default']
+  head = '| setting | ' + ' | '.join(rows) + ' |'
+  lines = [
+    'Accuracy lost (points) against the default evaluation when served '
+    "with the row's K and capacity factor; expert FLOPs relative to the "
+    'default evaluation (capacity-bound slots) in the last line.',
+    '',
+    head,
+    '|' + ' --- |' * (len(rows) + 1),
+  ]
+  for name in names:
+    a = aggs[name]
+    cells = [fmt(*a.get(f'cheap/{r}/drop', (math.nan, math.nan))[:2], 2, 100)
+             for r in rows]  # fmt: skip
+    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+  first = aggs[names[0]] if names else {}
+  flops = [fmt(first.get(f'cheap/{r}/flops', (math.nan,) * 2)[0], math.nan, 3)
+           for r in rows]  # fmt: skip
+  lines.append('| expert FLOPs | ' + ' | '.join(flops) + ' |')
+  return lines
+
+
+def robustness_report(path, aggs, names, steps, seeds, argv, missing):
+  """docs/robustness_results.md from the runs' suite files."""
+  base = aggs.get('none')
+  lines = [
+    '# What consistent routing buys: corruptions, attacks, cheaper '
+    'inference',
+    '',
+    "*Generated by `tools/study.py --robustness` from the runs' "
+    '`corruptions_test.json`, `attacks_test.json` and `cheap_test.json` '
+    '(vmoe_jsd/eval_main.py, docs/robustness.md); do not edit by hand.*',
+    '',
+    f'- Command: `python {" ".join(argv)}`',
+    f'- Schedule: `configs/default.py` with {steps} steps' if steps else
+    '- Schedule: `configs/default.py` as it is',
+    f'- Seeds asked: {", ".join(map(str, seeds))}; `runs` says how many '
+    'had finished with their suites (mean ± sample std over them)',
+    f'- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, '
+    f'{cpu_description()}; generated '
+    f'{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC',
+    f'- Code: commit {code_version()}',
+    '',
+  ]  # fmt: skip
+  if missing:
+    lines += ['**Cells that did not run** (not trained or not evaluated '
+              'when this report was made): ' + ', '.join(missing) + '.',
+              '']  # fmt: skip
+  lines += ['## Accuracy under corruption and attack', '',
+            *robustness_table(aggs, names), '',
+            '## Serving at K=1 or a lower capacity factor', '',
+            *cheap_table(aggs, names), '',
+            '## Against the target', '']  # fmt: skip
+  if base is None:
+    lines.append('No baseline run has its suites yet: nothing to compare.')
+  for name in names:
+    if name != 'none' and base is not None and not name.endswith(TOP1_SUFFIX):
+      notes = robustness_verdict(base, aggs[name])
+      lines.append(f'- {name}: ' + ('; '.join(notes) or 'no figures') + '.')
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+
+
+def robustness_phase(args, argv):
+  """--robustness: suites on every finished run of --settings, a report."""
+  seeds = [int(s) for s in args.seeds.split(',') if s]
+  parsed = [parse_setting(s) for s in args.settings.split(',') if s]
+  steps = args.steps or None
+  missing = []
+  for name, loss, weight in parsed:
+    for seed in seeds:
+      workdir = run_dir(args.root, name, seed, steps)
+      if not os.path.exists(os.path.join(workdir, 'results.json')):
+        missing.append(f'{name} seed {seed}')
+        continue
+      flags = run_flags(name, loss, weight, seed, steps, args.override)
+      if args.report_only:
+        ok = _read_suites(workdir) is not None
+      else:
+        ok = robustness_one(workdir, flags, args.robustness_override)
+      if not ok:
+        missing.append(f'{name} seed {seed} (suites)')
+  aggs = aggregate_robustness(args.root, parsed, seeds, steps)
+  names = [n for n, _, _ in parsed if n in aggs]
+  robustness_report(args.robustness_report, aggs, names, steps, seeds, argv,
+                    missing)  # fmt: skip
+  print(f'Wrote {args.robustness_report}', flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -985,6 +1214,19 @@ def main():
   parser.add_argument(
     '--no_analyze', action='store_true', help='no routing-map figures'
   )
+  parser.add_argument(
+    '--robustness', action='store_true',
+    help='with --settings: run eval_main --suite=robustness on every '
+    'finished run (once) and write --robustness_report; trains nothing',
+  )  # fmt: skip
+  parser.add_argument(
+    '--robustness_override', action='append', default=[],
+    help='KEY=VALUE for the suites only (e.g. evaluate.robustness.limit=500)',
+  )  # fmt: skip
+  parser.add_argument(
+    '--robustness_report',
+    default=os.path.join(docs, 'robustness_results.md'),
+  )
   args = parser.parse_args()
   for loss in args.losses.split(','):
     if loss and loss not in DEFAULT_WEIGHTS:
@@ -995,6 +1237,11 @@ def main():
   argv = [os.path.relpath(sys.argv[0], ROOT)] + [
     a for a in sys.argv[1:] if a not in ('--report_only', '--no_analyze')
   ]
+  if args.robustness:
+    if not args.settings:
+      raise SystemExit('--robustness needs --settings (the trained runs)')
+    robustness_phase(args, argv)
+    return
   if args.settings:
     custom(args, argv)
     return
