@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, 'tests', 'data', 'vmoe_parity')
@@ -108,3 +109,87 @@ def get_config():
   assert result['num_examples'] == 40
   assert set(result['routing']) == {'encoderblock_1', 'encoderblock_3'}
   assert 'encoderblock_3' in out
+
+
+def _strict_load(path):
+  def no_nan(name):
+    raise AssertionError(f'{path} holds {name}: not strict JSON')
+
+  with open(path) as f:
+    return json.loads(f.read(), parse_constant=no_nan)
+
+
+@pytest.mark.slow  # 6 min under load (77 s of CPU): four suites compile.
+def test_eval_main_robustness_suites(tmp_path):
+  workdir = str(tmp_path / 'run')
+  run('vmoe_jsd.main', f'--config={SMOKE}', f'--workdir={workdir}',
+      '--config.num_train_steps=2')  # fmt: skip
+  out = run(
+    'vmoe_jsd.eval_main', f'--config={SMOKE}', f'--checkpoint={workdir}',
+    '--suite=standard,robustness',
+    '--config.evaluate.robustness.attack.num_steps=3',
+    '--config.evaluate.robustness.capacity_factors=(0.5,)',
+    '--config.evaluate.robustness.corruptions=("contrast","rotation")',
+  )  # fmt: skip
+  assert '[corruptions]' in out and '[attacks]' in out and '[cheap]' in out
+  standard = _strict_load(os.path.join(workdir, 'eval_test.json'))
+  files = {s: _strict_load(os.path.join(workdir, f'{s}_test.json'))
+           for s in ('corruptions', 'attacks', 'cheap')}  # fmt: skip
+  for suite, result in files.items():
+    assert result['suite'] == suite and result['schema_version'] == 1
+    assert result['step'] == 2 and result['split'] == 'test'
+    assert result['checkpoint'] == workdir
+  # Three code paths evaluate the same clean view: same accuracy as the
+  # standard evaluation (evaluate.make_eval_step).
+  accuracy = standard['accuracy']
+  corr = files['corruptions']
+  assert corr['clean_accuracy'] == accuracy and corr['num_examples'] == 32
+  assert list(corr['corruptions']) == ['contrast', 'rotation']
+  rot = corr['corruptions']['rotation']
+  assert rot['severities'] == [5, 10, 15, 20, 30]
+  assert len(rot['flip_rate']['encoderblock_1']) == 5
+  assert corr['summary']['accuracy_drop'] == pytest.approx(
+    accuracy - corr['summary']['mean_accuracy']
+  )
+  att = files['attacks']
+  assert att['clean']['accuracy'] == accuracy
+  assert att['settings']['num_steps'] == 3
+  for name in ('pgd', 'routing'):
+    assert set(att[name]['routing_changes']) == {'encoderblock_1'}
+    assert 0.0 <= att[name]['routing_changes']['encoderblock_1'] <= 1.0
+  assert att['pgd']['loss'] > att['clean']['loss']  # Ascent on the loss.
+  assert att['routing']['router_kl']['encoderblock_1'] > 0.0
+  cheap = files['cheap']
+  default = cheap['rows'][0]
+  assert default['name'] == 'default' and default['accuracy'] == accuracy
+  assert default['dropped']['encoderblock_1'] == pytest.approx(
+    standard['routing']['encoderblock_1']['dropped'], abs=1e-7
+  )
+  # K=2 of E=4, groups of 34 tokens, capacity factor 4: C = 68.
+  assert cheap['default'] == {
+    'num_selected_experts': 2, 'capacity_factor': 4.0, 'capacity': 68
+  }  # fmt: skip
+  names = [r['name'] for r in cheap['rows']]
+  assert names == ['default', 'k2_cf0.5', 'k1_cf4', 'k1_cf0.5']
+  # K=1: ceil(34 * 4 / 4) = 34, rounded up to a multiple of 4: 36.
+  assert cheap['rows'][2]['capacity'] == 36
+  assert cheap['rows'][2]['expert_flops'] == pytest.approx(36 / 68)
+
+
+def test_eval_main_suite_errors_are_one_line(tmp_path):
+  # Checked before anything is loaded (the checkpoint need not exist).
+  for flag, message in (
+    ('--suite=speed', "--suite='speed': 'speed' is unknown"),
+    ('--suite=all', '--output names one file'),
+    (
+      '--config.evaluate.robustness.attack.divergence=l2',
+      "config.evaluate.robustness.attack.divergence='l2' is invalid",
+    ),
+  ):
+    proc = subprocess.run(
+      [sys.executable, '-m', 'vmoe_jsd.eval_main', f'--config={SMOKE}',
+       f'--checkpoint={tmp_path}', flag, f'--output={tmp_path}/x.json'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -13,9 +13,29 @@ config.dataset.test; --split overrides its split. Prints the accuracy and
 the routing table (agreement, chance, kappa, JSD, confidence, entropy, load,
 dropped), and the few-shot accuracies when config.fewshot names datasets,
 and writes them as JSON.
+
+--suite picks what runs (a comma list; default 'standard', the above):
+
+  standard     accuracy and routing figures -> eval_<split>.json
+  corruptions  the corruption suite (robustness.py) -> corruptions_<split>.json
+  attacks      PGD and the routing attack (attacks.py) -> attacks_<split>.json
+  cheap        K=1 and lower capacity factors (robustness.py) ->
+               cheap_<split>.json
+  robustness   corruptions,attacks,cheap;  all: every suite
+
+Their settings are config.evaluate.robustness (its `enabled` only concerns
+training); each file lies beside the checkpoint (in the workdir, next to
+results.json, for a workdir) and is strict JSON (no NaN: missing numbers are
+null); docs/robustness.md gives the schema and the cost of each suite.
+
+  python -m vmoe_jsd.eval_main --config=configs/default.py \
+      --checkpoint=runs/default --suite=robustness
 """
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import jax
 from absl import app, flags
@@ -28,6 +48,7 @@ from vmoe_jsd import (
   fewshot,
   initialization,
   paths,
+  robustness,
   sharding,
   streams,
 )
@@ -44,7 +65,47 @@ _OUTPUT = flags.DEFINE_string(
   'output', None, 'JSON output path (default: eval_<split>.json beside an '
   'orbax checkpoint, or PREFIX.eval_<split>.json).',
 )  # fmt: skip
+_SUITE = flags.DEFINE_string(
+  'suite', 'standard', 'Comma list of suites: standard, corruptions, attacks, '
+  'cheap, robustness (the three), all.',
+)  # fmt: skip
 flags.mark_flags_as_required(['config', 'checkpoint'])
+
+SUITES = ('standard', *robustness.SUITES)
+SCHEMA_VERSION = 1
+
+
+def parse_suites(text: str) -> tuple[str, ...]:
+  """'--suite' -> suites in SUITES order; ValueError (one line) if unknown."""
+  aliases = {'robustness': robustness.SUITES, 'all': SUITES}
+  names = [n.strip() for n in text.split(',') if n.strip()]
+  chosen = set()
+  for name in names:
+    if name not in SUITES and name not in aliases:
+      raise ValueError(
+        f'--suite={text!r}: {name!r} is unknown; choose from '
+        f'{[*SUITES, *aliases]} (comma-separated)'
+      )
+    chosen.update(aliases.get(name, (name,)))
+  if not chosen:
+    raise ValueError(f'--suite={text!r} names no suite; e.g. --suite=standard')
+  return tuple(s for s in SUITES if s in chosen)
+
+
+def robustness_spec(spec: config_lib.RunSpec) -> robustness.RobustnessSpec:
+  """config.evaluate.robustness, checked (ConfigError names the key)."""
+  return spec.robustness
+
+
+def strict_json(obj: Any) -> Any:
+  """`obj` with NaN and infinities as None (JSON has no NaN)."""
+  if isinstance(obj, float):
+    return obj if math.isfinite(obj) else None
+  if isinstance(obj, dict):
+    return {k: strict_json(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [strict_json(v) for v in obj]
+  return obj
 
 
 def checkpoint_source(path: str) -> str:
@@ -80,6 +141,28 @@ def evaluate_checkpoint(config, checkpoint: str, split: str | None = None):
 
 def evaluate_spec(spec: config_lib.RunSpec, checkpoint: str) -> dict:
   """`evaluate_checkpoint` of an already resolved config."""
+  return evaluate_suites(spec, checkpoint, ('standard',))['standard']
+
+
+def evaluate_suites(
+  spec: config_lib.RunSpec,
+  checkpoint: str,
+  suites: tuple[str, ...],
+  rspec: robustness.RobustnessSpec | None = None,
+) -> dict[str, dict]:
+  """Loads `checkpoint` once and runs `suites` (see the module docstring).
+
+  Args:
+    spec: the resolved config.
+    checkpoint: see the module docstring.
+    suites: names in SUITES.
+    rspec: config.evaluate.robustness resolved (None: resolved here).
+
+  Returns:
+    {suite: result}; the robustness suites' results start with suite,
+    schema_version, checkpoint, step and split (docs/robustness.md).
+  """
+  rspec = robustness_spec(spec) if rspec is None else rspec
   source = checkpoint_source(checkpoint)
   mesh = sharding.make_mesh(spec.num_expert_partitions)
   put_batch = sharding.make_put_batch(mesh)
@@ -89,60 +172,61 @@ def evaluate_spec(spec: config_lib.RunSpec, checkpoint: str) -> dict:
     model, settings.size, test_ds.image_shape[-1], checkpoint, source, mesh,
     spec.params_rules,
   )  # fmt: skip
-  eval_model = model.build_eval()
-  views_key = streams.stream(spec.seed, 'eval_views')
-  with jax.set_mesh(mesh):
-    eval_step = jax.jit(
-      evaluate.make_eval_step(eval_model, model, settings, views_key)
-    )
-    result = evaluate.run_evaluation(
-      eval_step, params, test_ds, spec.test_data.batch_size,
-      spec.evaluate.limit, model.moe_layers, put_batch,
-    )  # fmt: skip
-    fewshot_eval = fewshot.make_evaluator(
-      spec.fewshot, model, settings, put_batch
-    )
-    if fewshot_eval is not None:
-      result['fewshot'] = fewshot_eval(params)
-  result['checkpoint'] = checkpoint
+  header = {'checkpoint': checkpoint}
   if report.get('step') is not None:
-    result['step'] = report['step']
+    header['step'] = report['step']
   if report.get('skipped_checkpoints'):
     # Newer checkpoints that could not be read (left in place).
-    result['skipped_checkpoints'] = {
+    header['skipped_checkpoints'] = {
       str(k): v for k, v in report['skipped_checkpoints'].items()
     }
-  result['split'] = spec.test_data.split
+  header['split'] = spec.test_data.split
+  results = {}
+  with jax.set_mesh(mesh):
+    if 'standard' in suites:
+      results['standard'] = {**_standard(spec, params, test_ds, put_batch),
+                             **header}  # fmt: skip
+    others = tuple(s for s in suites if s != 'standard')
+    if others:
+      run = robustness.make_evaluator(
+        rspec, model, settings, spec.seed, spec.step.loss, put_batch, others
+      )
+      for name, res in run(params, test_ds, spec.test_data.batch_size).items():
+        results[name] = {'suite': name, 'schema_version': SCHEMA_VERSION,
+                         **header, **res}  # fmt: skip
+  return results
+
+
+def _standard(spec: config_lib.RunSpec, params, test_ds, put_batch) -> dict:
+  """Accuracy, routing figures and few-shot accuracies."""
+  settings, model = spec.views, spec.model
+  eval_model = model.build_eval()
+  views_key = streams.stream(spec.seed, 'eval_views')
+  eval_step = jax.jit(
+    evaluate.make_eval_step(eval_model, model, settings, views_key)
+  )
+  result = evaluate.run_evaluation(
+    eval_step, params, test_ds, spec.test_data.batch_size,
+    spec.evaluate.limit, model.moe_layers, put_batch,
+  )  # fmt: skip
+  fewshot_eval = fewshot.make_evaluator(
+    spec.fewshot, model, settings, put_batch
+  )
+  if fewshot_eval is not None:
+    result['fewshot'] = fewshot_eval(params)
   return result
 
 
-def main(argv):
-  if len(argv) > 1:
-    cli.fail(f'unexpected arguments {argv[1:]}; flags start with --')
-  config = _CONFIG.value
-  if _SPLIT.value:
-    with config.unlocked():
-      config.dataset.test.split = _SPLIT.value
-  try:
-    spec = cli.check_config(config, jax.device_count())
-  except cli.CliError as e:
-    cli.fail(str(e))
-  cli.quiet_console()
-  result = evaluate_spec(spec, _CHECKPOINT.value)
-  split = result['split'].replace('/', '_')
-  output = _OUTPUT.value
-  if output is None:
-    ckpt = _CHECKPOINT.value.removesuffix('.index')
-    output = (
-      f'{ckpt}.eval_{split}.json'
-      if checkpoint_source(_CHECKPOINT.value) == 'vmoe'
-      else str(paths.join(ckpt, f'eval_{split}.json'))
-    )
-  for step, why in result.get('skipped_checkpoints', {}).items():
-    print(
-      f'WARNING: checkpoint step {step} cannot be read ({why}); left in '
-      f'place. Evaluated step {result.get("step")} instead.'
-    )
+def output_path(checkpoint: str, stem: str, split: str) -> str:
+  """<stem>_<split>.json beside an orbax checkpoint (in a workdir: next to
+  results.json), or PREFIX.<stem>_<split>.json for a vmoe prefix."""
+  split = split.replace('/', '_')
+  if checkpoint_source(checkpoint) == 'vmoe':
+    return f'{checkpoint.removesuffix(".index")}.{stem}_{split}.json'
+  return str(paths.join(checkpoint, f'{stem}_{split}.json'))
+
+
+def _print_standard(result: dict) -> None:
   print(
     f'{result["checkpoint"]}'
     + (f' (step {result["step"]})' if 'step' in result else '')
@@ -153,8 +237,54 @@ def main(argv):
     print(evaluate.format_routing_table(result['routing']))
   if result.get('fewshot'):
     print(fewshot.format_results(result['fewshot']))
-  paths.write_json(output, result)
-  print(f'Wrote {output}')
+
+
+def _checked(config):
+  """(RunSpec, suites, RobustnessSpec) of the flags, or a one-line exit."""
+  try:
+    suites = parse_suites(_SUITE.value)
+    if _OUTPUT.value and len(suites) > 1:
+      raise ValueError(
+        f'--output names one file but --suite={_SUITE.value!r} runs '
+        f'{len(suites)} suites; drop --output (each suite has its own file)'
+      )
+    spec = cli.check_config(config, jax.device_count())
+    rspec = robustness_spec(spec)
+    if 'cheap' in suites:
+      robustness.check_serving(spec.model)
+  except (cli.CliError, ValueError) as e:
+    cli.fail(cli.one_line(str(e)))
+  return spec, suites, rspec
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f'unexpected arguments {argv[1:]}; flags start with --')
+  config = _CONFIG.value
+  if _SPLIT.value:
+    with config.unlocked():
+      config.dataset.test.split = _SPLIT.value
+  spec, suites, rspec = _checked(config)
+  cli.quiet_console()
+  results = evaluate_suites(spec, _CHECKPOINT.value, suites, rspec)
+  first = next(iter(results.values()))
+  for step, why in first.get('skipped_checkpoints', {}).items():
+    print(
+      f'WARNING: checkpoint step {step} cannot be read ({why}); left in '
+      f'place. Evaluated step {first.get("step")} instead.'
+    )
+  for suite, result in results.items():
+    stem = 'eval' if suite == 'standard' else suite
+    output = _OUTPUT.value or output_path(
+      _CHECKPOINT.value, stem, result['split']
+    )
+    if suite == 'standard':
+      _print_standard(result)
+      paths.write_json(output, result)
+    else:
+      print(robustness.format_suite(suite, result))
+      paths.write_json(output, strict_json(result))
+    print(f'Wrote {output}')
 
 
 if __name__ == '__main__':
