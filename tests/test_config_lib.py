@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from vmoe_jsd import config_lib
+from vmoe_jsd import config_lib, data
 
 sys.path.insert(0, os.path.dirname(__file__))
 import smoke_config  # noqa: E402
@@ -30,6 +30,7 @@ def test_smoke_and_default_configs_are_valid():
     # Validation checks that the data exists; point it at fake files.
     for split in ('train', 'test'):
       config.dataset[split].name = 'synthetic'
+      config.dataset[split].num_classes = 10
   config_lib.validate(config, num_devices=1)
 
 
@@ -78,15 +79,113 @@ def test_smoke_and_default_configs_are_valid():
     ({'model.classifier': 'pool'}, "classifier='pool'"),
     ({'dataset.train.name': 'imagenet'}, "dataset.train.name='imagenet'"),
     (
-      {'model.encoder.moe.router.dispatcher.capacity': 4},
+      {'model.encoder.moe.router.dispatcher.capacity_factor': None},
       'set exactly one of capacity and capacity_factor',
     ),
+    # Issue 16: values accepted before, though wrong. K S cf / E with K=2,
+    # S=34 tokens, E=4: cf=1e-9 gives 1.7e-8 tokens of capacity (the
+    # rounding then gave 4 slots); the least cf is E / (K S) = 4/68.
+    (
+      {'model.encoder.moe.router.dispatcher.capacity_factor': 1e-9},
+      'capacity_factor=1e-09 is invalid: gives each expert K S cf / E = '
+      '68 x 1e-09 / 4 = 1.7e-08 token(s) of capacity per routing group '
+      'before rounding; it must be >= 1, i.e. capacity_factor >= 0.05882',
+    ),
+    (
+      {'model.encoder.moe.router': {'name': 'NoisyTopItemsPerExpertRouter',
+                                    'dispatcher': {'capacity_factor': 0.1}}},
+      'capacity_factor=0.1 is invalid: gives each expert S cf / E = 34 x 0.1'
+      ' / 4 = 0.85 token(s)',
+    ),
+    (
+      {'model.encoder.moe.router': {'name': 'SoftRouter',
+                                    'capacity_factor': 0.05}},
+      'router (training).capacity_factor=0.05 is invalid',
+    ),
+    (
+      {'model.encoder.moe.layers': (1, 1)},
+      'moe.layers=(1, 1) is invalid: distinct integer block indices, e.g. '
+      '(1, 3); repeated: [1]',
+    ),
+    ({'model.encoder.moe.layers': (1.5,)}, 'moe.layers=(1.5,) is invalid'),
+    ({'model.encoder.moe.layers': (-1,)}, 'moe.layers=(-1,) is invalid'),
+    (
+      {'optimizer.learning_rate.peak_value': 1e-300},
+      'peak_value=1e-300 is invalid: a float32 learning rate must be in '
+      '[1.175e-38, 3.403e+38]',
+    ),
+    ({'optimizer.learning_rate.end_value': 1e-40}, 'end_value=1e-40'),
+    ({'augment.size': 0}, 'config.augment.size=0 is invalid: must be an'),
+    ({'augment.size': -16}, 'config.augment.size=-16 is invalid'),
   ],
-)
+)  # fmt: skip
 def test_bad_config_is_rejected_with_the_key_and_value(overrides, message):
   with pytest.raises(ValueError) as e:
     config_lib.validate(smoke(**overrides), num_devices=8)
   assert message in str(e.value)
+
+
+def test_capacity_alone_replaces_the_capacity_factor():
+  """--config...dispatcher.capacity=N is enough (a float cannot be set back
+  to None from the command line): it wins, in training and evaluation."""
+  spec = config_lib.validate(
+    smoke(**{'model.encoder.moe.router.dispatcher.capacity': 8}), 8
+  )
+  for cfg in (spec.model.config, spec.model.eval_config):
+    dispatcher = cfg['encoder']['moe']['router']['dispatcher']
+    assert dispatcher['capacity'] == 8 and 'capacity_factor' not in dispatcher
+  # Unset (a placeholder's None): the factors as before, 1.25 and 4.0.
+  spec = config_lib.validate(
+    smoke(**{'model.encoder.moe.router.dispatcher.capacity': None}), 8
+  )
+  models = (spec.model.config, spec.model.eval_config)
+  factors = [m['encoder']['moe']['router']['dispatcher'] for m in models]
+  assert factors == [{'name': 'indices', 'capacity_factor': 1.25},
+                     {'name': 'indices', 'capacity_factor': 4.0}]  # fmt: skip
+
+
+def test_the_least_capacity_factor_is_accepted():
+  """The rule's boundary, by hand: K S cf / E = 2 x 34 x cf / 4 >= 1."""
+  ok = smoke(**{'model.encoder.moe.router.dispatcher.capacity_factor': 4 / 68})
+  config_lib.validate(ok, num_devices=8)
+  low = smoke(**{'model.encoder.moe.router.dispatcher.capacity_factor': 0.058})
+  with pytest.raises(ValueError, match='= 0.986 token'):
+    config_lib.validate(low, num_devices=8)
+
+
+def test_num_classes_is_checked_against_the_data():
+  """Every dataset kind that knows its classes: a head of 5 on 10-class
+  data fails before any work (it trained silently), in one line."""
+  with pytest.raises(ValueError) as e:
+    config_lib.validate(smoke(**{'model.num_classes': 5}), num_devices=8)
+  assert str(e.value) == (
+    'config.model.num_classes=5 is invalid: dataset.train (synthetic) has 4 '
+    'classes; set model.num_classes=4'
+  )
+  ten = smoke(**{'dataset.train.num_classes': 10,
+                 'dataset.test.num_classes': 10})  # fmt: skip
+  with pytest.raises(ValueError, match='num_classes=4 is invalid: dataset'):
+    config_lib.validate(ten, num_devices=8)
+  with ten.unlocked():
+    ten.model.num_classes = 10
+  config_lib.validate(ten, num_devices=8)
+
+
+def test_num_classes_of_fashion_mnist_and_tfds(tmp_path):
+  """Fashion-MNIST: 10 classes without reading its files; tfds: the
+  builder's info (imagenet2012's code-defined 1000 classes, nothing
+  prepared; data_dir empty)."""
+  fashion = data.SplitSpec.from_config(
+    'train', {'name': 'fashion_mnist', 'split': 'train', 'batch_size': 8}, 16
+  )
+  assert fashion.num_classes() == 10
+  block = {'name': 'tfds', 'tfds_name': 'imagenet2012', 'split': 'train',
+           'batch_size': 8, 'image_size': 24, 'data_dir': str(tmp_path),
+           'mini': True}  # fmt: skip
+  assert data.SplitSpec.from_config('train', block, 16).num_classes() == 1000
+  config = _tfds_smoke(data_dir=str(tmp_path), mini=True)
+  with pytest.raises(ValueError, match='has 1000 classes; set model.num'):
+    config_lib.validate(config, num_devices=8)
 
 
 def test_misspelt_model_key_lists_valid_keys():

@@ -2,6 +2,8 @@
 
 import gzip
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -119,3 +121,25 @@ def test_index_sampler_crosses_epochs_inside_a_batch():
     # Any slice of the slots (one process's share) is the same slice.
     np.testing.assert_array_equal(sampler.indices(step, 5, 2, 4),
                                   expected[step, 2:4])  # fmt: skip
+
+
+def test_first_mini_preparation_prints_one_line(tmp_path):
+  """data/mini.py's first preparation: one line on the console, not tfds's
+  progress bars (raw escape codes), its "Downloading and preparing"
+  message, absl warnings or TensorFlow's banners; the next call nothing."""
+  prepare = (
+    f'mini.prepare("cifar10", {str(tmp_path)!r}, {{"train": 4, "test": 2}})'
+  )
+  code = (
+    f'import sys; from vmoe_jsd.data import mini; {prepare}; '
+    f'sys.stdout.flush(); sys.stderr.write("SECOND\\n"); {prepare}'
+  )
+  env = {**os.environ, 'XLA_FLAGS': '', 'TF_CPP_MIN_LOG_LEVEL': '0'}
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                        text=True, timeout=300, env=env)  # fmt: skip
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  first, _, second = (proc.stdout + proc.stderr).partition('SECOND\n')
+  assert first.count('\n') == 1 and first.endswith('\n'), first[:3000]
+  assert first.startswith('Preparing an offline mini cifar10 (6 generated')
+  assert '\x1b' not in first and '\r' not in first
+  assert second == ''

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -22,8 +23,10 @@ def _save(path, array, mode=None, fmt=None):
 @pytest.fixture
 def animals(tmp_path):
   """train/{cat,dog}: RGB JPEG, grey PNG, RGBA PNG, palette GIF, a corrupt
-  JPEG and a text file; test/{cat,dog}: two RGB PNGs."""
+  JPEG and a text file; test/{cat,dog}: two RGB PNGs. train/00_empty/ has
+  no image (issue 16: it shifted every train label by one)."""
   root = tmp_path / 'animals'
+  os.makedirs(root / 'train' / '00_empty')
   rng = np.random.default_rng(0)
   colour = {'cat': (200, 30, 30), 'dog': (30, 30, 200)}
   for cls, rgb in colour.items():
@@ -135,3 +138,156 @@ def test_folder_trains_through_main(animals, tmp_path):
     config.dataset.train.batch_size = 16
   with pytest.raises(ValueError, match='fewer than a global batch of 16'):
     config_lib.validate(config, 8)
+
+
+def _png(path, value=100):
+  _save(str(path), np.full((6, 6, 3), value, np.uint8))
+
+
+def test_labels_are_the_union_of_the_splits_classes(tmp_path):
+  """Class folders with an image in any split, sorted: an empty folder in
+  one split and a class missing from another shift no label, and every
+  split agrees (by hand: ['bird', 'cat', 'dog'])."""
+  root = tmp_path / 'pets'
+  os.makedirs(root / 'train' / '00_empty')  # no image anywhere: no class
+  os.makedirs(root / 'test' / 'aaa_empty')
+  for cls in ('bird', 'cat', 'dog'):
+    _png(root / 'train' / cls / 'a.png')
+  for cls in ('cat', 'dog'):  # no bird in test
+    _png(root / 'test' / cls / 'a.png')
+  (root / 'test' / 'zebra').mkdir()
+  (root / 'test' / 'zebra' / 'x.png').mkdir()  # only a non-image entry
+  splits = {s: data.get_dataset({'name': 'folder', 'data_dir': str(root),
+                                 'split': s}, default_image_size=4)
+            for s in ('train', 'test')}  # fmt: skip
+  for ds in splits.values():
+    assert ds.classes == ['bird', 'cat', 'dog'] and ds.num_classes == 3
+  assert splits['train'].labels == [0, 1, 2]
+  assert splits['test'].labels == [1, 2]  # cat, dog: as in train
+  assert folder.list_classes(str(root)) == ['bird', 'cat', 'dog']
+
+
+def test_num_classes_against_an_image_folder(animals):
+  """model.num_classes is checked against the folder's classes at start-up
+  (2 here: cat and dog; 00_empty has no image)."""
+  config = smoke_config.get_config()
+  with config.unlocked():
+    for split, batch in (('train', 8), ('test', 16)):
+      config.dataset[split] = dict(name='folder', data_dir=animals,
+                                   split=split, batch_size=batch)  # fmt: skip
+    config.model.num_classes = 3
+  with pytest.raises(ValueError) as e:
+    config_lib.validate(config, 8)
+  assert str(e.value) == (
+    'config.model.num_classes=3 is invalid: dataset.train (folder) has 2 '
+    'classes; set model.num_classes=2'
+  )
+  with config.unlocked():
+    config.model.num_classes = 2
+  config_lib.validate(config, 8)
+
+
+def _bad_entries(root):
+  """Image-named entries that are not readable regular files, in
+  train/cat: {name: what it is}. Returns also the good files' names."""
+  cat = root / 'train' / 'cat'
+  for i in range(3):
+    _png(cat / f'good{i}.png', 50 * i)
+  os.symlink(cat / 'good0.png', cat / 'link_to_good.png')  # a fine image
+  (cat / 'dir.png').mkdir()
+  os.symlink(root / 'nowhere.png', cat / 'dangling.png')
+  os.symlink(cat / 'loop_b.png', cat / 'loop_a.png')
+  os.symlink(cat / 'loop_a.png', cat / 'loop_b.png')
+  os.mkfifo(cat / 'fifo.png')
+  _png(cat / 'secret.png')
+  os.chmod(cat / 'secret.png', 0)
+  bad = {'dir.png': 'a directory', 'dangling.png': 'dangling symlink',
+         'loop_a.png': 'symlink loop', 'loop_b.png': 'symlink loop',
+         'fifo.png': 'not a regular file'}  # fmt: skip
+  good = ['good0.png', 'good1.png', 'good2.png', 'link_to_good.png']
+  if os.geteuid() == 0:  # root reads a file whatever its mode
+    good.append('secret.png')
+  else:
+    bad['secret.png'] = 'not readable'
+  return bad, sorted(good)
+
+
+def _finishes(fn, fifos, seconds=60):
+  """Runs fn in a thread; True if it returned within `seconds`. Then, while
+  it still runs, opening the FIFOs' write ends releases each reader blocked
+  in open() (the old code), so that the test process can exit."""
+  result = {}
+  thread = threading.Thread(target=lambda: result.update(out=fn()),
+                            daemon=True)  # fmt: skip
+  thread.start()
+  thread.join(seconds)
+  finished = 'out' in result
+  for _ in range(300):
+    if not thread.is_alive():
+      break
+    for fifo in fifos:
+      try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+      except OSError:
+        pass  # no reader blocked on it: nothing to release
+    thread.join(0.1)
+  return finished
+
+
+def test_non_regular_entries_are_skipped_counted_and_never_opened(
+  tmp_path, caplog
+):
+  """A directory named x.png, a dangling symlink, a symlink loop, a FIFO
+  and an unreadable file: left out when listed, counted, logged once at
+  start-up; reading the split never blocks (the FIFO hung step 1 forever)."""
+  root = tmp_path / 'odd'
+  bad, good = _bad_entries(root)
+  _png(root / 'test' / 'cat' / 'a.png')
+  with caplog.at_level(logging.WARNING):
+    ds = data.get_dataset({'name': 'folder', 'data_dir': str(root),
+                           'split': 'train'}, default_image_size=4)  # fmt: skip
+  assert [os.path.basename(f) for f in ds.files] == good
+  rejected = {os.path.basename(p): why for p, why in ds.rejected.items()}
+  assert sorted(rejected) == sorted(bad)
+  for name, what in bad.items():
+    assert what in rejected[name], (name, rejected[name])
+  assert ds.num_skipped == len(bad)
+  logged = [r.getMessage() for r in caplog.records if 'skipped' in
+            r.getMessage()]  # fmt: skip
+  assert len(logged) == 1 and f'skipped {len(bad)} entries' in logged[0]
+
+  def read_all():
+    batch = next(ds.train_batches(len(good), seed=0, shuffle=False))
+    evals = list(ds.eval_batches(len(good)))
+    return batch, evals
+
+  fifo = str(root / 'train' / 'cat' / 'fifo.png')
+  assert _finishes(read_all, [fifo])
+  assert ds.num_skipped == len(bad)  # nothing else met
+
+
+def test_entry_turned_into_a_fifo_after_listing_is_skipped(tmp_path, caplog):
+  """Opened with O_NONBLOCK and checked with fstat: a file replaced by a
+  FIFO between the listing and the read is skipped (its slot takes the
+  next file), not waited on."""
+  cat = tmp_path / 'late' / 'train' / 'cat'
+  for i in range(3):
+    _png(cat / f'{i}.png', 60 * i)
+  ds = data.get_dataset({'name': 'folder', 'data_dir': str(tmp_path / 'late'),
+                         'split': 'train'}, default_image_size=4)  # fmt: skip
+  os.remove(cat / '1.png')
+  os.mkfifo(cat / '1.png')
+  out = {}
+
+  def read():
+    out['batch'] = next(ds.train_batches(3, seed=0, shuffle=False))
+    out['eval'] = next(ds.eval_batches(3))
+    return True
+
+  with caplog.at_level(logging.WARNING):
+    assert _finishes(read, [str(cat / '1.png')])
+  np.testing.assert_array_equal(out['batch']['image'][:, 0, 0, 0],
+                                [0, 120, 120])  # fmt: skip
+  np.testing.assert_array_equal(out['eval']['mask'], [True, False, True])
+  assert ds.num_skipped == 1
+  assert any('not a regular file' in r.getMessage() for r in caplog.records)

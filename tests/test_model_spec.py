@@ -43,6 +43,6 @@ def test_derived_numbers_by_hand():
 
 def test_a_bad_override_is_named_with_where_it_applies():
   overrides = {'encoder': {'moe': {'router': {'dispatcher': {
-    'capacity': 4}}}}}  # fmt: skip
+    'name': 'bogus'}}}}}  # fmt: skip
   with pytest.raises(ConfigError, match='with evaluate.model_overrides'):
     ModelSpec.from_config(MODEL, overrides)

@@ -27,8 +27,10 @@ The format, as this module understands it:
   Inside ext payloads nested objects are stored as raw bytes, not as ext.
 """
 
+import collections
 import collections.abc
 import errno
+import itertools
 import os
 from typing import Any, NamedTuple
 
@@ -410,16 +412,44 @@ def _check_index_leaf(name: str, info: Any, shard_count: int, path: str):
     bounds = [_bounds(s, info.shape) for s in info.global_slices]
   except (TypeError, ValueError) as e:
     raise corrupt(str(e)) from None
-  volume = sum(int(np.prod([b - a for a, b in bs])) for bs in bounds)
-  overlap = any(
-    all(
-      max(a0, b0) < min(a1, b1) for (a0, a1), (b0, b1) in zip(x, y, strict=True)
-    )
-    for i, x in enumerate(bounds)
-    for y in bounds[i + 1 :]
-  )
-  if volume != int(np.prod(info.shape)) or overlap:
+  if not boxes_tile(bounds, info.shape):
     raise corrupt(f'its slices do not tile the shape {info.shape}')
+
+
+def boxes_tile(bounds, shape: tuple[int, ...]) -> bool:
+  """Whether boxes ((start, stop), ...) inside `shape` cover each of its
+  elements exactly once (disjoint, and their volumes sum to its volume).
+
+  The mixed finite difference of a box's indicator function is +-1 at its
+  2^d corners (sign (-1)^(number of stops)), and the difference operator is
+  invertible on functions of bounded support (its inverse is the prefix sum
+  along every axis). So sum_b 1_b = 1_shape, i.e. an exact tiling, holds iff
+  the signed corner counts of the boxes add up to those of the whole array:
+  O(n 2^d) dictionary updates for n boxes of rank d, instead of the O(n^2)
+  pairwise overlap test (8,000 slices: 24.5 s). An empty box has all its
+  corner weights cancel, as it covers nothing.
+
+  Args:
+    bounds: one ((start, stop), ...) per box, 0 <= start <= stop <= size.
+    shape: the array's shape.
+
+  Returns:
+    True for an exact tiling.
+  """
+  weights: dict[tuple[int, ...], int] = collections.defaultdict(int)
+  for box in bounds:
+    if any(a == b for a, b in box):
+      continue  # empty: its corners cancel
+    for corner in itertools.product(*((a, b) for a, b in box)):
+      stops = sum(c == b for c, (_, b) in zip(corner, box, strict=True))
+      weights[corner] += -1 if stops % 2 else 1
+  whole = {}
+  for corner in itertools.product(*((0, n) for n in shape)):
+    stops = sum(c == n for c, n in zip(corner, shape, strict=True))
+    whole[corner] = -1 if stops % 2 else 1
+  if any(n == 0 for n in shape):
+    whole = {}  # an empty array: no box may cover anything
+  return {c: w for c, w in weights.items() if w} == whole
 
 
 def _strip_index_suffix(prefix: str) -> str:

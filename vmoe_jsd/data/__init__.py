@@ -37,12 +37,16 @@ class DatasetKind(NamedTuple):
       -> None; pure checks, raising ConfigError naming the key.
     check_files: (split name, block, global batch) -> None; start-up checks
       that touch the file system.
+    num_classes: block -> the number of classes of the data, read at
+      start-up without loading it (config_lib.check_inputs compares it
+      with model.num_classes); None where it is not known.
   """
 
   load: Callable[[Mapping, int | None], Any]
   image_shape: Callable[[Mapping, int | None], tuple[int, int, int]]
   check: Callable[[str, Mapping, int | None, bool], None] | None = None
   check_files: Callable[[str, Mapping, int], None] | None = None
+  num_classes: Callable[[Mapping], int] | None = None
 
 
 def _square(size: int, channels: int) -> tuple[int, int, int]:
@@ -93,6 +97,7 @@ DATASET_KINDS: dict[str, DatasetKind] = {
     image_shape=lambda cfg, _: (28, 28, 1),
     check=_check_fashion,
     check_files=_fashion_files,
+    num_classes=lambda cfg: len(fashion_mnist.CLASS_NAMES),
   ),
   'folder': DatasetKind(
     load=lambda cfg, size: folder.FolderDataset(
@@ -105,6 +110,7 @@ DATASET_KINDS: dict[str, DatasetKind] = {
     ),
     check=_check_canvas,
     check_files=_folder_files,
+    num_classes=lambda cfg: len(folder.list_classes(cfg.get('data_dir'))),
   ),
   'synthetic': DatasetKind(
     load=lambda cfg, _: synthetic.load(
@@ -115,6 +121,7 @@ DATASET_KINDS: dict[str, DatasetKind] = {
     image_shape=lambda cfg, _: _square(
       cfg.get('image_size', 16), cfg.get('channels', 1)
     ),
+    num_classes=lambda cfg: cfg.get('num_classes', 4),
   ),
   'tfds': DatasetKind(
     load=lambda cfg, _: tfds_data.TfdsDataset(
@@ -126,6 +133,9 @@ DATASET_KINDS: dict[str, DatasetKind] = {
       cfg['image_size'], cfg.get('channels', 3)
     ),
     check=_check_canvas,
+    num_classes=lambda cfg: tfds_data.num_classes(
+      cfg['tfds_name'], cfg.get('data_dir'), mini=cfg.get('mini', False)
+    ),
   ),
 }  # fmt: skip
 DATASETS = tuple(sorted(DATASET_KINDS))
@@ -201,6 +211,12 @@ class SplitSpec:
 
   def image_shape(self) -> tuple[int, int, int]:
     return image_shape(self.block, self.default_image_size)
+
+  def num_classes(self) -> int | None:
+    """The data's number of classes, read without loading it (None where
+    the dataset kind does not know it)."""
+    num_classes = DATASET_KINDS[self.name].num_classes
+    return None if num_classes is None else num_classes(self.block)
 
   def check_files(self, split: str) -> None:
     """Start-up checks that read the file system (before any work)."""

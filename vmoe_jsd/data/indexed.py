@@ -45,6 +45,11 @@ from vmoe_jsd.data import eval_padding
 CHANNEL_MODES = {1: 'L', 3: 'RGB'}
 
 
+class UnreadableRecord(Exception):
+  """Raised by a dataset's `_load` for a record it cannot read (skipped like
+  an undecodable one, in the decode handlers below)."""
+
+
 def epoch_permutation(seed: int, epoch: int, num_records: int) -> np.ndarray:
   """The seeded order of the records in one epoch.
 
@@ -199,7 +204,8 @@ class IndexedDataset:
   Subclasses set `name`, `num_classes`, `channels`, `image_size` (canvas
   side for training, output side for evaluation), `resize_size` (see
   `resize_small_central_crop`) and
-  `_num_records`, and implement `_load(index) -> (encoded, label)`.
+  `_num_records`, and implement `_load(index) -> (encoded, label)`, which
+  raises UnreadableRecord for a record to skip.
   `records_read` counts `_load` calls (tests check that resuming reads one
   batch, not the stream before it).
   """
@@ -235,7 +241,11 @@ class IndexedDataset:
 
   def _decode_train(self, index: int):
     """(canvas, (h, w), label) of record `index`, or None if unreadable."""
-    encoded, label = self._load(index)
+    try:
+      encoded, label = self._load(index)
+    except UnreadableRecord as e:
+      self._skip(index, e)
+      return None
     self._count_read()
     try:
       canvas, hw = to_canvas(encoded, self.image_size, self.channels)
@@ -320,7 +330,11 @@ class IndexedDataset:
       step += 1
 
   def _decode_eval(self, index: int):
-    encoded, label = self._load(index)
+    try:
+      encoded, label = self._load(index)
+    except UnreadableRecord as e:
+      self._skip(index, e)
+      return None
     self._count_read()
     try:
       image = resize_small_central_crop(

@@ -8,9 +8,19 @@ varied sizes and aspect ratios (ImageNet-shaped: JPEG, 40-96 px a side) or
 the builder's fixed shape (CIFAR: 32x32 PNG); each image is a smooth colour
 gradient whose hue depends on its label, plus noise, so a tiny model can
 learn something. Nothing is downloaded.
+
+The first preparation prints one line; what tfds and TensorFlow write
+meanwhile (tqdm bars with raw escape codes, "Downloading and preparing",
+absl warnings, C++ banners) is kept in a temporary file and shown only if
+the preparation fails (issue 16).
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
 
 import numpy as np
 
@@ -100,7 +110,43 @@ def prepare(name: str, data_dir: str, splits: dict | None = None):
   # here) to do so. A mini dataset downloads nothing: a bare module name
   # skips that lookup.
   Mini.__module__ = 'vmoe_jsd_mini'
-  builder = Mini(data_dir=data_dir, file_format='array_record')
-  if not builder.is_prepared():
-    builder.download_and_prepare()
+  with captured_output():
+    builder = Mini(data_dir=data_dir, file_format='array_record')
+    prepared = builder.is_prepared()
+  if not prepared:
+    print(
+      f'Preparing an offline mini {name} ({sum(splits.values())} generated '
+      f'images, splits {splits}) in {data_dir} (first use only).',
+      flush=True,
+    )
+    with captured_output():
+      builder.download_and_prepare()
   return builder
+
+
+@contextlib.contextmanager
+def captured_output():
+  """File descriptors 1 and 2 (Python, C++ and child processes alike) go to
+  a temporary file, written to stderr only if the block raises."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  with tempfile.TemporaryFile() as log:
+    saved = (os.dup(1), os.dup(2))
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    failed = False
+    try:
+      yield
+    except BaseException:
+      failed = True
+      raise
+    finally:
+      sys.stdout.flush()
+      sys.stderr.flush()
+      for fd, copy in zip((1, 2), saved, strict=True):
+        os.dup2(copy, fd)
+        os.close(copy)
+      if failed:
+        log.seek(0)
+        sys.stderr.write(log.read().decode(errors='replace'))
+        sys.stderr.flush()

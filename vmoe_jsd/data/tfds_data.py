@@ -28,6 +28,24 @@ from vmoe_jsd.data import mini as mini_lib
 DEFAULT_MINI_DIR = os.path.join(tempfile.gettempdir(), 'vmoe_jsd_mini_tfds')
 
 
+def num_classes(
+  tfds_name: str,
+  data_dir: str | None,
+  *,
+  mini: bool = False,
+  label_key: str = 'label',
+) -> int:
+  """Classes of a tfds dataset's label, from its builder's info (the
+  prepared copy's dataset_info.json, or the builder's code when none is
+  prepared: nothing is read or downloaded)."""
+  import tensorflow_datasets as tfds  # noqa: PLC0415 - optional, heavy
+
+  if mini:
+    data_dir = data_dir or DEFAULT_MINI_DIR
+  builder = tfds.builder(tfds_name, data_dir=data_dir)
+  return builder.info.features[label_key].num_classes
+
+
 class TfdsDataset(indexed.IndexedDataset):
   """A tfds image classification split with random access.
 

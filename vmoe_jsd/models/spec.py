@@ -56,11 +56,14 @@ class ModelSpec:
   def from_config(cls, model, overrides=None) -> ModelSpec:
     """Checks config.model (and its evaluation overrides); raises naming
     the bad key."""
-    cfg = resolve_model_config(model)
+    _check_layer_list(model)
+    cfg = _prefer_capacity(resolve_model_config(model))
     check_model_config(cfg)
     _check_ranges(cfg)
     _check_shape(cfg)
-    eval_cfg = resolve_model_config(deep_update(to_dict(model), overrides))
+    eval_cfg = _prefer_capacity(
+      resolve_model_config(deep_update(to_dict(model), overrides))
+    )
     _check_moe(cfg, eval_cfg)
     return cls(config=cfg, eval_config=eval_cfg)
 
@@ -115,6 +118,46 @@ class ModelSpec:
     if num_classes is not None:
       cfg['num_classes'] = num_classes
     return build_model(cfg, deterministic=True)
+
+
+def _prefer_capacity(model: dict) -> dict:
+  """A dispatcher's `capacity`, when set, replaces its `capacity_factor`.
+
+  The configs set capacity_factor and leave capacity a placeholder (None);
+  ml_collections cannot set a float back to None from the command line, so
+  `--config.model.encoder.moe.router.dispatcher.capacity=N` alone must be
+  enough to fix the capacity. It holds for the evaluation model too: a
+  capacity_factor from evaluate.model_overrides (4.0 by default) yields to
+  a capacity set on the model. An unset capacity is dropped.
+  """
+  router = ((model.get('encoder') or {}).get('moe') or {}).get('router')
+  if not isinstance(router, Mapping) or 'dispatcher' not in router:
+    return model
+  dispatcher = dict(router['dispatcher'] or {})
+  if dispatcher.get('capacity') is None:
+    dispatcher.pop('capacity', None)
+  else:
+    dispatcher.pop('capacity_factor', None)
+  model['encoder']['moe']['router'] = {**router, 'dispatcher': dispatcher}
+  return model
+
+
+def _check_layer_list(model) -> None:
+  """model.encoder.moe.layers, when a list: distinct integer block indices
+  (a repeated block would be counted twice by every per-layer sum)."""
+  moe = to_dict(to_dict(model).get('encoder')).get('moe') or {}
+  layers = moe.get('layers', ())
+  if layers is None or isinstance(layers, str):
+    return  # None: no MoE; a placement string is parsed by moe_placement.
+  valid = 'distinct integer block indices, e.g. (1, 3)'
+  if not isinstance(layers, (list, tuple)) or any(
+    isinstance(x, bool) or not isinstance(x, int) for x in layers
+  ):
+    fail('model.encoder.moe.layers', layers, valid)
+  repeated = sorted({x for x in layers if list(layers).count(x) > 1})
+  if repeated:
+    fail('model.encoder.moe.layers', tuple(layers),
+         f'{valid}; repeated: {repeated}')  # fmt: skip
 
 
 def _check_ranges(model: Mapping) -> None:
@@ -209,6 +252,10 @@ def check_dispatcher(
   """Dispatcher settings of a top-K or expert-choice router."""
   name = router.get('name', DEFAULT_ROUTER)
   if name == 'SoftRouter':  # Soft MoE has slots, not a dispatcher.
+    if router.get('num_slots') is None and group_size:
+      _check_capacity_factor(f'model.encoder.moe.router ({where})',
+                             router.get('capacity_factor', 1.0), group_size,
+                             num_experts, 'S cf / E')  # fmt: skip
     return
   key = f'model.encoder.moe.router.dispatcher ({where})'
   dispatcher = router.get('dispatcher') or {}
@@ -219,6 +266,11 @@ def check_dispatcher(
     dispatcher.get('capacity_factor') is None
   ):
     fail(key, dispatcher, 'set exactly one of capacity and capacity_factor')
+  if dispatcher.get('capacity') is None and group_size:
+    k = 1 if name == EXPERT_CHOICE else router.get('num_selected_experts', 1)
+    _check_capacity_factor(key, dispatcher['capacity_factor'], k * group_size,
+                           num_experts,
+                           'S cf / E' if k == 1 else 'K S cf / E')  # fmt: skip
   if name != EXPERT_CHOICE or not group_size:
     return
   capacity = dispatcher.get('capacity') or moe_lib.compute_capacity(
@@ -232,3 +284,23 @@ def check_dispatcher(
     fail(key, dispatcher,
          f'expert-choice capacity {capacity} exceeds the group size '
          f'{group_size}: lower capacity or capacity_factor')  # fmt: skip
+
+
+def _check_capacity_factor(
+  key: str, factor, num_tokens: int, num_experts: int, formula: str
+) -> None:
+  """A capacity factor must give each expert at least one token of capacity
+  before rounding (C = num_tokens * cf / E >= 1, num_tokens = K S for top-K
+  routing, S for expert choice and Soft MoE's slots; vmoe's
+  `compute_capacity`). Below that the rounding (ceil to 1, then up to a
+  multiple of 4; or round to 0) sets the capacity and the factor means
+  nothing: cf=1e-9 trained with 4 slots per expert."""
+  if not isinstance(factor, (int, float)) or isinstance(factor, bool):
+    return  # _check_ranges reports non-numbers.
+  exact = num_tokens * factor / num_experts
+  if exact < 1:
+    fail(f'{key}.capacity_factor', factor,
+         f'gives each expert {formula} = {num_tokens} x {factor} / '
+         f'{num_experts} = {exact:.3g} token(s) of capacity per routing group'
+         f' before rounding; it must be >= 1, i.e. capacity_factor >= '
+         f'{num_experts / num_tokens:.4g} (or set capacity)')  # fmt: skip
