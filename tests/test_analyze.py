@@ -4,6 +4,7 @@ an image folder that sets no image_size is read at the augmentation size."""
 
 import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -241,3 +242,55 @@ def test_routing_maps_of_the_whole_test_split_agree_as_the_evaluation(
   routing = summary['routing']['encoderblock_1']
   assert pairs == routing['pairs']
   assert agree / pairs == pytest.approx(routing['agreement'], abs=1e-12)
+
+
+# ----------------------------------------------------------------------------
+# The error rule: one line, exit status 2.
+# ----------------------------------------------------------------------------
+SMOKE = os.path.join(ROOT, 'tests', 'smoke_config.py')
+
+
+def _analyze_command(*args):
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = ''
+  env['JAX_COMPILATION_CACHE_DIR'] = jax.config.jax_compilation_cache_dir
+  env['PYTHONPATH'] = os.pathsep.join([ROOT, os.path.join(ROOT, 'tests')])
+  return subprocess.run(
+    [sys.executable, '-m', 'vmoe_jsd.analyze', *args], cwd=ROOT, env=env,
+    capture_output=True, text=True, timeout=600,
+  )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+  'case', ['bad_value', 'unknown_key', 'no_moe', 'missing_workdir',
+           'no_checkpoint'],
+)  # fmt: skip
+def test_analyze_errors_are_one_line_with_status_2(tmp_path, case):
+  empty = tmp_path / 'empty'
+  os.makedirs(empty)
+  args, message = {
+    'bad_value': (['--config.model.hidden_size=0', f'--workdir={empty}'],
+                  'config.model.hidden_size=0 is invalid'),
+    'unknown_key': (['--config.consistency.wieght=1', f'--workdir={empty}'],
+                    "config has no key 'consistency.wieght'"),
+    'no_moe': (['--config.model.encoder.moe.layers=()',
+                '--config.consistency.weight=0', f'--workdir={empty}'],
+               'analyze needs a model with MoE layers'),
+    'missing_workdir': ([f'--workdir={tmp_path}/nope'],
+                        f'--workdir={tmp_path}/nope does not exist'),
+    'no_checkpoint': ([f'--workdir={empty}'], f'--workdir={empty}: '),
+  }[case]  # fmt: skip
+  proc = _analyze_command(f'--config={SMOKE}', *args)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr[-3000:]
+  assert lines[0].startswith('vmoe_jsd.analyze: error: '), lines[0]
+  assert message in lines[0]
+  assert not os.path.exists(empty / 'analysis')
+
+
+def test_analyze_of_a_workdir_without_checkpoint_raises_one_line(tmp_path):
+  with pytest.raises(analyze.CheckpointError) as e:
+    analyze.analyze(_smoke(), str(tmp_path), str(tmp_path / 'out'))
+  assert str(e.value).startswith(f'--workdir={tmp_path}: ')
+  assert '\n' not in str(e.value)

@@ -20,6 +20,10 @@ writes to --out (a local folder):
   * results.json (every number) and summary.md (tables, the augmentation
     the routing figures were measured under, the list of files).
 
+A bad config, a model without MoE layers, a --workdir that does not exist or
+holds no readable checkpoint end the command with one line on stderr (exit
+status 2), as for main and eval_main.
+
 The figures are drawn by figures.py, whose routing-map figure also goes to
 TensorBoard at each evaluation (figures.RoutingMapWriter, from train.py).
 The config is resolved once (config_lib.validate); the measurements are
@@ -30,7 +34,6 @@ on the parameters that initialization.load_eval_params loads.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any
@@ -43,6 +46,7 @@ from ml_collections import config_flags
 
 from vmoe_jsd import (
   augment,
+  cli,
   config_lib,
   evaluate,
   figures,
@@ -56,6 +60,10 @@ from vmoe_jsd import (
 from vmoe_jsd.models.spec import ModelSpec
 
 Array = jax.Array
+
+
+class CheckpointError(RuntimeError):
+  """The workdir has no checkpoint that analyze can read (one line)."""
 
 
 def describe_augmentation(settings: augment.ViewSettings) -> str:
@@ -143,10 +151,13 @@ def measure(
   put_batch = sharding.make_put_batch(mesh)
   settings, model = spec.views, spec.model
   test_ds = spec.test_data.load()
-  params, report = initialization.load_eval_params(
-    model, settings.size, test_ds.image_shape[-1], workdir, 'orbax', mesh,
-    spec.params_rules,
-  )  # fmt: skip
+  try:
+    params, report = initialization.load_eval_params(
+      model, settings.size, test_ds.image_shape[-1], workdir, 'orbax', mesh,
+      spec.params_rules,
+    )  # fmt: skip
+  except (FileNotFoundError, ValueError) as e:  # No (readable) checkpoint.
+    raise CheckpointError(f'--workdir={workdir}: {cli.one_line(e)}') from None
   eval_model = model.build_eval()
   views_key = streams.stream(spec.seed, 'eval_views')
   batch_size, limit = spec.test_data.batch_size, spec.evaluate.limit
@@ -204,15 +215,33 @@ def analyze(config, workdir: str, out: str, num_images: int = 4) -> dict:
 
   Returns:
     The results dict written to out/results.json.
+
+  Raises:
+    cli.CliError: the config is invalid, has no MoE layer, or `workdir`
+      does not exist.
+    CheckpointError: `workdir` holds no readable checkpoint.
   """
-  t0 = time.time()
-  spec = config_lib.validate(config, jax.device_count())
+  spec = cli.check_config(config, jax.device_count())
+  check_workdir(spec, workdir)
+  return analyze_spec(spec, workdir, out, num_images)
+
+
+def check_workdir(spec: config_lib.RunSpec, workdir: str) -> None:
+  """What analyze checks before it loads anything (raises cli.CliError)."""
   if not spec.model.moe_layers:
-    raise ValueError(
-      'analyze needs a model with MoE layers (model.encoder.moe)'
+    raise cli.CliError(
+      'analyze needs a model with MoE layers (model.encoder.moe.layers)'
     )
-  os.makedirs(out, exist_ok=True)
+  if not paths.exists(workdir):
+    raise cli.CliError(f'--workdir={workdir} does not exist')
+
+
+def analyze_spec(spec: config_lib.RunSpec, workdir: str, out: str,
+                 num_images: int = 4) -> dict:  # fmt: skip
+  """`analyze` of an already resolved and checked config."""
+  t0 = time.time()
   m = measure(spec, workdir, num_images)
+  os.makedirs(out, exist_ok=True)  # Once there is something to write.
   class_names = figures.class_names_for(
     spec.test_data.name, spec.model.num_classes
   )
@@ -235,8 +264,7 @@ def analyze(config, workdir: str, out: str, num_images: int = 4) -> dict:
     'files': sorted(files),
   }
   summary['seconds'] = time.time() - t0
-  with open(os.path.join(out, 'results.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
+  paths.write_json(os.path.join(out, 'results.json'), summary)  # Strict JSON.
   with open(os.path.join(out, 'summary.md'), 'w') as f:
     f.write(format_summary(summary))
   return summary
@@ -325,13 +353,21 @@ def format_summary(s: dict) -> str:
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    cli.fail(f'unexpected arguments {argv[1:]}; flags start with --')
   flag_values = flags.FLAGS
   workdir = flag_values.workdir
+  try:
+    spec = cli.check_config(flag_values.config, jax.device_count())
+    check_workdir(spec, workdir)
+  except cli.CliError as e:
+    cli.fail(str(e))
+  cli.quiet_console()  # Imports TensorFlow (slow): after the checks.
   out = flag_values.out or os.path.join(workdir, 'analysis')
-  summary = analyze(
-    flag_values.config, workdir, out, num_images=flag_values.num_images
-  )
+  try:
+    summary = analyze_spec(spec, workdir, out, flag_values.num_images)
+  except CheckpointError as e:
+    cli.fail(str(e))
   print(format_summary(summary))
   print(f'Wrote {out} in {summary["seconds"]:.1f}s')
 
@@ -345,4 +381,4 @@ if __name__ == '__main__':
   flags.DEFINE_string('out', None, 'Output folder (default WORKDIR/analysis).')
   flags.DEFINE_integer('num_images', 4, 'Test images in the routing maps.')
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

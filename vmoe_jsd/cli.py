@@ -14,23 +14,30 @@
   console; warnings and errors still show.
 - `describe_devices`: the backend and devices, and a warning when a GPU is
   visible to the machine but JAX runs on the CPU.
+- `failure_line`, `exit_now`: a run that fails for a reason the user can act
+  on (the workdir is in use, not a folder, read-only; the config differs
+  from the one it was trained with; a full disk; no checkpoint can be
+  restored) ends with one line, not a traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import glob
+import logging
 import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from vmoe_jsd import config_lib
+from vmoe_jsd import checkpoints, config_lib, run_files
 
 REPO_CONFIGS = os.path.join(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs'
@@ -274,3 +281,113 @@ def describe_devices() -> list[str]:
       'CUDA build with ./setup.sh --accelerator=gpu.'
     )
   return lines
+
+
+# ----------------------------------------------------------------------------
+# Failures during a run.
+# ----------------------------------------------------------------------------
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# How tensorstore (orbax's array writer) and absl's C++ status say ENOSPC.
+DISK_FULL_TEXT = ('No space left on device', "os_error_code='28'",
+                  'Disk quota exceeded')  # fmt: skip
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+  """`error`, its causes and contexts, and the members of exception groups."""
+  seen, todo = set(), [error]
+  while todo:
+    e = todo.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    yield e
+    todo += [e.__cause__, e.__context__, *getattr(e, 'exceptions', ())]
+
+
+def disk_full_text(error: BaseException) -> str | None:
+  """The first line of the full-disk error in `error`'s chain, or None."""
+  for e in _chain(error):
+    if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+      where = f': {e.filename}' if e.filename else ''
+      return f'{e.strerror or os.strerror(e.errno)}{where}'
+    text = str(e)
+    if any(t in text for t in DISK_FULL_TEXT):
+      text = re.sub(r'\{\{function_node [^}]*\}\}\s*', '', text)  # TF's op
+      return one_line(text.strip().splitlines()[0])[:400]
+  return None
+
+
+def failure_line(error: BaseException) -> tuple[str, int] | None:
+  """(one line, exit status) for a failure the user can act on, else None.
+
+  Status 2: the workdir cannot be used as asked (in use, not a folder,
+  read-only, trained with another config), as for a bad config; status 1:
+  the run failed on the way (a full disk, no checkpoint can be restored).
+  """
+  if isinstance(error, run_files.WorkdirError):
+    return one_line(str(error)), 2
+  if isinstance(error, checkpoints.NoUsableCheckpointError):
+    return one_line(str(error)), 1
+  full = disk_full_text(error)
+  if full:
+    return (
+      f'the disk is full ({full}). Free space and run the same command to '
+      'resume from the last checkpoint', 1,
+    )  # fmt: skip
+  return None
+
+
+def exit_now(message: str, status: int):
+  """`fail`, then ends the process at once (os._exit), skipping shutdown.
+
+  After a failed asynchronous save, orbax's writer threads and asyncio's
+  unretrieved tasks each print their copy of the error while the
+  interpreter shuts down (hundreds of tracebacks for one full disk); the
+  one line has been said, so nothing else runs. A held workdir lock is
+  released by the kernel when the process ends.
+  """
+  try:
+    fail(message, status)
+  except SystemExit:
+    pass
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)
+
+
+def drop_repeated_errors() -> None:
+  """sys.unraisablehook, less the copies of a failure main reports itself.
+
+  When an asynchronous save fails (a full disk), orbax closes its event
+  loop while tensorstore still completes the remaining writes; each
+  completion calls into the closed loop from a C++ thread, and Python
+  prints 'RuntimeError: Event loop is closed' through sys.unraisablehook
+  (dozens of identical tracebacks). A generator closed by the failing
+  step (the preemption guard's, which waits for the save) prints the
+  full-disk error once more the same way. Both are dropped; every other
+  unraisable error still reaches the previous hook.
+  """
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
+      return
+    if error is not None and disk_full_text(error):
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
+
+
+def is_reported_later(record: logging.LogRecord) -> bool:
+  """Whether a log record repeats a failure that ends in `failure_line`:
+  orbax's background threads log a full disk (with a traceback each)
+  before the error reaches the main thread."""
+  if 'orbax' not in record.pathname or record.levelno < logging.ERROR:
+    return False
+  text = record.getMessage()
+  if record.exc_info and record.exc_info[1] is not None:
+    if disk_full_text(record.exc_info[1]):
+      return True
+  return any(t in text for t in DISK_FULL_TEXT)

@@ -8,7 +8,14 @@ fails). A bad config, a missing config file or a bad value ends the run with
 one line on stderr (exit status 2) before anything is compiled. Running
 again with the same --workdir resumes from its latest checkpoint; on a
 finished workdir it says so and keeps results.json (--reevaluate evaluates
-the final checkpoint again). On TPU VM pods and GPU clusters pass
+the final checkpoint again). A resume whose config differs from the
+workdir's config.json in a key that may not change on resume
+(run_files.RESUMABLE_KEYS) is refused unless --allow_config_change. The
+workdir is locked while a run uses it (run_files.WorkdirLock): a second run
+on it is refused with one line naming the first. A workdir that cannot be
+used, a full disk or checkpoints none of which can be restored also end
+with one line (exit status 2 for the workdir and config, 1 for the
+others). On TPU VM pods and GPU clusters pass
 --distributed so that jax.distributed.initialize() connects the processes (it
 reads the coordinator from the environment on Cloud TPU and SLURM, or from
 --coordinator_address/--num_processes/--process_id).
@@ -22,7 +29,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from vmoe_jsd import cli, train
+from vmoe_jsd import cli, resilience, run_files, train
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Path to an ml_collections config file.', lock_config=True
@@ -36,6 +43,13 @@ _REEVALUATE = flags.DEFINE_bool(
   'On a finished workdir, evaluate the final checkpoint again and rewrite '
   'results.json (its training time is kept).',
 )
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+  'allow_config_change',
+  False,
+  "Resume even though the config differs from the workdir's config.json "
+  'in keys that may not change on resume (seed, model, data, optimizer, '
+  '...); the changes are logged and kept in config_changes.jsonl.',
+)
 _DISTRIBUTED = flags.DEFINE_bool(
   'distributed', False, 'Call jax.distributed.initialize() (multi-host).'
 )
@@ -48,7 +62,10 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def _quiet_orbax(record: logging.LogRecord) -> bool:
-  # orbax logs every step of every save at INFO; keep its warnings.
+  # orbax logs every step of every save at INFO; keep its warnings, but not
+  # its copies of a full disk, which main reports in one line.
+  if cli.is_reported_later(record):
+    return False
   return record.levelno >= logging.WARNING or 'orbax' not in record.pathname
 
 
@@ -56,6 +73,10 @@ def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {argv[1:]}; flags start with --')
   logging.getLogger('absl').addFilter(_quiet_orbax)
+  # Ctrl-C ends the process at once (a KeyboardInterrupt during an XLA
+  # compilation crashes it); in training a first one stops with a checkpoint.
+  resilience.exit_on_interrupt()
+  cli.drop_repeated_errors()
   # Before any jax call (importing jax and vmoe_jsd makes none).
   if _DISTRIBUTED.value:
     jax.distributed.initialize(
@@ -68,11 +89,24 @@ def main(argv):
     cli.check_config(config, jax.device_count())
   except cli.CliError as e:
     cli.fail(str(e))
+  try:  # Before TensorFlow's slow import: a workdir that is no folder.
+    run_files.prepare_workdir(_WORKDIR.value)
+  except run_files.WorkdirError as e:
+    cli.fail(str(e))
   cli.quiet_console()  # Imports TensorFlow (slow): after the config checks.
   if jax.process_index() == 0:
     for line in cli.describe_devices():
       print(line, flush=True)
-  train.train_and_evaluate(config, _WORKDIR.value, reevaluate=_REEVALUATE.value)
+  try:
+    train.train_and_evaluate(
+      config, _WORKDIR.value, reevaluate=_REEVALUATE.value,
+      allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+    )  # fmt: skip
+  except Exception as e:
+    failure = cli.failure_line(e)
+    if failure is None:
+      raise
+    cli.exit_now(*failure)
 
 
 if __name__ == '__main__':

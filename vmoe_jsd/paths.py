@@ -23,9 +23,12 @@ tensorstore on `TENSORSTORE_GCS_HTTP_URL`, and keeps the event files local.
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from etils import epath
 
 PathLike = str | os.PathLike
@@ -111,8 +114,46 @@ def write_bytes(path: PathLike, data: bytes) -> None:
       tmp.unlink()
 
 
+def finite_json(obj: Any) -> Any:
+  """`obj` with every non-finite float (NaN, +-Infinity) replaced by None.
+
+  Python's json writes NaN and Infinity as bare words, which strict JSON
+  parsers (RFC 8259; JavaScript, jq, most other languages) reject. The
+  project writes them as null instead, as JavaScript's JSON.stringify
+  does: null in a number's place means "not a finite number". numpy
+  scalars and arrays become plain numbers and lists; tuples become lists.
+  """
+  if isinstance(obj, Mapping):
+    return {str(k): finite_json(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [finite_json(v) for v in obj]
+  if isinstance(obj, np.ndarray) or hasattr(obj, '__array__'):
+    return finite_json(np.asarray(obj).tolist())  # numpy and jax arrays
+  if isinstance(obj, (bool, np.bool_)):
+    return bool(obj)
+  if isinstance(obj, np.integer):
+    return int(obj)
+  if isinstance(obj, (float, np.floating)):
+    return float(obj) if math.isfinite(obj) else None
+  return obj
+
+
+def dumps_json(obj: Any, indent: int | None = None, default=None) -> str:
+  """Strict JSON text of `obj` (non-finite floats as null, see finite_json).
+
+  Args:
+    obj: JSON-like data (dicts, lists, numbers, strings, numpy values).
+    indent: as json.dumps.
+    default: as json.dumps (called on values JSON cannot encode).
+  """
+  return json.dumps(
+    finite_json(obj), indent=indent, default=default, allow_nan=False
+  )
+
+
 def write_json(path: PathLike, obj: Any) -> None:
-  write_bytes(path, json.dumps(obj, indent=1).encode())
+  """Writes `obj` as strict, indented JSON (see dumps_json), whole."""
+  write_bytes(path, dumps_json(obj, indent=1).encode())
 
 
 def read_json(path: PathLike) -> Any:
@@ -122,12 +163,20 @@ def read_json(path: PathLike) -> Any:
 def append_text(path: PathLike, text: str) -> None:
   """Appends `text` to the file at `path` (created if missing).
 
-  GCS objects cannot be appended to, so the file is read and written back
-  whole: meant for small logs such as train_history.jsonl.
+  A local file is appended to and flushed to the disk (fsync) before this
+  returns, so a kill -9 right after keeps it. GCS objects cannot be
+  appended to, so there the object is read and written back whole: meant
+  for small logs such as train_history.jsonl.
   """
   out = resolve(path)
-  old = out.read_text() if out.exists() else ''
-  write_bytes(out, (old + text).encode())
+  if is_remote(out):
+    old = out.read_text() if out.exists() else ''
+    write_bytes(out, (old + text).encode())
+    return
+  with open(out, 'a', encoding='utf-8') as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def listdir(path: PathLike) -> list[str]:
