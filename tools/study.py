@@ -1030,8 +1030,14 @@ def robustness_verdict(base: dict, agg: dict) -> list[str]:
       f'{DROP_CUT * 100:.0f}% and beyond 1 baseline std)'
     )
   k1 = [k for k in agg if k.startswith('cheap/k1_cf') and k.endswith('/drop')]
-  default_k1 = [k for k in k1 if k in base]
-  for key in sorted(default_k1)[:1]:
+
+  # K=1 at the largest capacity factor: the default evaluation's (4.0 in
+  # the default config), so that only K changes.
+  def factor(key):
+    return float(key.split('_cf')[1].split('/')[0])
+
+  k1 = sorted((k for k in k1 if k in base), key=factor, reverse=True)
+  for key in k1[:1]:
     b, s = base[key], agg[key]
     met = (
       s[0] <= K1_LOSS
