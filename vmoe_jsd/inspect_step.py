@@ -6,7 +6,8 @@ r"""Compile the train step of a config without running it, and report on it.
 Prints the per-device memory (`Compiled.memory_analysis()`), the FLOPs
 (`cost_analysis()`), and one line per collective of the compiled HLO: its
 kind, the mesh axes its device groups span (vmoe_jsd.hlo) and its bytes per
-device per step, then totals per kind and axes. With --num_devices larger
+device per run (xM: inside the loop of --config.microsteps=M, so run M times
+per step), then totals per kind and axes per step. With --num_devices larger
 than the number of real devices, that many CPU devices are simulated
 (XLA_FLAGS=--xla_force_host_platform_device_count, set before jax starts).
 Nothing is run and no data is read (vmoe_jsd.train.lower_train_step).
@@ -24,7 +25,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from vmoe_jsd import cli, hlo, sharding, train
+from vmoe_jsd import cli, hlo, sharding, step, train
 
 # Flags are defined only when this module runs as a program (see
 # define_flags), so that importing it beside eval_main or main, which define
@@ -52,14 +53,19 @@ def define_flags() -> None:
 MIB = 2**20
 
 
-def collective_rows(compiled, mesh) -> list[dict]:
-  """One dict per collective: kind, axes, bytes (per device), op_name, name.
+def collective_rows(compiled, mesh, microsteps: int = 1) -> list[dict]:
+  """One dict per collective: kind, axes, bytes (per device and run),
+  runs_per_step, op_name, name.
 
   Args:
     compiled: a jax.stages.Compiled program partitioned over `mesh`.
     mesh: its jax.sharding.Mesh (partition id = flat index in mesh.devices).
+    microsteps: config.microsteps of the train step: the collectives inside
+      its micro-step loop (op names under step.MICROSTEP_SCOPE) run that
+      many times per step.
   """
   ids = np.arange(mesh.devices.size).reshape(mesh.devices.shape)
+  in_loop = re.compile(rf'(^|/){step.MICROSTEP_SCOPE}/')
   rows = []
   for c in hlo.parse_collectives(compiled.as_text(), mesh.devices.size):
     rows.append(
@@ -67,6 +73,7 @@ def collective_rows(compiled, mesh) -> list[dict]:
         'kind': c.kind,
         'axes': hlo.spanned_axes(c.groups, ids, mesh.axis_names),
         'bytes': c.bytes,
+        'runs_per_step': microsteps if in_loop.search(c.op_name) else 1,
         'op_name': c.op_name,
         'name': c.name,
       }
@@ -112,8 +119,8 @@ def _short_op(op_name: str) -> str:
   return op if len(op) <= 70 else '...' + op[-67:]
 
 
-def report(compiled, mesh) -> str:
-  """The text that the command prints."""
+def report(compiled, mesh, microsteps: int = 1) -> str:
+  """The text that the command prints (microsteps: see collective_rows)."""
   lines = [
     f'mesh: {dict(mesh.shape)} over {mesh.devices.size} '
     f'{mesh.devices.flat[0].platform} devices'
@@ -130,16 +137,23 @@ def report(compiled, mesh) -> str:
   lines.append(
     'FLOPs per device per step: '
     + ('not reported' if f is None else f'{f:.4g}')
+    + (
+      f" (XLA's cost analysis counts the {microsteps} micro-steps' loop "
+      'body once)'
+      if microsteps > 1 and f is not None
+      else ''
+    )
   )
-  rows = collective_rows(compiled, mesh)
+  rows = collective_rows(compiled, mesh, microsteps)
   lines.append(f'collectives: {len(rows)}')
   totals = collections.Counter()
   for r in rows:
     axes = ','.join(r['axes']) or '-'
-    totals[(r['kind'], axes)] += r['bytes']
+    totals[(r['kind'], axes)] += r['bytes'] * r['runs_per_step']
+    runs = f' x{r["runs_per_step"]}' if r['runs_per_step'] > 1 else ''
     lines.append(
       f'  {r["kind"]:<20} axes={axes:<12} {r["bytes"] / MIB:10.4f} MiB'
-      f'  {_short_op(r["op_name"])}'
+      f'{runs}  {_short_op(r["op_name"])}'
     )
   lines.append('totals per device per step:')
   for (kind, axes), total in sorted(totals.items()):
@@ -188,7 +202,8 @@ def main(argv):
   mesh = sharding.make_mesh(spec.num_expert_partitions, devices)
   lowered, mesh = train.lower_train_step(config, mesh)
   compiled = lowered.compile()
-  print(report(compiled, mesh), flush=True)
+  microsteps = spec.step.microsteps
+  print(report(compiled, mesh, microsteps), flush=True)
   if FLAGS.json:
     with open(FLAGS.json, 'w') as f:
       json.dump(
@@ -196,7 +211,8 @@ def main(argv):
           'mesh': dict(mesh.shape),
           'memory': memory_summary(compiled),
           'flops': flops(compiled),
-          'collectives': collective_rows(compiled, mesh),
+          'microsteps': microsteps,
+          'collectives': collective_rows(compiled, mesh, microsteps),
         },
         f,
         indent=1,

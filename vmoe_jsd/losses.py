@@ -343,6 +343,21 @@ def matched_pairs(
   return a, b, valid
 
 
+def num_matched_pairs(map_12: Array, map_21: Array, with_cls: bool = False):
+  """The number of valid pairs `matched_pairs` gives for these maps.
+
+  Args:
+    map_12: (B, P) int, -1 for no match.
+    map_21: (B, P) int, -1 for no match.
+    with_cls: class-token pairs included (one per image).
+
+  Returns:
+    int32 scalar: the matches of both directions (+ B with class tokens).
+  """
+  count = jnp.sum(map_12 >= 0) + jnp.sum(map_21 >= 0)
+  return count + (map_12.shape[0] if with_cls else 0)
+
+
 def _masked_mean(values: Array, valid: Array) -> Array:
   count = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
   return jnp.sum(jnp.where(valid, values, 0.0)) / count
