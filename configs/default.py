@@ -57,10 +57,14 @@ def get_config(arg=None):
     brightness=0.1,
     contrast=0.1,
     photometric=True,
+    rotate_degrees=0.0,
+    translate=0.0,
   )
 
   config.model = dict(
     name='VisionTransformerMoe',
+    # 'S/32' etc. (models.VARIANTS): sizes not set below; None: none.
+    variant=placeholder(str),
     dtype='float32',  # or 'bfloat16': docs/scaling_and_performance.md
     num_classes=10,
     patch_size=(PATCH, PATCH),
@@ -75,18 +79,24 @@ def get_config(arg=None):
       num_heads=4,
       dropout_rate=0.0,
       attention_dropout_rate=0.0,
+      position_emb=dict(name='learned'),  # or 'sincos2d', 'none'
       moe=dict(
         layers=(1, 3),
         num_experts=4,
         group_size=8 * TOKENS,
         split_rngs=False,
         router=dict(
+          name='NoisyTopExpertsPerItemRouter',  # models/routing.ROUTERS
           num_selected_experts=2,
           noise_std=1.0,
           importance_loss_weight=0.005,
           load_loss_weight=0.005,
           dispatcher=dict(
-            name='indices', capacity_factor=1.25, batch_priority=False
+            name='indices',
+            capacity_factor=1.25,
+            batch_priority=False,
+            # Slots per expert and group; when set, replaces capacity_factor.
+            capacity=placeholder(int),
           ),
         ),
       ),
@@ -97,8 +107,11 @@ def get_config(arg=None):
     name='adamw',
     b1=0.9,
     b2=0.999,
-    weight_decay=[('.*/kernel$', 0.05)],
+    # A tuple (ml_collections cannot override lists from the command line).
+    weight_decay=(('.*/kernel$', 0.05),),
     gradient_clip=dict(global_norm=1.0),
+    frozen_pattern=(),
+    lr_multipliers=(),  # optimizer.py: off
     learning_rate=dict(
       schedule='warmup_cosine_decay',
       peak_value=2e-3,

@@ -89,8 +89,9 @@ def get_config(arg=None):
   config.model = model
   config.optimizer = dict(
     name='adam', b1=0.9, b2=0.999,
-    weight_decay=[('.*/kernel$', 0.1)],
+    weight_decay=(('.*/kernel$', 0.1),),
     gradient_clip=dict(global_norm=1.0),
+    frozen_pattern=(), lr_multipliers=(),  # optimizer.py: off
     learning_rate=dict(schedule='warmup_linear_decay', peak_value=7.5e-4,
                        end_value=5e-6, warmup_steps=10_000),
   )  # fmt: skip

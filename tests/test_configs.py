@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
+from flax.traverse_util import flatten_dict as flax_flatten
 from ml_collections import config_flags
 
-from vmoe_jsd import config_lib, sharding
+from vmoe_jsd import config_lib, sharding, train
 from vmoe_jsd.config_errors import to_dict
 from vmoe_jsd.models import build_model
 
@@ -38,6 +39,7 @@ def test_config_validates(path, tmp_path):
     for split in config.dataset:  # file checks need the data; not here
       if config.dataset[split].name == 'fashion_mnist':
         config.dataset[split].name = 'synthetic'
+        config.dataset[split].num_classes = config.model.num_classes
   devices = config.num_expert_partitions
   spec = config_lib.validate(config, num_devices=devices)
   # The model builds (abstractly) at the config's size.
@@ -55,6 +57,7 @@ def test_config_validates(path, tmp_path):
     for split in local.dataset:
       if local.dataset[split].name == 'fashion_mnist':
         local.dataset[split].name = 'synthetic'
+        local.dataset[split].num_classes = local.model.num_classes
   config_lib.validate(local, num_devices=1)
 
 
@@ -154,3 +157,44 @@ def test_imagenet_sweep_is_weight_0_vs_default_times_3_seeds():
   assert sorted(
     (p['config.consistency.weight'], p['config.seed']) for p in points
   ) == [(w, s) for w in (0.0, default) for s in (0, 1, 2)]
+
+
+def _flat(config):
+  return {'.'.join(k): v for k, v in flax_flatten(to_dict(config)).items()}
+
+
+def test_dense_imagenet_is_the_imagenet_recipe_without_moe():
+  """configs/imagenet_dense.py differs from configs/imagenet.py only in
+  what a model without MoE layers cannot use; resolution gives no MoE
+  layers, no consistency layers, no flip rates; a consistency weight fails
+  in one line."""
+  moe = load(os.path.join(ROOT, 'configs', 'imagenet.py'))
+  dense = load(os.path.join(ROOT, 'configs', 'imagenet_dense.py'))
+  a, b = _flat(moe), _flat(dense)
+  changed = {k for k in a.keys() | b.keys() if a.get(k, '-') != b.get(k, '-')}
+  assert {k.split('.moe.')[0] for k in changed} == {
+    'model.encoder', 'consistency.weight', 'num_expert_partitions',
+    'evaluate.model_overrides.encoder',
+  }  # fmt: skip
+  assert b['consistency.weight'] == 0.0 and b['num_expert_partitions'] == 1
+  spec = config_lib.resolve(dense, 8)
+  assert spec.model.moe_layers == () and spec.step.consistency_layers == ()
+  assert not spec.stability.enabled
+  with dense.unlocked():
+    dense.consistency.weight = 0.1
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.resolve(dense, 8)
+  assert str(err.value) == (
+    'config.consistency.weight=0.1 is invalid: needs MoE layers and '
+    'model.encoder.moe.layers is empty (a dense model): set it to 0'
+  )
+
+
+@pytest.mark.slow  # About 130 s under load (30 s of CPU; mini data first).
+def test_dense_imagenet_runlocal_trains_and_evaluates(tmp_path):
+  config = load(os.path.join(ROOT, 'configs', 'imagenet_dense.py'), 'runlocal')
+  config.dataset.train.data_dir = str(tmp_path / 'tfds')
+  config.dataset.test.data_dir = str(tmp_path / 'tfds')
+  result = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert result['step'] == 4 and result['routing'] == {}
+  assert 'stability' not in result and result['consistency_weight'] == 0.0

@@ -3,11 +3,15 @@
 Each process has 2 CPU devices; together they form a (2 data x 2 expert)
 mesh, read their halves of every global batch, exchange tokens between
 processes in the MoE all-to-all and write one checkpoint. A single process
-with 4 devices and the same mesh must reach the same results.
+with 4 devices and the same mesh must reach the same results. A SIGTERM to
+one of the two processes (at a set step or evaluation batch, by
+signal_hooks.py: no timing) must stop both after the same step, save it
+and exit cleanly; resumed, they must end as two processes never stopped.
 """
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -18,6 +22,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, 'tests', 'smoke_config.py')
+HOOKS = os.path.join(ROOT, 'tests', 'signal_hooks.py')
 
 
 def _free_port():
@@ -26,19 +31,35 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch(workdir, num_devices, *extra):
+def _launch(workdir, num_devices, *extra, hook=None):
   env = {
     **os.environ,
     'XLA_FLAGS': '',
     'JAX_NUM_CPU_DEVICES': str(num_devices),
     'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir,
   }
+  command = [sys.executable, '-m', 'vmoe_jsd.main']
+  if hook:
+    env['SIGNAL_HOOK'] = hook
+    command = [sys.executable, HOOKS]
   return subprocess.Popen(
-    [sys.executable, '-m', 'vmoe_jsd.main', f'--config={SMOKE}',
-     f'--workdir={workdir}', '--config.num_expert_partitions=2', *extra],
+    [*command, f'--config={SMOKE}', f'--workdir={workdir}',
+     '--config.num_expert_partitions=2', *extra],
     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     text=True,
   )  # fmt: skip
+
+
+def _two_processes(workdir, *extra, hook=None):
+  """Both processes' (return codes, outputs), run to their end."""
+  coordinator = f'--coordinator_address=127.0.0.1:{_free_port()}'
+  procs = [
+    _launch(workdir, 2, '--distributed', coordinator, '--num_processes=2',
+            f'--process_id={i}', *extra, hook=hook)
+    for i in range(2)
+  ]  # fmt: skip
+  outputs = [p.communicate(timeout=900)[0] for p in procs]
+  return [p.returncode for p in procs], outputs
 
 
 @pytest.mark.slow  # ~75 s on 2 cores: three processes compile at once.
@@ -67,3 +88,63 @@ def test_two_processes_match_one(tmp_path):
       np.testing.assert_allclose(got['routing'][layer][key], figs[key],
                                  rtol=1e-4)  # fmt: skip
   assert os.path.isdir(os.path.join(multi, 'checkpoints', '6'))
+
+
+# Eight steps, an evaluation after step 4 (two batches per process) and the
+# final one; no periodic checkpoint, so a stop's step is the only one saved.
+STOP_RUN = ('--config.num_train_steps=8', '--config.evaluate.every_steps=4',
+            '--config.save_checkpoint.every_steps=0')  # fmt: skip
+
+
+def _eval_lines(output, step):
+  """The lines of the evaluation of `step` (its time left out)."""
+  lines = output.splitlines()
+  start = next(i for i, ln in enumerate(lines)
+               if ln.startswith(f'[eval step {step}]'))  # fmt: skip
+  head = re.sub(r' \([0-9.]+s\)$', '', lines[start])
+  return [head, *lines[start + 1 : start + 3]]
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+  codes, outputs = _two_processes(workdir, *STOP_RUN)
+  assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+  with open(os.path.join(workdir, 'results.json')) as f:
+    return json.load(f), outputs[0]
+
+
+@pytest.mark.slow  # ~4 minutes on 2 cores: four two-process runs.
+@pytest.mark.parametrize('where, hook, step', [
+  ('between steps', 'step:3:SIGTERM:1', 3),
+  ('in an evaluation', 'eval:4:0:SIGTERM:1', 4),
+])  # fmt: skip
+def test_sigterm_to_one_process_stops_both_and_resume_matches(
+  tmp_path, uninterrupted, where, hook, step
+):
+  want, want_output = uninterrupted
+  workdir = str(tmp_path / 'run')
+  codes, (out0, out1) = _two_processes(workdir, *STOP_RUN, hook=hook)
+  assert codes == [0, 0], out0[-3000:] + out1[-3000:]
+  # Only process 1 got the signal; process 0 stopped after the same step
+  # (its progress lines are the run's; a save of one step by one process
+  # alone would not finish: orbax writes it with both).
+  assert 'Received SIGTERM' in out1 and 'Received SIGTERM' not in out0
+  assert f'Stopped by SIGTERM after step {step}' in out0, out0[-3000:]
+  if where == 'in an evaluation':  # Abandoned after its first batch.
+    assert '(during its evaluation' in out0
+    assert f'[eval step {step}]' not in out0
+  assert f'[step {step}/8]' in out0 and f'[step {step + 1}/8]' not in out0
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == [str(step)]
+  assert not os.path.exists(os.path.join(workdir, 'results.json'))
+
+  codes, (out0, out1) = _two_processes(workdir, *STOP_RUN)
+  assert codes == [0, 0], out0[-3000:] + out1[-3000:]
+  assert f'at step {step}.' in out0 and f'[step {step + 1}/8]' in out0
+  # The evaluation of step 4 (redone after a stop inside it) and the
+  # final results are those of the uninterrupted run.
+  assert _eval_lines(out0, 4) == _eval_lines(want_output, 4)
+  with open(os.path.join(workdir, 'results.json')) as f:
+    got = json.load(f)
+  for key in ('accuracy', 'num_examples', 'routing', 'step'):
+    assert got[key] == want[key], key

@@ -122,9 +122,7 @@ def test_bad_second_crop_scale_is_named(bad):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('name', ['imagenet_prc', 'imagenet_prc_ft384'])
-def test_runlocal_trains_with_prcs_loss_and_no_auxiliary_losses(
-  name, tmp_path
-):
+def test_runlocal_trains_with_prcs_loss_and_no_auxiliary_losses(name, tmp_path):
   data_dir = str(tmp_path / 'tfds')
   workdir = str(tmp_path / 'run')
   env = {

@@ -28,4 +28,3 @@ def test_enabled_robustness_is_in_the_results(tmp_path):
   assert rows['default']['accuracy'] == pytest.approx(result['accuracy'])
   assert rows['default']['num_examples'] == result['num_examples']
   assert {r['num_selected_experts'] for r in rows.values()} == {1, 2}
-

@@ -12,6 +12,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from vmoe_jsd import summaries
+
 
 def base_config() -> ml_collections.ConfigDict:
   """Checkpointing, reporting, evaluation and consistency defaults."""
@@ -33,7 +35,29 @@ def base_config() -> ml_collections.ConfigDict:
   # streams are functions of the step, so a NaN under 'stop' comes back at
   # the same step after every restart.
   config.nan_policy = 'stop'
+  # Gradient accumulation: one optimizer step from this many micro-batches
+  # of each device's shard (step.accumulate_microsteps; exact for means over
+  # examples, routing groups and matched pairs, per micro-batch for the
+  # batch-level cross_correlation loss).
+  config.microsteps = 1
+  # In-step summaries, written at every progress report (summaries.py):
+  # norms of params/grads/updates, global and per (name, regex) group, and
+  # per-MoE-layer router statistics (logit norm, z-loss, top-1 probability).
+  config.summaries = ml_collections.ConfigDict(
+    {
+      'norms': False,
+      'router': False,
+      # A tuple of (name, regex) (ml_collections cannot override lists
+      # from the command line).
+      'norm_groups': summaries.DEFAULT_NORM_GROUPS,
+    }
+  )
   config.report_progress = ml_collections.ConfigDict({'every_steps': 50})
+  # jax.profiler trace of steps first_step .. first_step + num_steps - 1
+  # (the numbers of the progress lines) into workdir/plugins/profile/ for
+  # TensorBoard's profile plugin, on the main process (profiling.py).
+  # num_steps 0: off.
+  config.profile = ml_collections.ConfigDict({'first_step': 10, 'num_steps': 0})
   config.evaluate = ml_collections.ConfigDict(
     {
       'every_steps': 0,
@@ -53,6 +77,37 @@ def base_config() -> ml_collections.ConfigDict:
       # Routing-map figure (analyze.py) written to TensorBoard at every
       # evaluation, for this many test images (0: none).
       'routing_map_images': 4,
+      # Corruptions, attacks, cheaper inference (robustness.py, attacks.py,
+      # docs/robustness.md); off during training (minutes per evaluation),
+      # `python -m vmoe_jsd.eval_main --suite=...` runs them on a checkpoint.
+      'robustness': {
+        'enabled': False,
+        'suites': ('corruptions', 'attacks', 'cheap'),
+        'limit': 2000,  # corruption and cheap suites
+        'corruptions': (
+          'gaussian_noise',
+          'gaussian_blur',
+          'contrast',
+          'brightness',
+          'rotation',
+          'shift',
+          'occlusion',
+        ),
+        'capacity_factors': (0.5, 0.75, 1.0, 1.25),
+        'extra_k': (1,),
+        # PGD as vmoe's projects/adversarial_attacks (eps on [-1, 1] pixels;
+        # step_size None: epsilon / num_steps), and the routing attack.
+        'attack': {
+          'attacks': ('pgd', 'routing'),
+          'limit': 1200,  # 3 whole test batches of configs/default.py
+          'epsilon': 1 / 127.5,
+          'num_steps': 40,
+          'step_size': config_dict.placeholder(float),
+          'clip': True,
+          'random_start': False,
+          'divergence': 'kl',
+        },
+      },
     }
   )
   # Start from pretrained weights instead of random ones (ignored when the
@@ -188,9 +243,10 @@ def _shrink_model(config: ml_collections.ConfigDict, size: int, **model):
   config.model.encoder.num_layers = model.get('num_layers', 2)
   config.model.encoder.mlp_dim = model.get('mlp_dim', 64)
   config.model.encoder.num_heads = 2
-  # A placement string: the full configs use one (ConfigDict keeps types).
-  config.model.encoder.moe.layers = model.get('layers', 'last 1')
-  config.model.encoder.moe.group_size = 2 * ((size // 8) ** 2 + 1)
+  if 'moe' in config.model.encoder:  # Not in a dense model.
+    # A placement string: the full configs use one (ConfigDict keeps types).
+    config.model.encoder.moe.layers = model.get('layers', 'last 1')
+    config.model.encoder.moe.group_size = 2 * ((size // 8) ** 2 + 1)
   config.save_checkpoint.every_steps = 2
   config.report_progress.every_steps = 1
 
@@ -227,6 +283,7 @@ def vmoe_s32_model(
       remat='none',  # 'full', 'dots_saveable', ...
       dropout_rate=0.0,
       attention_dropout_rate=0.0,
+      position_emb=dict(name='learned'),  # or 'sincos2d', 'none'
       moe=dict(
         layers='last 2',
         num_experts=8,
@@ -234,6 +291,7 @@ def vmoe_s32_model(
         dropout_rate=0.2,
         split_rngs=False,
         router=dict(
+          name='NoisyTopExpertsPerItemRouter',  # models/routing.ROUTERS
           num_selected_experts=2,
           noise_std=1.0,
           importance_loss_weight=0.005,
@@ -241,6 +299,8 @@ def vmoe_s32_model(
           dispatcher=dict(
             name='indices',
             capacity_factor=capacity_factor,
+            # Slots per expert and group; when set, replaces capacity_factor.
+            capacity=config_dict.placeholder(int),
             batch_priority=False,
             bfloat16=True,
           ),
@@ -309,6 +369,9 @@ def finetune_config(
     gradient_clip=dict(global_norm=10.0),
     learning_rate=dict(schedule='warmup_cosine_decay', peak_value=peak_lr,
                        end_value=1e-5, warmup_steps=warmup_steps),
+    # Regexes (re.search on '/'-joined names; optimizer.py): no update for
+    # these; (regex, multiplier) pairs, the first match sets the rate.
+    frozen_pattern=(), lr_multipliers=(),
   )  # fmt: skip
   config.initialization.source = 'orbax'
   config.num_expert_partitions = 8

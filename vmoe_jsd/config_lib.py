@@ -14,6 +14,8 @@ specs, each defined in the module that uses it and built by its own
   evaluate    evaluate.EvalSpec                config.evaluate
   stability   stability.StabilitySpec          config.evaluate.stability
   fewshot     fewshot.FewshotSpec              config.fewshot
+  profile     profiling.ProfileSpec            config.profile
+  robustness  robustness.RobustnessSpec        config.evaluate.robustness
 
 `_check_across` holds the checks that span blocks (group size against
 batch and devices, partitions against experts and devices, consistency
@@ -40,10 +42,13 @@ from vmoe_jsd import (
   losses,
   optimizer,
   paths,
+  profiling,
   resilience,
+  robustness,
   sharding,
   stability,
   step,
+  summaries,
 )
 from vmoe_jsd.config_errors import ConfigError, check_range, fail, to_dict
 from vmoe_jsd.models.spec import ModelSpec
@@ -70,7 +75,7 @@ class RunSpec:
     report_every: steps between progress lines.
     initialization: config.initialization as a dict ({} when off).
     model, datasets, views, step, optimizer, checkpoint, evaluate,
-    stability, fewshot: the specs (module docstring).
+    stability, fewshot, profile: the specs (module docstring).
   """
 
   config: Mapping[str, Any]
@@ -91,6 +96,8 @@ class RunSpec:
   evaluate: evaluate.EvalSpec
   stability: stability.StabilitySpec
   fewshot: fewshot.FewshotSpec
+  profile: profiling.ProfileSpec = profiling.ProfileSpec()
+  robustness: robustness.RobustnessSpec | None = None
 
   @property
   def train_data(self) -> data.SplitSpec:
@@ -136,6 +143,7 @@ def resolve(config, num_devices: int) -> RunSpec:
               low_open=True)  # fmt: skip
   opt = optimizer.OptimizerSpec.from_config(config.optimizer)
   size = config.augment.size
+  check_range('augment.size', size, 1, integer=True)
   if size % model.patch_size:
     valid = f'must be a multiple of model.patch_size={model.patch_size}'
     fail('augment.size', size, valid)
@@ -181,6 +189,14 @@ def resolve(config, num_devices: int) -> RunSpec:
     evaluate=ev,
     stability=stab,
     fewshot=fs,
+    profile=profiling.ProfileSpec.from_config(
+      config.get('profile'), config.get('num_train_steps') or None
+    ),
+    robustness=robustness.RobustnessSpec.from_config(
+      (config.get('evaluate') or {}).get('robustness'),
+      ev.limit,
+      model.num_experts,
+    ),
   )
 
 
@@ -189,7 +205,8 @@ def check_inputs(spec: RunSpec) -> None:
 
   Raises:
     FileNotFoundError: naming the missing path (and how to get the data).
-    ValueError: an image folder too small for a batch, or unusable.
+    ValueError: an image folder too small for a batch, or unusable;
+      model.num_classes unlike the data's number of classes.
   """
   init = spec.initialization
   if init:
@@ -205,6 +222,20 @@ def check_inputs(spec: RunSpec) -> None:
       )  # fmt: skip
   for split, split_spec in spec.datasets.items():
     split_spec.check_files(split)
+  _check_num_classes(spec.model.num_classes, spec.datasets)
+
+
+def _check_num_classes(num_classes: int, datasets) -> None:
+  """model.num_classes against each split's classes, where the dataset kind
+  knows them (a head with fewer outputs than classes would one-hot labels
+  past its end to zeros; one with more trains outputs no label reaches)."""
+  for split in sorted(datasets, key=lambda s: s != 'train'):  # train first
+    split_spec = datasets[split]
+    found = split_spec.num_classes()
+    if found is not None and found != num_classes:
+      fail('model.num_classes', num_classes,
+           f'dataset.{split} ({split_spec.name}) has {found} classes; set '
+           f'model.num_classes={found}')  # fmt: skip
 
 
 def _check_run_numbers(config) -> None:
@@ -285,8 +316,10 @@ def _step_spec(config, model: ModelSpec, num_devices: int) -> step.StepSpec:
   if cons_layers is not None and [x for x in cons_layers if x not in layers]:
     fail('consistency.layers', tuple(cons_layers),
          f'a subset of the MoE blocks {layers} (or None for all)')  # fmt: skip
-  if cons.weight > 0 and not layers:
-    fail('consistency.weight', cons.weight, 'needs MoE layers (set to 0)')
+  if cons.weight > 0 and not layers:  # A dense model: no routers to match.
+    fail('consistency.weight', cons.weight,
+         'needs MoE layers and model.encoder.moe.layers is empty (a dense '
+         'model): set it to 0')  # fmt: skip
   nan_policy = config.get('nan_policy', 'stop')
   if nan_policy not in resilience.NAN_POLICIES:
     fail('nan_policy', nan_policy, "one of ['skip', 'stop']")
@@ -300,7 +333,18 @@ def _step_spec(config, model: ModelSpec, num_devices: int) -> step.StepSpec:
     num_prefix_tokens=model.num_prefix_tokens,
     mixup_concentration=_mixup_concentration(config, num_devices),
     nan_policy=nan_policy,
+    microsteps=_microsteps(config, model, num_devices),
+    summaries=summaries.SummarySpec.from_config(config.get('summaries')),
   )
+
+
+def _microsteps(config, model: ModelSpec, num_devices: int) -> int:
+  """config.microsteps against the per-device batch and routing groups."""
+  moe = model.config['encoder'].get('moe', {}) if model.moe_layers else {}
+  return step.check_microsteps(
+    config.get('microsteps', 1), config.dataset.train.batch_size,
+    num_devices, model.tokens_per_image(config.augment.size),
+    moe.get('group_size'))  # fmt: skip
 
 
 def _augment_fields(config) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +86,39 @@ def eval_batches(dataset, batch_size: int, limit: int | None = None):
     process_count=jax.process_count(),
     limit=limit,
   )
+
+
+class StoppableSplit:
+  """A test split whose `eval_batches` end early once should_stop() says so.
+
+  Asked between batches (never before the first nor after the last: a
+  request then is seen at the train step's own check, the evaluation
+  complete). After a stop, `stopped` is True and every later `eval_batches`
+  is empty: the figures of an evaluation over it are of the batches before
+  the stop, for the caller to discard. On several processes should_stop
+  must give the same answer on all (PreemptionGuard.should_stop does);
+  their batch counts are equal (padded alike).
+
+  Attributes:
+    dataset: the split.
+    stopped: whether should_stop ended an iteration.
+  """
+
+  def __init__(self, dataset, should_stop: Callable[[], bool]):
+    self.dataset, self.should_stop, self.stopped = dataset, should_stop, False
+
+  def eval_batches(self, *args, **kwargs) -> Iterator[dict]:
+    for i, batch in enumerate(self.dataset.eval_batches(*args, **kwargs)):
+      if self.stopped or (i and self.should_stop()):
+        self.stopped = True
+        return
+      yield batch
+
+  def __len__(self) -> int:
+    return len(self.dataset)
+
+  def __getattr__(self, name):
+    return getattr(self.dataset, name)
 
 
 def sum_over_batches(
@@ -230,6 +263,15 @@ def router_logits(eval_model, params, views, layers) -> dict:
   return models.router_logits_by_layer(state['intermediates'], layers)
 
 
+def apply_with_router_logits(eval_model, params, inputs, layers):
+  """(logits (N, classes), {block: (G, S, E) router logits}) of model inputs
+  (N, S, S, C) in [-1, 1], from one forward pass (robustness, attacks)."""
+  (logits, _), state = eval_model.apply(
+    {'params': params}, inputs, mutable=['intermediates']
+  )
+  return logits, models.router_logits_by_layer(state['intermediates'], layers)
+
+
 def router_logits_of_views(eval_model, params, views, layers) -> dict:
   """Router logits per MoE layer for paired views.
 
@@ -315,7 +357,7 @@ def run_evaluation(
   Args:
     eval_step_fn: the jitted `make_eval_step` function.
     params: the parameters.
-    dataset: the test split.
+    dataset: the test split (a StoppableSplit stops it between batches).
     batch_size: its global batch size.
     limit: at most this many images (None: all).
     layers: the MoE blocks (ModelSpec.moe_layers).

@@ -5,6 +5,24 @@ then decoupled weight decay (AdamW, Loshchilov & Hutter, ICLR 2019) on the
 parameters whose '/'-joined names match weight_decay's regexes, all scaled
 by the schedule: a linear warmup, then cosine, linear or inverse-square-root
 decay (or a constant rate).
+
+Two per-parameter options, both by regex on the '/'-joined parameter names
+(`re.search`, as vmoe's `frozen_pattern` and regex rules; note that
+weight_decay's rules use `re.fullmatch`):
+- `frozen_pattern` (vmoe's name): a regex or tuple of regexes; a parameter
+  any of them matches gets zero updates and no optimizer state (an
+  optax.partition of 'frozen' -> set_to_zero and 'trainable' -> the chain
+  above, so gradient clipping sees the trainable gradients only).
+- `lr_multipliers`: ((regex, m), ...); the first rule that matches a
+  parameter scales its whole step by m, after the learning rate: the step
+  is m * lr(t) * (direction + wd * param), as if that parameter's learning
+  rate were m * lr(t). Its decoupled weight decay (Loshchilov & Hutter,
+  ICLR 2019, which scales the decay by the schedule) is so multiplied by m
+  as well. Frozen wins over a multiplier. Unlike vmoe's `gradient_scale`
+  (gradients scaled before clipping and Adam, to which a scale is
+  invisible but for epsilon), this is a learning rate for every optimizer.
+A pattern that matches no parameter fails when the optimizer state is
+first built (`tx.init` on the abstract parameters, in train.build_training).
 """
 
 from __future__ import annotations
@@ -28,6 +46,8 @@ SCHEDULES = (
   'warmup_linear_decay',
   'warmup_rsqrt_decay',
 )
+# The two groups of optax.partition when frozen_pattern is set.
+TRAINABLE, FROZEN = 'trainable', 'frozen'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +72,9 @@ class ScheduleSpec:
     key = 'optimizer.learning_rate'
     check_range(f'{key}.peak_value', cfg.get('peak_value'), 0, low_open=True)
     check_range(f'{key}.end_value', cfg.get('end_value'), 0, optional=True)
+    _check_float32_rate(f'{key}.peak_value', cfg['peak_value'])
+    if cfg.get('end_value'):
+      _check_float32_rate(f'{key}.end_value', cfg['end_value'])
     check_range(f'{key}.warmup_steps', cfg.get('warmup_steps'), 0,
                 integer=True, optional=True)  # fmt: skip
     return cls(**{k: v for k, v in cfg.items() if v is not None})
@@ -70,6 +93,9 @@ class OptimizerSpec:
     weight_decay: ((regex, value), ...) over '/'-joined parameter names; a
       single number in the config decays kernels only.
     clip_global_norm: clip gradients to this global norm (None: no clip).
+    frozen_pattern: regexes of the parameters that get no update.
+    lr_multipliers: ((regex, multiplier), ...), first match wins; the
+      parameters no rule matches keep multiplier 1.
   """
 
   name: str
@@ -80,6 +106,8 @@ class OptimizerSpec:
   momentum: float = 0.9
   weight_decay: tuple[tuple[str, float], ...] = ()
   clip_global_norm: float | None = None
+  frozen_pattern: tuple[str, ...] = ()
+  lr_multipliers: tuple[tuple[str, float], ...] = ()
 
   @classmethod
   def from_config(cls, cfg: Mapping) -> OptimizerSpec:
@@ -103,7 +131,63 @@ class OptimizerSpec:
     given = {k: cfg[k] for k in ('b1', 'b2', 'eps', 'momentum')
              if cfg.get(k) is not None}  # fmt: skip
     return cls(name=cfg['name'], learning_rate=lr, weight_decay=decay,
-               clip_global_norm=clip or None, **given)  # fmt: skip
+               clip_global_norm=clip or None,
+               frozen_pattern=_frozen_patterns(cfg.get('frozen_pattern')),
+               lr_multipliers=_multiplier_rules(cfg.get('lr_multipliers')),
+               **given)  # fmt: skip
+
+
+def _compiled(key: str, pattern) -> re.Pattern:
+  if not isinstance(pattern, str) or not pattern:
+    fail(key, pattern, 'a non-empty regex string')
+  try:
+    return re.compile(pattern)
+  except re.error as err:
+    fail(key, pattern, f'not a valid regex ({err})')
+
+
+def _frozen_patterns(patterns) -> tuple[str, ...]:
+  """frozen_pattern as a tuple of checked regexes (None / '' / (): none)."""
+  if not patterns:
+    return ()
+  if isinstance(patterns, str):
+    patterns = (patterns,)
+  if not isinstance(patterns, (list, tuple)):
+    fail('optimizer.frozen_pattern', patterns,
+         'a regex or a tuple of regexes')  # fmt: skip
+  for p in patterns:
+    _compiled('optimizer.frozen_pattern', p)
+  return tuple(patterns)
+
+
+def _multiplier_rules(rules) -> tuple[tuple[str, float], ...]:
+  """lr_multipliers as checked (regex, multiplier > 0) pairs."""
+  valid = 'a list of (regex, multiplier > 0) pairs (0: use frozen_pattern)'
+  if not rules:
+    return ()
+  if not isinstance(rules, (list, tuple)):
+    fail('optimizer.lr_multipliers', rules, valid)
+  for rule in rules:
+    if not isinstance(rule, (list, tuple)) or len(rule) != 2:
+      fail('optimizer.lr_multipliers', rules, valid)
+    _compiled('optimizer.lr_multipliers', rule[0])
+    check_range(f'optimizer.lr_multipliers[{rule[0]!r}]', rule[1], 0,
+                low_open=True)  # fmt: skip
+  return tuple((str(p), float(m)) for p, m in rules)
+
+
+def _check_float32_rate(key: str, value: float) -> None:
+  """A rate the float32 step arithmetic can hold: at least the smallest
+  normal float32 (about 1.18e-38; below it the schedule's value is
+  subnormal or rounds to 0, so nothing trains, with exit 0) and at most the
+  largest (about 3.4e38, beyond it inf)."""
+  info = jnp.finfo(jnp.float32)
+  tiny, huge = float(info.tiny), float(info.max)
+  if not tiny <= value <= huge:
+    fail(key, value,
+         f'a float32 learning rate must be in [{tiny:.4g}, {huge:.4g}] '
+         '(below: subnormal or 0 in float32, nothing trains; above: '
+         'inf)')  # fmt: skip
 
 
 def _decay_rules(decay) -> tuple[tuple[str, float], ...]:
@@ -161,13 +245,95 @@ def make_optimizer(spec: OptimizerSpec, num_steps: int):
     mask = functools.partial(_name_mask, re.compile(pattern))
     parts.append(optax.add_decayed_weights(value, mask=mask))
   parts.append(optax.scale_by_learning_rate(schedule))
-  return optax.chain(*parts), schedule
+  if spec.lr_multipliers:  # After the rate: m * lr * (direction + decay).
+    parts.append(scale_by_multipliers(spec.lr_multipliers))
+  tx = optax.chain(*parts)
+  if spec.frozen_pattern:
+    # Frozen leaves leave the chain: no moments, no share of the clip norm.
+    tx = optax.partition(
+      {TRAINABLE: tx, FROZEN: optax.set_to_zero()},
+      functools.partial(_freeze_labels, spec.frozen_pattern),
+    )
+  if spec.frozen_pattern or spec.lr_multipliers:
+    tx = _checked_at_init(tx, spec)
+  return tx, schedule
+
+
+def _name(path) -> str:
+  return '/'.join(sharding.key_name(k) for k in path)
 
 
 def _name_mask(regex, params):
   return jax.tree_util.tree_map_with_path(
-    lambda path, _: bool(
-      regex.fullmatch('/'.join(sharding.key_name(k) for k in path))
-    ),
+    lambda path, _: bool(regex.fullmatch(_name(path))), params
+  )
+
+
+def _is_frozen(patterns, name: str) -> bool:
+  return any(re.search(p, name) for p in patterns)
+
+
+def _freeze_labels(patterns, params):
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: FROZEN if _is_frozen(patterns, _name(path)) else TRAINABLE,
     params,
   )
+
+
+def multiplier_of(rules, name: str) -> float:
+  """The multiplier of the first rule whose regex matches `name` (or 1)."""
+  for pattern, multiplier in rules:
+    if re.search(pattern, name):
+      return multiplier
+  return 1.0
+
+
+def scale_by_multipliers(rules) -> optax.GradientTransformation:
+  """Scales each update by its parameter's multiplier (stateless)."""
+
+  def update(updates, state, params=None):
+    del params
+
+    def one(path, u):
+      m = multiplier_of(rules, _name(path))
+      return u if m == 1.0 else u * jnp.asarray(m, u.dtype)
+
+    return jax.tree_util.tree_map_with_path(one, updates), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def check_patterns(spec: OptimizerSpec, params) -> None:
+  """Fails (ConfigError) on a frozen_pattern or lr_multipliers regex that
+  decides no parameter of `params` (a tree of arrays or shapes)."""
+  names = [_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  examples = f'parameter names look like {names[:3]}'
+  for pattern in spec.frozen_pattern:
+    if not any(re.search(pattern, n) for n in names):
+      fail('optimizer.frozen_pattern', pattern,
+           f'matches no parameter; {examples}')  # fmt: skip
+  if spec.frozen_pattern and all(
+    _is_frozen(spec.frozen_pattern, n) for n in names
+  ):
+    fail('optimizer.frozen_pattern', spec.frozen_pattern,
+         'freezes every parameter; nothing would train')  # fmt: skip
+  for i, (pattern, _) in enumerate(spec.lr_multipliers):
+    matched = [n for n in names if re.search(pattern, n)]
+    earlier = [p for p, _ in spec.lr_multipliers[:i]]
+    if not matched:
+      fail('optimizer.lr_multipliers', pattern,
+           f'matches no parameter; {examples}')  # fmt: skip
+    if all(any(re.search(p, n) for p in earlier) for n in matched):
+      fail('optimizer.lr_multipliers', pattern,
+           f'every parameter it matches is taken by an earlier rule '
+           f'{earlier} (the first match wins)')  # fmt: skip
+
+
+def _checked_at_init(tx, spec: OptimizerSpec) -> optax.GradientTransformation:
+  """`tx` whose init first checks the patterns against the parameters."""
+
+  def init(params):
+    check_patterns(spec, params)
+    return tx.init(params)
+
+  return optax.GradientTransformation(init, tx.update)

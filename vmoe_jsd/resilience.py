@@ -4,18 +4,22 @@ Preemption (TPU VM maintenance, SLURM preemption and `scancel` send
 SIGTERM; Ctrl-C sends SIGINT): `PreemptionGuard` turns the signal into a
 request that the train loop sees at a step boundary. The loop then saves a
 checkpoint of the step it has just finished, waits for it to be written and
-returns; `main` exits with status 0 and a message. On one process a signal
-handler sets a flag. On several processes the hosts must stop at the same
-step, so the guard asks JAX's preemption sync point
-(`multihost_utils.reached_preemption_sync_point`): the coordination service
-hears the SIGTERM of any host and names a step all hosts reach. A second
-SIGINT interrupts at once (KeyboardInterrupt), as usual.
+returns; `main` exits with status 0 and a message. A request during an
+evaluation stops it after the current batch; the step is saved the same
+way and the resumed run evaluates it again. A signal handler sets a flag;
+on several processes the flag is agreed at every check through the
+coordination service (a barrier and one key-value read), so a signal to any
+one host stops all of them after the same step or batch. A second SIGINT
+interrupts at once: KeyboardInterrupt in a Python session; on the command
+line (`exit_on_interrupt`) the process ends by the signal, since a
+KeyboardInterrupt during an XLA compilation crashes the interpreter.
 
 Non-finite loss (`config.nan_policy`):
 - 'stop': the run stops at the next progress report or checkpoint with a
   message naming the step and the non-finite terms; nothing is saved.
 - 'skip': inside the jitted step, an update whose total loss or gradient
-  norm is not finite is not applied (parameters and optimizer state stay as
+  norm is not finite, or that would make a parameter or optimizer state
+  non-finite, is not applied (parameters and optimizer state stay as
   they were, selected with `jnp.where`, so no host sync); the step counter
   still advances, the step is counted in the `skipped_steps` metric and the
   run goes on. Data and random streams are functions of the step, so a
@@ -25,6 +29,8 @@ Non-finite loss (`config.nan_policy`):
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import signal
 import sys
 import threading
@@ -34,7 +40,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
+from jax._src import distributed  # Its client, as multihost_utils reads it.
 
 NAN_POLICIES = ('stop', 'skip')
 
@@ -43,22 +49,50 @@ class PreemptionGuard:
   """Turns SIGTERM (and a first SIGINT) into a stop at a step boundary.
 
   The train loop iterates `for step in guard.steps(start, end):`; the
-  signal handlers are installed while it runs. After the body of a step
-  the guard asks whether to stop; if so the loop ends and `stopped_at`
-  holds that step, whose checkpoint the caller then saves.
+  signal handlers are installed while it runs (and inside `watching()`,
+  e.g. around an evaluation). After the body of a step the guard asks
+  whether to stop; if so the loop ends and `stopped_at` holds that step,
+  whose checkpoint the caller then saves. An evaluation asks
+  `should_stop()` between its batches.
+
+  On several processes every answer is agreed (see `_agree`): a signal to
+  any one process stops all of them after the same step or batch. Every
+  process must then ask at the same points, as they do when they run the
+  same loop.
+
+  Args:
+    signals: the signals that request a stop (tests use a private one).
 
   Attributes:
     signal_name: name of the signal received ('' when none).
     stopped_at: the last step run before a requested stop, else None.
+    stopped_during: what the stop abandoned ('' when it came between
+      steps), see stop_at.
+    num_checks: how many times should_stop was asked (this guard).
   """
 
-  def __init__(self):
+  # The keys of check n must not repeat within a jax.distributed session,
+  # which may outlive one guard (several runs in one process): one count
+  # per process (every process runs the same checks).
+  _check_ids = itertools.count()
+  _KEY = 'vmoe_jsd/stop'
+  # A barrier waits for the slowest process, e.g. through a compilation of
+  # the evaluation step, which can differ by minutes between processes.
+  BARRIER_TIMEOUT_MS = 2 * 3600 * 1000
+
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+    self.signals = tuple(signals)
     self.signal_name = ''
     self.stopped_at: int | None = None
+    self.stopped_during = ''
+    self.num_checks = 0
     self._requested = threading.Event()
     self._previous: dict[int, Any] = {}
-    self._multi = jax.process_count() > 1
-    self._warned = False
+    self._depth = 0
+    # Several processes without jax.distributed share no coordination
+    # service: each then answers for itself.
+    self._multi = (jax.process_count() > 1
+                   and distributed.global_state.client is not None)  # fmt: skip
 
   def steps(
     self,
@@ -77,78 +111,155 @@ class PreemptionGuard:
     Yields:
       The step numbers to run.
     """
-    self.install()
     try:
-      for step in range(start_step + 1, num_steps + 1):
-        yield step
-        if step < num_steps and self.should_stop(step):
-          self.stopped_at = step
-          return
+      with self.watching():
+        for step in range(start_step + 1, num_steps + 1):
+          yield step
+          if self.stopped_at is not None:  # stop_at() in the body.
+            return
+          if step < num_steps and self.should_stop(step):
+            self.stopped_at = step
+            return
     finally:
-      self.uninstall()
       if on_exit is not None:
         on_exit()
 
+  @contextlib.contextmanager
+  def watching(self) -> Iterator[PreemptionGuard]:
+    """The signal handlers, installed for the `with` block (nestable)."""
+    self.install()
+    try:
+      yield self
+    finally:
+      self.uninstall()
+
   def install(self) -> None:
-    """Installs the signal handlers (main thread, single process only)."""
+    """Installs the handlers of `signals` (main thread only)."""
+    self._depth += 1
+    if self._depth > 1:
+      return
     if threading.current_thread() is not threading.main_thread():
       return  # Python only delivers signals to the main thread.
-    # On several processes JAX's preemption notifier owns SIGTERM (it
-    # propagates it to all hosts; a Python handler would replace it), and a
-    # SIGINT on one host cannot name a step the others agree on: it keeps
-    # its default (KeyboardInterrupt).
-    wanted = [] if self._multi else [signal.SIGTERM, signal.SIGINT]
-    for sig in wanted:
+    for sig in self.signals:
       if sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN:
         # Started with SIGINT ignored (nohup, a background job of a
         # non-interactive shell): whoever started us chose that; keep it.
         continue
+      # On several processes this replaces JAX's preemption notifier (a C++
+      # handler, which Python reports as None); it only served
+      # reached_preemption_sync_point, which the guard no longer asks.
       self._previous[sig] = signal.signal(sig, self._handle)
 
   def uninstall(self) -> None:
-    """Puts the previous signal handlers back."""
+    """Puts the previous signal handlers back (SIG_DFL for a C++ one)."""
+    self._depth = max(self._depth - 1, 0)
+    if self._depth:
+      return
     for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+      signal.signal(sig, signal.SIG_DFL if handler is None else handler)
     self._previous.clear()
 
   def _handle(self, signum, frame) -> None:
     del frame
-    self.signal_name = signal.Signals(signum).name
+    name = signal.Signals(signum).name
     if signum == signal.SIGINT:
-      # The next Ctrl-C interrupts at once.
-      signal.signal(signal.SIGINT, self._previous.get(signum, signal.SIG_DFL))
+      # The next Ctrl-C goes to the handler from before: KeyboardInterrupt
+      # in Python's default, an exit at once under `exit_on_interrupt`.
+      previous = self._previous.get(signum, signal.default_int_handler)
+      signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None
+                    else previous)  # fmt: skip
+    if self._requested.is_set():
+      return  # A second SIGTERM: the stop is already on its way.
+    self.signal_name = name
     self._requested.set()
     print(
-      f'Received {self.signal_name}: finishing this step, then saving a '
-      'checkpoint and exiting.',
+      f'Received {name}: finishing this step (or evaluation batch), then '
+      'saving a checkpoint and exiting.',
       file=sys.stderr,
       flush=True,
     )
 
+  def stop_at(self, step: int, during: str = '') -> None:
+    """Records a stop that the caller decided (should_stop said True inside
+    an evaluation); steps() then ends after this step's body.
+
+    Args:
+      step: the step whose state is to be saved.
+      during: what was abandoned (e.g. 'its evaluation'), for messages.
+    """
+    self.stopped_at, self.stopped_during = step, during
+
   def request(self, name: str = 'request') -> None:
-    """Asks for a stop as a signal would (single process)."""
+    """Asks for a stop as a signal would."""
     self.signal_name = name
     self._requested.set()
 
-  def should_stop(self, step: int) -> bool:
-    """Whether to save `step` and stop now (same answer on all processes).
+  def should_stop(self, step: int | None = None) -> bool:
+    """Whether to stop now; the same answer on every process.
 
-    Must be called after every step on every process: on several processes
-    it is JAX's preemption sync point, which needs to see every step.
+    Args:
+      step: the step just finished (None between evaluation batches); it
+        does not change the answer.
     """
-    if self._multi:
-      try:
-        reached = multihost_utils.reached_preemption_sync_point(step)
-      except RuntimeError as e:  # jax_enable_preemption_service=False.
-        if not self._warned:
-          self._warned = True
-          print(f'WARNING: no preemption sync ({e}); SIGTERM will not '
-                'save a checkpoint.', file=sys.stderr, flush=True)  # fmt: skip
-        return False
-      if reached:
-        self.signal_name = self.signal_name or 'SIGTERM'
-      return reached
-    return self._requested.is_set()
+    del step
+    self.num_checks += 1
+    if not self._multi:
+      return self._requested.is_set()
+    name = self._agree()
+    if name:
+      self.signal_name = name
+    return bool(name)
+
+  def _agree(self) -> str:
+    """The signal name requested on any process ('' if none), on all.
+
+    Check n: a process whose stop was requested writes `stop/<n>/<process>`
+    in the coordination service's key-value store; then every process
+    passes the barrier (round n) and reads directory `stop/<n>/`. A key of
+    check n is only written before its writer reaches round n, so all
+    processes read the same directory. Two host RPCs per check and no
+    device work: the host does not wait for the step it dispatched. The
+    barrier's id is reused (the service counts rounds): one id per check
+    would keep ~1 KB per check in process 0 (benchmarks/stop_agreement.py).
+    """
+    client = distributed.global_state.client
+    key = f'{self._KEY}/{next(self._check_ids)}'
+    if self._requested.is_set():
+      client.key_value_set(f'{key}/{jax.process_index():06d}',
+                           self.signal_name or 'request')  # fmt: skip
+    client.wait_at_barrier(self._KEY, self.BARRIER_TIMEOUT_MS)
+    requests = sorted(client.key_value_dir_get(f'{key}/'))
+    return requests[0][1] if requests else ''
+
+
+def exit_on_interrupt() -> None:
+  """Makes Ctrl-C (SIGINT) end the process at once, for command lines.
+
+  Python's KeyboardInterrupt is unsafe in a JAX program: raised while the
+  main thread waits for XLA (jaxlib checks for signals while it compiles),
+  it unwinds to interpreter shutdown while the compilation goes on in
+  XLA's threads, and the process segfaults when that finishes; raised in a
+  gc callback (jax registers one) it is printed and ignored, so the run
+  goes on. Here SIGINT instead prints one line and ends the process by the
+  signal itself (exit status 130 in a shell), skipping shutdown: the last
+  checkpoint stays as it was (a save in flight is left unfinished, which a
+  resume detects and skips), and the kernel releases the workdir lock.
+  During training a first SIGINT still stops after the step with a
+  checkpoint (PreemptionGuard); the second one comes here.
+  An ignored SIGINT (nohup, a background job) stays ignored.
+  """
+  if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+    signal.signal(signal.SIGINT, _die_of_signal)
+
+
+def _die_of_signal(signum, frame) -> None:
+  del frame
+  name = signal.Signals(signum).name
+  print(f'Interrupted ({name}): exiting now; the last finished checkpoint '
+        'is kept.', file=sys.stderr, flush=True)  # fmt: skip
+  sys.stdout.flush()
+  signal.signal(signum, signal.SIG_DFL)
+  signal.raise_signal(signum)
 
 
 def apply_nan_policy(
@@ -158,8 +269,12 @@ def apply_nan_policy(
 
   Traced inside the train step. The step is finite when the total loss and
   the global gradient norm (`metrics['total_loss']`, `metrics['grad_norm']`)
-  are finite; otherwise params and opt_state come from `old_state` (the step
-  counter still advances) and `metrics['skipped']` is 1.
+  are finite and so is every floating-point array of the updated params
+  and opt_state: a finite loss can still take an update past float32's
+  range (a learning rate too large for the weights). Otherwise params and
+  opt_state come from `old_state` (the step counter still advances) and
+  `metrics['skipped']` is 1. The check of the new state is one reduction
+  per array, fused by XLA into the update.
 
   Args:
     policy: config.nan_policy.
@@ -172,8 +287,10 @@ def apply_nan_policy(
   """
   if policy == 'stop':
     return new_state
-  finite = jnp.isfinite(metrics['total_loss']) & jnp.isfinite(
-    metrics['grad_norm']
+  finite = (
+    jnp.isfinite(metrics['total_loss'])
+    & jnp.isfinite(metrics['grad_norm'])
+    & all_finite((new_state.params, new_state.opt_state))
   )
   metrics['skipped'] = 1.0 - finite.astype(jnp.float32)
 
@@ -186,6 +303,16 @@ def apply_nan_policy(
       keep, new_state.opt_state, old_state.opt_state
     ),
   )
+
+
+def all_finite(tree) -> jax.Array:
+  """A scalar bool: no floating-point array of `tree` holds NaN or Inf."""
+  flags = [
+    jnp.all(jnp.isfinite(x))
+    for x in jax.tree_util.tree_leaves(tree)
+    if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
 def non_finite_terms(metrics: Mapping[str, Any]) -> list[str]:

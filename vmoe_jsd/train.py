@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vmoe_jsd import (
@@ -36,8 +37,10 @@ from vmoe_jsd import (
   initialization,
   optimizer,
   paths,
+  profiling,
   progress,
   resilience,
+  robustness,
   run_files,
   sharding,
   stability,
@@ -207,6 +210,7 @@ class Evaluations:
   stability_step: Callable
   routing_maps: figures.RoutingMapWriter | None
   fewshot_fn: Callable | None
+  robustness_fn: Callable | None = None
 
   @classmethod
   def build(cls, spec, mesh, test_ds, writer, log) -> Evaluations:
@@ -226,18 +230,34 @@ class Evaluations:
     fewshot_fn = fewshot.make_evaluator(
       spec.fewshot, spec.model, spec.views, put_batch
     )
+    robustness_fn = None
+    if spec.robustness is not None and spec.robustness.enabled:
+      robustness_fn = robustness.make_evaluator(
+        spec.robustness, spec.model, spec.views, spec.seed,
+        spec.step.loss, put_batch)  # fmt: skip
     return cls(spec, mesh, test_ds, writer, log, put_batch, eval_step,
-               stability_step, routing_maps, fewshot_fn)  # fmt: skip
+               stability_step, routing_maps, fewshot_fn,
+               robustness_fn)  # fmt: skip
 
-  def test(self, params, step: int) -> dict[str, Any]:
+  def test(self, params, step: int,
+           should_stop: Callable[[], bool] | None = None):  # fmt: skip
+    """The test evaluation of `step`: its dict, or None when should_stop
+    (asked between batches) abandoned it; nothing is written then."""
     spec, batch = self.spec, self.spec.test_data.batch_size
+    split = evaluate.StoppableSplit(self.test_ds, should_stop or _never)
     t0 = time.time()
     with jax.set_mesh(self.mesh):
       result = evaluate.run_evaluation(
-        self.eval_step, params, self.test_ds, batch, spec.evaluate.limit,
+        self.eval_step, params, split, batch, spec.evaluate.limit,
         spec.model.moe_layers, self.put_batch)  # fmt: skip
+      eval_seconds = time.time() - t0
+      stab = {} if split.stopped else stability.run_stability(
+        self.stability_step, params, split, batch, spec.stability,
+        self.put_batch)  # fmt: skip
+    if split.stopped:
+      return None
     result['step'] = step
-    result['eval_seconds'] = time.time() - t0
+    result['eval_seconds'] = eval_seconds
     self.writer.write_scalars(step, evaluate.routing_scalars(result))
     self.log(
       f'[eval step {step}] test accuracy {result["accuracy"]:.4f} on '
@@ -245,22 +265,23 @@ class Evaluations:
     )
     if result['routing']:
       self.log(evaluate.format_routing_table(result['routing']))
-    with jax.set_mesh(self.mesh):
-      stab = stability.run_stability(
-        self.stability_step, params, self.test_ds, batch, spec.stability,
-        self.put_batch)  # fmt: skip
     if stab:
       result['stability'] = stab
       self.writer.write_scalars(step, stability.stability_scalars(stab))
       self.log(stability.format_stability_table(stab))
     if self.routing_maps is not None:
       self.routing_maps.write(self.writer, step, params)
+    if self.robustness_fn is not None:  # evaluate.robustness.enabled
+      with jax.set_mesh(self.mesh):
+        result['robustness'] = self.robustness_fn(params, self.test_ds, batch)
     return result
 
-  def final(self, params, step: int) -> dict[str, Any]:
-    """The end of training: the test evaluation and, if on, few-shot."""
-    result = self.test(params, step)
-    if self.fewshot_fn:
+  def final(self, params, step: int,
+            should_stop: Callable[[], bool] | None = None):  # fmt: skip
+    """The end of training: the test evaluation and, if on, few-shot (None
+    when should_stop abandoned the test evaluation)."""
+    result = self.test(params, step, should_stop)
+    if result is not None and self.fewshot_fn:
       result['fewshot'] = self.fewshot(params, step)
     return result
 
@@ -270,6 +291,10 @@ class Evaluations:
     self.writer.write_scalars(step, fewshot.scalars(out))
     self.log(fewshot.format_results(out, step))
     return out
+
+
+def _never() -> bool:
+  return False
 
 
 def report(step, metrics, skipped, clock: progress.Progress, writer,
@@ -304,13 +329,15 @@ _progress_line = progress.progress_line
 # The story.
 # ----------------------------------------------------------------------------
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, reevaluate: bool = False
-):
+  config: ml_collections.ConfigDict, workdir: str, reevaluate: bool = False,
+  allow_config_change: bool = False,
+):  # fmt: skip
   """Trains (resuming from workdir if it holds checkpoints) and evaluates.
 
-  `workdir` may be local or remote (gs://...); see paths.py. SIGTERM (or a
-  first Ctrl-C) stops the run after the current step with a checkpoint of
-  it (see resilience.py).
+  `workdir` may be local or remote (gs://...); see paths.py. It is locked
+  for the whole run (run_files.lock_workdir). SIGTERM (or a first Ctrl-C)
+  stops the run after the current step with a checkpoint of it (see
+  resilience.py).
 
   Args:
     config: the run's config.
@@ -319,24 +346,41 @@ def train_and_evaluate(
     reevaluate: on a finished workdir, evaluate the final checkpoint again
       and rewrite results.json (keeping its training time); without it, a
       finished workdir is left as it is.
+    allow_config_change: resume even when the config differs from the
+      workdir's config.json in keys outside run_files.RESUMABLE_KEYS.
 
   Returns:
     The final evaluation result (also written to workdir/results.json), or
     {'preempted_at_step': step, 'signal': name} when stopped by a signal.
+
+  Raises:
+    run_files.WorkdirError: the workdir is in use by another run, is no
+      folder or cannot be written, or was trained with another config
+      (run_files.ConfigChangedError).
   """
-  # --- Config: resolved once; a finished run is left as it is. ----------
   spec = config_lib.validate(config, jax.device_count())
   is_main = jax.process_index() == 0
   log = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
+  workdir = run_files.prepare_workdir(workdir)
+  with run_files.lock_workdir(workdir, log):
+    return _run(spec, workdir, reevaluate, allow_config_change, is_main, log)
+
+
+def _run(spec, workdir, reevaluate, allow_config_change, is_main, log):
+  """train_and_evaluate's story, with the workdir locked."""
+  # --- Config: a finished run is left as it is; a resume keeps its config.
   finished = run_files.finished_result(workdir, spec.num_steps or None)
-  if finished is not None and not reevaluate:
+  keep = finished is not None and not reevaluate
+  run_files.on_process_0(lambda: run_files.check_resume_config(
+    workdir, spec.config, allow_config_change, log, record=not keep,
+  ), "the config differs from the workdir's config.json")  # fmt: skip
+  if keep:
     log(f'{workdir} has finished ({finished["num_train_steps"]} steps, test '
         f'accuracy {finished["accuracy"]:.4f}); results.json kept. Pass '
         '--reevaluate to evaluate its final checkpoint again.')  # fmt: skip
     return finished
 
   # --- Mesh, run files and input. ----------------------------------------
-  workdir = paths.makedirs(workdir)
   mesh = sharding.make_mesh(spec.num_expert_partitions)
   writer = run_files.metric_writer(str(workdir), is_main)
   if is_main:
@@ -354,11 +398,18 @@ def train_and_evaluate(
   describe_run(spec, state, start_step, num_steps, mesh, writer, log, is_main)
   evals = Evaluations.build(spec, mesh, test_ds, writer, log)
 
-  # --- Loop. --------------------------------------------------------------
-  clock = progress.Progress(start_step, num_steps, spec.train_data.batch_size)
+  # --- Loop (the history is written as it goes, the time kept). ----------
+  batch_size = spec.train_data.batch_size
+  clock = progress.Progress(start_step, num_steps, batch_size)
+  history = run_files.History(
+    workdir / run_files.HISTORY, start_step, is_main,
+    seconds_fn=lambda: clock.train_seconds)  # fmt: skip
+  clock.train_seconds = history.train_seconds_until(start_step, batch_size)
   guard = resilience.PreemptionGuard()
+  trace_dir = str(workdir) if is_main else None  # config.profile's trace
   state, history = train_loop(spec, setup, state, train_ds, mesh, ckpt, evals,
-                              clock, guard, writer, log)  # fmt: skip
+                              clock, guard, writer, log, trace_dir,
+                              history, workdir)  # fmt: skip
   stopped = guard.stopped_at is not None
   ckpt.maybe_save(guard.stopped_at if stopped else num_steps, state, force=True)
   ckpt.close()
@@ -366,8 +417,12 @@ def train_and_evaluate(
     return _stop_preempted(guard, ckpt, writer, workdir, history, log)
 
   # --- The end: final evaluation and results. ----------------------------
-  result = evals.final(state.params, num_steps)
-  train_time = clock.train_seconds
+  with guard.watching():  # A stop request ends it between batches.
+    result = evals.final(state.params, num_steps, guard.should_stop)
+  if result is None:  # Its checkpoint is saved; a resume evaluates again.
+    guard.stop_at(num_steps, 'the final evaluation')
+    return _stop_preempted(guard, ckpt, writer, workdir, history, log)
+  train_time = clock.train_seconds  # Of every segment since step 0.
   if finished is not None:  # --reevaluate: the training time stays.
     train_time = finished.get('train_seconds_excluding_compile', train_time)
   result.update(
@@ -379,48 +434,142 @@ def train_and_evaluate(
   )  # fmt: skip
   if is_main:
     paths.write_json(workdir / run_files.RESULTS, result)
-    run_files.append_jsonl(workdir / run_files.HISTORY, history)
   writer.flush()
   writer.close()
   return result
 
 
 def train_loop(spec, setup, state, train_ds, mesh, ckpt, evals,
-               clock: progress.Progress, guard, writer, log):  # fmt: skip
+               clock: progress.Progress, guard, writer, log,
+               profile_dir: str | None = None,
+               history: run_files.History | None = None,
+               workdir=None):  # fmt: skip
   """Steps from clock.start_step to clock.num_steps (or to a stop signal),
-  with every periodic action; returns (state, progress history rows)."""
+  with every periodic action; returns (state, progress history rows).
+  config.profile's steps are traced into profile_dir (None: not traced).
+  Each report's row goes to `history` (written at once; default a list).
+  A stop request during a periodic evaluation ends the loop at that step
+  and notes it in workdir, so that the resumed run evaluates it again
+  (before its first step) and writes what an uninterrupted run writes."""
   start_step, num_steps = clock.start_step, clock.num_steps
+  if not redo_interrupted_evaluation(spec, evals, state.params, clock, guard,
+                                     workdir, log):  # fmt: skip
+    return state, [] if history is None else history
+  compile_together(spec, setup, state, mesh, train_ds.image_shape)
+  window = profiling.ProfileWindow(spec.profile, profile_dir, start_step,
+                                   num_steps, log)  # fmt: skip
   put_batch = sharding.make_put_batch(mesh)
   batches = data.prefetch(train_ds.train_batches(
     spec.train_data.batch_size, seed=spec.seed, start_step=start_step,
     process_index=jax.process_index(), process_count=jax.process_count(),
   ))  # fmt: skip
-  history = []
+  history = [] if history is None else history
   # Under 'skip': a device scalar, summed without host syncs.
   skipped = 0 if spec.step.nan_policy == 'skip' else None
   for step in guard.steps(start_step, num_steps, on_exit=ckpt.wait):
+    window.before_step(step)
     batch = next(batches)
     arrays = put_batch(batch['image'], batch['label'], data.orig_sizes(batch))
     with jax.set_mesh(mesh):
       state, metrics = setup.train_step(state, *arrays)
+    window.after_step(step, state)
     clock.step_done()
     if skipped is not None:
       skipped = skipped + metrics['skipped']
     if progress.itstime(step, spec.report_every, num_steps, last=True,
                         first=start_step + 1):  # fmt: skip
       history.append(report(step, metrics, skipped, clock, writer, log))
-    if progress.itstime(step, spec.evaluate.every_steps, num_steps):
-      evals.test(state.params, step)
-      clock.resume()
-    if evals.fewshot_fn and progress.itstime(step, spec.fewshot.every_steps,
-                                             num_steps):  # fmt: skip
-      evals.fewshot(state.params, step)
-      clock.resume()
+    if not periodic_evaluations(spec, evals, state.params, step, clock,
+                                guard):  # fmt: skip
+      guard.stop_at(step, 'its evaluation')
+      note_interrupted_evaluation(workdir, step)
+      continue  # steps() ends here; the caller saves this step.
     if progress.itstime(step, spec.checkpoint.every_steps, num_steps):
       check_finite(jax.device_get(metrics), step, skipped)
       ckpt.maybe_save(step, state)
       clock.resume()
+  window.close()
   return state, history
+
+
+def compile_together(spec, setup, state, mesh, image_shape) -> None:
+  """On several processes, compiles the train step and waits for all.
+
+  Each process compiles at its first call, and under load one can finish
+  long before another; gloo (XLA:CPU's collectives) then gives up at the
+  step's first collective after 30 s without its peer ('Gloo context
+  initialization failed'). Compiled ahead (jit reuses the executable) and
+  met at a barrier, the processes start step 1 together. On one process
+  nothing happens here: the first step compiles, as before.
+  """
+  if jax.process_count() == 1:
+    return
+  batch = spec.train_data.batch_size
+
+  def arg(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=setup.data_sharding)
+
+  with jax.set_mesh(mesh):
+    setup.train_step.lower(
+      state, arg((batch, *image_shape), jnp.uint8), arg((batch,), jnp.int32),
+      arg((batch, 2), jnp.int32),
+    ).compile()  # fmt: skip
+  multihost_utils.sync_global_devices('vmoe_jsd: train step compiled')
+
+
+# A stop request abandoned the periodic evaluation of the step saved last;
+# process 0 notes that step here, in the workdir, for the resumed run.
+INTERRUPTED_EVALUATION = 'interrupted_evaluation.json'
+
+
+def periodic_evaluations(spec, evals, params, step: int,
+                         clock: progress.Progress, guard) -> bool:  # fmt: skip
+  """The evaluations due after `step`; False when a stop request abandoned
+  the test evaluation (between two of its batches; nothing was written)."""
+  num_steps = clock.num_steps
+  if progress.itstime(step, spec.evaluate.every_steps, num_steps):
+    done = evals.test(params, step, guard.should_stop) is not None
+    clock.resume()
+    if not done:
+      return False
+  if evals.fewshot_fn and progress.itstime(step, spec.fewshot.every_steps,
+                                           num_steps):  # fmt: skip
+    evals.fewshot(params, step)
+    clock.resume()
+  return True
+
+
+def note_interrupted_evaluation(workdir, step: int) -> None:
+  if workdir is not None and jax.process_index() == 0:
+    paths.write_json(paths.join(workdir, INTERRUPTED_EVALUATION),
+                     {'step': step})  # fmt: skip
+
+
+def redo_interrupted_evaluation(spec, evals, params, clock, guard, workdir,
+                                log) -> bool:  # fmt: skip
+  """Runs the periodic evaluations of clock.start_step again if a stop
+  abandoned them there; False when a stop request abandons them again.
+
+  Every process reads the note (the workdir is shared, as the checkpoints
+  are); process 0 removes it once the evaluations are done (by then every
+  process has read it: they ran the evaluations' collectives together). A
+  note of another step (its checkpoint was never finished) is dropped.
+  """
+  if workdir is None:
+    return True
+  path = paths.join(workdir, INTERRUPTED_EVALUATION)
+  if not paths.exists(path):
+    return True
+  step = clock.start_step
+  if paths.read_json(path).get('step') == step:
+    log(f'The evaluation of step {step} was interrupted; evaluating again.')
+    with guard.watching():
+      if not periodic_evaluations(spec, evals, params, step, clock, guard):
+        guard.stop_at(step, 'its evaluation')
+        return False
+  if jax.process_index() == 0:
+    path.unlink(missing_ok=True)
+  return True
 
 
 def describe_run(spec, state, start_step, num_steps, mesh, writer, log,
@@ -435,12 +584,13 @@ def describe_run(spec, state, start_step, num_steps, mesh, writer, log,
 
 
 def _stop_preempted(guard, ckpt, writer, workdir, history, log):
-  """Reports a stop by signal (its step is saved); keeps the history."""
-  if jax.process_index() == 0:
-    run_files.append_jsonl(workdir / run_files.HISTORY, history)
+  """Reports a stop by signal (its step is saved); the history rows are
+  already in workdir (run_files.History writes them as they come)."""
+  del workdir, history
   writer.flush()
   writer.close()
-  log(f'Stopped by {guard.signal_name} after step {guard.stopped_at}: '
-      f'checkpoint saved in {ckpt.directory}. Run the same command to '
-      'resume.')  # fmt: skip
+  during = f' (during {guard.stopped_during}, which a resume runs again)'
+  log(f'Stopped by {guard.signal_name} after step {guard.stopped_at}'
+      f'{during if guard.stopped_during else ""}: checkpoint saved in '
+      f'{ckpt.directory}. Run the same command to resume.')  # fmt: skip
   return {'preempted_at_step': guard.stopped_at, 'signal': guard.signal_name}

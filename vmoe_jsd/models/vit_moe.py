@@ -204,25 +204,33 @@ def expert_mlp(
     (E_loc, J, G, C, D) outputs.
   """
 
-  def dense(p, h):
+  # The dense layers see (E_loc, J * G * C, D), as vmoe's vmapped Dense does:
+  # on a 5-D einsum XLA:CPU gave the dot and its GELU separate buffers and
+  # layout copies (MoE layer forward temp memory 120 MiB against 75, 1.15x
+  # the time; benchmarks/moe_dispatch.py). Dropout reads the 5-D view.
+  lead = x.shape[:-1]  # (E_loc, J, G, C)
+
+  def dense(p, h):  # (E_loc, N, D) -> (E_loc, N, F)
     h, kernel, bias = nn.dtypes.promote_dtype(
       h, p['kernel'], p['bias'], dtype=dtype
     )
-    out = jnp.einsum('ejgcd,edf->ejgcf', h, kernel)
-    return out + bias[:, None, None, None, :]
+    return jnp.einsum('end,edf->enf', h, kernel) + bias[:, None, :]
+
+  def dropout(h, keys_or_none):
+    if keys_or_none is None:
+      return h
+    h5 = _dropout(h.reshape(*lead, h.shape[-1]), keys_or_none, dropout_rate)
+    return h5.reshape(h.shape)
 
   if keys is not None and dropout_rate > 0:
     keys = jax.vmap(jax.vmap(jax.vmap(lambda k: jax.random.split(k))))(keys)
     first, second = keys[..., 0], keys[..., 1]
   else:
     first = second = None
-  h = nn.gelu(dense(params['Dense_0'], x))
-  if first is not None:
-    h = _dropout(h, first, dropout_rate)
-  y = dense(params['Dense_1'], h)
-  if second is not None:
-    y = _dropout(y, second, dropout_rate)
-  return y
+  flat = x.reshape(x.shape[0], -1, x.shape[-1])
+  h = dropout(nn.gelu(dense(params['Dense_0'], flat)), first)
+  y = dropout(dense(params['Dense_1'], h), second)
+  return y.reshape(*lead, y.shape[-1])
 
 
 class MapHead(nn.Module):
