@@ -146,5 +146,13 @@ def test_sigterm_to_one_process_stops_both_and_resume_matches(
   assert _eval_lines(out0, 4) == _eval_lines(want_output, 4)
   with open(os.path.join(workdir, 'results.json')) as f:
     got = json.load(f)
-  for key in ('accuracy', 'num_examples', 'routing', 'step'):
+  for key in ('accuracy', 'num_examples', 'step'):
     assert got[key] == want[key], key
+  # Float32 round-off only: one of eight uninterrupted two-process runs
+  # (same code, same cache) had its block-1 JSD 3e-8 relative off the
+  # others; the run-to-run spread of two processes on XLA:CPU, not a
+  # resume's (one process resumes bitwise: test_preemption.py).
+  for layer, figs in want['routing'].items():
+    for key, value in figs.items():
+      np.testing.assert_allclose(got['routing'][layer][key], value,
+                                 rtol=1e-6, err_msg=key)  # fmt: skip
