@@ -34,24 +34,12 @@ different recipe. NOT MEASURED here either (no accelerator).
 4 steps on an offline mini `imagenet2012` prepared on first use in data_dir.
 """
 
-import importlib.util
-import os
-
 from vmoe_jsd import config_common
-
-
-def _imagenet_moe_config():
-  """configs/imagenet.py's get_config (its file, beside this one)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'imagenet.py')
-  spec = importlib.util.spec_from_file_location('imagenet_moe_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def get_config(arg=None):
   # The MoE config itself, so that the baseline cannot drift from it.
-  config = _imagenet_moe_config()
+  config = config_common.sibling_config(__file__, 'imagenet').get_config()
   del config.model.encoder['moe']
   config.evaluate.model_overrides = {}  # vmoe's eval capacity: MoE only.
   config.num_expert_partitions = 1

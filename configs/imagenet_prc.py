@@ -53,54 +53,26 @@ import ml_collections
 
 from vmoe_jsd import config_common
 
-NUM_CLASSES = 1000
 BATCH_SIZE = 512  # images; x 2 views = PRC's 1024 views per step.
-CANVAS = 320  # host canvas side, as configs/imagenet.py
+
+
+def _imagenet():
+  return config_common.sibling_config(__file__, 'imagenet')
 
 
 def get_config(arg=None):
-  config = config_common.base_config()
-  config.train_epochs = 300
-  config.num_train_steps = 0
-  config.dataset = ml_collections.ConfigDict()
-  config.dataset.train = config_common.tfds_split(
-    'imagenet2012', 'train[:99%]', BATCH_SIZE, image_size=CANVAS
-  )
-  config.dataset.test = config_common.tfds_split(
-    'imagenet2012', 'validation', 1024, image_size=224, resize_size=256
-  )
-  config.augment = dict(
-    size=224,
-    crop_scale=(0.05, 1.0),
-    crop_ratio=(3 / 4, 4 / 3),
-    flip=True,
-    randaugment=(2, 10),
-    fill_value=128 / 255,
-  )
-  config.mixup = dict(concentration=0.0)
-  config.loss.name = 'sigmoid_xent'
-  model = config_common.vmoe_s32_model(
-    NUM_CLASSES, 224, capacity_factor=1.05, representation_size=512
-  )
-  model['head_bias_init'] = -6.9077552789821368  # -log(1000), as vmoe
-  router = model['encoder']['moe']['router']
-  router['importance_loss_weight'] = 0.0
-  router['load_loss_weight'] = 0.0
-  config.model = model
-  config.optimizer = dict(
-    name='adam', b1=0.9, b2=0.999,
-    weight_decay=(('.*/kernel$', 0.1),),
-    gradient_clip=dict(global_norm=1.0),
-    frozen_pattern=(), lr_multipliers=(),  # optimizer.py: off
-    learning_rate=dict(schedule='warmup_linear_decay', peak_value=7.5e-4,
-                       end_value=5e-6, warmup_steps=10_000),
-  )  # fmt: skip
-  config.num_expert_partitions = 8
-  config = ml_collections.ConfigDict(config)
+  # configs/imagenet.py itself, with PRC's differences (docstring above).
+  config = _imagenet().get_config()
+  config.dataset.train.batch_size = BATCH_SIZE
+  config.dataset.test.batch_size = 1024
+  config.mixup.concentration = 0.0
+  router = config.model.encoder.moe.router
+  router.importance_loss_weight = 0.0
+  router.load_loss_weight = 0.0
+  lr = config.optimizer.learning_rate
+  lr.peak_value = 7.5e-4  # vmoe's 1.5e-3 at 2048 views, linearly to 1024
+  lr.end_value = 5e-6
   prc_consistency(config)
-  config.save_checkpoint.every_steps = 1000
-  config.report_progress.every_steps = 100
-  config.evaluate.every_steps = 5000
   return config_common.apply_config_arg(config, arg, _runlocal)
 
 
@@ -116,8 +88,7 @@ def prc_consistency(config: ml_collections.ConfigDict) -> None:
 
 
 def _runlocal(config):
-  config.num_expert_partitions = 1
-  config_common.shrink_to_mini_tfds(config)
+  _imagenet()._runlocal(config)  # noqa: SLF001 - imagenet.py's smoke run
   # The tiny model has 2 blocks (MoE on block 1): PRC pairs every MoE layer.
   config.consistency.layers = (1,)
 

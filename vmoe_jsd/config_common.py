@@ -9,6 +9,10 @@ whose type is NoneType.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import types
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -430,3 +434,14 @@ def apply_config_arg(config, arg, runlocal) -> ml_collections.ConfigDict:
   elif arg:
     raise ValueError(f"config argument {arg!r} is unknown; use 'runlocal'")
   return config
+
+
+def sibling_config(this_file: str, name: str) -> types.ModuleType:
+  """The module of configs/<name>.py beside `this_file` (configs/ is not a
+  package), so that a config derived from another one cannot drift from
+  it: `sibling_config(__file__, 'imagenet').get_config()`."""
+  path = os.path.join(os.path.dirname(os.path.abspath(this_file)), f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -34,9 +34,6 @@ null); docs/robustness.md gives the schema and the cost of each suite.
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import jax
 from absl import app, flags
 from ml_collections import config_flags
@@ -95,17 +92,6 @@ def parse_suites(text: str) -> tuple[str, ...]:
 def robustness_spec(spec: config_lib.RunSpec) -> robustness.RobustnessSpec:
   """config.evaluate.robustness, checked (ConfigError names the key)."""
   return spec.robustness
-
-
-def strict_json(obj: Any) -> Any:
-  """`obj` with NaN and infinities as None (JSON has no NaN)."""
-  if isinstance(obj, float):
-    return obj if math.isfinite(obj) else None
-  if isinstance(obj, dict):
-    return {k: strict_json(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [strict_json(v) for v in obj]
-  return obj
 
 
 def checkpoint_source(path: str) -> str:
@@ -283,7 +269,7 @@ def main(argv):
       paths.write_json(output, result)
     else:
       print(robustness.format_suite(suite, result))
-      paths.write_json(output, strict_json(result))
+      paths.write_json(output, result)  # strict: NaN as null
     print(f'Wrote {output}')
 
 
