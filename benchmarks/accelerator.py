@@ -57,6 +57,7 @@ import input_pipeline  # noqa: E402 - benchmarks/, beside this file
 from bench_setup import train_setup  # noqa: E402 - after the path above
 
 from vmoe_jsd import augment, sharding  # noqa: E402 - after the path above
+from vmoe_jsd.data import mini  # noqa: E402 - after the path above
 from vmoe_jsd.models import moe  # noqa: E402 - after the path above
 
 _SMOKE = flags.DEFINE_bool('smoke', False, 'tiny sizes: checks, not numbers')
@@ -246,7 +247,9 @@ def pipeline_table(smoke, threads):
     cores = os.cpu_count() or 1
     threads = [n for n in (1, 2, 4, 8, 16, 32) if n <= min(cores, 16)]
     threads = threads[:2] if smoke else threads
-  results, _ = input_pipeline.throughput(_jpegs(num), 320, batches, threads)
+  jpegs = _jpegs(num)
+  with mini.captured_output():  # tfds's preparation lines, not the table's.
+    results, _ = input_pipeline.throughput(jpegs, 320, batches, threads)
   rows = [
     f'| {n} | {wall:.0f} | {cpu:.0f} |' for n, (wall, cpu) in results.items()
   ]
