@@ -11,6 +11,8 @@ one to that jax process index; every process otherwise):
 - `eval:<n>:<b>:<SIG>[:<process>]`: as the test evaluation of step n reads
   its batch b (the evaluation abandons the batches after b); `reads` gets
   the (step, batch) of every batch read.
+- `setup:<SIG>[:<process>]`: as restore_or_init returns, before any
+  compilation of the training loop (a stop requested during start-up).
 - `compile:<function>`: two SIGINTs, the second once the first was
   handled, while XLA compiles the jitted `function` for the first time
   (`init_state`: the first long compilation, before training;
@@ -53,6 +55,18 @@ def at_step(n, name, process=None, patch=setattr):
     return line
 
   patch(train, '_progress_line', hooked)
+
+
+def at_setup(name, process=None, patch=setattr):
+  original = train.restore_or_init
+
+  def hooked(*args, **kwargs):
+    state = original(*args, **kwargs)
+    if _here(process):
+      _to_main(name)
+    return state
+
+  patch(train, 'restore_or_init', hooked)
 
 
 def in_eval(n, b, name, process=None, patch=setattr, reads=None):
@@ -113,7 +127,12 @@ def in_compile(name, patch=setattr):
   patch(compiler, 'backend_compile_and_load', hooked)
 
 
-HOOKS = {'step': at_step, 'eval': in_eval, 'compile': in_compile}
+HOOKS = {
+  'step': at_step,
+  'setup': at_setup,
+  'eval': in_eval,
+  'compile': in_compile,
+}
 
 if __name__ == '__main__':
   kind, *hook_args = os.environ['SIGNAL_HOOK'].split(':')

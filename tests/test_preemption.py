@@ -162,7 +162,17 @@ def test_watching_nests_and_stop_at_ends_the_steps():
   assert signal.getsignal(STOP) is before
   assert ran == [1, 2] and guard.stopped_at == 2
   assert guard.stopped_during == 'its evaluation'
-  assert guard.num_checks == 1  # After step 1 only; step 2 was stopped.
+  # Before step 1 and after step 1; step 2 was stopped by stop_at.
+  assert guard.num_checks == 2
+
+
+def test_a_request_before_the_loop_stops_before_the_first_step():
+  guard = resilience.PreemptionGuard(signals=(STOP,))
+  with guard.watching():  # As train_and_evaluate watches from start-up.
+    _signal_main_thread(STOP)
+    assert list(guard.steps(4, 10)) == []
+  assert guard.stopped_at == 4 and guard.stopped_during == 'the start-up'
+  assert guard.signal_name == STOP.name
 
 
 class _Batches:
@@ -212,6 +222,41 @@ def test_stop_in_training_saves_that_step_and_resume_finishes(
   assert 'at step 3.' in out and '[step 4/6]' in out
   assert result['step'] == 6
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '6']
+
+
+def test_stop_during_start_up_stops_before_the_first_step(
+  tmp_path, monkeypatch, capsys, _private_stop_signal
+):
+  """A stop requested while the run starts (here as its state is made,
+  before the loop compiles) is kept, not lost or fatal: the run stops
+  before its first step (nothing to save from step 0; the restored step's
+  checkpoint is the resume point later) and a resume finishes."""
+  config = _load_smoke(**{'save_checkpoint.every_steps': 3})
+  workdir = str(tmp_path / 'run')
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  with monkeypatch.context() as m:
+    signal_hooks.at_setup(STOP.name, patch=m.setattr)
+    result = train.train_and_evaluate(config, workdir)
+  assert result == {'preempted_at_step': 0, 'signal': STOP.name}
+  out = capsys.readouterr().out
+  assert '[step ' not in out and 'nothing trained yet' in out
+  assert not os.path.exists(ckpt_dir) or not os.listdir(ckpt_dir)
+
+  with monkeypatch.context() as m:
+    signal_hooks.at_step(4, STOP.name, patch=m.setattr)
+    result = train.train_and_evaluate(config, workdir)
+  assert result['preempted_at_step'] == 4
+  capsys.readouterr()
+  with monkeypatch.context() as m:  # Restored at step 4, stopped again.
+    signal_hooks.at_setup(STOP.name, patch=m.setattr)
+    result = train.train_and_evaluate(config, workdir)
+  assert result == {'preempted_at_step': 4, 'signal': STOP.name}
+  out = capsys.readouterr().out
+  assert 'at step 4.' in out and '[step 5/6]' not in out
+  assert sorted(os.listdir(ckpt_dir)) == ['3', '4']
+
+  result = train.train_and_evaluate(config, workdir)
+  assert result['step'] == 6 and '[step 5/6]' in capsys.readouterr().out
 
 
 def _recorded_evaluations(monkeypatch):

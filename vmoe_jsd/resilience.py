@@ -109,10 +109,17 @@ class PreemptionGuard:
         body (the generator is closed then): e.g. wait for pending saves.
 
     Yields:
-      The step numbers to run.
+      The step numbers to run (none when a stop was requested before the
+      first: stopped_at is then start_step).
     """
     try:
       with self.watching():
+        # A request that came before the loop (during restore or the first
+        # compilations, when the caller watched from the start): stop
+        # before the first step; on several processes all agree on it.
+        if start_step < num_steps and self.should_stop(start_step):
+          self.stopped_at, self.stopped_during = start_step, 'the start-up'
+          return
         for step in range(start_step + 1, num_steps + 1):
           yield step
           if self.stopped_at is not None:  # stop_at() in the body.

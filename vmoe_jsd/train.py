@@ -362,11 +362,18 @@ def train_and_evaluate(
   is_main = jax.process_index() == 0
   log = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
   workdir = run_files.prepare_workdir(workdir)
-  with run_files.lock_workdir(workdir, log):
-    return _run(spec, workdir, reevaluate, allow_config_change, is_main, log)
+  # Watching from here, not from the first step: a SIGTERM during restore
+  # or the first compilations (minutes at ImageNet size) stops the run
+  # before its first step, on every process. Without it one process died
+  # alone (single-process default), or, under jax.distributed, its notifier
+  # swallowed the signal and the run trained on until killed.
+  guard = resilience.PreemptionGuard()
+  with run_files.lock_workdir(workdir, log), guard.watching():
+    return _run(spec, workdir, reevaluate, allow_config_change, is_main, log,
+                guard)  # fmt: skip
 
 
-def _run(spec, workdir, reevaluate, allow_config_change, is_main, log):
+def _run(spec, workdir, reevaluate, allow_config_change, is_main, log, guard):
   """train_and_evaluate's story, with the workdir locked."""
   # --- Config: a finished run is left as it is; a resume keeps its config.
   finished = run_files.finished_result(workdir, spec.num_steps or None)
@@ -405,13 +412,14 @@ def _run(spec, workdir, reevaluate, allow_config_change, is_main, log):
     workdir / run_files.HISTORY, start_step, is_main,
     seconds_fn=lambda: clock.train_seconds)  # fmt: skip
   clock.train_seconds = history.train_seconds_until(start_step, batch_size)
-  guard = resilience.PreemptionGuard()
   trace_dir = str(workdir) if is_main else None  # config.profile's trace
   state, history = train_loop(spec, setup, state, train_ds, mesh, ckpt, evals,
                               clock, guard, writer, log, trace_dir,
                               history, workdir)  # fmt: skip
   stopped = guard.stopped_at is not None
-  ckpt.maybe_save(guard.stopped_at if stopped else num_steps, state, force=True)
+  if guard.stopped_at != 0:  # Stopped before step 1: nothing to save.
+    ckpt.maybe_save(guard.stopped_at if stopped else num_steps, state,
+                    force=True)  # fmt: skip
   ckpt.close()
   if stopped:
     return _stop_preempted(guard, ckpt, writer, workdir, history, log)
@@ -590,7 +598,9 @@ def _stop_preempted(guard, ckpt, writer, workdir, history, log):
   writer.flush()
   writer.close()
   during = f' (during {guard.stopped_during}, which a resume runs again)'
+  saved = (f'checkpoint saved in {ckpt.directory}' if guard.stopped_at
+           else 'nothing trained yet, so nothing saved')  # fmt: skip
   log(f'Stopped by {guard.signal_name} after step {guard.stopped_at}'
-      f'{during if guard.stopped_during else ""}: checkpoint saved in '
-      f'{ckpt.directory}. Run the same command to resume.')  # fmt: skip
+      f'{during if guard.stopped_during else ""}: {saved}. Run the same '
+      'command to resume.')  # fmt: skip
   return {'preempted_at_step': guard.stopped_at, 'signal': guard.signal_name}
