@@ -8,6 +8,7 @@ of every array is compared with an independent one, `google_crc32c` of the
 whole array's bytes, whatever the sharding.
 """
 
+import json
 import os
 import pathlib
 import sys
@@ -21,7 +22,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vmoe_jsd import checkpoints, resilience, run_files
+from vmoe_jsd import checkpoints, initialization, resilience, run_files
 from vmoe_jsd import step as step_lib
 
 RNG = np.random.default_rng(0)
@@ -203,6 +204,51 @@ def test_mismatch_names_the_step_and_the_array(tmp_path, monkeypatch):
   state, step, messages = _restore(workdir)
   _assert_fell_back_to_2(workdir, state, step, messages)
   assert 'checksum mismatch in params/w:' in messages[0]
+
+
+def _read_params(path):
+  params, info = initialization.read_orbax_params(path)
+  return params, info['step'], info['skipped']
+
+
+def test_params_read_for_initialization_are_verified(tmp_path):
+  """read_orbax_params (initialization from our checkpoints, convert)
+  checks the params it reads against the step's saved checksums: a wrong
+  one is a damaged step, skipped for a workdir and an error for the step."""
+  workdir = str(tmp_path)
+  _save(workdir, [2, 4])
+  params, step, skipped = _read_params(workdir)  # Intact: the newest.
+  assert step == 4 and not skipped
+  np.testing.assert_array_equal(params['w'], KERNEL + 4)
+  meta = pathlib.Path(workdir, 'checkpoints', '4', 'integrity', 'metadata')
+  record = json.loads(meta.read_text())
+  saved = record['checksums']['params/w']
+  record['checksums']['params/w'] = f'{int(saved, 16) ^ 1:08x}'
+  meta.write_text(json.dumps(record))
+  params, step, skipped = _read_params(workdir)
+  assert step == 2 and 'checksum mismatch in params/w' in skipped[4]
+  np.testing.assert_array_equal(params['w'], KERNEL + 2)
+  with pytest.raises(checkpoints.IntegrityError, match='params/w'):
+    _read_params(os.path.join(workdir, 'checkpoints', '4'))
+
+
+@pytest.mark.parametrize('fraction', [0.1, 0.3, 0.5, 0.7, 0.85])
+def test_params_read_from_a_flipped_bit_are_never_wrong(tmp_path, fraction):
+  """A flipped bit where the params lie makes the step unreadable; one in
+  bytes that a params-only read skips (the optimizer state, framing it
+  does not use) leaves them exactly as saved. Never wrong params."""
+  workdir = str(tmp_path)
+  _save(workdir, [2, 4])
+  path = _data_file(workdir, 4)
+  data = bytearray(path.read_bytes())
+  offset = int(len(data) * fraction)
+  data[offset] ^= 1 << (offset % 8)
+  path.write_bytes(bytes(data))
+  params, step, skipped = _read_params(workdir)
+  assert step in (2, 4)
+  assert (4 in skipped) == (step == 2)
+  np.testing.assert_array_equal(params['w'], KERNEL + step)
+  np.testing.assert_array_equal(params['b'], np.zeros(7) + step)
 
 
 def test_state_saved_with_nan_is_rejected(tmp_path):

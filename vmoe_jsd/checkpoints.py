@@ -269,11 +269,7 @@ class Checkpointer:
     """
     self.wait()
     folder = self.directory / str(step)
-    record = None
-    if (folder / INTEGRITY_ITEM).exists():
-      record = ocp.JsonCheckpointHandler().restore(
-        folder / INTEGRITY_ITEM, args=ocp.args.JsonRestore()
-      )
+    record = read_integrity_record(folder)
     handler = ocp.StandardCheckpointHandler()
     try:
       state = handler.restore(
@@ -589,6 +585,50 @@ def integrity_problem(tree: Any, record: Mapping | None) -> str:
     if wrong:
       return (f'checksum mismatch in {_first(wrong)}: the data read differs '
               'from what was saved')  # fmt: skip
+  if non_finite:
+    return f'{_first(non_finite)} holds NaN or Inf'
+  return ''
+
+
+def read_integrity_record(step_folder) -> dict | None:
+  """The checksums saved in a step folder (None: saved without them)."""
+  folder = paths.resolve(str(step_folder)) / INTEGRITY_ITEM
+  if not folder.exists():
+    return None
+  return ocp.JsonCheckpointHandler().restore(
+    folder, args=ocp.args.JsonRestore()
+  )
+
+
+def host_integrity_problem(
+  tree: Any, record: Mapping | None, prefix: str = ''
+) -> str:
+  """integrity_problem for host (numpy) arrays read from part of a saved
+  state (e.g. its params only), with no exchange between processes: each
+  array's CRC-32C from its bytes, compared with the saved checksum of
+  `prefix/<its name>`; '' if all match (or record is None) and are finite.
+  """
+  names = [f'{prefix}/{n}' if prefix else n for n in array_names(tree)]
+  saved = (record or {}).get('checksums', {})
+  if record is not None and record.get('algorithm') != CHECKSUM_ALGORITHM:
+    return f'unknown checksum algorithm {record.get("algorithm")!r}'
+  missing, wrong, non_finite = [], [], []
+  for name, x in zip(names, jax.tree_util.tree_leaves(tree), strict=True):
+    data = np.ascontiguousarray(x)
+    if record is not None:
+      crc = f'{google_crc32c.value(data.reshape(-1).view(np.uint8)):08x}'
+      if name not in saved:
+        missing.append(name)
+      elif saved[name] != crc:
+        wrong.append(name)
+    if (jnp.issubdtype(data.dtype, jnp.inexact) and data.size
+        and not np.isfinite([data.min(), data.max()]).all()):  # fmt: skip
+      non_finite.append(name)
+  if missing:
+    return f'no checksum was saved for {_first(missing)}'
+  if wrong:
+    return (f'checksum mismatch in {_first(wrong)}: the data read differs '
+            'from what was saved')  # fmt: skip
   if non_finite:
     return f'{_first(non_finite)} holds NaN or Inf'
   return ''

@@ -46,7 +46,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from vmoe_jsd import paths, sharding, vmoe_format
+from vmoe_jsd import checkpoints, paths, sharding, vmoe_format
 from vmoe_jsd.config_errors import fail
 
 SOURCES = ('orbax', 'vit_npz', 'vmoe')
@@ -758,6 +758,14 @@ def _read_state_params(directory: str) -> dict:
   finally:
     handler.close()
   params = restored[key] if key else restored
+  # The CRC-32C of every array saved with the step (checkpoints.py): a
+  # damaged step is an unreadable one (an older one is tried for a workdir).
+  record = checkpoints.read_integrity_record(paths.resolve(directory).parent)
+  problem = checkpoints.host_integrity_problem(params, record, key or '')
+  if problem:
+    raise checkpoints.IntegrityError(
+      f'orbax checkpoint {directory!r}: {problem}'
+    )
   return vmoe_format.unflatten_tree(vmoe_format.flatten_tree(params))
 
 
