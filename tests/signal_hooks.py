@@ -22,6 +22,7 @@ one to that jax process index; every process otherwise):
 Signals go to the main thread (pthread_kill), whose handler then runs
 before the hook returns, or at once when the main thread waits in XLA.
 In-process tests call the hooks with `patch=monkeypatch.setattr`.
+SIGNAL_HOOK_MODULE=<module> runs another command than vmoe_jsd.main.
 """
 
 import os
@@ -139,5 +140,6 @@ if __name__ == '__main__':
   if kind == 'compile':
     signal.signal(signal.SIGINT, signal.default_int_handler)
   HOOKS[kind](*hook_args)
-  sys.argv[0] = 'vmoe_jsd.main'
-  runpy.run_module('vmoe_jsd.main', run_name='__main__', alter_sys=True)
+  module = os.environ.get('SIGNAL_HOOK_MODULE', 'vmoe_jsd.main')
+  sys.argv[0] = module
+  runpy.run_module(module, run_name='__main__', alter_sys=True)

@@ -374,6 +374,25 @@ def test_double_ctrl_c_during_compilation_exits_by_sigint(tmp_path, function):
   assert not os.path.exists(os.path.join(workdir, 'checkpoints', '1'))
 
 
+def test_double_ctrl_c_during_compilation_of_another_command(tmp_path):
+  """The commands besides main that compile (eval_main, analyze,
+  inspect_step) end by SIGINT too; inspect_step compiles the train step
+  without any checkpoint or data, so it stands for them here."""
+  env = dict(os.environ, XLA_FLAGS='', SIGNAL_HOOK='compile:train_step',
+             SIGNAL_HOOK_MODULE='vmoe_jsd.inspect_step')  # fmt: skip
+  proc = subprocess.run(
+    [sys.executable, HOOKS, f'--config={SMOKE}', '--num_devices=2'],
+    cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    text=True, timeout=900,
+  )  # fmt: skip
+  output = proc.stdout
+  assert 'hook: SIGINT 1 during compilation' in output, output
+  assert proc.returncode == -signal.SIGINT, output
+  for crash in ('Traceback', 'Segmentation fault', 'Fatal Python error'):
+    assert crash not in output, output
+  assert 'Interrupted (SIGINT): exiting now' in output
+
+
 def _final_params(workdir, step):
   ckpt = checkpoints.Checkpointer(workdir, every_steps=0)
   params = ckpt._manager.restore(step)['state']['params']

@@ -53,6 +53,7 @@ from vmoe_jsd import (
   initialization,
   models,
   paths,
+  resilience,
   sharding,
   stability,
   streams,
@@ -355,6 +356,7 @@ def format_summary(s: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {argv[1:]}; flags start with --')
+  resilience.exit_on_interrupt()  # Ctrl-C during a compile: no segfault.
   flag_values = flags.FLAGS
   workdir = flag_values.workdir
   try:

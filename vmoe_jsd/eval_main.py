@@ -45,6 +45,7 @@ from vmoe_jsd import (
   fewshot,
   initialization,
   paths,
+  resilience,
   robustness,
   sharding,
   streams,
@@ -246,6 +247,7 @@ def _checked(config):
 def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {argv[1:]}; flags start with --')
+  resilience.exit_on_interrupt()  # Ctrl-C during a compile: no segfault.
   config = _CONFIG.value
   if _SPLIT.value:
     with config.unlocked():

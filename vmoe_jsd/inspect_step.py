@@ -25,7 +25,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from vmoe_jsd import cli, hlo, sharding, step, train
+from vmoe_jsd import cli, hlo, resilience, sharding, step, train
 
 # Flags are defined only when this module runs as a program (see
 # define_flags), so that importing it beside eval_main or main, which define
@@ -177,6 +177,7 @@ def _select_devices(num_devices):
 
 def main(argv):
   del argv
+  resilience.exit_on_interrupt()  # Ctrl-C during a compile: no segfault.
   num_devices = FLAGS.num_devices
   # XLA reads XLA_FLAGS when its backends start (the first device query, in
   # _select_devices), not when jax is imported: importing is no jax use.
