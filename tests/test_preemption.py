@@ -328,6 +328,81 @@ def test_stop_during_evaluations_then_resume_equals_uninterrupted(
     assert json.load(f)['routing'] == full['routing']
 
 
+_FEWSHOT_DATA = dict(name='synthetic', batch_size=16, image_size=16,
+                     num_classes=4)  # fmt: skip
+_EXTRA_EVALUATIONS = {
+  'robustness': {
+    'evaluate.robustness.enabled': True,
+    'evaluate.robustness.suites': ('cheap',),
+    'evaluate.robustness.capacity_factors': (1.0,),
+  },
+  'fewshot': {
+    'fewshot.datasets': {'syn': {
+      'train': dict(_FEWSHOT_DATA, split='train', num_examples=48),
+      'test': dict(_FEWSHOT_DATA, split='test', num_examples=32),
+    }},
+    'fewshot.shots': (1, 5), 'fewshot.seeds': (0, 1), 'fewshot.l2_reg': 8.0,
+  },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize('extra', sorted(_EXTRA_EVALUATIONS))
+def test_stop_inside_robustness_or_fewshot_then_resume_equals_uninterrupted(
+  tmp_path, monkeypatch, capsys, _private_stop_signal, extra
+):
+  """A stop request inside the robustness suites or few-shot (after
+  their first batch) abandons the final evaluation between batches: its
+  step is saved, nothing is written, and the resume's results equal an
+  uninterrupted run's."""
+  config = _load_smoke(
+    **{'save_checkpoint.every_steps': 0, 'num_train_steps': 2},
+    **_EXTRA_EVALUATIONS[extra],
+  )
+  full = train.train_and_evaluate(config, str(tmp_path / 'full'))
+  capsys.readouterr()
+  original, sent = evaluate.RaisingSplit.eval_batches, []
+
+  def batches(self, *args, **kwargs):
+    for batch in original(self, *args, **kwargs):
+      yield batch
+      if not sent:  # Asked before the next batch: the stop is seen there.
+        sent.append(True)
+        signal_hooks._to_main(STOP.name)
+
+  workdir = str(tmp_path / 'run')
+  with monkeypatch.context() as m:
+    m.setattr(evaluate.RaisingSplit, 'eval_batches', batches)
+    result = train.train_and_evaluate(config, workdir)
+  assert sent and result == {'preempted_at_step': 2, 'signal': STOP.name}
+  assert 'during the final evaluation' in capsys.readouterr().out
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['2']
+  assert not os.path.exists(os.path.join(workdir, 'results.json'))
+
+  result = train.train_and_evaluate(config, workdir)
+  assert result['accuracy'] == full['accuracy']
+  if extra == 'fewshot':
+    assert result['fewshot'] == full['fewshot']
+  else:
+    got, want = (r['robustness']['cheap']['rows'] for r in (result, full))
+    assert [r['accuracy'] for r in got] == [r['accuracy'] for r in want]
+
+
+def test_raising_split_raises_between_batches_only():
+  asked = []
+
+  def should_stop():
+    asked.append(True)
+    return len(asked) == 2  # Before the third batch.
+
+  split = evaluate.RaisingSplit(_Batches(4), should_stop)
+  got = []
+  with pytest.raises(evaluate.EvaluationStopped):
+    got.extend(split.eval_batches(16))
+  assert got == [0, 1] and split.stopped
+  assert list(evaluate.RaisingSplit(_Batches(1), should_stop).eval_batches(
+    16)) == [0]  # One batch: never asked.  # fmt: skip
+
+
 # ----------------------------------------------------------------------------
 # Real signals to a training process (main), at set points.
 # ----------------------------------------------------------------------------

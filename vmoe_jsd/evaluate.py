@@ -121,6 +121,22 @@ class StoppableSplit:
     return getattr(self.dataset, name)
 
 
+class EvaluationStopped(Exception):
+  """A stop request ended an evaluation between two batches."""
+
+
+class RaisingSplit(StoppableSplit):
+  """A StoppableSplit that raises EvaluationStopped where it would end
+  early: for evaluations that read the split several times or on their own
+  terms (few-shot, the robustness suites), whose partial figures the caller
+  could not tell from complete ones. The same batch on every process."""
+
+  def eval_batches(self, *args, **kwargs) -> Iterator[dict]:
+    yield from super().eval_batches(*args, **kwargs)
+    if self.stopped:
+      raise EvaluationStopped
+
+
 def sum_over_batches(
   step_fn: Callable[[np.int32, Mapping], Mapping[str, Array]],
   batches: Iterable[Mapping],

@@ -253,17 +253,22 @@ def make_evaluator(spec: FewshotSpec, model: ModelSpec, settings, put_batch):
     put_batch: sharding.make_put_batch(mesh).
 
   Returns:
-    None, or evaluate(params) -> {dataset: {'<k>shot': mean accuracy,
-    '<k>shot_std': std over seeds, '<k>shot_seeds': [...]}}.
+    None, or evaluate(params, should_stop=None) -> {dataset: {'<k>shot':
+    mean accuracy, '<k>shot_std': std over seeds, '<k>shot_seeds': [...]}};
+    should_stop is asked between batches, and a True raises
+    evaluate.EvaluationStopped.
   """
   if not spec.enabled:
     return None
   feature_fn = jax.jit(make_feature_fn(model.build_eval(0), settings))
   sets = [(d, d.train.load(), d.test.load()) for d in spec.datasets]
 
-  def evaluate_fn(params) -> dict[str, dict[str, Any]]:
+  def evaluate_fn(params, should_stop=None) -> dict[str, dict[str, Any]]:
     results = {}
     for d, train, test in sets:
+      if should_stop is not None:  # evaluate.EvaluationStopped on a stop.
+        train = evaluate.RaisingSplit(train, should_stop)
+        test = evaluate.RaisingSplit(test, should_stop)
       xtr, ytr = extract(feature_fn, params, train, d.train.batch_size,
                          put_batch)  # fmt: skip
       xte, yte = extract(feature_fn, params, test, d.test.batch_size,

@@ -256,6 +256,14 @@ class Evaluations:
         self.put_batch)  # fmt: skip
     if split.stopped:
       return None
+    if self.robustness_fn is not None:  # evaluate.robustness.enabled
+      try:  # Before anything is written: a stop inside writes nothing.
+        with jax.set_mesh(self.mesh):
+          result['robustness'] = self.robustness_fn(
+            params, evaluate.RaisingSplit(self.test_ds, should_stop or _never),
+            batch)  # fmt: skip
+      except evaluate.EvaluationStopped:
+        return None
     result['step'] = step
     result['eval_seconds'] = eval_seconds
     self.writer.write_scalars(step, evaluate.routing_scalars(result))
@@ -271,9 +279,6 @@ class Evaluations:
       self.log(stability.format_stability_table(stab))
     if self.routing_maps is not None:
       self.routing_maps.write(self.writer, step, params)
-    if self.robustness_fn is not None:  # evaluate.robustness.enabled
-      with jax.set_mesh(self.mesh):
-        result['robustness'] = self.robustness_fn(params, self.test_ds, batch)
     return result
 
   def final(self, params, step: int,
@@ -282,12 +287,20 @@ class Evaluations:
     when should_stop abandoned the test evaluation)."""
     result = self.test(params, step, should_stop)
     if result is not None and self.fewshot_fn:
-      result['fewshot'] = self.fewshot(params, step)
+      result['fewshot'] = self.fewshot(params, step, should_stop)
+      if result['fewshot'] is None:
+        return None
     return result
 
-  def fewshot(self, params, step: int) -> dict[str, Any]:
-    with jax.set_mesh(self.mesh):
-      out = self.fewshot_fn(params)
+  def fewshot(self, params, step: int,
+              should_stop: Callable[[], bool] | None = None):  # fmt: skip
+    """The few-shot results of `step`, or None when should_stop (asked
+    between batches of its datasets) abandoned them; nothing written then."""
+    try:
+      with jax.set_mesh(self.mesh):
+        out = self.fewshot_fn(params, should_stop or _never)
+    except evaluate.EvaluationStopped:
+      return None
     self.writer.write_scalars(step, fewshot.scalars(out))
     self.log(fewshot.format_results(out, step))
     return out
@@ -542,8 +555,10 @@ def periodic_evaluations(spec, evals, params, step: int,
       return False
   if evals.fewshot_fn and progress.itstime(step, spec.fewshot.every_steps,
                                            num_steps):  # fmt: skip
-    evals.fewshot(params, step)
+    done = evals.fewshot(params, step, guard.should_stop) is not None
     clock.resume()
+    if not done:  # A resume redoes this step's evaluations, test included.
+      return False
   return True
 
 
