@@ -20,6 +20,8 @@ import jax
 import numpy as np
 import pytest
 
+from vmoe_jsd import run_files
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, 'tests', 'smoke_config.py')
 HOOKS = os.path.join(ROOT, 'tests', 'signal_hooks.py')
@@ -103,6 +105,27 @@ def _eval_lines(output, step):
                if ln.startswith(f'[eval step {step}]'))  # fmt: skip
   head = re.sub(r' \([0-9.]+s\)$', '', lines[start])
   return [head, *lines[start + 1 : start + 3]]
+
+
+@pytest.mark.slow  # ~1 minute: two processes start and stop.
+def test_a_locked_workdir_refuses_both_processes_with_one_line(tmp_path):
+  """Another run holds the workdir: process 0 is refused naming the
+  holder, process 1 learns it through the broadcast; both exit 2 with one
+  error line, and nothing in the workdir is touched."""
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  holder = run_files.WorkdirLock(workdir).acquire()
+  try:
+    codes, (out0, out1) = _two_processes(workdir, *STOP_RUN)
+  finally:
+    holder.release()
+  assert codes == [2, 2], out0[-3000:] + out1[-3000:]
+  errors = [[ln for ln in out.splitlines() if ': error: ' in ln]
+            for out in (out0, out1)]  # fmt: skip
+  assert len(errors[0]) == 1 and len(errors[1]) == 1, errors
+  assert f'is in use by another run (pid {os.getpid()} on' in errors[0][0]
+  assert 'process 0 refused to start' in errors[1][0]
+  assert sorted(os.listdir(workdir)) == [run_files.LOCK]
 
 
 @pytest.fixture(scope='module')
