@@ -163,15 +163,20 @@ def test_checksum_detects_every_single_bit_flip_of_an_array():
 # ----------------------------------------------------------------------------
 # Damaged data on disk.
 # ----------------------------------------------------------------------------
-@pytest.mark.parametrize('fraction', [0.1, 0.3, 0.5, 0.7, 0.85])
-def test_one_flipped_bit_in_a_data_file_falls_back(tmp_path, fraction):
-  workdir = str(tmp_path)
+def _flip_one_bit(workdir, step, fraction):
+  """Saves steps 2 and 4, then flips one bit of `step`'s data file."""
   _save(workdir, [2, 4])
-  path = _data_file(workdir, 4)
+  path = _data_file(workdir, step)
   data = bytearray(path.read_bytes())
   offset = int(len(data) * fraction)
   data[offset] ^= 1 << (offset % 8)
   path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize('fraction', [0.1, 0.3, 0.5, 0.7, 0.85])
+def test_one_flipped_bit_in_a_data_file_falls_back(tmp_path, fraction):
+  workdir = str(tmp_path)
+  _flip_one_bit(workdir, 4, fraction)
   _assert_fell_back_to_2(workdir, *_restore(workdir))
 
 
@@ -238,12 +243,7 @@ def test_params_read_from_a_flipped_bit_are_never_wrong(tmp_path, fraction):
   bytes that a params-only read skips (the optimizer state, framing it
   does not use) leaves them exactly as saved. Never wrong params."""
   workdir = str(tmp_path)
-  _save(workdir, [2, 4])
-  path = _data_file(workdir, 4)
-  data = bytearray(path.read_bytes())
-  offset = int(len(data) * fraction)
-  data[offset] ^= 1 << (offset % 8)
-  path.write_bytes(bytes(data))
+  _flip_one_bit(workdir, 4, fraction)
   params, step, skipped = _read_params(workdir)
   assert step in (2, 4)
   assert (4 in skipped) == (step == 2)

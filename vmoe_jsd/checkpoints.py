@@ -570,7 +570,13 @@ def integrity_problem(tree: Any, record: Mapping | None) -> str:
   """'' if `tree` matches `record` (None: no checksums were saved) and is
   finite; else one line naming the first bad array (and how many more).
   Every process gets the same answer (see integrity_summary)."""
-  checksums, non_finite = integrity_summary(tree)
+  return _verdict(*integrity_summary(tree), record)
+
+
+def _verdict(checksums: Mapping[str, str | None], non_finite: list[str],
+             record: Mapping | None) -> str:  # fmt: skip
+  """integrity_problem's line from the arrays' checksums (None: processes
+  hold different copies) and the names of the non-finite ones."""
   if record is not None:
     if record.get('algorithm') != CHECKSUM_ALGORITHM:
       return f'unknown checksum algorithm {record.get("algorithm")!r}'
@@ -609,29 +615,16 @@ def host_integrity_problem(
   `prefix/<its name>`; '' if all match (or record is None) and are finite.
   """
   names = [f'{prefix}/{n}' if prefix else n for n in array_names(tree)]
-  saved = (record or {}).get('checksums', {})
-  if record is not None and record.get('algorithm') != CHECKSUM_ALGORITHM:
-    return f'unknown checksum algorithm {record.get("algorithm")!r}'
-  missing, wrong, non_finite = [], [], []
+  checksums, non_finite = {}, []
   for name, x in zip(names, jax.tree_util.tree_leaves(tree), strict=True):
     data = np.ascontiguousarray(x)
-    if record is not None:
-      crc = f'{google_crc32c.value(data.reshape(-1).view(np.uint8)):08x}'
-      if name not in saved:
-        missing.append(name)
-      elif saved[name] != crc:
-        wrong.append(name)
+    checksums[name] = (
+      f'{google_crc32c.value(data.reshape(-1).view(np.uint8)):08x}'
+    )
     if (jnp.issubdtype(data.dtype, jnp.inexact) and data.size
         and not np.isfinite([data.min(), data.max()]).all()):  # fmt: skip
       non_finite.append(name)
-  if missing:
-    return f'no checksum was saved for {_first(missing)}'
-  if wrong:
-    return (f'checksum mismatch in {_first(wrong)}: the data read differs '
-            'from what was saved')  # fmt: skip
-  if non_finite:
-    return f'{_first(non_finite)} holds NaN or Inf'
-  return ''
+  return _verdict(checksums, non_finite, record)
 
 
 def _quiet_closed_event_loop() -> None:
