@@ -272,3 +272,34 @@ def test_robustness_verdict_by_hand(tmp_path):
   text = report.read_text()
   assert '| prc | 2 | 81.00 ± 1.41 | 71.00 ± 1.41 | 10.00 ± 0.00 |' in text
   assert 'prc/k1 seed 0' in text
+
+
+def test_top1_trained_settings_are_judged_against_the_top1_baseline(tmp_path):
+  root = str(tmp_path)
+  cases = {  # none/k1's corruption drops 0.30, 0.32; prc/k1's 0.20, 0.20.
+    'none': [(0.80, 0.60, 0.40, 0.05), (0.82, 0.60, 0.42, 0.07)],
+    'none/k1': [(0.80, 0.50, 0.40, 0.0), (0.82, 0.50, 0.42, 0.0)],
+    'prc/k1': [(0.80, 0.60, 0.40, 0.0), (0.82, 0.62, 0.42, 0.0)],
+  }
+  for name, runs in cases.items():
+    for seed, figures in enumerate(runs):
+      workdir = study.run_dir(root, name, seed, 400)
+      os.makedirs(workdir)
+      for suite, data in _suites(*figures).items():
+        with open(os.path.join(workdir, f'{suite}_test.json'), 'w') as f:
+          json.dump(data, f)
+  names = list(cases)
+  aggs = study.aggregate_robustness(
+    root, [study.parse_setting(n) for n in names], [0, 1], 400)  # fmt: skip
+  report = tmp_path / 'r.md'
+  study.robustness_report(str(report), aggs, names, 400, [0, 1],
+                          ['tools/study.py'], [])  # fmt: skip
+  verdicts = [ln for ln in report.read_text().splitlines()
+              if ln.startswith('- prc')]  # fmt: skip
+  # Cut (0.31 - 0.20) / 0.31 = 35%, beyond none/k1's std 0.014: met; the
+  # K=2 baseline (drop 0.21) would have said 5%, not met.
+  assert verdicts == [
+    '- prc/k1 (against none/k1, both trained at K=1): corruption drop cut '
+    'by 35% (met: needs >= 25% and beyond 1 baseline std); PGD drop cut by '
+    '0% (not met: needs >= 25% and beyond 1 baseline std).'
+  ]
