@@ -234,8 +234,10 @@ def _suites(clean, corrupted, pgd, k1):
       'accuracy': pgd, 'accuracy_drop': clean - pgd,
       'routing_changes': {layer: 0.2}}},
     'cheap': {'rows': [
-      {'name': 'default', 'accuracy_drop': 0.0, 'expert_flops': 1.0},
-      {'name': 'k1_cf4', 'accuracy_drop': k1, 'expert_flops': 0.5}]},
+      {'name': 'default', 'accuracy_drop': 0.0, 'expert_flops': 1.0,
+       'dropped_tokens': {layer: 0.0, 'encoderblock_3': 0.02}},
+      {'name': 'k1_cf4', 'accuracy_drop': k1, 'expert_flops': 0.5,
+       'dropped_tokens': {layer: 0.1, 'encoderblock_3': 2 * k1}}]},
   }  # fmt: skip
 
 
@@ -272,6 +274,10 @@ def test_robustness_verdict_by_hand(tmp_path):
   text = report.read_text()
   assert '| prc | 2 | 81.00 ± 1.41 | 71.00 ± 1.41 | 10.00 ± 0.00 |' in text
   assert 'prc/k1 seed 0' in text
+  # Dropped tokens, mean over the two layers, in %: default (0 + 2) / 2 = 1;
+  # k1_cf4 for the baseline's seeds (10 + 10) / 2 = 10 and (10 + 14) / 2 =
+  # 12: 11 +- 1.41.
+  assert '| none | 1.00 ± 0.00 | 11.00 ± 1.41 |' in text
 
 
 def test_top1_trained_settings_are_judged_against_the_top1_baseline(tmp_path):

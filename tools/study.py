@@ -995,6 +995,9 @@ def robustness_figures(suites: dict) -> dict[str, float]:
   for row in ch['rows']:
     fig[f'cheap/{row["name"]}/drop'] = row['accuracy_drop']
     fig[f'cheap/{row["name"]}/flops'] = row['expert_flops']
+    dropped = list((row.get('dropped_tokens') or {}).values())
+    if dropped:  # Tokens no expert took, mean over the MoE layers.
+      fig[f'cheap/{row["name"]}/dropped_tokens'] = sum(dropped) / len(dropped)
   return fig
 
 
@@ -1106,6 +1109,19 @@ def cheap_table(aggs: dict, names: list[str]) -> list[str]:
   flops = [fmt(first.get(f'cheap/{r}/flops', (math.nan,) * 2)[0], math.nan, 3)
            for r in rows]  # fmt: skip
   lines.append('| expert FLOPs | ' + ' | '.join(flops) + ' |')
+  if any(f'cheap/{r}/dropped_tokens' in aggs[n] for n in names for r in rows):
+    lines += [
+      '', 'Tokens dropped (%: tokens that no expert took, mean over the MoE '
+      'layers) in the same evaluations; the default evaluation in the first '
+      'column.', '',
+      '| setting | default | ' + ' | '.join(rows) + ' |',
+      '|' + ' --- |' * (len(rows) + 2),
+    ]  # fmt: skip
+    for name in names:
+      cells = [fmt(*aggs[name].get(f'cheap/{r}/dropped_tokens',
+                                   (math.nan, math.nan))[:2], 2, 100)
+               for r in ['default', *rows]]  # fmt: skip
+      lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
   return lines
 
 
