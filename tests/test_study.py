@@ -241,12 +241,8 @@ def _suites(clean, corrupted, pgd, k1):
   }  # fmt: skip
 
 
-def test_robustness_verdict_by_hand(tmp_path):
-  root = str(tmp_path)
-  cases = {
-    'none': [(0.80, 0.60, 0.40, 0.05), (0.82, 0.60, 0.42, 0.07)],
-    'prc': [(0.80, 0.70, 0.40, 0.002), (0.82, 0.72, 0.42, 0.002)],
-  }
+def _write_suite_files(root, cases):
+  """{setting: [figures of seed 0, seed 1, ...]} as the runs' suite files."""
   for name, runs in cases.items():
     for seed, figures in enumerate(runs):
       workdir = study.run_dir(root, name, seed, 400)
@@ -254,6 +250,15 @@ def test_robustness_verdict_by_hand(tmp_path):
       for suite, data in _suites(*figures).items():
         with open(os.path.join(workdir, f'{suite}_test.json'), 'w') as f:
           json.dump(data, f)
+
+
+def test_robustness_verdict_by_hand(tmp_path):
+  root = str(tmp_path)
+  cases = {
+    'none': [(0.80, 0.60, 0.40, 0.05), (0.82, 0.60, 0.42, 0.07)],
+    'prc': [(0.80, 0.70, 0.40, 0.002), (0.82, 0.72, 0.42, 0.002)],
+  }
+  _write_suite_files(root, cases)
   parsed = [study.parse_setting('none'), study.parse_setting('prc')]
   aggs = study.aggregate_robustness(root, parsed, [0, 1], 400)
   # Baseline corruption drops 0.20, 0.22 (mean 0.21, std 0.01414);
@@ -287,13 +292,7 @@ def test_top1_trained_settings_are_judged_against_the_top1_baseline(tmp_path):
     'none/k1': [(0.80, 0.50, 0.40, 0.0), (0.82, 0.50, 0.42, 0.0)],
     'prc/k1': [(0.80, 0.60, 0.40, 0.0), (0.82, 0.62, 0.42, 0.0)],
   }
-  for name, runs in cases.items():
-    for seed, figures in enumerate(runs):
-      workdir = study.run_dir(root, name, seed, 400)
-      os.makedirs(workdir)
-      for suite, data in _suites(*figures).items():
-        with open(os.path.join(workdir, f'{suite}_test.json'), 'w') as f:
-          json.dump(data, f)
+  _write_suite_files(root, cases)
   names = list(cases)
   aggs = study.aggregate_robustness(
     root, [study.parse_setting(n) for n in names], [0, 1], 400)  # fmt: skip
