@@ -71,11 +71,19 @@ class _PrivateGuard(resilience.PreemptionGuard):
 
 @pytest.fixture
 def _private_stop_signal(monkeypatch):
-  """train_and_evaluate's guard stops on STOP only (see the docstring)."""
+  """train_and_evaluate's guard stops on STOP only (see the docstring).
+
+  Outside the guard STOP is recorded, not fatal: a signal that reaches no
+  guard (a handler installed too late) fails the test that sent it by its
+  result, instead of ending the pytest process by SIGUSR1's default.
+  """
   monkeypatch.setattr(resilience, 'PreemptionGuard', _PrivateGuard)
+  unguarded = []
+  original = signal.signal(STOP, lambda *_: unguarded.append(True))
   before = signal.getsignal(STOP)
-  yield
+  yield unguarded
   assert signal.getsignal(STOP) == before  # Put back after every run.
+  signal.signal(STOP, original)
 
 
 def test_an_ignored_sigint_stays_ignored_and_sigterm_still_stops():
@@ -237,6 +245,7 @@ def test_stop_during_start_up_stops_before_the_first_step(
   with monkeypatch.context() as m:
     signal_hooks.at_setup(STOP.name, patch=m.setattr)
     result = train.train_and_evaluate(config, workdir)
+  assert not _private_stop_signal  # The guard heard it, ...
   assert result == {'preempted_at_step': 0, 'signal': STOP.name}
   out = capsys.readouterr().out
   assert '[step ' not in out and 'nothing trained yet' in out

@@ -507,7 +507,9 @@ def _whole_crc(table, crcs, held, itemsize: int) -> int | None:
   return crc
 
 
-def integrity_summary(tree: Any) -> tuple[dict[str, str | None], list[str]]:
+def integrity_summary(
+  tree: Any, exchange: bool = True
+) -> tuple[dict[str, str | None], list[str]]:
   """The CRC-32C of every array of `tree` and the arrays that are not finite.
 
   Each process reads its own shards on the host (one copy of each),
@@ -519,6 +521,8 @@ def integrity_summary(tree: Any) -> tuple[dict[str, str | None], list[str]]:
   for any sharding and any number of processes, and the value
   `google_crc32c.value(np.asarray(x).tobytes())` gives. Measured faster
   than a reduction on the devices (benchmarks/checkpoint_integrity.py).
+  `exchange=False`: no exchange, for host arrays that each process holds
+  whole and that only some processes read (e.g. params for initialization).
 
   Returns:
     ({name: 8 hex digits, or None if processes hold different copies},
@@ -530,7 +534,9 @@ def integrity_summary(tree: Any) -> tuple[dict[str, str | None], list[str]]:
     else x for x in jax.tree_util.tree_leaves(tree)
   ]  # fmt: skip
   tables = [_run_table(x) for x in leaves]
-  crcs, held, finite = _over_processes(*_local_crcs(leaves, tables))
+  local = _local_crcs(leaves, tables)
+  crcs, held, finite = (_over_processes(*local) if exchange
+                        else [v[None] for v in local])  # fmt: skip
   checksums, pos = {}, 0
   for name, x, table in zip(names, leaves, tables, strict=True):
     span = slice(pos, pos + len(table))
@@ -566,17 +572,15 @@ def _first(names: list[str]) -> str:
   return names[0] + more
 
 
-def integrity_problem(tree: Any, record: Mapping | None) -> str:
+def integrity_problem(
+  tree: Any, record: Mapping | None, exchange: bool = True
+) -> str:
   """'' if `tree` matches `record` (None: no checksums were saved) and is
   finite; else one line naming the first bad array (and how many more).
-  Every process gets the same answer (see integrity_summary)."""
-  return _verdict(*integrity_summary(tree), record)
-
-
-def _verdict(checksums: Mapping[str, str | None], non_finite: list[str],
-             record: Mapping | None) -> str:  # fmt: skip
-  """integrity_problem's line from the arrays' checksums (None: processes
-  hold different copies) and the names of the non-finite ones."""
+  Every process gets the same answer (see integrity_summary); `exchange`
+  as there. A tree of part of a saved state (its params only) is checked
+  against the checksums of those arrays' names."""
+  checksums, non_finite = integrity_summary(tree, exchange)
   if record is not None:
     if record.get('algorithm') != CHECKSUM_ALGORITHM:
       return f'unknown checksum algorithm {record.get("algorithm")!r}'
@@ -604,27 +608,6 @@ def read_integrity_record(step_folder) -> dict | None:
   return ocp.JsonCheckpointHandler().restore(
     folder, args=ocp.args.JsonRestore()
   )
-
-
-def host_integrity_problem(
-  tree: Any, record: Mapping | None, prefix: str = ''
-) -> str:
-  """integrity_problem for host (numpy) arrays read from part of a saved
-  state (e.g. its params only), with no exchange between processes: each
-  array's CRC-32C from its bytes, compared with the saved checksum of
-  `prefix/<its name>`; '' if all match (or record is None) and are finite.
-  """
-  names = [f'{prefix}/{n}' if prefix else n for n in array_names(tree)]
-  checksums, non_finite = {}, []
-  for name, x in zip(names, jax.tree_util.tree_leaves(tree), strict=True):
-    data = np.ascontiguousarray(x)
-    checksums[name] = (
-      f'{google_crc32c.value(data.reshape(-1).view(np.uint8)):08x}'
-    )
-    if (jnp.issubdtype(data.dtype, jnp.inexact) and data.size
-        and not np.isfinite([data.min(), data.max()]).all()):  # fmt: skip
-      non_finite.append(name)
-  return _verdict(checksums, non_finite, record)
 
 
 def _quiet_closed_event_loop() -> None:

@@ -761,7 +761,8 @@ def _read_state_params(directory: str) -> dict:
   # The CRC-32C of every array saved with the step (checkpoints.py): a
   # damaged step is an unreadable one (an older one is tried for a workdir).
   record = checkpoints.read_integrity_record(paths.resolve(directory).parent)
-  problem = checkpoints.host_integrity_problem(params, record, key or '')
+  named = {key: params} if key else params  # Named as in the saved state.
+  problem = checkpoints.integrity_problem(named, record, exchange=False)
   if problem:
     raise checkpoints.IntegrityError(
       f'orbax checkpoint {directory!r}: {problem}'

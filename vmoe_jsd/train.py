@@ -438,8 +438,8 @@ def _run(spec, workdir, reevaluate, allow_config_change, is_main, log, guard):
     return _stop_preempted(guard, ckpt, writer, workdir, history, log)
 
   # --- The end: final evaluation and results. ----------------------------
-  with guard.watching():  # A stop request ends it between batches.
-    result = evals.final(state.params, num_steps, guard.should_stop)
+  # A stop request ends it between batches (the guard watches the run).
+  result = evals.final(state.params, num_steps, guard.should_stop)
   if result is None:  # Its checkpoint is saved; a resume evaluates again.
     guard.stop_at(num_steps, 'the final evaluation')
     return _stop_preempted(guard, ckpt, writer, workdir, history, log)
@@ -586,10 +586,9 @@ def redo_interrupted_evaluation(spec, evals, params, clock, guard, workdir,
   step = clock.start_step
   if paths.read_json(path).get('step') == step:
     log(f'The evaluation of step {step} was interrupted; evaluating again.')
-    with guard.watching():
-      if not periodic_evaluations(spec, evals, params, step, clock, guard):
-        guard.stop_at(step, 'its evaluation')
-        return False
+    if not periodic_evaluations(spec, evals, params, step, clock, guard):
+      guard.stop_at(step, 'its evaluation')
+      return False
   if jax.process_index() == 0:
     path.unlink(missing_ok=True)
   return True
