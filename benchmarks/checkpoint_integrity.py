@@ -10,7 +10,7 @@ V-MoE-S/32 with Adam's two moments for configs/imagenet.py; nothing is
 compiled but what is timed), fills them with random numbers on the
 state's shardings, and times, interleaved, the median of --repeats runs of:
 
-- host CRC-32C, what checkpoints.py does on every save
+- host CRC-32C, what checkpoints/integrity.py does on every save
   (`integrity_summary`: each process's shards on the host, CRC-32C of each
   contiguous piece, combined per array; with the finiteness check) and on
   every restore (`integrity_problem`: the same plus the comparison);
@@ -97,17 +97,25 @@ def device_checksum(x):
     iota = lax.broadcasted_iota(jnp.uint32, words.shape, axis)
     index = index + iota * jnp.uint32(stride % 2**32)
     stride *= words.shape[axis]
-  return jnp.stack([
-    jnp.sum(words * (_fmix32(index ^ jnp.uint32(c)) | 1), dtype=jnp.uint32)
-    for c in (0, 0x9E3779B9)
-  ])  # fmt: skip
+  return jnp.stack(
+    [
+      jnp.sum(words * (_fmix32(index ^ jnp.uint32(c)) | 1), dtype=jnp.uint32)
+      for c in (0, 0x9E3779B9)
+    ]
+  )
 
 
 @jax.jit
 def device_summary(leaves):
   sums = jnp.stack([device_checksum(x) for x in leaves])
-  finite = jnp.stack([jnp.all(jnp.isfinite(x)) if jnp.issubdtype(
-    x.dtype, jnp.inexact) else jnp.bool_(True) for x in leaves])  # fmt: skip
+  finite = jnp.stack(
+    [
+      jnp.all(jnp.isfinite(x))
+      if jnp.issubdtype(x.dtype, jnp.inexact)
+      else jnp.bool_(True)
+      for x in leaves
+    ]
+  )
   return sums, finite
 
 
@@ -129,22 +137,26 @@ def main(_):
   state = random_state(_CONFIG.value)
   leaves = jax.tree_util.tree_leaves(state)
   mib = sum(x.nbytes for x in leaves) / 2**20
-  print(f'state: {len(leaves)} arrays, {mib:.1f} MiB on '
-        f'{jax.device_count()} device(s); load average '
-        f'{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs')  # fmt: skip
+  print(
+    f'state: {len(leaves)} arrays, {mib:.1f} MiB on '
+    f'{jax.device_count()} device(s); load average '
+    f'{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs'
+  )
   t0 = time.perf_counter()
   compiled = device_summary.lower(leaves).compile()
   print(f'device sum: compile {time.perf_counter() - t0:.2f} s (once a run)')
   checksums, _ = checkpoints.integrity_summary(state)
   record = checkpoints.integrity_record(checksums)
   methods = {
-    'host CRC-32C, per save (integrity_summary)':
-      lambda: checkpoints.integrity_summary(state),
-    'host CRC-32C, per restore (integrity_problem)':
-      lambda: checkpoints.integrity_problem(state, record),
+    'host CRC-32C, per save (integrity_summary)': lambda: (
+      checkpoints.integrity_summary(state)
+    ),
+    'host CRC-32C, per restore (integrity_problem)': lambda: (
+      checkpoints.integrity_problem(state, record)
+    ),
     'device weighted sum + finiteness': lambda: compiled(leaves),
     'host CRC-32C of each whole array only': lambda: crc_per_array(leaves),
-  }  # fmt: skip
+  }
   times = {name: [] for name in methods}
   for _ in range(_REPEATS.value):  # Interleaved: load changes hit all alike.
     for name, fn in methods.items():
@@ -152,8 +164,10 @@ def main(_):
   base = statistics.median(times['host CRC-32C, per save (integrity_summary)'])
   for name, ts in times.items():
     t = statistics.median(ts)
-    print(f'{name:48s} {t * 1e3:9.1f} ms  {mib / 1024 / t:6.2f} GiB/s  '
-          f'{t / base:5.2f}x')  # fmt: skip
+    print(
+      f'{name:48s} {t * 1e3:9.1f} ms  {mib / 1024 / t:6.2f} GiB/s  '
+      f'{t / base:5.2f}x'
+    )
   if _ORBAX.value:
     time_orbax(state, mib)
   print(f'load average at the end {os.getloadavg()[0]:.1f}')

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from vmoe_jsd import vmoe_format
+from vmoe_jsd.checkpoints import vmoe_format
 
 
 def pairwise_tiles(bounds, shape) -> bool:

@@ -18,7 +18,7 @@ import pytest
 import smoke_config
 from orbax.checkpoint._src.path import atomicity
 
-from vmoe_jsd import checkpoints, initialization, train
+from vmoe_jsd import checkpoints, train
 
 
 def _state(step):
@@ -191,14 +191,14 @@ def test_reading_params_for_evaluation_skips_a_damaged_latest(tmp_path, damage):
   damage(step4)
   before = sorted(str(p) for p in pathlib.Path(step4).rglob('*'))
   for path in (workdir, os.path.join(workdir, 'checkpoints')):
-    params, info = initialization.read_orbax_params(path)
+    params, info = checkpoints.read_orbax_params(path)
     assert info['step'] == 2 and set(info['skipped']) == {4}
     np.testing.assert_array_equal(params['w'], _state(2)['params']['w'])
   assert sorted(str(p) for p in pathlib.Path(step4).rglob('*')) == before
   if damage is _truncate:  # Named explicitly: an error, not step 2.
     with pytest.raises(Exception):  # noqa: B017, PT011 - orbax's own.
-      initialization.read_orbax_params(step4)
+      checkpoints.read_orbax_params(step4)
   _truncate(os.path.join(workdir, 'checkpoints', '2'))
   with pytest.raises(ValueError, match='None of the checkpoints') as info:
-    initialization.read_orbax_params(workdir)
+    checkpoints.read_orbax_params(workdir)
   assert 'step 2:' in str(info.value) and 'step 4:' in str(info.value)

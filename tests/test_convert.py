@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from vmoe_jsd import checkpoints, convert, initialization, vmoe_format
+from vmoe_jsd import checkpoints, convert, initialization
 from vmoe_jsd.models import from_vmoe_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +41,7 @@ def _params(seed: int) -> dict:
     n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()
   }
   flat['head/bias'] = flat['head/bias'].astype(jnp.bfloat16)
-  return vmoe_format.unflatten_tree(flat)
+  return checkpoints.unflatten_tree(flat)
 
 
 def _write_workdir(workdir: str) -> dict[int, dict]:
@@ -59,7 +59,7 @@ def _write_workdir(workdir: str) -> dict[int, dict]:
 
 
 def _assert_bitwise_trees(a, b) -> None:
-  flat_a, flat_b = vmoe_format.flatten_tree(a), vmoe_format.flatten_tree(b)
+  flat_a, flat_b = checkpoints.flatten_tree(a), checkpoints.flatten_tree(b)
   assert sorted(flat_a) == sorted(flat_b)
   for name, x in flat_a.items():
     x, y = np.asarray(x), np.asarray(flat_b[name])
@@ -92,7 +92,7 @@ def test_orbax_vmoe_orbax_round_trip_is_bitwise(tmp_path):
     result.stdout
   )
   assert prefix + '.data-00001-of-00002' in result.stdout
-  _assert_bitwise_trees(vmoe_format.read_vmoe_checkpoint(prefix), saved[5])
+  _assert_bitwise_trees(checkpoints.read_vmoe_checkpoint(prefix), saved[5])
 
   # vmoe -> orbax, then every way of naming an orbax checkpoint.
   out = str(tmp_path / 'orbax')
@@ -101,7 +101,7 @@ def test_orbax_vmoe_orbax_round_trip_is_bitwise(tmp_path):
   assert (summary['num_arrays'], summary['num_params']) == (5, 467)
   assert os.path.join(out, 'state', '_METADATA') in summary['files']
   for path in (out, os.path.join(out, 'state')):
-    params, info = initialization.read_orbax_params(path)
+    params, info = checkpoints.read_orbax_params(path)
     _assert_bitwise_trees(params, saved[5])
     assert info['step'] is None
   for path, step in (
@@ -109,7 +109,7 @@ def test_orbax_vmoe_orbax_round_trip_is_bitwise(tmp_path):
     (os.path.join(workdir, 'checkpoints'), 5),
     (os.path.join(workdir, 'checkpoints', '3'), 3),
   ):
-    params, info = initialization.read_orbax_params(path)
+    params, info = checkpoints.read_orbax_params(path)
     _assert_bitwise_trees(params, saved[step])
     assert info['step'] == step
 
@@ -152,9 +152,9 @@ def test_fixture_to_orbax_initialises_the_fixture_model(tmp_path):
   )
   assert report['fresh'] == [] and report['resized'] == []
   with np.load(os.path.join(FIXTURE_DIR, 'params.npz')) as npz:
-    want = vmoe_format.unflatten_tree({n: npz[n] for n in npz.files})
+    want = checkpoints.unflatten_tree({n: npz[n] for n in npz.files})
   _assert_bitwise_trees(params, want)
-  assert summary['num_arrays'] == len(vmoe_format.flatten_tree(want))
+  assert summary['num_arrays'] == len(checkpoints.flatten_tree(want))
 
 
 def test_errors(tmp_path, capsys):
@@ -169,7 +169,7 @@ def test_errors(tmp_path, capsys):
     convert.convert(str(tmp_path / 'empty'), str(tmp_path / 'out'))
 
   prefix = str(tmp_path / 'ckpt')
-  vmoe_format.write_vmoe_checkpoint(prefix, _params(0))
+  checkpoints.write_vmoe_checkpoint(prefix, _params(0))
   with pytest.raises(ValueError, match='applies to vmoe outputs'):
     convert.convert(prefix, str(tmp_path / 'out'), num_shards=2)
   with pytest.raises(ValueError, match='exists; not overwriting'):

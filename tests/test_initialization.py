@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vmoe_jsd import initialization, vmoe_format
+from vmoe_jsd import checkpoints, initialization
 from vmoe_jsd.models import build_model
 
 NUM_EXPERTS = 4
@@ -79,7 +79,7 @@ def _random_params(seed, **kwargs):
 
 
 def _dense_params(seed=0):
-  return vmoe_format.flatten_tree(_random_params(seed, moe=False))
+  return checkpoints.flatten_tree(_random_params(seed, moe=False))
 
 
 def _target_params(seed=1, **kwargs):
@@ -161,8 +161,8 @@ def test_upcycling_copies_dense_mlp_into_every_expert(tmp_path, naming):
   params, report = initialization.load_initial_params(
     {'source': 'vit_npz', 'path': path}, target
   )
-  flat = vmoe_format.flatten_tree(params)
-  flat_target = vmoe_format.flatten_tree(target)
+  flat = checkpoints.flatten_tree(params)
+  flat_target = checkpoints.flatten_tree(target)
   assert list(flat) == list(flat_target)
   experts, routers, others = [], [], []
   for name, value in flat.items():
@@ -235,8 +235,8 @@ def test_upcycle_false_keeps_experts_fresh():
   )
   kernel = 'Encoder/encoderblock_0/Moe/Mlp/Dense_0/kernel'
   _assert_bitwise(
-    vmoe_format.flatten_tree(params)[kernel],
-    vmoe_format.flatten_tree(target)[kernel],
+    checkpoints.flatten_tree(params)[kernel],
+    checkpoints.flatten_tree(target)[kernel],
   )
   assert report['upcycled'] == [] and kernel in report['fresh']
   assert (
@@ -263,8 +263,8 @@ def test_wrapped_and_scanned_checkpoints_load_the_same():
       scanned[name] = value
   for variant in (wrapped, scanned):
     params, _ = initialization.vit_to_vmoe_params(variant, target)
-    for name, value in vmoe_format.flatten_tree(expected).items():
-      _assert_bitwise(vmoe_format.flatten_tree(params)[name], value, name)
+    for name, value in checkpoints.flatten_tree(expected).items():
+      _assert_bitwise(checkpoints.flatten_tree(params)[name], value, name)
 
 
 @functools.cache
@@ -288,7 +288,7 @@ def test_upcycled_model_computes_the_dense_model(tmp_path, naming):
     _target_params(seed=3),
   )
   images = jax.random.normal(jax.random.key(4), (BATCH, IMAGE, IMAGE, 3))
-  want = _logits_fn(False)(vmoe_format.unflatten_tree(dense), images)
+  want = _logits_fn(False)(checkpoints.unflatten_tree(dense), images)
   got = _logits_fn(True)(params, images)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   assert float(jnp.std(want)) > 0.1  # Not trivially equal.
@@ -475,14 +475,14 @@ def test_vmoe_checkpoint_loads_whole_tree_except_head(tmp_path):
   ckpt = _target_params(seed=5)
   target = _target_params(seed=6)
   prefix = str(tmp_path / 'ckpt')
-  vmoe_format.write_vmoe_checkpoint(prefix, ckpt)
+  checkpoints.write_vmoe_checkpoint(prefix, ckpt)
   params, report = initialization.load_initial_params(
     {'source': 'vmoe', 'path': prefix + '.index'}, target
   )
-  flat = vmoe_format.flatten_tree(params)
-  for name in vmoe_format.flatten_tree(ckpt):
+  flat = checkpoints.flatten_tree(params)
+  for name in checkpoints.flatten_tree(ckpt):
     want = target if name.startswith('head') else ckpt
-    _assert_bitwise(flat[name], vmoe_format.flatten_tree(want)[name], name)
+    _assert_bitwise(flat[name], checkpoints.flatten_tree(want)[name], name)
   assert report['fresh'] == ['head/bias', 'head/kernel']
   assert 'Encoder/encoderblock_0/Moe/Router/dense/kernel' in report['loaded']
 
@@ -494,12 +494,12 @@ def test_vmoe_checkpoint_loads_whole_tree_except_head(tmp_path):
 
 
 def test_vmoe_checkpoint_of_another_model_lists_everything(tmp_path):
-  ckpt = vmoe_format.flatten_tree(_target_params())
+  ckpt = checkpoints.flatten_tree(_target_params())
   ckpt['Encoder/encoderblock_0/Moe/Mlp/Dense_0/kernel'] = np.zeros((2, 16, 24))
   del ckpt['Encoder/encoderblock_2/LayerNorm_0/bias']
   ckpt['Encoder/encoderblock_3/LayerNorm_0/bias'] = np.zeros(16)
   prefix = str(tmp_path / 'ckpt')
-  vmoe_format.write_vmoe_checkpoint(prefix, vmoe_format.unflatten_tree(ckpt))
+  checkpoints.write_vmoe_checkpoint(prefix, checkpoints.unflatten_tree(ckpt))
   with pytest.raises(ValueError) as info:
     initialization.load_initial_params(
       {'source': 'vmoe', 'path': prefix}, _target_params()
@@ -514,7 +514,7 @@ def test_vmoe_checkpoint_of_another_model_lists_everything(tmp_path):
 def test_vmoe_checkpoint_posemb_is_resized(tmp_path):
   ckpt = _random_params(7, group_size=37 * 2, image=24)
   prefix = str(tmp_path / 'ckpt')
-  vmoe_format.write_vmoe_checkpoint(prefix, ckpt)
+  checkpoints.write_vmoe_checkpoint(prefix, ckpt)
   target = _target_params()
   params, report = initialization.load_initial_params(
     {'source': 'vmoe', 'path': prefix}, target

@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vmoe_jsd import checkpoints, initialization, resilience, run_files
+from vmoe_jsd import checkpoints, resilience, run_files
 from vmoe_jsd import step as step_lib
 
 RNG = np.random.default_rng(0)
@@ -90,6 +91,21 @@ def test_crc32c_combine_matches_crc_of_concatenation():
       google_crc32c.value(a), google_crc32c.value(b), len(b)
     )
     assert got == google_crc32c.value(data)
+
+
+def test_crc32c_combine_of_pieces_of_512_mib_and_more():
+  """Shifting a CRC by 2^(k+1) bytes is shifting it twice by 2^k, for
+  pieces up to 2^46 bytes (with the test above, by induction, the right
+  shift for every length). zlib's table of x^(2^k) wraps after 32 entries,
+  which holds for its polynomial only: for CRC-32C's, x^(2^31) = x, and the
+  wrap gave wrong sums for pieces of 2^29 bytes (512 MiB) or more."""
+  crc = 0x12345678
+
+  def shift(c, n):
+    return checkpoints.crc32c_combine(c, 0, n)
+
+  for k in range(46):
+    assert shift(shift(crc, 2**k), 2**k) == shift(crc, 2 ** (k + 1)), k
 
 
 @pytest.mark.parametrize(
@@ -212,7 +228,7 @@ def test_mismatch_names_the_step_and_the_array(tmp_path, monkeypatch):
 
 
 def _read_params(path):
-  params, info = initialization.read_orbax_params(path)
+  params, info = checkpoints.read_orbax_params(path)
   return params, info['step'], info['skipped']
 
 
@@ -261,9 +277,12 @@ def test_state_saved_with_nan_is_rejected(tmp_path):
     ckpt.maybe_save(4, bad)  # Never saved by the Checkpointer ...
   # ... but written by other code, with checksums that match it.
   record = checkpoints.integrity_record(checkpoints.integrity_summary(bad)[0])
-  ckpt._manager.save(4, args=checkpoints.ocp.args.Composite(
-    state=checkpoints.ocp.args.StandardSave(bad),
-    integrity=checkpoints.ocp.args.JsonSave(record)))  # fmt: skip
+  ckpt._manager.save(
+    4,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(bad), integrity=ocp.args.JsonSave(record)
+    ),
+  )
   ckpt.close()
   state, step, messages = _restore(workdir)
   _assert_fell_back_to_2(workdir, state, step, messages)
@@ -272,8 +291,9 @@ def test_state_saved_with_nan_is_rejected(tmp_path):
 
 def test_old_checkpoint_without_checksums_restores_with_a_note(tmp_path):
   ckpt = checkpoints.Checkpointer(str(tmp_path), every_steps=1)
-  ckpt._manager.save(5, args=checkpoints.ocp.args.Composite(
-    state=checkpoints.ocp.args.StandardSave(_state(5))))  # fmt: skip
+  ckpt._manager.save(
+    5, args=ocp.args.Composite(state=ocp.args.StandardSave(_state(5)))
+  )
   ckpt.close()
   state, step, messages = _restore(str(tmp_path))
   assert step == 5
@@ -318,8 +338,10 @@ def test_closed_event_loop_errors_of_orbax_are_dropped(tmp_path, monkeypatch):
   )
   ours = types.SimpleNamespace(cr_code=_state.__code__)
   dropped = [closed, closed, unraisable(ValueError('read'), orbax_read)]
-  kept = [unraisable(RuntimeError('something else')),
-          unraisable(ValueError('read'), ours)]  # fmt: skip
+  kept = [
+    unraisable(RuntimeError('something else')),
+    unraisable(ValueError('read'), ours),
+  ]
   for u in dropped + kept:
     sys.unraisablehook(u)
   assert seen == kept
@@ -375,9 +397,11 @@ def test_skip_keeps_the_last_finite_state_under_a_huge_learning_rate():
   # float32 bias corrections (1 - 0.999 is 1.00005e-3 there): ~1e-5.
   np.testing.assert_allclose(after_1.params, want, rtol=1e-4)
   for _, later in history[1:]:
-    jax.tree_util.tree_map(np.testing.assert_array_equal,
-                           (later.params, later.opt_state),
-                           (after_1.params, after_1.opt_state))  # fmt: skip
+    jax.tree_util.tree_map(
+      np.testing.assert_array_equal,
+      (later.params, later.opt_state),
+      (after_1.params, after_1.opt_state),
+    )
     assert np.all(np.isfinite(later.params))
   assert int(state.step) == 3  # Counted as steps either way.
 

@@ -10,7 +10,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from vmoe_jsd import vmoe_format
+from vmoe_jsd import checkpoints
+from vmoe_jsd.checkpoints import vmoe_format, vmoe_msgpack
 
 FIXTURE_DIR = os.path.join(os.path.dirname(__file__), 'data', 'vmoe_parity')
 FIXTURE_PREFIX = os.path.join(FIXTURE_DIR, 'checkpoint')
@@ -40,26 +41,26 @@ def _copy_fixture(tmp_path) -> str:
 
 def _decode(path: str):
   with open(path, 'rb') as f:
-    return msgpack.unpackb(f.read(), ext_hook=vmoe_format._ext_hook)
+    return msgpack.unpackb(f.read(), ext_hook=vmoe_msgpack.ext_hook)
 
 
 @pytest.mark.parametrize('suffix', ['', '.index'])
 def test_read_fixture_is_bitwise_params_npz(suffix):
   tree = vmoe_format.read_vmoe_checkpoint(FIXTURE_PREFIX + suffix)
   assert isinstance(tree['Encoder'], dict)
-  _assert_bitwise_equal(vmoe_format.flatten_tree(tree), _npz_params())
+  _assert_bitwise_equal(checkpoints.flatten_tree(tree), _npz_params())
 
 
 def test_read_index_gives_shapes_for_match_tree():
   index = vmoe_format.read_vmoe_index(FIXTURE_PREFIX)
   assert (index['shard_count'], index['version']) == (1, '20220622')
-  params = vmoe_format.unflatten_tree(_npz_params())
-  vmoe_format.match_tree(params, index['index'])
+  params = checkpoints.unflatten_tree(_npz_params())
+  checkpoints.match_tree(params, index['index'])
 
 
 @pytest.mark.parametrize('num_shards', [1, 3])
 def test_write_then_read_is_bitwise(tmp_path, num_shards):
-  params = vmoe_format.unflatten_tree(_npz_params())
+  params = checkpoints.unflatten_tree(_npz_params())
   prefix = str(tmp_path / 'sub' / 'ckpt')
   paths = vmoe_format.write_vmoe_checkpoint(prefix, params, num_shards)
   assert paths == [prefix + '.index'] + [
@@ -67,15 +68,15 @@ def test_write_then_read_is_bitwise(tmp_path, num_shards):
   ]
   assert not [f for f in os.listdir(tmp_path / 'sub') if f.startswith('.tmp')]
   restored = vmoe_format.read_vmoe_checkpoint(prefix)
-  _assert_bitwise_equal(vmoe_format.flatten_tree(restored), _npz_params())
+  _assert_bitwise_equal(checkpoints.flatten_tree(restored), _npz_params())
   # Whole arrays, spread so that every shard holds some.
-  infos = vmoe_format.flatten_tree(vmoe_format.read_vmoe_index(prefix)['index'])
+  infos = checkpoints.flatten_tree(vmoe_format.read_vmoe_index(prefix)['index'])
   assert all(len(info.shards) == 1 for info in infos.values())
   assert {info.shards[0] for info in infos.values()} == set(range(num_shards))
 
 
 def test_written_files_match_fixture(tmp_path):
-  params = vmoe_format.unflatten_tree(_npz_params())
+  params = checkpoints.unflatten_tree(_npz_params())
   prefix = str(tmp_path / 'ckpt')
   vmoe_format.write_vmoe_checkpoint(prefix, params, num_shards=1)
   # Decoded first, for a readable diff; then the bytes, which match too.
@@ -167,9 +168,9 @@ def test_odd_dtypes_and_structures_round_trip(tmp_path):
   vmoe_format.write_vmoe_checkpoint(prefix, tree, num_shards=4)
   restored = vmoe_format.read_vmoe_checkpoint(prefix)
   assert restored['empty'] == {}
-  flat = vmoe_format.flatten_tree(tree)
+  flat = checkpoints.flatten_tree(tree)
   expected = {name: np.asarray(x) for name, x in flat.items()}
-  _assert_bitwise_equal(vmoe_format.flatten_tree(restored), expected)
+  _assert_bitwise_equal(checkpoints.flatten_tree(restored), expected)
 
 
 def test_write_rejects_bad_input(tmp_path):
@@ -195,21 +196,21 @@ def test_match_tree_lists_all_differences():
     'e': {'f': np.zeros(())},
   }
   with pytest.raises(ValueError) as info:
-    vmoe_format.match_tree(expected, loaded, what='vmoe checkpoint')
+    checkpoints.match_tree(expected, loaded, what='vmoe checkpoint')
   message = str(info.value)
   assert 'missing from the vmoe checkpoint (2):\n    c\n    z' in message
   assert 'unexpected in the vmoe checkpoint (2):\n    d\n    e/f' in message
   assert 'shape mismatches (1):\n    a/kernel: expected (2, 3), got (3, 2)' in (
     message
   )
-  vmoe_format.match_tree(expected, expected)
+  checkpoints.match_tree(expected, expected)
 
 
 def test_match_tree_shows_empty_sections():
   with pytest.raises(
     ValueError, match=r'shape mismatches \(0\):\n    \(none\)'
   ):
-    vmoe_format.match_tree({'a': np.zeros(1)}, {})
+    checkpoints.match_tree({'a': np.zeros(1)}, {})
 
 
 def test_npz_flatten_unflatten_round_trip(tmp_path):
@@ -220,23 +221,23 @@ def test_npz_flatten_unflatten_round_trip(tmp_path):
   }
   path = str(tmp_path / 'vit.npz')
   np.savez(path, **flat)
-  tree = vmoe_format.read_npz_tree(path)
+  tree = checkpoints.read_npz_tree(path)
   assert sorted(tree) == ['Transformer', 'head']
   assert sorted(tree['Transformer']) == ['encoder_norm', 'encoderblock_0']
-  _assert_bitwise_equal(vmoe_format.flatten_tree(tree), flat)
-  assert vmoe_format.flatten_tree(vmoe_format.unflatten_tree(flat)) == flat
-  assert vmoe_format.unflatten_tree({'a.b': 1}, sep='.') == {'a': {'b': 1}}
+  _assert_bitwise_equal(checkpoints.flatten_tree(tree), flat)
+  assert checkpoints.flatten_tree(checkpoints.unflatten_tree(flat)) == flat
+  assert checkpoints.unflatten_tree({'a.b': 1}, sep='.') == {'a': {'b': 1}}
 
 
 def test_unflatten_and_flatten_reject_ambiguous_names():
   with pytest.raises(ValueError, match="'a/b' nests under 'a'"):
-    vmoe_format.unflatten_tree({'a': 1, 'a/b': 2})
+    checkpoints.unflatten_tree({'a': 1, 'a/b': 2})
   with pytest.raises(ValueError, match='both a leaf and a subtree'):
-    vmoe_format.unflatten_tree({'a/b': 2, 'a': 1})
+    checkpoints.unflatten_tree({'a/b': 2, 'a': 1})
   with pytest.raises(ValueError, match='empty component'):
-    vmoe_format.unflatten_tree({'/a': 1})
+    checkpoints.unflatten_tree({'/a': 1})
   with pytest.raises(ValueError, match='separator'):
-    vmoe_format.flatten_tree({'a/b': 1})
+    checkpoints.flatten_tree({'a/b': 1})
 
 
 def _covers_once(boxes, shape) -> bool:
@@ -285,8 +286,9 @@ def _perturbed(rng, boxes, shape):
     axis = int(rng.integers(len(shape)))
     box = list(boxes[i])
     a, b = box[axis]
-    box[axis] = (a, min(b + 1, shape[axis])) if rng.random() < 0.5 else (
-      max(a - 1, 0), b)  # fmt: skip
+    box[axis] = (
+      (a, min(b + 1, shape[axis])) if rng.random() < 0.5 else (max(a - 1, 0), b)
+    )
     boxes[i] = tuple(box)
   elif change == 4 and len(boxes) >= 2 and shape:
     # One box replaced by a copy of another: an overlap and a hole, of the
@@ -309,8 +311,9 @@ def test_tiling_check_matches_brute_force_on_random_cases():
   verdicts = {True: 0, False: 0}
   for case in range(1500):
     rank = int(rng.integers(0, 4))
-    shape = tuple(int(n) for n in rng.integers(0 if case % 10 == 0 else 1,
-                                               7, rank))  # fmt: skip
+    shape = tuple(
+      int(n) for n in rng.integers(0 if case % 10 == 0 else 1, 7, rank)
+    )
     tiling = _guillotine(rng, tuple((0, n) for n in shape), depth=6)
     kind = case % 3
     if kind == 0:
@@ -331,10 +334,12 @@ def test_overlapping_slices_of_the_right_volume_are_corrupt(tmp_path):
   prefix = str(tmp_path / 'ckpt')
   vmoe_format.write_vmoe_checkpoint(prefix, {'x': np.zeros(4, 'f4')})
   leaf = vmoe_format.read_vmoe_index(prefix)['index']['x']
-  bad = leaf._replace(global_slices=[((0, 2, None),), ((0, 2, None),)],
-                      shards=[0, 0])  # fmt: skip
+  bad = leaf._replace(
+    global_slices=[((0, 2, None),), ((0, 2, None),)], shards=[0, 0]
+  )
   with pytest.raises(ValueError, match="slices do not tile the shape.*'x'"):
     vmoe_format._check_index_leaf('x', bad, 1, prefix + '.index')
-  good = leaf._replace(global_slices=[((2, 4, None),), ((0, 2, None),)],
-                       shards=[0, 0])  # fmt: skip
+  good = leaf._replace(
+    global_slices=[((2, 4, None),), ((0, 2, None),)], shards=[0, 0]
+  )
   vmoe_format._check_index_leaf('x', good, 1, prefix + '.index')

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vmoe_jsd import checkpoints, models, vmoe_format
+from vmoe_jsd import checkpoints, models
 
 # Flax warns when the value array of attention is square (it may be a mask
 # passed positionally); the fixtures' 16 tokens of width 16 are square.
@@ -247,14 +247,18 @@ def test_matches_vmoe(name, mode):
   expected_grads = {
     k[len(grad_prefix) :]: io[k] for k in io if k.startswith(grad_prefix)
   }
-  flat = vmoe_format.flatten_tree(jax.device_get(grads))
+  flat = checkpoints.flatten_tree(jax.device_get(grads))
 
   def f32_run():
     f32_loss, f32_logits, _, _, f32_grads = _run_ours(
-      _without_bfloat16(model_cfg), params, io['images'], io['labels'],
-      train=mode == 'train', rng_seed=config['rng_seed'],
-    )  # fmt: skip
-    f32_flat = vmoe_format.flatten_tree(jax.device_get(f32_grads))
+      _without_bfloat16(model_cfg),
+      params,
+      io['images'],
+      io['labels'],
+      train=mode == 'train',
+      rng_seed=config['rng_seed'],
+    )
+    f32_flat = checkpoints.flatten_tree(jax.device_get(f32_grads))
     return np.asarray(f32_logits), f32_loss, f32_flat
 
   logit_atol, loss_atol, grad_atol = _tolerances(
@@ -330,10 +334,21 @@ def test_bfloat16_cases_pass_on_the_other_bf16_path_too(tmp_path):
     'VMOE_JSD_TEST_CACHE': str(tmp_path / 'cache'),
   }
   proc = subprocess.run(
-    [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
-     os.path.abspath(__file__), '-k', 'test_matches_vmoe and ('
-     + ' or '.join(BF16_CASES) + ')'],
-    env=env, capture_output=True, text=True, timeout=900,
-  )  # fmt: skip
+    [
+      sys.executable,
+      '-m',
+      'pytest',
+      '-q',
+      '-p',
+      'no:cacheprovider',
+      os.path.abspath(__file__),
+      '-k',
+      'test_matches_vmoe and (' + ' or '.join(BF16_CASES) + ')',
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
   assert f'{len(BF16_CASES)} passed' in proc.stdout, proc.stdout[-3000:]

@@ -64,8 +64,9 @@ import numpy as np
 NUM_IMAGES, IMAGE_SIZE, NUM_CLASSES = 4, 16, 5
 
 
-def _model(classifier='token', router=None, *, representation_size=None,
-           encoder=None):  # fmt: skip
+def _model(
+  classifier='token', router=None, *, representation_size=None, encoder=None
+):
   """A tiny vmoe model config: 2 blocks, both MoE, 4 experts.
 
   Args:
