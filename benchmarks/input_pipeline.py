@@ -11,7 +11,7 @@ mean ~ImageNet's 110 kB) and:
 1. Canvas size (quality vs bytes): for random inception crops (area 5-100%
    of the image, aspect 3/4-4/3, vmoe's `decode_jpeg_and_inception_crop`)
    it compares a 224x224 view rendered bilinearly (no antialiasing, as
-   augment.py renders on device) from an S x S canvas of the whole image
+   augment/ renders on device) from an S x S canvas of the whole image
    (data/indexed.py) with the ideal view (antialiased resampling of the
    original crop); vmoe's own view (crop of the original, bilinear resize
    without antialiasing, as tf.image.resize) is scored the same way.

@@ -32,7 +32,6 @@ TOKENS = (IMAGE_SIZE // PATCH) ** 2 + 1  # class token
 
 def get_config(arg=None):
   config = config_common.base_config()
-  config.seed = 0
   config.num_train_steps = 2300
 
   config.dataset = ml_collections.ConfigDict()
@@ -87,48 +86,20 @@ def get_config(arg=None):
         split_rngs=False,
         router=dict(
           name='NoisyTopExpertsPerItemRouter',  # models/routing.ROUTERS
-          num_selected_experts=2,
-          noise_std=1.0,
-          importance_loss_weight=0.005,
-          load_loss_weight=0.005,
-          dispatcher=dict(
-            name='indices',
-            capacity_factor=1.25,
-            batch_priority=False,
-            # Slots per expert and group; when set, replaces capacity_factor.
-            capacity=placeholder(int),
-          ),
+          **config_common.vmoe_router(1.25, capacity=placeholder(int)),
         ),
       ),
     ),
   )
 
-  config.optimizer = dict(
-    name='adamw',
-    b1=0.9,
-    b2=0.999,
-    # A tuple (ml_collections cannot override lists from the command line).
-    weight_decay=(('.*/kernel$', 0.05),),
-    gradient_clip=dict(global_norm=1.0),
-    frozen_pattern=(),
-    lr_multipliers=(),  # optimizer.py: off
-    learning_rate=dict(
-      schedule='warmup_cosine_decay',
-      peak_value=2e-3,
-      end_value=1e-5,
-      warmup_steps=200,
-    ),
+  config.optimizer = config_common.warmup_optimizer(
+    'adamw', 'warmup_cosine_decay', 2e-3, 200, clip=1.0, kernel_decay=0.05
   )
 
   config.consistency.weight = 0.1
-  config.consistency.temperature = 1.0
-  config.report_progress.every_steps = 50
-  config.save_checkpoint.every_steps = 500
-
-  config_common.apply_config_arg(
+  return config_common.apply_config_arg(
     config, arg, config_common.shrink_for_local_run
   )
-  return ml_collections.ConfigDict(config)
 
 
 def get_hyper(hyper):

@@ -72,26 +72,11 @@ def get_config(arg=None):
   )
   model['head_bias_init'] = -6.9077552789821368  # -log(1000), as vmoe
   config.model = model
-  config.optimizer = dict(
-    name='adam', b1=0.9, b2=0.999,
-    weight_decay=(('.*/kernel$', 0.1),),
-    gradient_clip=dict(global_norm=1.0),
-    frozen_pattern=(), lr_multipliers=(),  # optimizer.py: off
-    learning_rate=dict(schedule='warmup_linear_decay', peak_value=3e-3,
-                       end_value=1e-5, warmup_steps=10_000),
-  )  # fmt: skip
-  config.num_expert_partitions = 8
-  config.consistency.weight = 0.1
-  config.save_checkpoint.every_steps = 1000
-  config.report_progress.every_steps = 100
-  config.evaluate.every_steps = 5000
-  config = ml_collections.ConfigDict(config)
-  return config_common.apply_config_arg(config, arg, _runlocal)
-
-
-def _runlocal(config):
-  config.num_expert_partitions = 1
-  config_common.shrink_to_mini_tfds(config)
+  config.optimizer = config_common.warmup_optimizer(
+    'adam', 'warmup_linear_decay', 3e-3, 10_000, clip=1.0, kernel_decay=0.1
+  )
+  config_common.full_size_run(config, report=100, evaluate=5000)
+  return config_common.apply_config_arg(config, arg)
 
 
 def get_hyper(hyper):

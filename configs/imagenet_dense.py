@@ -44,11 +44,7 @@ def get_config(arg=None):
   config.evaluate.model_overrides = {}  # vmoe's eval capacity: MoE only.
   config.num_expert_partitions = 1
   config.consistency.weight = 0.0
-  return config_common.apply_config_arg(config, arg, _runlocal)
-
-
-def _runlocal(config):
-  config_common.shrink_to_mini_tfds(config)
+  return config_common.apply_config_arg(config, arg)
 
 
 def get_hyper(hyper):

@@ -66,18 +66,19 @@ def get_config(arg=None):
   config.dataset.train.batch_size = BATCH_SIZE
   config.dataset.test.batch_size = 1024
   config.mixup.concentration = 0.0
-  router = config.model.encoder.moe.router
-  router.importance_loss_weight = 0.0
-  router.load_loss_weight = 0.0
   lr = config.optimizer.learning_rate
   lr.peak_value = 7.5e-4  # vmoe's 1.5e-3 at 2048 views, linearly to 1024
   lr.end_value = 5e-6
-  prc_consistency(config)
+  prc_losses(config)
   return config_common.apply_config_arg(config, arg, _runlocal)
 
 
-def prc_consistency(config: ml_collections.ConfigDict) -> None:
-  """PRC's consistency setting (shared with its fine-tuning config)."""
+def prc_losses(config: ml_collections.ConfigDict) -> None:
+  """PRC's consistency setting, importance and load losses off (shared
+  with its fine-tuning config)."""
+  router = config.model.encoder.moe.router
+  router.importance_loss_weight = 0.0
+  router.load_loss_weight = 0.0
   config.consistency.loss = 'cross_correlation'
   config.consistency.weight = 5e-3
   config.consistency.diagonal_weight = 1.0
@@ -88,7 +89,7 @@ def prc_consistency(config: ml_collections.ConfigDict) -> None:
 
 
 def _runlocal(config):
-  _imagenet()._runlocal(config)  # noqa: SLF001 - imagenet.py's smoke run
+  config_common.shrink_to_mini_tfds(config)  # as imagenet.py's smoke run
   # The tiny model has 2 blocks (MoE on block 1): PRC pairs every MoE layer.
   config.consistency.layers = (1,)
 

@@ -45,10 +45,7 @@ def get_config(arg=None):
   lr.end_value = 1.5e-5
   config.augment.crop_scale = (0.05, 0.7)
   config.augment.second_crop_scale = (0.6, 1.0)
-  router = config.model.encoder.moe.router
-  router.importance_loss_weight = 0.0
-  router.load_loss_weight = 0.0
-  _sibling('imagenet_prc').prc_consistency(config)
+  _sibling('imagenet_prc').prc_losses(config)
   return config_common.apply_config_arg(config, arg, _runlocal)
 
 

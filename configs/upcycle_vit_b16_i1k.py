@@ -56,32 +56,24 @@ def get_config(arg=None):
         layers='every 2',
         num_experts=8,
         group_size=4 * TOKENS,
-        router=dict(
-          num_selected_experts=2,
-          noise_std=1.0,
-          importance_loss_weight=0.005,
-          load_loss_weight=0.005,
-          dispatcher=dict(name='indices', capacity_factor=1.25,
-                          batch_priority=False, bfloat16=True),
-        ),
+        router=config_common.vmoe_router(1.25, bfloat16=True),
       ),
     ),
-  )  # fmt: skip
+  )
   config.optimizer = dict(
-    name='sgd', momentum=0.9,
+    name='sgd',
+    momentum=0.9,
     gradient_clip=dict(global_norm=1.0),
-    learning_rate=dict(schedule='warmup_cosine_decay', peak_value=0.03,
-                       end_value=1e-5, warmup_steps=500),
-  )  # fmt: skip
-  config.num_expert_partitions = 8
-  config.consistency.weight = 0.1
-  config.save_checkpoint.every_steps = 1000
-  config.report_progress.every_steps = 100
-  config.evaluate.every_steps = 2000
-  config = ml_collections.ConfigDict(config)
+    learning_rate=dict(
+      schedule='warmup_cosine_decay',
+      peak_value=0.03,
+      end_value=1e-5,
+      warmup_steps=500,
+    ),
+  )
+  config_common.full_size_run(config, report=100, evaluate=2000)
   return config_common.apply_config_arg(config, arg, _runlocal)
 
 
 def _runlocal(config):
-  config.num_expert_partitions = 1
   config_common.shrink_to_mini_tfds(config, num_layers=4, layers='every 2')

@@ -1,28 +1,16 @@
-"""Command-line plumbing shared by main, eval_main and sweep.
+"""Command-line plumbing shared by the commands (main, eval_main, sweep...).
 
-- `parse_flags`: absl's flag parser for `app.run`, but a missing config file,
-  a misspelt key or a value of the wrong type ends the program with ONE line
-  on stderr (exit status 2) instead of a traceback; a missing config file
-  lists the configs that exist.
-- `load_config`: the same parsing on a private FlagValues (for tests and
-  tools), raising `CliError`.
-- `check_config`: `config_lib.validate` (its RunSpec) with its error turned
-  into one line.
-- `quiet_console`: TensorFlow's start-up banners (printed by its C++ logging,
-  which ignores TF_CPP_MIN_LOG_LEVEL in TF 2.21) and absl INFO records from
-  libraries (clu's metric copies, jax's backend probing, orbax) stay off the
-  console; warnings and errors still show.
-- `describe_devices`: the backend and devices, and a warning when a GPU is
-  visible to the machine but JAX runs on the CPU.
-- `failure_line`, `exit_now`: a run that fails for a reason the user can act
-  on (the workdir is in use, not a folder, read-only; the config differs
-  from the one it was trained with; a full disk; no checkpoint can be
-  restored) ends with one line, not a traceback.
+A bad command line or config (a missing config file, a misspelt key, a
+value of the wrong type), and a run that fails for a reason the user can
+act on (the workdir is in use, not a folder, read-only or trained with
+another config; a full disk; no checkpoint can be restored), end with ONE
+line on stderr instead of a traceback: exit status 2 for the command line,
+the config and the workdir, 1 for the others. TensorFlow's start-up
+banners and the INFO records of libraries stay off the console.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import errno
 import glob
@@ -38,6 +26,8 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from vmoe_jsd import checkpoints, config_lib, run_files
+from vmoe_jsd.config_errors import flatten
+from vmoe_jsd.data import mini
 
 REPO_CONFIGS = os.path.join(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs'
@@ -99,17 +89,6 @@ def missing_config_message(value: str) -> str | None:
   )
 
 
-def _flat_keys(config, prefix: str = '') -> list[str]:
-  keys = []
-  for key in config.keys():
-    value = config[key]
-    if hasattr(value, 'keys') and callable(value.keys):
-      keys += _flat_keys(value, f'{prefix}{key}.')
-    else:
-      keys.append(f'{prefix}{key}')
-  return keys
-
-
 def _config_argv(argv: Sequence[str], name: str) -> list[str]:
   """The program name and the --<name> / --<name>.key arguments of argv."""
   out = list(argv[:1])
@@ -125,9 +104,13 @@ def _config_argv(argv: Sequence[str], name: str) -> list[str]:
 def _parse(argv: Sequence[str], name: str):
   fv = flags.FlagValues()
   holder = config_flags.DEFINE_config_file(
-    name, None, 'config file', flag_values=fv, lock_config=True,
+    name,
+    None,
+    'config file',
+    flag_values=fv,
+    lock_config=True,
     sys_argv=list(argv),
-  )  # fmt: skip
+  )
   fv(list(argv), known_only=False)
   return holder.value
 
@@ -136,11 +119,12 @@ def _unknown_key_line(argv: Sequence[str], name: str) -> str | None:
   """'config has no key ...' for the first override naming no config key."""
   prefix = f'--{name}.'
   argv = _config_argv(argv, name)
-  overrides = [a[len(prefix) :].split('=')[0] for a in argv
-               if a.startswith(prefix)]  # fmt: skip
+  overrides = [
+    a[len(prefix) :].split('=')[0] for a in argv if a.startswith(prefix)
+  ]
   try:
     plain = [a for a in argv if not a.startswith(prefix)]
-    keys = _flat_keys(_parse(plain, name))
+    keys = flatten(_parse(plain, name))
   except Exception:  # noqa: BLE001 - the config itself fails: not our case.
     return None
   for key in overrides:
@@ -225,22 +209,6 @@ def check_config(config, num_devices: int) -> config_lib.RunSpec:
 # ----------------------------------------------------------------------------
 # Console.
 # ----------------------------------------------------------------------------
-@contextlib.contextmanager
-def _stderr_to_devnull():
-  """Redirects file descriptor 2 (C++ writers included) to /dev/null."""
-  sys.stderr.flush()
-  saved = os.dup(2)
-  null = os.open(os.devnull, os.O_WRONLY)
-  os.dup2(null, 2)
-  try:
-    yield
-  finally:
-    sys.stderr.flush()
-    os.dup2(saved, 2)
-    os.close(saved)
-    os.close(null)
-
-
 def quiet_console() -> None:
   """Imports TensorFlow with its start-up banners silenced (if installed).
 
@@ -253,11 +221,14 @@ def quiet_console() -> None:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   if 'tensorflow' in sys.modules:
     return
+  null = os.open(os.devnull, os.O_WRONLY)
   try:
-    with _stderr_to_devnull():
+    with mini.redirected(null, fds=(2,)):
       import tensorflow  # noqa: F401, PLC0415 - optional; banners muted
   except ImportError:
     pass  # TF is optional for the pure-JAX paths.
+  finally:
+    os.close(null)
 
 
 def visible_gpus() -> list[str]:
@@ -288,8 +259,11 @@ def describe_devices() -> list[str]:
 # ----------------------------------------------------------------------------
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # How tensorstore (orbax's array writer) and absl's C++ status say ENOSPC.
-DISK_FULL_TEXT = ('No space left on device', "os_error_code='28'",
-                  'Disk quota exceeded')  # fmt: skip
+DISK_FULL_TEXT = (
+  'No space left on device',
+  "os_error_code='28'",
+  'Disk quota exceeded',
+)
 
 
 def _chain(error: BaseException) -> Iterator[BaseException]:
@@ -332,8 +306,9 @@ def failure_line(error: BaseException) -> tuple[str, int] | None:
   if full:
     return (
       f'the disk is full ({full}). Free space and run the same command to '
-      'resume from the last checkpoint', 1,
-    )  # fmt: skip
+      'resume from the last checkpoint',
+      1,
+    )
   return None
 
 

@@ -81,8 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
       # Routing-map figure (analyze.py) written to TensorBoard at every
       # evaluation, for this many test images (0: none).
       'routing_map_images': 4,
-      # Corruptions, attacks, cheaper inference (robustness.py, attacks.py,
-      # docs/robustness.md); off during training (minutes per evaluation),
+      # Corruptions, attacks, cheaper inference (evaluation/corruptions.py,
+      # attacks.py, serving.py; docs/robustness.md); off during training
+      # (minutes per evaluation),
       # `python -m vmoe_jsd.eval_main --suite=...` runs them on a checkpoint.
       'robustness': {
         'enabled': False,
@@ -129,7 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
   # vmoe's mixup on the views (augment.mixup); concentration 0 is off.
   config.mixup = ml_collections.ConfigDict({'concentration': 0.0})
   config.loss = ml_collections.ConfigDict({'name': 'softmax_xent'})
-  # Few-shot linear evaluation of frozen pre-logits (vmoe_jsd/fewshot.py):
+  # Few-shot linear evaluation of frozen pre-logits (evaluation/fewshot.py):
   # off until datasets = {name: {'train': <dataset block>, 'test': ...}}.
   config.fewshot = ml_collections.ConfigDict(
     {
@@ -170,6 +171,16 @@ def shrink_for_local_run(config: ml_collections.ConfigDict) -> None:
   config.evaluate.every_steps = 0
   config.report_progress.every_steps = 5
   config.save_checkpoint.every_steps = 10
+
+
+def full_size_run(config, *, report: int, evaluate: int) -> None:
+  """What every accelerator-sized recipe here shares: 8 expert partitions,
+  consistency weight 0.1, a checkpoint every 1000 steps."""
+  config.num_expert_partitions = 8
+  config.consistency.weight = 0.1
+  config.save_checkpoint.every_steps = 1000
+  config.report_progress.every_steps = report
+  config.evaluate.every_steps = evaluate
 
 
 def tfds_split(
@@ -217,8 +228,9 @@ def shrink_to_mini_tfds(config: ml_collections.ConfigDict, **model) -> None:
   The dataset keeps its tfds name and splits and goes through the real
   tfds path (tfds.data_source over ArrayRecord); `mini=True` writes a small
   copy with the real builder's features into data_dir (default: a folder
-  in the temp dir) the first time (data/mini.py).
+  in the temp dir) the first time (data/mini.py). One expert partition.
   """
+  config.num_expert_partitions = 1
   config.num_train_steps = 4
   config.train_epochs = 0
   size = 32
@@ -236,10 +248,6 @@ def shrink_to_mini_tfds(config: ml_collections.ConfigDict, **model) -> None:
       if block.resize_size is not None:
         block.resize_size = size * 8 // 7  # 256 / 224 of the view
   config.evaluate.limit = 16
-  _shrink_model(config, size, **model)
-
-
-def _shrink_model(config: ml_collections.ConfigDict, size: int, **model):
   config.model.variant = config_dict.placeholder(str)
   config.model.hidden_size = model.get('hidden_size', 32)
   config.model.patch_size = (8, 8)
@@ -296,20 +304,32 @@ def vmoe_s32_model(
         split_rngs=False,
         router=dict(
           name='NoisyTopExpertsPerItemRouter',  # models/routing.ROUTERS
-          num_selected_experts=2,
-          noise_std=1.0,
-          importance_loss_weight=0.005,
-          load_loss_weight=0.005,
-          dispatcher=dict(
-            name='indices',
-            capacity_factor=capacity_factor,
-            # Slots per expert and group; when set, replaces capacity_factor.
+          **vmoe_router(
+            capacity_factor,
             capacity=config_dict.placeholder(int),
-            batch_priority=False,
             bfloat16=True,
           ),
         ),
       ),
+    ),
+  )
+
+
+def vmoe_router(capacity_factor: float, **dispatcher) -> dict:
+  """vmoe's router block: top-2 experts per token, noise std 1 / E,
+  importance and load losses 0.005, 'indices' dispatch in token order
+  (no Batch Prioritized Routing); `dispatcher`: its other keys (capacity:
+  slots per expert and group, which replaces capacity_factor when set)."""
+  return dict(
+    num_selected_experts=2,
+    noise_std=1.0,
+    importance_loss_weight=0.005,
+    load_loss_weight=0.005,
+    dispatcher=dict(
+      name='indices',
+      capacity_factor=capacity_factor,
+      batch_priority=False,
+      **dispatcher,
     ),
   )
 
@@ -363,50 +383,62 @@ def finetune_config(
     tfds_name, test_split, batch_size, image_size=image_size
   )
   config.augment = dict(
-    size=image_size, crop_scale=(0.05, 1.0), crop_ratio=(3 / 4, 4 / 3),
+    size=image_size,
+    crop_scale=(0.05, 1.0),
+    crop_ratio=(3 / 4, 4 / 3),
     flip=True,
-  )  # fmt: skip
+  )
   config.loss.name = 'softmax_xent'
   config.model = vmoe_s32_model(num_classes, image_size, 1.5)
-  config.optimizer = dict(
-    name='sgd', momentum=0.9,
-    gradient_clip=dict(global_norm=10.0),
-    learning_rate=dict(schedule='warmup_cosine_decay', peak_value=peak_lr,
-                       end_value=1e-5, warmup_steps=warmup_steps),
-    # Regexes (re.search on '/'-joined names; optimizer.py): no update for
-    # these; (regex, multiplier) pairs, the first match sets the rate.
-    frozen_pattern=(), lr_multipliers=(),
-  )  # fmt: skip
+  config.optimizer = warmup_optimizer(
+    'sgd', 'warmup_cosine_decay', peak_lr, warmup_steps, clip=10.0, momentum=0.9
+  )
   config.initialization.source = 'orbax'
-  config.num_expert_partitions = 8
-  config.consistency.weight = 0.1
-  config.save_checkpoint.every_steps = 1000
-  config.report_progress.every_steps = 50
-  config.evaluate.every_steps = max(num_steps // 10, 1)
-  return ml_collections.ConfigDict(config)
+  full_size_run(config, report=50, evaluate=max(num_steps // 10, 1))
+  return config
+
+
+def warmup_optimizer(
+  name, schedule, peak_value, warmup_steps, *, clip, kernel_decay=0.0, **hyper
+) -> dict:
+  """A config.optimizer block (optimizer.py).
+
+  `name` with its `hyper` keys (adam, adamw: b1 0.9, b2 0.999 and a
+  decoupled weight decay of `kernel_decay` on the kernels, as a tuple of
+  (regex, value) rules: ml_collections cannot override lists from the
+  command line), gradients clipped to global norm `clip`, `schedule` after
+  a linear warm-up down to 1e-5; frozen_pattern (regexes over '/'-joined
+  names: no update) and lr_multipliers ((regex, multiplier) pairs, the
+  first match wins) off.
+  """
+  if name.startswith('adam'):
+    decay = (('.*/kernel$', kernel_decay),)
+    hyper = dict(b1=0.9, b2=0.999, weight_decay=decay, **hyper)
+  return dict(
+    name=name,
+    **hyper,
+    gradient_clip=dict(global_norm=clip),
+    frozen_pattern=(),
+    lr_multipliers=(),
+    learning_rate=dict(
+      schedule=schedule,
+      peak_value=peak_value,
+      end_value=1e-5,
+      warmup_steps=warmup_steps,
+    ),
+  )
 
 
 def finetune_runlocal(config: ml_collections.ConfigDict) -> None:
   """`:runlocal` of a fine-tuning config: from scratch, mini tfds data."""
-  config.num_expert_partitions = 1
   config.initialization.source = None
   config.evaluate.every_steps = 0
   shrink_to_mini_tfds(config)
 
 
 def weight_seed_sweep(hyper, weights=(0.0, 0.1), seeds=(0, 1, 2)):
-  """Consistency weight x seed: the sweep most configs here define.
-
-  Args:
-    hyper: the sweep API passed to a config's get_hyper (vmoe_jsd.sweep.Hyper:
-      `sweep(key, values)` lists one-key assignments, `product(sweeps)` their
-      Cartesian product).
-    weights: values of config.consistency.weight.
-    seeds: values of config.seed.
-
-  Returns:
-    The product of the two sweeps, weight-major.
-  """
+  """Consistency weight x seed, weight-major: the sweep most configs here
+  define (`hyper`: vmoe_jsd.sweep.Hyper, the API get_hyper receives)."""
   return hyper.product(
     [
       hyper.sweep('config.consistency.weight', list(weights)),
@@ -415,7 +447,9 @@ def weight_seed_sweep(hyper, weights=(0.0, 0.1), seeds=(0, 1, 2)):
   )
 
 
-def apply_config_arg(config, arg, runlocal) -> ml_collections.ConfigDict:
+def apply_config_arg(
+  config, arg, runlocal=shrink_to_mini_tfds
+) -> ml_collections.ConfigDict:
   """The `get_config(arg)` convention of every config here.
 
   Args:
@@ -424,11 +458,12 @@ def apply_config_arg(config, arg, runlocal) -> ml_collections.ConfigDict:
     runlocal: callable(config) that shrinks it in place to a CPU smoke run.
 
   Returns:
-    config, shrunk when arg == 'runlocal'.
+    config as a ConfigDict, shrunk when arg == 'runlocal'.
 
   Raises:
     ValueError: any other arg, naming it and the valid one.
   """
+  config = ml_collections.ConfigDict(config)
   if arg == 'runlocal':
     runlocal(config)
   elif arg:

@@ -8,6 +8,7 @@ so that a bad config fails in one line before any work starts.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -16,7 +17,30 @@ class ConfigError(ValueError):
 
 
 def fail(key: str, value: Any, valid: str):
+  """Raises ConfigError: `config.key=value is invalid: valid`."""
   raise ConfigError(f'config.{key}={value!r} is invalid: {valid}')
+
+
+def check_choice(key: str, value: Any, choices) -> None:
+  """Fails unless `value` is one of `choices` (listed as given)."""
+  if value not in choices:
+    fail(key, value, f'one of {choices}')
+
+
+def check_keys(key: str, block: Mapping, valid) -> None:
+  """Fails on keys of config.<key> (`block`) that are not in `valid`."""
+  unknown = sorted(set(block) - set(valid))
+  if unknown:
+    fail(key, unknown, f'keys in {list(valid)}')
+
+
+def lookup(registry: Mapping, key: str, name: Any, choices=None) -> Any:
+  """registry[name], or ValueError `key=name is unknown; choose one of
+  choices` (default: the sorted names)."""
+  if name not in registry:
+    choices = sorted(registry) if choices is None else choices
+    raise ValueError(f'{key}={name!r} is unknown; choose one of {choices}')
+  return registry[name]
 
 
 def check_range(
@@ -68,6 +92,15 @@ def check_range(
     fail(key, value, valid)
 
 
+def check_limit(key: str, limit, eval_limit):
+  """A limit of test images (>= 1, or None for all), never above
+  config.evaluate.limit (`eval_limit`, None: no cap)."""
+  check_range(key, limit, 1, integer=True, optional=True)
+  if eval_limit is not None:
+    limit = eval_limit if limit is None else min(limit, eval_limit)
+  return limit
+
+
 def to_dict(cfg) -> dict[str, Any]:
   """A plain dict of a ConfigDict, a mapping or None ({})."""
   if cfg is None:
@@ -75,3 +108,25 @@ def to_dict(cfg) -> dict[str, Any]:
   if hasattr(cfg, 'to_dict'):
     return cfg.to_dict()
   return dict(cfg)
+
+
+def flatten(
+  tree, prefix: str = '', *, stringify: bool = False
+) -> dict[str, Any]:
+  """{'a.b.c': value} of nested dicts or ConfigDicts (empty ones vanish).
+
+  Args:
+    tree: a dict, a ConfigDict or anything with `items()`.
+    prefix: put before every key.
+    stringify: values other than numbers, strings and booleans become
+      strings (TensorBoard's hparams).
+  """
+  out = {}
+  for key, value in tree.items():
+    if callable(getattr(value, 'keys', None)):
+      out.update(flatten(value, f'{prefix}{key}.', stringify=stringify))
+    elif stringify and not isinstance(value, (int, float, str, bool)):
+      out[f'{prefix}{key}'] = str(value)
+    else:
+      out[f'{prefix}{key}'] = value
+  return out

@@ -11,7 +11,7 @@ specs, each defined in the module that uses it and built by its own
   step        step.StepSpec                    loss, consistency, mixup
   optimizer   optimizer.OptimizerSpec          config.optimizer
   checkpoint  checkpoints.CheckpointSpec       config.save_checkpoint
-  evaluate    evaluate.EvalSpec                config.evaluate
+  evaluate    accuracy.EvalSpec                config.evaluate
   stability   stability.StabilitySpec          config.evaluate.stability
   fewshot     fewshot.FewshotSpec              config.fewshot
   profile     profiling.ProfileSpec            config.profile
@@ -36,21 +36,25 @@ from vmoe_jsd import (
   augment,
   checkpoints,
   data,
-  evaluate,
-  fewshot,
   initialization,
   losses,
   optimizer,
   paths,
   profiling,
   resilience,
-  robustness,
   sharding,
-  stability,
   step,
   summaries,
 )
-from vmoe_jsd.config_errors import ConfigError, check_range, fail, to_dict
+from vmoe_jsd.config_errors import (
+  ConfigError,
+  check_choice,
+  check_keys,
+  check_range,
+  fail,
+  to_dict,
+)
+from vmoe_jsd.evaluation import accuracy, fewshot, robustness, stability
 from vmoe_jsd.models.spec import ModelSpec
 
 __all__ = ['ConfigError', 'RunSpec', 'check_inputs', 'resolve', 'validate']
@@ -93,7 +97,7 @@ class RunSpec:
   step: step.StepSpec
   optimizer: optimizer.OptimizerSpec
   checkpoint: checkpoints.CheckpointSpec
-  evaluate: evaluate.EvalSpec
+  evaluate: accuracy.EvalSpec
   stability: stability.StabilitySpec
   fewshot: fewshot.FewshotSpec
   profile: profiling.ProfileSpec = profiling.ProfileSpec()
@@ -131,16 +135,15 @@ def validate(config, num_devices: int) -> RunSpec:
 
 def resolve(config, num_devices: int) -> RunSpec:
   """The RunSpec of `config` on `num_devices` devices (no file is read)."""
-  model = ModelSpec.from_config(
-    config.model, (config.get('evaluate') or {}).get('model_overrides')
-  )
+  evaluate = to_dict(config.get('evaluate'))
+  model = ModelSpec.from_config(config.model, evaluate.get('model_overrides'))
   _check_run_numbers(config)
   ckpt = checkpoints.CheckpointSpec.from_config(config.get('save_checkpoint'))
-  ev = evaluate.EvalSpec.from_config(config.get('evaluate'))
+  ev = accuracy.EvalSpec.from_config(evaluate)
   cons = to_dict(config.consistency)
   check_range('consistency.weight', cons.get('weight'), 0)
-  check_range('consistency.temperature', cons.get('temperature', 1.0), 0,
-              low_open=True)  # fmt: skip
+  temperature = cons.get('temperature', 1.0)
+  check_range('consistency.temperature', temperature, 0, low_open=True)
   opt = optimizer.OptimizerSpec.from_config(config.optimizer)
   size = config.augment.size
   check_range('augment.size', size, 1, integer=True)
@@ -154,7 +157,7 @@ def resolve(config, num_devices: int) -> RunSpec:
   _check_across(config, model, datasets, num_devices)
   step_spec = _step_spec(config, model, num_devices)
   stab = stability.StabilitySpec.from_config(
-    (config.get('evaluate') or {}).get('stability'), ev.limit
+    evaluate.get('stability'), ev.limit
   )
   if not model.moe_layers:
     stab = dataclasses.replace(stab, enabled=False)
@@ -193,9 +196,7 @@ def resolve(config, num_devices: int) -> RunSpec:
       config.get('profile'), config.get('num_train_steps') or None
     ),
     robustness=robustness.RobustnessSpec.from_config(
-      (config.get('evaluate') or {}).get('robustness'),
-      ev.limit,
-      model.num_experts,
+      evaluate.get('robustness'), ev.limit, model.num_experts
     ),
   )
 
@@ -215,11 +216,11 @@ def check_inputs(spec: RunSpec) -> None:
       init['source'] == 'vmoe' and paths.exists(path + '.index')
     )
     if not exists:
+      vmoe = " (nor as a vmoe prefix: no '.index')"
       raise FileNotFoundError(
         f'config.initialization.path={path!r} does not exist'
-        + (" (nor as a vmoe prefix: no '.index')" if init['source'] == 'vmoe'
-           else '')
-      )  # fmt: skip
+        + (vmoe if init['source'] == 'vmoe' else '')
+      )
   for split, split_spec in spec.datasets.items():
     split_spec.check_files(split)
   _check_num_classes(spec.model.num_classes, spec.datasets)
@@ -233,9 +234,12 @@ def _check_num_classes(num_classes: int, datasets) -> None:
     split_spec = datasets[split]
     found = split_spec.num_classes()
     if found is not None and found != num_classes:
-      fail('model.num_classes', num_classes,
-           f'dataset.{split} ({split_spec.name}) has {found} classes; set '
-           f'model.num_classes={found}')  # fmt: skip
+      fail(
+        'model.num_classes',
+        num_classes,
+        f'dataset.{split} ({split_spec.name}) has {found} classes; set '
+        f'model.num_classes={found}',
+      )
 
 
 def _check_run_numbers(config) -> None:
@@ -247,11 +251,10 @@ def _check_run_numbers(config) -> None:
   check_range('train_epochs', epochs, 0)
   if not steps and not epochs:
     fail('num_train_steps', steps, 'set it or train_epochs to > 0')
-  check_range('num_expert_partitions', config.get('num_expert_partitions', 1),
-              1, integer=True)  # fmt: skip
-  report = config.get('report_progress') or {}
-  check_range('report_progress.every_steps', report.get('every_steps', 1), 1,
-              integer=True)  # fmt: skip
+  partitions = config.get('num_expert_partitions', 1)
+  check_range('num_expert_partitions', partitions, 1, integer=True)
+  report = (config.get('report_progress') or {}).get('every_steps', 1)
+  check_range('report_progress.every_steps', report, 1, integer=True)
 
 
 def _check_across(config, model: ModelSpec, datasets, num_devices) -> None:
@@ -264,8 +267,8 @@ def _check_across(config, model: ModelSpec, datasets, num_devices) -> None:
       valid = f'must divide model.encoder.moe.num_experts={model.num_experts}'
       fail('num_expert_partitions', num_parts, valid)
     if num_devices % num_parts:
-      fail('num_expert_partitions', num_parts,
-           f'must divide the number of devices ({num_devices})')  # fmt: skip
+      valid = f'must divide the number of devices ({num_devices})'
+      fail('num_expert_partitions', num_parts, valid)
   tokens = model.tokens_per_image(config.augment.size)
   group_size = model.config['encoder'].get('moe', {}).get('group_size')
   # Two views per training image, one per test image.
@@ -277,11 +280,14 @@ def _check_across(config, model: ModelSpec, datasets, num_devices) -> None:
       fail(key, batch, valid)
     per_device = batch * views // num_devices * tokens
     if layers and (not group_size or per_device % group_size):
-      fail('model.encoder.moe.group_size', group_size,
-           f'must divide the tokens per device of {key}={batch} ({views} '
-           f'view(s) x {batch // num_devices} images x {tokens} tokens = '
-           f'{per_device}); e.g. a multiple of {tokens} tokens per image that'
-           f' divides it')  # fmt: skip
+      fail(
+        'model.encoder.moe.group_size',
+        group_size,
+        f'must divide the tokens per device of {key}={batch} ({views} '
+        f'view(s) x {batch // num_devices} images x {tokens} tokens = '
+        f'{per_device}); e.g. a multiple of {tokens} tokens per image that'
+        f' divides it',
+      )
 
 
 def _check_fewshot_batches(fs, model: ModelSpec, size, num_devices) -> None:
@@ -292,37 +298,39 @@ def _check_fewshot_batches(fs, model: ModelSpec, size, num_devices) -> None:
   for d in fs.datasets:
     for split, block in (('train', d.train), ('test', d.test)):
       if block.batch_size % unit:
-        fail(f'fewshot.datasets.{d.name}.{split}.batch_size', block.batch_size,
-             f'must be a multiple of {unit}: {num_devices} device(s) x the '
-             f'{unit // num_devices} image(s) that fill whole routing groups '
-             'of the evaluation model')  # fmt: skip
+        fail(
+          f'fewshot.datasets.{d.name}.{split}.batch_size',
+          block.batch_size,
+          f'must be a multiple of {unit}: {num_devices} device(s) x the '
+          f'{unit // num_devices} image(s) that fill whole routing groups '
+          'of the evaluation model',
+        )
 
 
 def _step_spec(config, model: ModelSpec, num_devices: int) -> step.StepSpec:
   """Losses, consistency (its layers vs the MoE layers), mixup, NaN policy."""
-  if config.loss.name not in losses.CLASSIFICATION_LOSSES:
-    fail('loss.name', config.loss.name,
-         f'one of {sorted(losses.CLASSIFICATION_LOSSES)}')  # fmt: skip
+  loss_names = sorted(losses.CLASSIFICATION_LOSSES)
+  check_choice('loss.name', config.loss.name, loss_names)
   cons = config.consistency
-  if cons.loss not in losses.CONSISTENCY_LOSSES:
-    fail('consistency.loss', cons.loss,
-         f'one of {list(losses.CONSISTENCY_LOSSES)}')  # fmt: skip
+  check_choice('consistency.loss', cons.loss, list(losses.CONSISTENCY_LOSSES))
   options = losses.ConsistencyOptions.from_config(cons)
   layers = model.moe_layers
   if options.include_cls and not model.num_prefix_tokens:
-    fail('consistency.include_cls', cons.include_cls,
-         'needs a class token (model.classifier="token")')  # fmt: skip
+    valid = 'needs a class token (model.classifier="token")'
+    fail('consistency.include_cls', cons.include_cls, valid)
   cons_layers = cons.get('layers')
   if cons_layers is not None and [x for x in cons_layers if x not in layers]:
-    fail('consistency.layers', tuple(cons_layers),
-         f'a subset of the MoE blocks {layers} (or None for all)')  # fmt: skip
+    valid = f'a subset of the MoE blocks {layers} (or None for all)'
+    fail('consistency.layers', tuple(cons_layers), valid)
   if cons.weight > 0 and not layers:  # A dense model: no routers to match.
-    fail('consistency.weight', cons.weight,
-         'needs MoE layers and model.encoder.moe.layers is empty (a dense '
-         'model): set it to 0')  # fmt: skip
+    fail(
+      'consistency.weight',
+      cons.weight,
+      'needs MoE layers and model.encoder.moe.layers is empty (a dense '
+      'model): set it to 0',
+    )
   nan_policy = config.get('nan_policy', 'stop')
-  if nan_policy not in resilience.NAN_POLICIES:
-    fail('nan_policy', nan_policy, "one of ['skip', 'stop']")
+  check_choice('nan_policy', nan_policy, sorted(resilience.NAN_POLICIES))
   return step.StepSpec(
     loss=config.loss.name,
     num_classes=model.num_classes,
@@ -342,9 +350,12 @@ def _microsteps(config, model: ModelSpec, num_devices: int) -> int:
   """config.microsteps against the per-device batch and routing groups."""
   moe = model.config['encoder'].get('moe', {}) if model.moe_layers else {}
   return step.check_microsteps(
-    config.get('microsteps', 1), config.dataset.train.batch_size,
-    num_devices, model.tokens_per_image(config.augment.size),
-    moe.get('group_size'))  # fmt: skip
+    config.get('microsteps', 1),
+    config.dataset.train.batch_size,
+    num_devices,
+    model.tokens_per_image(config.augment.size),
+    moe.get('group_size'),
+  )
 
 
 def _augment_fields(config) -> dict[str, Any]:
@@ -360,22 +371,23 @@ def _augment_fields(config) -> dict[str, Any]:
 def _mixup_concentration(config, num_devices: int) -> float:
   """config.mixup (vmoe's, on the views; pairs within each device's shard)."""
   mixup = to_dict(config.get('mixup'))
-  unknown = sorted(set(mixup) - set(MIXUP_KEYS))
-  if unknown:
-    fail('mixup', unknown, f'keys in {list(MIXUP_KEYS)}')
+  check_keys('mixup', mixup, MIXUP_KEYS)
   concentration = mixup.get('concentration') or 0.0
   if (
     isinstance(concentration, bool)
     or not isinstance(concentration, (int, float))
     or not 0 <= concentration < math.inf
   ):
-    fail('mixup.concentration', concentration,
-         'a number >= 0 (0: no mixup; vmoe light1: 0.2)')  # fmt: skip
+    valid = 'a number >= 0 (0: no mixup; vmoe light1: 0.2)'
+    fail('mixup.concentration', concentration, valid)
   batch = config.dataset.train.batch_size
   per_device = batch // num_devices
   if concentration > 0 and per_device < 2:
-    fail('mixup.concentration', concentration,
-         "mixup pairs images within each device's shard, which holds "
-         f'{per_device} image(s) of dataset.train.batch_size={batch} on '
-         f'{num_devices} devices: needs at least 2 (or set 0)')  # fmt: skip
+    fail(
+      'mixup.concentration',
+      concentration,
+      "mixup pairs images within each device's shard, which holds "
+      f'{per_device} image(s) of dataset.train.batch_size={batch} on '
+      f'{num_devices} devices: needs at least 2 (or set 0)',
+    )
   return float(concentration)

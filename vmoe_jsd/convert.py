@@ -5,9 +5,9 @@
   python -m vmoe_jsd.convert --input=/ckpt/vmoe_s32 --output=/ckpt/orbax_s32
 
 The direction follows the input. A vmoe checkpoint (Riquelme et al., 2021,
-google-research/vmoe; see vmoe_format.py) is a prefix with a `.index` file;
-it is written as a params-only orbax step folder, `OUTPUT/state/` holding
-{'params': ...} as our training checkpoints do, which
+google-research/vmoe; see checkpoints/vmoe_format.py) is a prefix with a
+`.index` file; it is written as a params-only orbax step folder,
+`OUTPUT/state/` holding {'params': ...} as our training checkpoints do, which
 initialization.load_initial_params({'source': 'orbax', 'path': OUTPUT}, ...)
 reads. Our orbax checkpoints (a workdir, its checkpoints/ folder for the
 latest step, or a step folder) are written as vmoe checkpoints of their
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vmoe_jsd import initialization, paths, vmoe_format
+from vmoe_jsd import checkpoints, paths
 
 FORMATS = ('orbax', 'vmoe')
 
@@ -55,7 +55,7 @@ def detect_format(path: str) -> str:
       path,
     )
   try:
-    initialization.find_orbax_state_dir(path)
+    checkpoints.find_orbax_state_dir(path)
   except ValueError as e:
     raise ValueError(
       f'Cannot recognise the format of {path!r}: no {prefix + ".index"!r} '
@@ -116,8 +116,8 @@ def convert(
       prefix = prefix[: -len('.index')]
     if paths.exists(prefix + '.index'):
       raise ValueError(f'Output {prefix + ".index"!r} exists; not overwriting.')
-    params, info = initialization.read_orbax_params(input_path)
-    files = vmoe_format.write_vmoe_checkpoint(
+    params, info = checkpoints.read_orbax_params(input_path)
+    files = checkpoints.write_vmoe_checkpoint(
       prefix, params, num_shards=1 if num_shards is None else num_shards
     )
     summary.update(direction='orbax -> vmoe', step=info['step'])
@@ -129,11 +129,11 @@ def convert(
       )
     if paths.exists(output_path):
       raise ValueError(f'Output {output_path!r} exists; not overwriting.')
-    params = vmoe_format.read_vmoe_checkpoint(input_path)
+    params = checkpoints.read_vmoe_checkpoint(input_path)
     write_orbax_params(output_path, params)
     files = _files_under(output_path)
     summary.update(direction='vmoe -> orbax')
-  leaves = list(vmoe_format.flatten_tree(params).values())
+  leaves = list(checkpoints.flatten_tree(params).values())
   summary.update(
     num_arrays=len(leaves),
     num_params=int(sum(np.size(x) for x in leaves)),
@@ -162,10 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     help='vmoe prefix (for an orbax input) or new orbax step folder.',
   )
   parser.add_argument(
-    '--num_shards',
-    type=int,
-    default=None,
-    help='data shards of a vmoe output (default 1).',
+    '--num_shards', type=int, help='data shards of a vmoe output (default 1).'
   )
   args = parser.parse_args(argv)
   try:

@@ -66,35 +66,27 @@ def collective_rows(compiled, mesh, microsteps: int = 1) -> list[dict]:
   """
   ids = np.arange(mesh.devices.size).reshape(mesh.devices.shape)
   in_loop = re.compile(rf'(^|/){step.MICROSTEP_SCOPE}/')
-  rows = []
-  for c in hlo.parse_collectives(compiled.as_text(), mesh.devices.size):
-    rows.append(
-      {
-        'kind': c.kind,
-        'axes': hlo.spanned_axes(c.groups, ids, mesh.axis_names),
-        'bytes': c.bytes,
-        'runs_per_step': microsteps if in_loop.search(c.op_name) else 1,
-        'op_name': c.op_name,
-        'name': c.name,
-      }
-    )
-  return rows
+  return [
+    {
+      'kind': c.kind,
+      'axes': hlo.spanned_axes(c.groups, ids, mesh.axis_names),
+      'bytes': c.bytes,
+      'runs_per_step': microsteps if in_loop.search(c.op_name) else 1,
+      'op_name': c.op_name,
+      'name': c.name,
+    }
+    for c in hlo.parse_collectives(compiled.as_text(), mesh.devices.size)
+  ]
 
 
 def memory_summary(compiled) -> dict[str, int]:
   """Per-device bytes from memory_analysis() (absent fields are skipped)."""
   mem = compiled.memory_analysis()
   out = {}
-  for field in (
-    'argument_size_in_bytes',
-    'output_size_in_bytes',
-    'alias_size_in_bytes',
-    'temp_size_in_bytes',
-    'generated_code_size_in_bytes',
-  ):
-    value = getattr(mem, field, None)
+  for name in ('argument', 'output', 'alias', 'temp', 'generated_code'):
+    value = getattr(mem, f'{name}_size_in_bytes', None)
     if value is not None:
-      out[field] = int(value)
+      out[f'{name}_size_in_bytes'] = int(value)
   if {'argument_size_in_bytes', 'output_size_in_bytes'} <= set(out):
     out['total_bytes'] = (
       out['argument_size_in_bytes']
@@ -134,16 +126,11 @@ def report(compiled, mesh, microsteps: int = 1) -> str:
     )
   )
   f = flops(compiled)
-  lines.append(
-    'FLOPs per device per step: '
-    + ('not reported' if f is None else f'{f:.4g}')
-    + (
-      f" (XLA's cost analysis counts the {microsteps} micro-steps' loop "
-      'body once)'
-      if microsteps > 1 and f is not None
-      else ''
-    )
-  )
+  text = 'not reported' if f is None else f'{f:.4g}'
+  if microsteps > 1 and f is not None:
+    text += f" (XLA's cost analysis counts the {microsteps} micro-steps' loop"
+    text += ' body once)'
+  lines.append(f'FLOPs per device per step: {text}')
   rows = collective_rows(compiled, mesh, microsteps)
   lines.append(f'collectives: {len(rows)}')
   totals = collections.Counter()

@@ -28,6 +28,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from vmoe_jsd.config_errors import lookup
+
 Array = jax.Array
 
 LN2 = math.log(2.0)
@@ -86,12 +88,7 @@ CLASSIFICATION_LOSSES = {
 
 
 def get_classification_loss(name: str):
-  if name not in CLASSIFICATION_LOSSES:
-    raise ValueError(
-      f'loss.name={name!r} is unknown; choose one of '
-      f'{sorted(CLASSIFICATION_LOSSES)}'
-    )
-  return CLASSIFICATION_LOSSES[name]
+  return lookup(CLASSIFICATION_LOSSES, 'loss.name', name)
 
 
 # ----------------------------------------------------------------------------
@@ -267,11 +264,7 @@ class ConsistencyOptions:
   entropy_weight: float = 1.0
 
   def __post_init__(self):
-    if self.loss not in CONSISTENCY_LOSSES:
-      raise ValueError(
-        f'consistency.loss={self.loss!r} is unknown; choose one of '
-        f'{sorted(CONSISTENCY_LOSSES)}'
-      )
+    lookup(CONSISTENCY_LOSSES, 'consistency.loss', self.loss)
     if self.stop_gradient not in STOP_GRADIENT:
       raise ValueError(
         f'consistency.stop_gradient={self.stop_gradient!r} is unknown; '
@@ -281,8 +274,8 @@ class ConsistencyOptions:
       raise ValueError(
         f'consistency.temperature={self.temperature!r} must be > 0'
       )
-    for name in ('diagonal_weight', 'offdiagonal_weight', 'margin',
-                 'entropy_weight'):  # fmt: skip
+    names = 'diagonal_weight', 'offdiagonal_weight', 'margin', 'entropy_weight'
+    for name in names:
       if not getattr(self, name) >= 0:
         raise ValueError(
           f'consistency.{name}={getattr(self, name)!r} must be >= 0'
@@ -487,11 +480,9 @@ def cross_correlation_matrix(a, b, valid, temperature=1.0) -> Array:
   and each expert takes 1/E of the pairs.
   """
   num_experts = a.shape[-1]
-  p = jax.nn.softmax(a.astype(jnp.float32) / temperature).reshape(
-    -1, num_experts
-  )
-  q = jax.nn.softmax(b.astype(jnp.float32) / temperature).reshape(
-    -1, num_experts
+  p, q = (
+    jax.nn.softmax(x.astype(jnp.float32) / temperature).reshape(-1, num_experts)
+    for x in (a, b)
   )
   w = valid.reshape(-1, 1).astype(jnp.float32)
   count = jnp.maximum(jnp.sum(w), 1.0)

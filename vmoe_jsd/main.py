@@ -99,9 +99,11 @@ def main(argv):
       print(line, flush=True)
   try:
     train.train_and_evaluate(
-      config, _WORKDIR.value, reevaluate=_REEVALUATE.value,
+      config,
+      _WORKDIR.value,
+      reevaluate=_REEVALUATE.value,
       allow_config_change=_ALLOW_CONFIG_CHANGE.value,
-    )  # fmt: skip
+    )
   except Exception as e:
     failure = cli.failure_line(e)
     if failure is None:

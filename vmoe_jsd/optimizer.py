@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import optax
 
 from vmoe_jsd import sharding
-from vmoe_jsd.config_errors import check_range, fail, to_dict
+from vmoe_jsd.config_errors import check_choice, check_range, fail, to_dict
 
 OPTIMIZERS = ('adam', 'adamw', 'sgd')
 SCHEDULES = (
@@ -75,8 +75,8 @@ class ScheduleSpec:
     _check_float32_rate(f'{key}.peak_value', cfg['peak_value'])
     if cfg.get('end_value'):
       _check_float32_rate(f'{key}.end_value', cfg['end_value'])
-    check_range(f'{key}.warmup_steps', cfg.get('warmup_steps'), 0,
-                integer=True, optional=True)  # fmt: skip
+    warmup = cfg.get('warmup_steps')
+    check_range(f'{key}.warmup_steps', warmup, 0, integer=True, optional=True)
     return cls(**{k: v for k, v in cfg.items() if v is not None})
 
 
@@ -115,26 +115,31 @@ class OptimizerSpec:
     cfg = to_dict(cfg)
     lr = ScheduleSpec.from_config(cfg.get('learning_rate') or {})
     for name in ('b1', 'b2', 'momentum'):
-      check_range(f'optimizer.{name}', cfg.get(name), 0, 1, high_open=True,
-                  optional=True)  # fmt: skip
-    check_range('optimizer.eps', cfg.get('eps'), 0, low_open=True,
-                optional=True)  # fmt: skip
+      check_range(
+        f'optimizer.{name}', cfg.get(name), 0, 1, high_open=True, optional=True
+      )
+    eps = cfg.get('eps')
+    check_range('optimizer.eps', eps, 0, low_open=True, optional=True)
     decay = _decay_rules(cfg.get('weight_decay'))
     clip = (cfg.get('gradient_clip') or {}).get('global_norm')
-    check_range('optimizer.gradient_clip.global_norm', clip, 0,
-                low_open=True, optional=True)  # fmt: skip
-    if cfg.get('name') not in OPTIMIZERS:
-      fail('optimizer.name', cfg.get('name'), f'one of {list(OPTIMIZERS)}')
-    if lr.schedule not in SCHEDULES:
-      fail('optimizer.learning_rate.schedule', lr.schedule,
-           f'one of {SCHEDULES}')  # fmt: skip
-    given = {k: cfg[k] for k in ('b1', 'b2', 'eps', 'momentum')
-             if cfg.get(k) is not None}  # fmt: skip
-    return cls(name=cfg['name'], learning_rate=lr, weight_decay=decay,
-               clip_global_norm=clip or None,
-               frozen_pattern=_frozen_patterns(cfg.get('frozen_pattern')),
-               lr_multipliers=_multiplier_rules(cfg.get('lr_multipliers')),
-               **given)  # fmt: skip
+    key = 'optimizer.gradient_clip.global_norm'
+    check_range(key, clip, 0, low_open=True, optional=True)
+    check_choice('optimizer.name', cfg.get('name'), list(OPTIMIZERS))
+    check_choice('optimizer.learning_rate.schedule', lr.schedule, SCHEDULES)
+    given = {
+      k: cfg[k]
+      for k in ('b1', 'b2', 'eps', 'momentum')
+      if cfg.get(k) is not None
+    }
+    return cls(
+      name=cfg['name'],
+      learning_rate=lr,
+      weight_decay=decay,
+      clip_global_norm=clip or None,
+      frozen_pattern=_frozen_patterns(cfg.get('frozen_pattern')),
+      lr_multipliers=_multiplier_rules(cfg.get('lr_multipliers')),
+      **given,
+    )
 
 
 def _compiled(key: str, pattern) -> re.Pattern:
@@ -153,8 +158,7 @@ def _frozen_patterns(patterns) -> tuple[str, ...]:
   if isinstance(patterns, str):
     patterns = (patterns,)
   if not isinstance(patterns, (list, tuple)):
-    fail('optimizer.frozen_pattern', patterns,
-         'a regex or a tuple of regexes')  # fmt: skip
+    fail('optimizer.frozen_pattern', patterns, 'a regex or a tuple of regexes')
   for p in patterns:
     _compiled('optimizer.frozen_pattern', p)
   return tuple(patterns)
@@ -171,8 +175,9 @@ def _multiplier_rules(rules) -> tuple[tuple[str, float], ...]:
     if not isinstance(rule, (list, tuple)) or len(rule) != 2:
       fail('optimizer.lr_multipliers', rules, valid)
     _compiled('optimizer.lr_multipliers', rule[0])
-    check_range(f'optimizer.lr_multipliers[{rule[0]!r}]', rule[1], 0,
-                low_open=True)  # fmt: skip
+    check_range(
+      f'optimizer.lr_multipliers[{rule[0]!r}]', rule[1], 0, low_open=True
+    )
   return tuple((str(p), float(m)) for p, m in rules)
 
 
@@ -184,10 +189,11 @@ def _check_float32_rate(key: str, value: float) -> None:
   info = jnp.finfo(jnp.float32)
   tiny, huge = float(info.tiny), float(info.max)
   if not tiny <= value <= huge:
-    fail(key, value,
-         f'a float32 learning rate must be in [{tiny:.4g}, {huge:.4g}] '
-         '(below: subnormal or 0 in float32, nothing trains; above: '
-         'inf)')  # fmt: skip
+    valid = (
+      f'a float32 learning rate must be in [{tiny:.4g}, {huge:.4g}] (below: '
+      'subnormal or 0 in float32, nothing trains; above: inf)'
+    )
+    fail(key, value, valid)
 
 
 def _decay_rules(decay) -> tuple[tuple[str, float], ...]:
@@ -198,8 +204,8 @@ def _decay_rules(decay) -> tuple[tuple[str, float], ...]:
     return (('.*/kernel$', float(decay)),) if decay else ()
   for rule in decay:
     if len(rule) != 2:
-      fail('optimizer.weight_decay', decay,
-           'a number or a list of (regex, value) pairs')  # fmt: skip
+      valid = 'a number or a list of (regex, value) pairs'
+      fail('optimizer.weight_decay', decay, valid)
     check_range(f'optimizer.weight_decay[{rule[0]!r}]', rule[1], 0)
   return tuple((str(p), float(v)) for p, v in decay)
 
@@ -259,23 +265,21 @@ def make_optimizer(spec: OptimizerSpec, num_steps: int):
   return tx, schedule
 
 
-def _name(path) -> str:
-  return '/'.join(sharding.key_name(k) for k in path)
-
-
 def _name_mask(regex, params):
   return jax.tree_util.tree_map_with_path(
-    lambda path, _: bool(regex.fullmatch(_name(path))), params
+    lambda path, _: bool(regex.fullmatch(sharding.path_name(path))), params
   )
 
 
-def _is_frozen(patterns, name: str) -> bool:
+def _matches_any(patterns, name: str) -> bool:
   return any(re.search(p, name) for p in patterns)
 
 
 def _freeze_labels(patterns, params):
   return jax.tree_util.tree_map_with_path(
-    lambda path, _: FROZEN if _is_frozen(patterns, _name(path)) else TRAINABLE,
+    lambda path, _: (
+      FROZEN if _matches_any(patterns, sharding.path_name(path)) else TRAINABLE
+    ),
     params,
   )
 
@@ -295,7 +299,7 @@ def scale_by_multipliers(rules) -> optax.GradientTransformation:
     del params
 
     def one(path, u):
-      m = multiplier_of(rules, _name(path))
+      m = multiplier_of(rules, sharding.path_name(path))
       return u if m == 1.0 else u * jnp.asarray(m, u.dtype)
 
     return jax.tree_util.tree_map_with_path(one, updates), state
@@ -306,27 +310,30 @@ def scale_by_multipliers(rules) -> optax.GradientTransformation:
 def check_patterns(spec: OptimizerSpec, params) -> None:
   """Fails (ConfigError) on a frozen_pattern or lr_multipliers regex that
   decides no parameter of `params` (a tree of arrays or shapes)."""
-  names = [_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-  examples = f'parameter names look like {names[:3]}'
-  for pattern in spec.frozen_pattern:
+  names = [
+    sharding.path_name(p)
+    for p, _ in jax.tree_util.tree_leaves_with_path(params)
+  ]
+  missing = f'matches no parameter; parameter names look like {names[:3]}'
+  frozen = spec.frozen_pattern
+  for pattern in frozen:
     if not any(re.search(pattern, n) for n in names):
-      fail('optimizer.frozen_pattern', pattern,
-           f'matches no parameter; {examples}')  # fmt: skip
-  if spec.frozen_pattern and all(
-    _is_frozen(spec.frozen_pattern, n) for n in names
-  ):
-    fail('optimizer.frozen_pattern', spec.frozen_pattern,
-         'freezes every parameter; nothing would train')  # fmt: skip
+      fail('optimizer.frozen_pattern', pattern, missing)
+  if frozen and all(_matches_any(frozen, n) for n in names):
+    valid = 'freezes every parameter; nothing would train'
+    fail('optimizer.frozen_pattern', frozen, valid)
   for i, (pattern, _) in enumerate(spec.lr_multipliers):
     matched = [n for n in names if re.search(pattern, n)]
     earlier = [p for p, _ in spec.lr_multipliers[:i]]
     if not matched:
-      fail('optimizer.lr_multipliers', pattern,
-           f'matches no parameter; {examples}')  # fmt: skip
-    if all(any(re.search(p, n) for p in earlier) for n in matched):
-      fail('optimizer.lr_multipliers', pattern,
-           f'every parameter it matches is taken by an earlier rule '
-           f'{earlier} (the first match wins)')  # fmt: skip
+      fail('optimizer.lr_multipliers', pattern, missing)
+    if all(_matches_any(earlier, n) for n in matched):
+      valid = (
+        f'every parameter it matches is taken by an earlier rule {earlier}'
+      )
+      fail(
+        'optimizer.lr_multipliers', pattern, f'{valid} (the first match wins)'
+      )
 
 
 def _checked_at_init(tx, spec: OptimizerSpec) -> optax.GradientTransformation:

@@ -5,19 +5,10 @@ initialization sources, vmoe-format checkpoints) goes through these helpers,
 so that `gs://bucket/run` reaches the bucket instead of becoming a local
 folder named `gs:`.
 
-Which library carries a `gs://` path:
-- `etils.epath` uses `tf.io.gfile` when TensorFlow is installed (it is, for
-  clu) and `EPATH_USE_TF` is not `false`; otherwise `gcsfs` (fsspec). Both
-  read Application Default Credentials on Cloud TPU VMs and GCE.
-- orbax writes array data with tensorstore, which talks to GCS itself.
-- clu's TensorBoard writer uses `tf.summary`, i.e. TensorFlow's own GCS
-  filesystem.
-Of these, only TensorFlow's GCS filesystem cannot be pointed at an emulator:
-its endpoint (`https://www.googleapis.com/storage/v1/`) is compiled into
-`libtensorflow_framework.so` and no environment variable overrides it (only
-timeouts, caches and retries are configurable). tests/test_gcs.py therefore
-runs etils on gcsfs (`EPATH_USE_TF=false`, `STORAGE_EMULATOR_HOST`) and
-tensorstore on `TENSORSTORE_GCS_HTTP_URL`, and keeps the event files local.
+etils picks `tf.io.gfile` or `gcsfs` for `gs://`; orbax's arrays go through
+tensorstore and TensorBoard's events through TensorFlow's own GCS
+filesystem (docs/checkpoints_and_storage.md: which of them an emulator can
+stand in for, and how tests/test_gcs.py runs).
 """
 
 from __future__ import annotations

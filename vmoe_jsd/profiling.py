@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 
 import jax
 
-from vmoe_jsd.config_errors import check_range, fail, to_dict
+from vmoe_jsd.config_errors import check_keys, check_range, fail, to_dict
 
 KEYS = ('first_step', 'num_steps')
 
@@ -45,16 +45,17 @@ class ProfileSpec:
   ) -> ProfileSpec:
     """Checks config.profile (against num_train_steps when it is known)."""
     cfg = to_dict(cfg)
-    unknown = sorted(set(cfg) - set(KEYS))
-    if unknown:
-      fail('profile', unknown, f'keys in {list(KEYS)}')
+    check_keys('profile', cfg, KEYS)
     spec = cls(**cfg)
     check_range('profile.first_step', spec.first_step, 1, integer=True)
     check_range('profile.num_steps', spec.num_steps, 0, integer=True)
     if spec.num_steps and num_train_steps and spec.first_step > num_train_steps:
-      fail('profile.first_step', spec.first_step,
-           f'must be <= num_train_steps={num_train_steps}, or set '
-           'profile.num_steps=0')  # fmt: skip
+      fail(
+        'profile.first_step',
+        spec.first_step,
+        f'must be <= num_train_steps={num_train_steps}, or set '
+        'profile.num_steps=0',
+      )
     return spec
 
   @property
@@ -96,8 +97,10 @@ class ProfileWindow:
     self.tracing = False
     self._annotation = None
     if spec.num_steps and logdir and spec.last_step <= start_step:
-      log(f'Profile window (steps {spec.first_step}-{spec.last_step}) ended '
-          f'before the restored step {start_step}: not traced.')  # fmt: skip
+      log(
+        f'Profile window (steps {spec.first_step}-{spec.last_step}) ended '
+        f'before the restored step {start_step}: not traced.'
+      )
 
   def before_step(self, step: int) -> None:
     if not self.enabled or not self.first <= step <= self.last:
@@ -130,5 +133,7 @@ class ProfileWindow:
     self.tracing = False
     until = f'{step}' if step is not None else 'the stop'
     where = f'{self.logdir}/plugins/profile'
-    self._log(f'Profile of steps {self.first}-{until} written under {where} '
-              '(TensorBoard: Profile).')  # fmt: skip
+    self._log(
+      f'Profile of steps {self.first}-{until} written under {where} '
+      '(TensorBoard: Profile).'
+    )

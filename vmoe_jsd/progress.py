@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 
-def itstime(
-  step: int, every: int, total: int, *, last: bool = False,
-  first: int | None = None,
-) -> bool:  # fmt: skip
+def itstime(step: int, every: int, total: int, *, last=False, first=None):
   """Whether a periodic action falls on `step` (counted after the step).
 
   Args:
@@ -41,8 +38,9 @@ class Progress:
   a save starts the next measurement from then.
   """
 
-  def __init__(self, start_step: int, num_steps: int, batch_size: int,
-               clock: Callable[[], float] = time.time):  # fmt: skip
+  def __init__(
+    self, start_step: int, num_steps: int, batch_size: int, clock=time.time
+  ):
     self.start_step, self.num_steps = start_step, num_steps
     self.batch_size = batch_size
     self.train_seconds = 0.0
@@ -74,8 +72,7 @@ class Progress:
     return rate, (self.num_steps - step) * self.batch_size / max(rate, 1e-9)
 
 
-def progress_line(step: int, num_steps: int, s: Mapping[str, float],
-                  img_per_s: float, eta: float) -> str:  # fmt: skip
+def progress_line(step: int, num_steps: int, s: Mapping, img_per_s, eta) -> str:
   """`[step 50/2300]  loss ...  acc ...  lr ...  978 img/s  ETA 0:04:54`."""
   parts = [
     f'[step {step}/{num_steps}]',

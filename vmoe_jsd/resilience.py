@@ -1,30 +1,14 @@
 """Preemption and non-finite losses: what a long run does when things fail.
 
-Preemption (TPU VM maintenance, SLURM preemption and `scancel` send
-SIGTERM; Ctrl-C sends SIGINT): `PreemptionGuard` turns the signal into a
-request that the train loop sees at a step boundary. The loop then saves a
-checkpoint of the step it has just finished, waits for it to be written and
-returns; `main` exits with status 0 and a message. A request during an
-evaluation stops it after the current batch; the step is saved the same
-way and the resumed run evaluates it again. A signal handler sets a flag;
-on several processes the flag is agreed at every check through the
-coordination service (a barrier and one key-value read), so a signal to any
-one host stops all of them after the same step or batch. A second SIGINT
-interrupts at once: KeyboardInterrupt in a Python session; on the command
-line (`exit_on_interrupt`) the process ends by the signal, since a
+docs/checkpoints_and_storage.md (Preemption, Non-finite loss) says what a
+user sees. Here: `PreemptionGuard` turns SIGTERM or a first SIGINT into a
+stop at a step boundary (or between evaluation batches), the same step on
+every process (agreed through the coordination service);
+`exit_on_interrupt` makes a second SIGINT end a command at once, since a
 KeyboardInterrupt during an XLA compilation crashes the interpreter.
-
-Non-finite loss (`config.nan_policy`):
-- 'stop': the run stops at the next progress report or checkpoint with a
-  message naming the step and the non-finite terms; nothing is saved.
-- 'skip': inside the jitted step, an update whose total loss or gradient
-  norm is not finite, or that would make a parameter or optimizer state
-  non-finite, is not applied (parameters and optimizer state stay as
-  they were, selected with `jnp.where`, so no host sync); the step counter
-  still advances, the step is counted in the `skipped_steps` metric and the
-  run goes on. Data and random streams are functions of the step, so a
-  deterministic NaN would come back at the same step after every restart
-  under 'stop': a job that is requeued automatically should use 'skip'.
+`apply_nan_policy` is config.nan_policy 'skip' inside the jitted step (an
+update that is not finite is not applied; no host sync), `check_finite`
+its 'stop' on the host.
 """
 
 from __future__ import annotations
@@ -91,8 +75,9 @@ class PreemptionGuard:
     self._depth = 0
     # Several processes without jax.distributed share no coordination
     # service: each then answers for itself.
-    self._multi = (jax.process_count() > 1
-                   and distributed.global_state.client is not None)  # fmt: skip
+    self._multi = (
+      jax.process_count() > 1 and distributed.global_state.client is not None
+    )
 
   def steps(
     self,
@@ -173,8 +158,9 @@ class PreemptionGuard:
       # The next Ctrl-C goes to the handler from before: KeyboardInterrupt
       # in Python's default, an exit at once under `exit_on_interrupt`.
       previous = self._previous.get(signum, signal.default_int_handler)
-      signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None
-                    else previous)  # fmt: skip
+      signal.signal(
+        signal.SIGINT, signal.SIG_DFL if previous is None else previous
+      )
     if self._requested.is_set():
       return  # A second SIGTERM: the stop is already on its way.
     self.signal_name = name
@@ -232,8 +218,9 @@ class PreemptionGuard:
     client = distributed.global_state.client
     key = f'{self._KEY}/{next(self._check_ids)}'
     if self._requested.is_set():
-      client.key_value_set(f'{key}/{jax.process_index():06d}',
-                           self.signal_name or 'request')  # fmt: skip
+      client.key_value_set(
+        f'{key}/{jax.process_index():06d}', self.signal_name or 'request'
+      )
     client.wait_at_barrier(self._KEY, self.BARRIER_TIMEOUT_MS)
     requests = sorted(client.key_value_dir_get(f'{key}/'))
     return requests[0][1] if requests else ''
@@ -262,8 +249,11 @@ def exit_on_interrupt() -> None:
 def _die_of_signal(signum, frame) -> None:
   del frame
   name = signal.Signals(signum).name
-  print(f'Interrupted ({name}): exiting now; the last finished checkpoint '
-        'is kept.', file=sys.stderr, flush=True)  # fmt: skip
+  print(
+    f'Interrupted ({name}): exiting now; the last finished checkpoint is kept.',
+    file=sys.stderr,
+    flush=True,
+  )
   sys.stdout.flush()
   signal.signal(signum, signal.SIG_DFL)
   signal.raise_signal(signum)

@@ -39,6 +39,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from vmoe_jsd import paths
+from vmoe_jsd.config_errors import flatten
+from vmoe_jsd.paths import read_json, write_json
 
 CONFIG = 'config.json'
 CONFIG_CHANGES = 'config_changes.jsonl'
@@ -92,17 +94,8 @@ class ConfigChangedError(WorkdirError):
 
 
 # ----------------------------------------------------------------------------
-# JSON files.
+# JSON files (read_json and write_json: paths', strict JSON).
 # ----------------------------------------------------------------------------
-def write_json(path, obj: Any) -> None:
-  """Writes `obj` as indented strict JSON (local or gs:// path)."""
-  paths.write_json(path, obj)
-
-
-def read_json(path) -> Any:
-  return paths.read_json(path)
-
-
 def jsonl_text(rows: Iterable[Mapping[str, Any]]) -> str:
   """JSON Lines text of `rows`: strict JSON, one object per line."""
   return ''.join(paths.dumps_json(dict(r), default=str) + '\n' for r in rows)
@@ -341,8 +334,9 @@ def on_process_0(fn: Callable[[], Any], what: str) -> Any:
   if jax.process_count() > 1:
     ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
     if not int(ok) and error is None:
-      raise WorkdirError(f'process 0 refused to start: {what} (its error '
-                         'line says why)')  # fmt: skip
+      raise WorkdirError(
+        f'process 0 refused to start: {what} (its error line says why)'
+      )
   if error is not None:
     raise error
   return out
@@ -361,12 +355,16 @@ def lock_workdir(workdir: paths.PathLike, log=print) -> Iterator[None]:
   """
   if paths.is_remote(workdir):
     if jax.process_index() == 0:
-      log(f'WARNING: {workdir} is not locked (remote workdirs cannot be): '
-          'never start two runs on it at once.')  # fmt: skip
+      log(
+        f'WARNING: {workdir} is not locked (remote workdirs cannot be): '
+        'never start two runs on it at once.'
+      )
     yield
     return
-  lock = on_process_0(lambda: WorkdirLock(workdir).acquire(), 'the workdir '
-                      'is in use or cannot be written')  # fmt: skip
+  lock = on_process_0(
+    lambda: WorkdirLock(workdir).acquire(),
+    'the workdir is in use or cannot be written',
+  )
   try:
     yield
   finally:
@@ -380,17 +378,6 @@ def lock_workdir(workdir: paths.PathLike, log=print) -> Iterator[None]:
 _ABSENT = '<absent>'
 
 
-def flat_config(config: Mapping[str, Any], prefix: str = '') -> dict:
-  """{'a.b.c': value} of nested mappings, values as JSON would hold them."""
-  out = {}
-  for key, value in config.items():
-    if isinstance(value, Mapping):
-      out.update(flat_config(value, f'{prefix}{key}.'))
-    else:
-      out[f'{prefix}{key}'] = value
-  return out
-
-
 def config_changes(old: Mapping, new: Mapping) -> dict[str, tuple[Any, Any]]:
   """{dotted key: (old value, new value)} of the keys that differ.
 
@@ -398,8 +385,10 @@ def config_changes(old: Mapping, new: Mapping) -> dict[str, tuple[Any, Any]]:
   non-finite floats as null); a key only one of them has is a change
   from or to '<absent>'.
   """
-  old_flat = flat_config(json.loads(paths.dumps_json(dict(old), default=str)))
-  new_flat = flat_config(json.loads(paths.dumps_json(dict(new), default=str)))
+  old_flat, new_flat = (
+    flatten(json.loads(paths.dumps_json(dict(c), default=str)))
+    for c in (old, new)
+  )
   changes = {}
   for key in sorted(set(old_flat) | set(new_flat)):
     a, b = old_flat.get(key, _ABSENT), new_flat.get(key, _ABSENT)
@@ -429,9 +418,12 @@ def _describe(changes: Mapping[str, tuple[Any, Any]], limit: int = 12) -> str:
 
 
 def check_resume_config(
-  workdir: paths.PathLike, config: Mapping[str, Any],
-  allow_change: bool = False, log=print, record: bool = True,
-) -> dict[str, tuple[Any, Any]]:  # fmt: skip
+  workdir: paths.PathLike,
+  config: Mapping[str, Any],
+  allow_change: bool = False,
+  log=print,
+  record: bool = True,
+) -> dict[str, tuple[Any, Any]]:
   """Compares `config` with the config.json of a workdir that has trained.
 
   Nothing is checked when the workdir has no config.json or no checkpoint
@@ -464,8 +456,11 @@ def check_resume_config(
     old = {}
   changes = config_changes(old, config)
   options = {k for k, (a, b) in changes.items() if _ABSENT in (a, b)}
-  fixed = {k: v for k, v in changes.items()
-           if k not in options and not may_change_on_resume(k)}  # fmt: skip
+  fixed = {
+    k: v
+    for k, v in changes.items()
+    if k not in options and not may_change_on_resume(k)
+  }
   if fixed and not allow_change:
     raise ConfigChangedError(
       f'--workdir={os.fspath(workdir)} was trained with another config '
@@ -476,10 +471,12 @@ def check_resume_config(
   if changes and record:
     _log_changes(changes, options, bool(fixed), log)
     now = datetime.datetime.now(datetime.timezone.utc)
-    append_jsonl(paths.join(workdir, CONFIG_CHANGES), [{
-      'time': now.isoformat(timespec='seconds'), 'forced': bool(fixed),
+    row = {
+      'time': now.isoformat(timespec='seconds'),
+      'forced': bool(fixed),
       'changes': {k: {'old': a, 'new': b} for k, (a, b) in changes.items()},
-    }])  # fmt: skip
+    }
+    append_jsonl(paths.join(workdir, CONFIG_CHANGES), [row])
   return changes
 
 
@@ -491,9 +488,11 @@ def _log_changes(changes, options, forced: bool, log) -> None:
   if options:
     names = sorted(options)
     more = f' and {len(names) - 12} more' if len(names) > 12 else ''
-    log(f'Resuming with {len(names)} key(s) that only one of config.json and '
-        f'this config has (options added or removed since): '
-        f'{", ".join(names[:12])}{more}.')  # fmt: skip
+    log(
+      f'Resuming with {len(names)} key(s) that only one of config.json and '
+      f'this config has (options added or removed since): '
+      f'{", ".join(names[:12])}{more}.'
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -512,8 +511,13 @@ class History:
     rows: the rows of this run's lineage (kept ones first).
   """
 
-  def __init__(self, path, start_step: int, enabled: bool = True,
-               seconds_fn: Callable[[], float] | None = None):  # fmt: skip
+  def __init__(
+    self,
+    path,
+    start_step: int,
+    enabled: bool = True,
+    seconds_fn: Callable[[], float] | None = None,
+  ):
     self.path, self.enabled = path, enabled
     self.seconds_fn = seconds_fn
     self.rows: list[dict[str, Any]] = []
@@ -548,8 +552,11 @@ class History:
     counted at that row's images/s. 0 when no row has `train_seconds`
     (a workdir written before they were recorded).
     """
-    rows = [r for r in self.rows if r.get('step', 0) <= step
-            and r.get('train_seconds') is not None]  # fmt: skip
+    rows = [
+      r
+      for r in self.rows
+      if r.get('step', 0) <= step and r.get('train_seconds') is not None
+    ]
     if not rows:
       return 0.0
     last = rows[-1]
@@ -573,21 +580,3 @@ def metric_writer(workdir: str, is_main: bool):
   if not is_main:
     return metric_writers.MultiWriter([])
   return metric_writers.SummaryWriter(workdir)
-
-
-def flat_hparams(config: Mapping[str, Any]) -> dict[str, Any]:
-  """{'a.b.c': value} of a config dict, for TensorBoard's hparams (values
-  that are not numbers, strings or booleans as strings)."""
-  flat = {}
-
-  def walk(prefix, value):
-    if isinstance(value, Mapping):
-      for k, v in value.items():
-        walk(f'{prefix}{k}.', v)
-    elif isinstance(value, (int, float, str, bool)):
-      flat[prefix[:-1]] = value
-    else:
-      flat[prefix[:-1]] = str(value)
-
-  walk('', config)
-  return flat

@@ -61,17 +61,17 @@ def make_mesh(
   )
 
 
-def _active_mesh_axes() -> tuple[str, ...]:
+def expert_parallel_mesh():
+  """The active mesh when it has both 'data' and 'expert' axes, else None."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty:
-    return ()
-  return tuple(mesh.axis_names)
+  if mesh is None or mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return None
+  return mesh
 
 
 def constrain(x: jax.Array, spec: PartitionSpec) -> jax.Array:
   """with_sharding_constraint under an active (data, expert) mesh, else x."""
-  axes = _active_mesh_axes()
-  if DATA_AXIS not in axes or EXPERT_AXIS not in axes:
+  if expert_parallel_mesh() is None:
     return x
   return jax.lax.with_sharding_constraint(x, spec)
 
@@ -107,11 +107,15 @@ def tree_shardings(tree, mesh: Mesh, rules: Sequence = DEFAULT_RULES):
   """
 
   def one(path, leaf):
-    name = '/'.join(key_name(k) for k in path)
     ndim = getattr(leaf, 'ndim', 0)
-    return NamedSharding(mesh, spec_for(name, ndim, rules))
+    return NamedSharding(mesh, spec_for(path_name(path), ndim, rules))
 
   return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def path_name(path) -> str:
+  """The '/'-joined name of a pytree path ('Encoder/encoder_norm/bias')."""
+  return '/'.join(key_name(k) for k in path)
 
 
 def key_name(key) -> str:

@@ -118,21 +118,16 @@ def consistency_loss(
   num_images = maps.shape[0]
   per_layer = {}
   pairs = 0
-  for block, logits in models.router_logits_by_layer(
-    intermediates, layers
-  ).items():
+  by_layer = models.router_logits_by_layer(intermediates, layers)
+  for block, logits in by_layer.items():
     patches = models.paired_patches(logits, num_images, prefix)
-    cls = None
+    cls = (None, None)
     if options.include_cls:
-      cls = logits.reshape(num_images, 2, -1, logits.shape[-1])[:, :, 0]
+      per_view = logits.reshape(num_images, 2, -1, logits.shape[-1])[:, :, 0]
+      cls = (per_view[:, 0], per_view[:, 1])
+    pair = (patches[:, 0], patches[:, 1], maps[:, 0], maps[:, 1])
     value, pairs = losses.router_consistency(
-      patches[:, 0],
-      patches[:, 1],
-      maps[:, 0],
-      maps[:, 1],
-      options=options,
-      cls_v1=None if cls is None else cls[:, 0],
-      cls_v2=None if cls is None else cls[:, 1],
+      *pair, options=options, cls_v1=cls[0], cls_v2=cls[1]
     )
     per_layer[f'consistency/encoderblock_{block}'] = value
   mean = sum(per_layer.values()) / len(per_layer)
@@ -160,8 +155,7 @@ def make_train_step(
   """
   grad_fn = make_grad_fn(spec, model, settings, train_key)
 
-  def train_step(state: TrainState, images: Array, labels: Array,
-                 orig_sizes: Array | None = None):  # fmt: skip
+  def train_step(state: TrainState, images, labels, orig_sizes=None):
     grads, metrics = grad_fn(
       state.params, state.step, images, labels, orig_sizes
     )
@@ -170,9 +164,8 @@ def make_train_step(
     metrics['grad_norm'] = optax.tree.norm(grads)
     metrics['learning_rate'] = schedule(state.step)
     if spec.summaries.norms:
-      metrics.update(summaries.tree_norms(
-        {'params': params, 'grads': grads, 'updates': updates},
-        spec.summaries.norm_groups))  # fmt: skip
+      trees = {'params': params, 'grads': grads, 'updates': updates}
+      metrics.update(summaries.tree_norms(trees, spec.summaries.norm_groups))
     new_state = TrainState(state.step + 1, params, opt_state)
     new_state = resilience.apply_nan_policy(
       spec.nan_policy, state, new_state, metrics
@@ -230,28 +223,32 @@ def make_grad_fn(
   return grad_fn
 
 
-def _objective(spec: StepSpec, model, loss_fn, params, views, maps, targets,
-               labels, rngs):  # fmt: skip
+def _objective(
+  spec: StepSpec, model, loss_fn, params, views, maps, targets, labels, rngs
+):
   """(total loss, metrics) of (2B, S, S, C) views, the two of an image
   adjacent, with maps (B, 2, P), targets (B,) or (B, classes)."""
+  inputs = augment.to_model_range(views)
   (logits, metrics), state_vars = model.apply(
-    {'params': params}, augment.to_model_range(views), rngs=rngs,
-    mutable=['intermediates'],
-  )  # fmt: skip
+    {'params': params}, inputs, rngs=rngs, mutable=['intermediates']
+  )
   xent = jnp.mean(loss_fn(logits, jnp.repeat(targets, 2, axis=0)))
-  total, out = _total_loss(spec, xent, logits, metrics, state_vars, maps,
-                           labels)  # fmt: skip
+  total, out = _total_loss(
+    spec, xent, logits, metrics, state_vars, maps, labels
+  )
   if spec.summaries.router and spec.moe_layers:
-    out.update(summaries.router_statistics(
-      state_vars['intermediates'], spec.moe_layers))  # fmt: skip
+    out.update(
+      summaries.router_statistics(state_vars['intermediates'], spec.moe_layers)
+    )
   return total, out
 
 
 # ----------------------------------------------------------------------------
 # Micro-steps: one optimizer step from M micro-batches.
 # ----------------------------------------------------------------------------
-def check_microsteps(microsteps, batch_size: int, num_devices: int,
-                     tokens_per_image: int, group_size) -> int:  # fmt: skip
+def check_microsteps(
+  microsteps, batch_size: int, num_devices: int, tokens: int, group_size
+) -> int:
   """config.microsteps against the per-device batch and routing groups.
 
   Args:
@@ -259,7 +256,7 @@ def check_microsteps(microsteps, batch_size: int, num_devices: int,
     batch_size: dataset.train.batch_size (images; a multiple of the
       devices, checked before).
     num_devices: devices the batch is split over.
-    tokens_per_image: tokens of one view.
+    tokens: tokens of one view.
     group_size: tokens per routing group (None: a dense model).
 
   Returns:
@@ -269,16 +266,19 @@ def check_microsteps(microsteps, batch_size: int, num_devices: int,
   check_range('microsteps', microsteps, 1, integer=True)
   per_device = batch_size // num_devices
   if per_device % microsteps:
-    fail('microsteps', microsteps,
-         f'must divide the {per_device} images per device (dataset.train.'
-         f'batch_size={batch_size} / {num_devices} devices)')  # fmt: skip
-  tokens = 2 * (per_device // microsteps) * tokens_per_image
-  if group_size and tokens % group_size:
-    fail('microsteps', microsteps,
-         f'each micro-batch must hold whole routing groups: 2 views x '
-         f'{per_device // microsteps} images x {tokens_per_image} tokens = '
-         f'{tokens} per device is not a multiple of '
-         f'model.encoder.moe.group_size={group_size}')  # fmt: skip
+    valid = (
+      f'must divide the {per_device} images per device (dataset.train.'
+      f'batch_size={batch_size} / {num_devices} devices)'
+    )
+    fail('microsteps', microsteps, valid)
+  micro = 2 * (per_device // microsteps) * tokens
+  if group_size and micro % group_size:
+    valid = (
+      f'each micro-batch must hold whole routing groups: 2 views x '
+      f'{per_device // microsteps} images x {tokens} tokens = {micro} per '
+      f'device is not a multiple of model.encoder.moe.group_size={group_size}'
+    )
+    fail('microsteps', microsteps, valid)
   return microsteps
 
 
@@ -295,8 +295,9 @@ def split_microbatches(x: Array, num_micro: int, num_shards: int) -> Array:
   """
   per_micro = x.shape[0] // num_shards // num_micro
   x = x.reshape(num_shards, num_micro, per_micro, *x.shape[1:])
-  x = jnp.swapaxes(x, 0, 1).reshape(num_micro, num_shards * per_micro,
-                                    *x.shape[3:])  # fmt: skip
+  x = jnp.swapaxes(x, 0, 1).reshape(
+    num_micro, num_shards * per_micro, *x.shape[3:]
+  )
   return sharding.constrain(x, PartitionSpec(None, sharding.BATCH_AXES))
 
 
@@ -304,13 +305,15 @@ def merge_microbatches(x: Array, num_shards: int) -> Array:
   """The inverse of split_microbatches: (M, B / M, ...) -> (B, ...)."""
   num_micro, per_micro = x.shape[0], x.shape[1] // num_shards
   x = x.reshape(num_micro, num_shards, per_micro, *x.shape[2:])
-  x = jnp.swapaxes(x, 0, 1).reshape(num_micro * num_shards * per_micro,
-                                    *x.shape[3:])  # fmt: skip
+  x = jnp.swapaxes(x, 0, 1).reshape(
+    num_micro * num_shards * per_micro, *x.shape[3:]
+  )
   return sharding.constrain(x, PartitionSpec(sharding.BATCH_AXES))
 
 
-def microbatched_views(key, images, settings: augment.ViewSettings,
-                       orig_sizes, num_micro: int):  # fmt: skip
+def microbatched_views(
+  key, images, settings: augment.ViewSettings, orig_sizes, num_micro: int
+):
   """augment.batched_paired_views, computed one micro-batch at a time.
 
   The same per-image keys (one jax.random.split of `key` over the batch),
@@ -336,9 +339,7 @@ def microbatched_views(key, images, settings: augment.ViewSettings,
 
   chunks = (split(keys), split(images), split(orig_sizes))
   _, (views, maps) = jax.lax.scan(body, None, chunks)
-  return merge_microbatches(views, num_shards), merge_microbatches(
-    maps, num_shards
-  )
+  return tuple(merge_microbatches(x, num_shards) for x in (views, maps))
 
 
 def accumulate_microsteps(objective, spec: StepSpec, params, batch, rngs):
@@ -430,8 +431,9 @@ def _weigh_microbatch(spec: StepSpec, out, num_micro: int, num_pairs):
   return total, weighted
 
 
-def _total_loss(spec: StepSpec, xent, logits, metrics, state_vars, maps,
-                labels):  # fmt: skip
+def _total_loss(
+  spec: StepSpec, xent, logits, metrics, state_vars, maps, labels
+):
   """xent + auxiliary + weight * consistency, and every term as a metric."""
   aux = jnp.mean(metrics['auxiliary_loss']) if spec.moe_layers else 0.0
   out = {'xent': xent, 'auxiliary_loss': aux}

@@ -41,6 +41,4 @@ def train_step_keys(
 
 def example_keys(root: jax.Array, index: jax.Array) -> jax.Array:
   """One key per example, folded from its position in the split."""
-  return jax.vmap(lambda i: jax.random.fold_in(root, i))(
-    index.astype('uint32')
-  )  # fmt: skip
+  return jax.vmap(lambda i: jax.random.fold_in(root, i))(index.astype('uint32'))

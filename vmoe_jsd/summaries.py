@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from vmoe_jsd import losses, models
-from vmoe_jsd.config_errors import fail, to_dict
+from vmoe_jsd.config_errors import check_keys, fail, to_dict
 
 Array = jax.Array
 
@@ -68,9 +68,7 @@ class SummarySpec:
   def from_config(cls, block) -> SummarySpec:
     """From config.summaries (absent: everything off)."""
     block = to_dict(block)
-    unknown = sorted(set(block) - set(SUMMARY_KEYS))
-    if unknown:
-      fail('summaries', unknown, f'keys in {list(SUMMARY_KEYS)}')
+    check_keys('summaries', block, SUMMARY_KEYS)
     for key in ('norms', 'router'):
       if not isinstance(block.get(key, False), bool):
         fail(f'summaries.{key}', block[key], 'True or False')
@@ -101,8 +99,7 @@ def _check_groups(groups) -> tuple[tuple[str, str], ...]:
     out.append((group[0], group[1]))
   names = [name for name, _ in out]
   if 'global' in names or len(set(names)) != len(names):
-    fail('summaries.norm_groups', names,
-         f"{valid}, none named 'global'")  # fmt: skip
+    fail('summaries.norm_groups', names, f"{valid}, none named 'global'")
   return tuple(out)
 
 
@@ -156,9 +153,8 @@ def router_statistics(intermediates, layers) -> dict[str, Array]:
     {'router/encoderblock_<i>/{logit_norm,z_loss,top1_prob}': float32}.
   """
   out = {}
-  for block, logits in models.router_logits_by_layer(
-    intermediates, layers
-  ).items():
+  by_layer = models.router_logits_by_layer(intermediates, layers)
+  for block, logits in by_layer.items():
     z = jax.lax.stop_gradient(logits).astype(jnp.float32)  # (G, S, E)
     prefix = f'router/encoderblock_{block}'
     out[f'{prefix}/logit_norm'] = jnp.mean(jnp.linalg.norm(z, axis=-1))

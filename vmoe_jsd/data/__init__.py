@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from vmoe_jsd.config_errors import fail, to_dict
+from vmoe_jsd.config_errors import check_choice, fail, lookup, to_dict
 from vmoe_jsd.data import fashion_mnist, folder, synthetic, tfds_data
 
 
@@ -62,8 +62,11 @@ def _fashion_files(split: str, cfg: Mapping, batch: int) -> None:
   del batch
   data_dir = cfg.get('data_dir') or fashion_mnist.DEFAULT_DIR
   base = cfg['split'].partition('[')[0]
-  missing = [f for f in fashion_mnist.FILES[base]
-             if not os.path.exists(os.path.join(data_dir, f))]  # fmt: skip
+  missing = [
+    f
+    for f in fashion_mnist.FILES[base]
+    if not os.path.exists(os.path.join(data_dir, f))
+  ]
   if missing:
     raise FileNotFoundError(
       f'config.dataset.{split}: Fashion-MNIST files {missing} are not in '
@@ -101,8 +104,11 @@ DATASET_KINDS: dict[str, DatasetKind] = {
   ),
   'folder': DatasetKind(
     load=lambda cfg, size: folder.FolderDataset(
-      cfg['data_dir'], cfg['split'], image_size=cfg.get('image_size') or size,
-      channels=cfg.get('channels', 3), resize_size=cfg.get('resize_size'),
+      cfg['data_dir'],
+      cfg['split'],
+      image_size=cfg.get('image_size') or size,
+      channels=cfg.get('channels', 3),
+      resize_size=cfg.get('resize_size'),
       num_workers=cfg.get('num_workers'),
     ),
     image_shape=lambda cfg, size: _square(
@@ -114,9 +120,12 @@ DATASET_KINDS: dict[str, DatasetKind] = {
   ),
   'synthetic': DatasetKind(
     load=lambda cfg, _: synthetic.load(
-      cfg['split'], num_examples=cfg.get('num_examples', 512),
-      image_size=cfg.get('image_size', 16), channels=cfg.get('channels', 1),
-      num_classes=cfg.get('num_classes', 4), seed=cfg.get('seed', 0),
+      cfg['split'],
+      num_examples=cfg.get('num_examples', 512),
+      image_size=cfg.get('image_size', 16),
+      channels=cfg.get('channels', 1),
+      num_classes=cfg.get('num_classes', 4),
+      seed=cfg.get('seed', 0),
     ),
     image_shape=lambda cfg, _: _square(
       cfg.get('image_size', 16), cfg.get('channels', 1)
@@ -125,9 +134,13 @@ DATASET_KINDS: dict[str, DatasetKind] = {
   ),
   'tfds': DatasetKind(
     load=lambda cfg, _: tfds_data.TfdsDataset(
-      cfg['tfds_name'], cfg['split'], image_size=cfg['image_size'],
-      data_dir=cfg.get('data_dir'), resize_size=cfg.get('resize_size'),
-      mini=cfg.get('mini', False), num_workers=cfg.get('num_workers'),
+      cfg['tfds_name'],
+      cfg['split'],
+      image_size=cfg['image_size'],
+      data_dir=cfg.get('data_dir'),
+      resize_size=cfg.get('resize_size'),
+      mini=cfg.get('mini', False),
+      num_workers=cfg.get('num_workers'),
     ),
     image_shape=lambda cfg, _: _square(
       cfg['image_size'], cfg.get('channels', 3)
@@ -137,17 +150,12 @@ DATASET_KINDS: dict[str, DatasetKind] = {
       cfg['tfds_name'], cfg.get('data_dir'), mini=cfg.get('mini', False)
     ),
   ),
-}  # fmt: skip
+}
 DATASETS = tuple(sorted(DATASET_KINDS))
 
 
 def _kind(cfg: Mapping[str, Any]) -> DatasetKind:
-  name = cfg['name']
-  if name not in DATASET_KINDS:
-    raise ValueError(
-      f'dataset.name={name!r} is unknown; choose one of {sorted(DATASETS)}'
-    )
-  return DATASET_KINDS[name]
+  return lookup(DATASET_KINDS, 'dataset.name', cfg['name'])
 
 
 def get_dataset(cfg: Mapping[str, Any], default_image_size: int | None = None):
@@ -187,8 +195,7 @@ class SplitSpec:
     """Pure checks of config.dataset.<split> (no file is touched)."""
     spec = cls(to_dict(cfg), default_image_size)
     key, name = f'dataset.{split}', spec.block['name']
-    if name not in DATASET_KINDS:
-      fail(f'{key}.name', name, f'one of {sorted(DATASETS)}')
+    check_choice(f'{key}.name', name, list(DATASETS))
     check = DATASET_KINDS[name].check
     if check is not None:
       check(key, spec.block, default_image_size, split == 'train')

@@ -12,7 +12,7 @@ process's own shard:
 and global batch b holds positions [b B, (b + 1) B) of the split, each
 process taking its contiguous B / process_count of them. Positions past the
 end are padding (mask False, index -1); every evaluation figure is computed
-from masked sums (evaluate.py).
+from masked sums (evaluation/core.py).
 """
 
 from __future__ import annotations

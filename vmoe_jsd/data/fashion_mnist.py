@@ -25,9 +25,17 @@ FILES = {
   'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
 }
 CLASS_NAMES = (
-  'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
-  'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot',
-)  # fmt: skip
+  'T-shirt/top',
+  'Trouser',
+  'Pullover',
+  'Dress',
+  'Coat',
+  'Sandal',
+  'Shirt',
+  'Sneaker',
+  'Bag',
+  'Ankle boot',
+)
 HOW_TO_GET = (
   'Install them with `sudo apt-get install -y dataset-fashion-mnist` '
   '(Debian/Ubuntu; files land in /usr/share/datasets/fashion-mnist), or set '
@@ -36,8 +44,14 @@ HOW_TO_GET = (
   'folder holding the four *-ubyte.gz files.'
 )
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: '>i2', 0x0C: '>i4',
-               0x0D: '>f4', 0x0E: '>f8'}  # fmt: skip
+_IDX_DTYPES = {
+  0x08: np.uint8,
+  0x09: np.int8,
+  0x0B: '>i2',
+  0x0C: '>i4',
+  0x0D: '>f4',
+  0x0E: '>f8',
+}
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -102,8 +116,9 @@ def _parse_split(split: str) -> tuple[str, slice]:
   body = rest.rstrip(']')
   try:
     start, _, stop = body.partition(':')
-    return base, slice(int(start) if start else None,
-                       int(stop) if stop else None)  # fmt: skip
+    return base, slice(
+      int(start) if start else None, int(stop) if stop else None
+    )
   except ValueError:
     raise ValueError(
       f"split={split!r}: the slice must look like 'train[:50000]' or "

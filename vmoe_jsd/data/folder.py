@@ -89,9 +89,10 @@ def read_regular_file(path: str) -> bytes:
 
 def _subfolders(path: str) -> list[str]:
   return sorted(
-    d for d in os.listdir(path)
+    d
+    for d in os.listdir(path)
     if not d.startswith('.') and os.path.isdir(os.path.join(path, d))
-  )  # fmt: skip
+  )
 
 
 def _is_readable_file(entry: os.DirEntry) -> bool:
@@ -129,8 +130,9 @@ def list_classes(data_dir: str) -> list[str]:
   classes = set()
   for split in _subfolders(data_dir):
     root = os.path.join(data_dir, split)
-    classes.update(c for c in _subfolders(root)
-                   if _has_image(os.path.join(root, c)))  # fmt: skip
+    classes.update(
+      c for c in _subfolders(root) if _has_image(os.path.join(root, c))
+    )
   return sorted(classes)
 
 
@@ -163,8 +165,9 @@ def list_split(data_dir: str, split: str):
   files, labels, rejected = [], [], {}
   for name in _subfolders(root):
     with os.scandir(os.path.join(root, name)) as entries:
-      images = sorted((e for e in entries if _is_image_name(e.name)),
-                      key=lambda e: e.name)  # fmt: skip
+      images = sorted(
+        (e for e in entries if _is_image_name(e.name)), key=lambda e: e.name
+      )
     for entry in images:
       if not _is_readable_file(entry):
         rejected[entry.path] = entry_problem(entry.path) or 'unreadable'
@@ -209,8 +212,11 @@ def log_rejected(name: str, rejected: dict[str, str]) -> None:
   more = f' (and {len(rejected) - 3} more)' if len(rejected) > 3 else ''
   logging.warning(
     '%s: skipped %d entries that are not readable regular image files: %s%s',
-    name, len(rejected), examples, more,
-  )  # fmt: skip
+    name,
+    len(rejected),
+    examples,
+    more,
+  )
 
 
 class FolderDataset(indexed.IndexedDataset):

@@ -13,7 +13,7 @@ so nothing is saved beside it; this needs no new dependency (grain's index
 sampler would do the same with its own state to checkpoint).
 
 Training images follow vmoe's `decode_jpeg_and_inception_crop`: the crop is
-sampled on the whole image (augment.py, on device). The host decodes every
+sampled on the whole image (augment/, on device). The host decodes every
 image, records its original (height, width) and resizes the WHOLE image
 (aspect ratio not kept, antialiased) into a square `canvas` x `canvas`
 uint8 array; the device composes the canvas scaling into each view's
@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import itertools
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -73,21 +74,30 @@ class IndexSampler:
     num_records: records in the split (N).
     seed: shuffle seed.
     shuffle: permute each epoch (False: records in order, for tests).
+    permutation: (seed, epoch, N) -> the epoch's order (epoch_permutation;
+      the in-memory datasets keep their own).
   """
 
-  def __init__(self, num_records: int, seed: int, shuffle: bool = True):
+  def __init__(
+    self,
+    num_records: int,
+    seed: int,
+    shuffle: bool = True,
+    permutation: Callable = epoch_permutation,
+  ):
     if num_records <= 0:
       raise ValueError(f'num_records={num_records} must be > 0')
     self.num_records = num_records
     self.seed = seed
     self.shuffle = shuffle
+    self.permutation = permutation
     self._epoch = None
     self._perm = None
 
   def _order(self, epoch: int) -> np.ndarray:
     if self._epoch != epoch:
       self._perm = (
-        epoch_permutation(self.seed, epoch, self.num_records)
+        self.permutation(self.seed, epoch, self.num_records)
         if self.shuffle
         else np.arange(self.num_records)
       )
@@ -113,6 +123,86 @@ class IndexSampler:
       here = epochs == epoch
       out[here] = self._order(int(epoch))[within[here]]
     return out
+
+
+class IndexedBatches:
+  """The batches of a dataset read by index, the same on every process
+  count: training batches are a function of (seed, step) (IndexSampler),
+  evaluation batches of the split size (eval_padding.py).
+
+  Subclasses have `__len__`, `_train_batch(indices) -> batch` and
+  `_eval_batch(positions, valid) -> batch`; they may set `permutation` (an
+  IndexSampler order; default epoch_permutation).
+  """
+
+  permutation = staticmethod(epoch_permutation)
+
+  def train_batches(
+    self,
+    batch_size: int,
+    *,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    shuffle: bool = True,
+  ) -> Iterator[dict[str, np.ndarray]]:
+    """This process's share of every global batch from `start_step` on
+    (slots [k B/P, (k+1) B/P) of each global batch of B).
+
+    Args:
+      batch_size: global batch B (images), a multiple of process_count.
+      seed: shuffle seed.
+      start_step: first batch to produce (resume position).
+      process_index: this process, k.
+      process_count: number of processes, P.
+      shuffle: permute records every epoch.
+
+    Yields:
+      {'image': (b, H, W, C) uint8, 'label': (b,) int32}, b the local
+      batch; the canvas datasets (IndexedDataset) add 'orig_size': (b, 2)
+      int32 original (height, width).
+    """
+    if batch_size % process_count:
+      raise ValueError(
+        f'batch_size={batch_size} must be a multiple of process_count='
+        f'{process_count}'
+      )
+    local = batch_size // process_count
+    start = process_index * local
+    sampler = IndexSampler(len(self), seed, shuffle, self.permutation)
+    for step in itertools.count(start_step):
+      indices = sampler.indices(step, batch_size, start, start + local)
+      yield self._train_batch(indices)
+
+  def eval_batches(
+    self,
+    batch_size: int,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    limit: int | None = None,
+  ) -> Iterator[dict[str, np.ndarray]]:
+    """The split once, in order, padded to full batches with a 'mask'.
+
+    Every process yields the same number of batches, ceil(total / B) from
+    the split size (global batch b holds positions [b B, (b+1) B), each
+    process its contiguous B / process_count of them; `limit`: the first
+    `limit` positions only). Padding (and unreadable records) are masked
+    out, so every batch has the same shape. 'index' is each example's
+    position in the split (-1 for padding), which keys its random views.
+
+    Yields:
+      {'image', 'label', 'mask' (bool), 'index' (int32)} of B /
+      process_count examples.
+    """
+    total = eval_padding.eval_total(len(self), limit)
+    num_batches = eval_padding.num_eval_steps(total, batch_size, process_count)
+    local = batch_size // process_count
+    for b in range(num_batches):
+      first = b * batch_size + process_index * local
+      positions = np.arange(first, first + local)
+      yield self._eval_batch(positions, positions < total)
 
 
 def _as_array(image, channels: int) -> np.ndarray:
@@ -198,7 +288,7 @@ def resize_small_central_crop(
   return _as_array(image, channels)
 
 
-class IndexedDataset:
+class IndexedDataset(IndexedBatches):
   """Base of the random-access datasets (tfds ArrayRecord, image folders).
 
   Subclasses set `name`, `num_classes`, `channels`, `image_size` (canvas
@@ -239,8 +329,9 @@ class IndexedDataset:
     workers = self.num_workers or min(16, os.cpu_count() or 1)
     self._pool = concurrent.futures.ThreadPoolExecutor(workers)
 
-  def _decode_train(self, index: int):
-    """(canvas, (h, w), label) of record `index`, or None if unreadable."""
+  def _decode(self, index: int, decode: Callable):
+    """(decode(encoded image), label) of record `index`, or None if it is
+    unreadable (skipped)."""
     try:
       encoded, label = self._load(index)
     except UnreadableRecord as e:
@@ -248,11 +339,16 @@ class IndexedDataset:
       return None
     self._count_read()
     try:
-      canvas, hw = to_canvas(encoded, self.image_size, self.channels)
+      return decode(encoded), label
     except Exception as e:  # noqa: BLE001 - any decoder failure: skip it.
       self._skip(index, e)
       return None
-    return canvas, hw, label
+
+  def _decode_train(self, index: int):
+    """((canvas, (h, w)), label) of record `index`, or None."""
+    return self._decode(
+      index, lambda d: to_canvas(d, self.image_size, self.channels)
+    )
 
   def _skip(self, index: int, error: Exception) -> None:
     with self._lock:
@@ -285,95 +381,34 @@ class IndexedDataset:
         return out
     raise ValueError(f'{self.name}: no readable image in the split')
 
-  def train_batches(
-    self,
-    batch_size: int,
-    *,
-    seed: int,
-    start_step: int = 0,
-    process_index: int = 0,
-    process_count: int = 1,
-    shuffle: bool = True,
-  ) -> Iterator[dict[str, np.ndarray]]:
-    """This process's share of every global batch from `start_step` on.
-
-    Args:
-      batch_size: global batch (images), a multiple of process_count.
-      seed: shuffle seed.
-      start_step: first batch to produce (resume position).
-      process_index: this process.
-      process_count: number of processes.
-      shuffle: permute records every epoch.
-
-    Yields:
-      {'image': (b, S, S, C) uint8 canvases, 'label': (b,) int32,
-       'orig_size': (b, 2) int32 original (height, width)}, b the local
-      batch.
-    """
-    if batch_size % process_count:
-      raise ValueError(
-        f'batch_size={batch_size} must be a multiple of process_count='
-        f'{process_count}'
-      )
-    local = batch_size // process_count
-    sampler = IndexSampler(self._num_records, seed, shuffle)
-    start = process_index * local
-    step = start_step
-    while True:
-      indices = sampler.indices(step, batch_size, start, start + local)
-      examples = list(self._pool.map(self._train_example, indices))
-      yield {
-        'image': np.stack([e[0] for e in examples]),
-        'label': np.asarray([e[2] for e in examples], np.int32),
-        'orig_size': np.asarray([e[1] for e in examples], np.int32),
-      }
-      step += 1
+  def _train_batch(self, indices) -> dict[str, np.ndarray]:
+    examples = list(self._pool.map(self._train_example, indices))
+    return {
+      'image': np.stack([image for (image, _), _ in examples]),
+      'label': np.asarray([label for _, label in examples], np.int32),
+      'orig_size': np.asarray([hw for (_, hw), _ in examples], np.int32),
+    }
 
   def _decode_eval(self, index: int):
-    try:
-      encoded, label = self._load(index)
-    except UnreadableRecord as e:
-      self._skip(index, e)
-      return None
-    self._count_read()
-    try:
-      image = resize_small_central_crop(
-        encoded, self.resize_size, self.image_size, self.channels
-      )
-    except Exception as e:  # noqa: BLE001 - any decoder failure: skip it.
-      self._skip(index, e)
-      return None
-    return image, label
+    """(image, label) of record `index`, or None."""
+    return self._decode(
+      index,
+      lambda d: resize_small_central_crop(
+        d, self.resize_size, self.image_size, self.channels
+      ),
+    )
 
-  def eval_batches(
-    self,
-    batch_size: int,
-    *,
-    process_index: int = 0,
-    process_count: int = 1,
-    limit: int | None = None,
-  ) -> Iterator[dict[str, np.ndarray]]:
-    """The split once, in order, padded to full batches with a 'mask'.
-
-    Every process yields the same number of batches, ceil(total / B) from
-    the split size (global batch b holds records [b B, (b+1) B)); padding
-    and unreadable records are masked out. 'index' is each record's
-    position in the split (-1 for padding), which keys its random views.
-    """
-    total = eval_padding.eval_total(self._num_records, limit)
-    num_batches = eval_padding.num_eval_steps(total, batch_size, process_count)
-    local = batch_size // process_count
+  def _eval_batch(self, positions, valid) -> dict[str, np.ndarray]:
+    indices = [int(i) for i in positions[valid]]
+    examples = list(self._pool.map(self._decode_eval, indices))
+    examples += [None] * (len(positions) - len(examples))
     blank = np.zeros(self.image_shape, np.uint8)
-    for b in range(num_batches):
-      first = b * batch_size + process_index * local
-      indices = [i for i in range(first, first + local) if i < total]
-      examples = list(self._pool.map(self._decode_eval, indices))
-      examples += [None] * (local - len(examples))
-      yield {
-        'image': np.stack([blank if e is None else e[0] for e in examples]),
-        'label': np.asarray(
-          [0 if e is None else e[1] for e in examples], np.int32
-        ),
-        'mask': np.asarray([e is not None for e in examples]),
-        'index': np.asarray(indices + [-1] * (local - len(indices)), np.int32),
-      }
+    padding = [-1] * (len(positions) - len(indices))
+    return {
+      'image': np.stack([blank if e is None else e[0] for e in examples]),
+      'label': np.asarray(
+        [0 if e is None else e[1] for e in examples], np.int32
+      ),
+      'mask': np.asarray([e is not None for e in examples]),
+      'index': np.asarray(indices + padding, np.int32),
+    }

@@ -47,9 +47,10 @@ def _fake_example(features, rng, index: int) -> dict:
 
   out = {}
   labels = {
-    key: f for key, f in features.items()
+    key: f
+    for key, f in features.items()
     if isinstance(f, tfds.features.ClassLabel)
-  }  # fmt: skip
+  }
   # The image's hue follows 'label' (or the first class label).
   main = labels.get('label') or next(iter(labels.values()), None)
   num_classes = main.num_classes if main else 1
@@ -94,9 +95,7 @@ def prepare(name: str, data_dir: str, splits: dict | None = None):
 
     def _split_generators(self, dl_manager):
       del dl_manager
-      return {
-        split: self._generate(split, n) for split, n in splits.items()
-      }  # fmt: skip
+      return {split: self._generate(split, n) for split, n in splits.items()}
 
     def _generate(self, split, n):
       rng = np.random.default_rng(list(split.encode()))
@@ -125,28 +124,34 @@ def prepare(name: str, data_dir: str, splits: dict | None = None):
 
 
 @contextlib.contextmanager
-def captured_output():
-  """File descriptors 1 and 2 (Python, C++ and child processes alike) go to
-  a temporary file, written to stderr only if the block raises."""
+def redirected(target_fd: int, fds=(1, 2)):
+  """File descriptors `fds` (Python, C++ and child processes alike) write to
+  `target_fd` inside the block."""
   sys.stdout.flush()
   sys.stderr.flush()
+  saved = [os.dup(fd) for fd in fds]
+  for fd in fds:
+    os.dup2(target_fd, fd)
+  try:
+    yield
+  finally:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd, copy in zip(fds, saved, strict=True):
+      os.dup2(copy, fd)
+      os.close(copy)
+
+
+@contextlib.contextmanager
+def captured_output():
+  """File descriptors 1 and 2 go to a temporary file, written to stderr
+  only if the block raises."""
   with tempfile.TemporaryFile() as log:
-    saved = (os.dup(1), os.dup(2))
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
-    failed = False
     try:
-      yield
+      with redirected(log.fileno()):
+        yield
     except BaseException:
-      failed = True
-      raise
-    finally:
-      sys.stdout.flush()
+      log.seek(0)
+      sys.stderr.write(log.read().decode(errors='replace'))
       sys.stderr.flush()
-      for fd, copy in zip((1, 2), saved, strict=True):
-        os.dup2(copy, fd)
-        os.close(copy)
-      if failed:
-        log.seek(0)
-        sys.stderr.write(log.read().decode(errors='replace'))
-        sys.stderr.flush()
+      raise

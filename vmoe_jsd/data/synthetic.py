@@ -42,9 +42,11 @@ def load(
   labels = rng.integers(0, num_classes, num_examples).astype(np.int32)
   shifts = rng.integers(-2, 3, (num_examples, 2))
   images = np.stack(
-    [np.roll(templates[y], tuple(s), axis=(0, 1)) for y, s in
-     zip(labels, shifts, strict=True)]
-  )  # fmt: skip
+    [
+      np.roll(templates[y], tuple(s), axis=(0, 1))
+      for y, s in zip(labels, shifts, strict=True)
+    ]
+  )
   images = images + rng.normal(0, 20, images.shape)
   images = np.clip(images, 0, 255).astype(np.uint8)
   return ArrayDataset(images, labels, num_classes, name=f'synthetic:{split}')

@@ -25,13 +25,15 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import inspect
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 
-from vmoe_jsd.models import routing
+from vmoe_jsd.config_errors import lookup, to_dict
+from vmoe_jsd.models import moe, routing
 from vmoe_jsd.models.vit_moe import (
   EncoderMoe,
   MlpMoeBlock,
@@ -40,6 +42,7 @@ from vmoe_jsd.models.vit_moe import (
 )
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, None: None}
+MODELS = {'VisionTransformerMoe': VisionTransformerMoe}
 
 # name: (hidden_size, num_layers, mlp_dim, num_heads). S, B, L, H are vmoe's
 # backbones (V-MoE paper, Table 8). NOTE: vmoe's "S" has 8 blocks, not the 12
@@ -53,14 +56,6 @@ VARIANTS = {
 }
 _VARIANT_RE = re.compile(r'^(Ti|S|B|L|H)/(\d+)$')
 _PLACEMENT_RE = re.compile(r'^(every|last)\s+(\d+)$', re.IGNORECASE)
-
-
-def _to_dict(cfg) -> dict[str, Any]:
-  if cfg is None:
-    return {}
-  if hasattr(cfg, 'to_dict'):
-    return cfg.to_dict()
-  return copy.deepcopy(dict(cfg))
 
 
 def moe_placement(spec, num_layers: int) -> tuple[int, ...]:
@@ -99,7 +94,7 @@ def moe_placement(spec, num_layers: int) -> tuple[int, ...]:
 
 def resolve_model_config(model_config) -> dict[str, Any]:
   """config.model with the variant and MoE placement made explicit."""
-  cfg = _to_dict(model_config)
+  cfg = copy.deepcopy(to_dict(model_config))
   encoder = dict(cfg.get('encoder') or {})
   variant = cfg.pop('variant', None)
   if variant:
@@ -132,11 +127,10 @@ def resolve_model_config(model_config) -> dict[str, Any]:
 
 
 _INTERNAL = {'parent', 'name', 'deterministic', 'dtype'}
-DISPATCHER_KEYS = {
-  'name', 'capacity', 'capacity_factor', 'batch_priority',
-  'capacity_ceil_or_round', 'capacity_multiple_of', 'bfloat16',
-  'partition_spec', 'einsum_precision',
-}  # fmt: skip
+# make_top_k_dispatcher's options, and vmoe's sharding hint (ignored).
+DISPATCHER_KEYS = set(
+  inspect.signature(moe.make_top_k_dispatcher).parameters
+) - {'gates', 'num_selected_experts'} | {'partition_spec'}
 
 
 def _fields(cls, extra=(), internal=_INTERNAL) -> set[str]:
@@ -190,11 +184,7 @@ def check_model_config(cfg: Mapping[str, Any]) -> None:
 
 def check_dtype(dtype) -> None:
   """Raises ValueError unless `dtype` is a key of DTYPES."""
-  if dtype not in DTYPES:
-    raise ValueError(
-      f'model.dtype={dtype!r} is unknown; choose one of '
-      f'{[k for k in DTYPES if k]} or None (float32)'
-    )
+  lookup(DTYPES, 'model.dtype', dtype, f'{list(DTYPES)[:2]} or None (float32)')
 
 
 def build_model(
@@ -204,14 +194,9 @@ def build_model(
   cfg = resolve_model_config(model_config)
   check_model_config(cfg)
   name = cfg.pop('name', 'VisionTransformerMoe')
-  if name != 'VisionTransformerMoe':
-    raise ValueError(
-      f"model.name={name!r} is unknown; choose one of ['VisionTransformerMoe']"
-    )
-  dtype = cfg.pop('dtype', None)
-  return VisionTransformerMoe(
-    deterministic=deterministic, dtype=DTYPES[dtype], **cfg
-  )
+  model_cls = lookup(MODELS, 'model.name', name)
+  dtype = DTYPES[cfg.pop('dtype', None)]
+  return model_cls(deterministic=deterministic, dtype=dtype, **cfg)
 
 
 def from_vmoe_config(
@@ -244,7 +229,7 @@ def from_vmoe_config(
   Returns:
     A VisionTransformerMoe.
   """
-  cfg = _to_dict(model_config)
+  cfg = copy.deepcopy(to_dict(model_config))
   name = cfg.pop('name', 'VisionTransformerMoe')
   if name not in (
     'VisionTransformerMoe',

@@ -130,10 +130,8 @@ class EinsumDispatcher:
   precision: Any = flax.struct.field(pytree_node=False, default=None)
 
   def _einsum(self, spec: str, weights: Array, data: Array) -> Array:
-    out = jnp.einsum(
-      spec, weights, _maybe_bfloat16(data, self.bfloat16),
-      precision=self.precision,
-    )  # fmt: skip
+    rounded = _maybe_bfloat16(data, self.bfloat16)
+    out = jnp.einsum(spec, weights, rounded, precision=self.precision)
     return out.astype(data.dtype)
 
   def dispatch(self, data: Array) -> Array:
@@ -293,9 +291,13 @@ def make_top_k_dispatcher(
   """
   _, group_size, num_experts = gates.shape
   capacity = _group_capacity(
-    capacity, capacity_factor, group_size * num_selected_experts, num_experts,
-    capacity_ceil_or_round, capacity_multiple_of,
-  )  # fmt: skip
+    capacity,
+    capacity_factor,
+    group_size * num_selected_experts,
+    num_experts,
+    capacity_ceil_or_round,
+    capacity_multiple_of,
+  )
   top_gate, expert_index, buffer_index = jax.vmap(
     lambda g: top_experts_per_item(g, num_selected_experts, batch_priority)
   )(gates)
@@ -307,20 +309,11 @@ def make_top_k_dispatcher(
   }
   if name == 'indices':
     dispatcher = IndicesDispatcher(
-      expert_index=expert_index,
-      buffer_index=buffer_index,
-      combine_weights=combine,
-      num_experts=num_experts,
-      capacity=capacity,
-      bfloat16=bfloat16,
+      expert_index, buffer_index, combine, num_experts, capacity, bfloat16
     )
   elif name == 'einsum':
-    dispatch, combine_w = _top_k_einsum_weights(
-      gates, expert_index, buffer_index, capacity
-    )
-    dispatcher = EinsumDispatcher(
-      dispatch, combine_w, bfloat16, einsum_precision
-    )
+    weights = _top_k_einsum_weights(gates, expert_index, buffer_index, capacity)
+    dispatcher = EinsumDispatcher(*weights, bfloat16, einsum_precision)
   else:
     raise ValueError(
       f"dispatcher.name={name!r} is unknown; choose one of ['einsum', "
@@ -403,9 +396,13 @@ def make_top_items_per_expert_dispatcher(
     )
   _, group_size, num_experts = gates.shape
   capacity = _group_capacity(
-    capacity, capacity_factor, group_size, num_experts,
-    capacity_ceil_or_round, capacity_multiple_of,
-  )  # fmt: skip
+    capacity,
+    capacity_factor,
+    group_size,
+    num_experts,
+    capacity_ceil_or_round,
+    capacity_multiple_of,
+  )
   if capacity > group_size:
     raise ValueError(
       f'expert-choice capacity {capacity} exceeds the group size '
@@ -427,17 +424,6 @@ def make_top_items_per_expert_dispatcher(
 # ----------------------------------------------------------------------------
 # Expert-parallel MoE layer.
 # ----------------------------------------------------------------------------
-def expert_parallel_mesh():
-  """The active mesh when it has both 'data' and 'expert' axes, else None."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty:
-    return None
-  names = tuple(mesh.axis_names)
-  if sharding.DATA_AXIS not in names or sharding.EXPERT_AXIS not in names:
-    return None
-  return mesh
-
-
 def dropout_keys(key: Array, expert_ids: Array, group_ids: Array) -> Array:
   """One key per (global expert, global group): (E_loc,) x (J, G) -> keys.
 
@@ -527,15 +513,9 @@ def sparse_moe(
   expert_fn: Callable,
   num_experts: int,
 ) -> tuple[Array, dict[str, Array]]:
-  """The MoE layer: route, dispatch, experts, combine; expert-parallel.
-
-  Under an active mesh with axes ('data', 'expert') (jax.set_mesh) the
-  layer runs in `jax.shard_map`: groups are sharded over both axes (data
-  major), every device routes only its own groups, fills its (G_loc, E, C,
-  D) buffers, and one all_to_all over 'expert' (never over 'data') gives
-  each device the buffers of its E / J local experts from the J devices that
-  share its 'data' coordinate; a second all_to_all returns the outputs.
-  Without such a mesh the same function runs on all groups (J = 1).
+  """The MoE layer: route, dispatch, experts, combine; expert-parallel in
+  `jax.shard_map` under an active ('data', 'expert') mesh (jax.set_mesh; the
+  module docstring says how), on all groups at once (J = 1) without one.
 
   Args:
     x: (G, S, D) tokens.
@@ -552,20 +532,19 @@ def sparse_moe(
     (G, S, D') outputs and per-group metrics (G,) (their mean over groups is
     vmoe's, whatever the mesh).
   """
-  mesh = expert_parallel_mesh()
+  mesh = sharding.expert_parallel_mesh()
+  num_shards = 1 if mesh is None else mesh.shape[sharding.EXPERT_AXIS]
   body = functools.partial(
-    _local_moe, route_fn=route_fn, expert_fn=expert_fn, num_experts=num_experts
+    _local_moe,
+    route_fn=route_fn,
+    expert_fn=expert_fn,
+    num_experts=num_experts,
+    num_expert_shards=num_shards,
+    axes=mesh is not None,
   )
+  args = (x, dict(routing_arrays), expert_params, dropout_key)
   if mesh is None:
-    return body(
-      x,
-      routing_arrays,
-      expert_params,
-      dropout_key,
-      num_expert_shards=1,
-      axes=False,
-    )
-  num_shards = mesh.shape[sharding.EXPERT_AXIS]
+    return body(*args)
   num_devices = num_shards * mesh.shape[sharding.DATA_AXIS]
   if num_experts % num_shards:
     raise ValueError(
@@ -579,15 +558,7 @@ def sparse_moe(
       'device must be a multiple of group_size'
     )
   batch = PartitionSpec(sharding.BATCH_AXES)
-  fn = jax.shard_map(
-    functools.partial(body, num_expert_shards=num_shards, axes=True),
-    mesh=mesh,
-    in_specs=(
-      batch,
-      batch,
-      PartitionSpec(sharding.EXPERT_AXIS),
-      PartitionSpec(),
-    ),
-    out_specs=(batch, batch),
-  )
-  return fn(x, dict(routing_arrays), expert_params, dropout_key)
+  experts = PartitionSpec(sharding.EXPERT_AXIS)
+  in_specs = (batch, batch, experts, PartitionSpec())
+  fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(batch,) * 2)
+  return fn(*args)

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from vmoe_jsd import losses
+from vmoe_jsd.config_errors import lookup
 from vmoe_jsd.models import moe
 
 Array = jax.Array
@@ -59,15 +60,15 @@ def _dispatcher_kwargs(dispatcher: KwArgs | None) -> dict[str, Any]:
   return kwargs
 
 
-def _gating_logits(router: nn.Module, inputs: Array):
+def _gating_arrays(router: nn.Module, inputs: Array):
   """The router's clean logits (sown), and noisy ones during training.
 
   Creates the bias-free dense layer 'dense' inside `router` (call from its
   compact __call__). The noise std is router.noise_std / E, vmoe's unit.
 
   Returns:
-    (logits (G, S, E), noisy logits or None when deterministic or
-    noise_std = 0, the noise std used).
+    ({'logits': (G, S, E), 'noisy_logits': the same plus noise, absent
+    when deterministic or noise_std = 0}, the noise std used).
   """
   logits = nn.Dense(
     router.num_experts,
@@ -77,15 +78,36 @@ def _gating_logits(router: nn.Module, inputs: Array):
   )(inputs)
   router.sow('intermediates', ROUTER_LOGITS, logits)
   if router.deterministic or router.noise_std == 0.0:
-    return logits, None, 0.0
+    return {'logits': logits}, 0.0
   noise_std = router.noise_std / router.num_experts
   noisy = logits + noise_std * jax.random.normal(
     router.make_rng('gating'), logits.shape, logits.dtype
   )
-  return logits, noisy, noise_std
+  return {'logits': logits, 'noisy_logits': noisy}, noise_std
 
 
-class NoisyTopExpertsPerItemRouter(nn.Module):
+class _GatedRouter(nn.Module):
+  """The fields of the routers with a dense gating layer (below).
+
+  Attributes:
+    num_experts: E.
+    noise_std: noise std in units of 1 / E (vmoe's convention), training
+      only.
+    z_loss_weight: weight of the router z-loss.
+    dispatcher: kwargs of the router's dispatcher (moe.py).
+    deterministic: no noise (evaluation).
+    dtype: dtype of the gating computation.
+  """
+
+  num_experts: int
+  noise_std: float = 1.0
+  z_loss_weight: float = 0.0
+  dispatcher: KwArgs | None = None
+  deterministic: bool = False
+  dtype: Any = None
+
+
+class NoisyTopExpertsPerItemRouter(_GatedRouter):
   """Noisy top-K router of V-MoE ([V-MoE] Sec. 2.2, Appendix A).
 
   Gates are softmax(W x) (clean) or softmax(W x + eps), eps ~ N(0, (noise_std
@@ -94,30 +116,18 @@ class NoisyTopExpertsPerItemRouter(nn.Module):
   importance (clean gates), load (training only: it needs the noise), and
   optionally GShard's and the ST-MoE z-loss.
 
-  Attributes:
-    num_experts: E.
+  Attributes (and _GatedRouter's; dispatcher: kwargs of
+  moe.make_top_k_dispatcher):
     num_selected_experts: K, 1 <= K <= E.
-    noise_std: noise std in units of 1 / E (vmoe's convention).
     importance_loss_weight: weight of the importance loss.
     load_loss_weight: weight of the load loss.
     gshard_loss_weight: weight of GShard's l_aux.
-    z_loss_weight: weight of the router z-loss.
-    dispatcher: kwargs of moe.make_top_k_dispatcher (name, capacity_factor,
-      batch_priority, capacity_multiple_of, bfloat16, ...).
-    deterministic: no noise (evaluation).
-    dtype: dtype of the gating computation.
   """
 
-  num_experts: int
   num_selected_experts: int = 1
-  noise_std: float = 1.0
   importance_loss_weight: float = 1.0
   load_loss_weight: float = 1.0
   gshard_loss_weight: float = 0.0
-  z_loss_weight: float = 0.0
-  dispatcher: KwArgs | None = None
-  deterministic: bool = False
-  dtype: Any = None
 
   @nn.compact
   def __call__(self, inputs: Array, *, split: bool = False):
@@ -125,12 +135,9 @@ class NoisyTopExpertsPerItemRouter(nn.Module):
 
     Args:
       inputs: (G, S, D) groups of tokens.
-      split: return (arrays, route) instead of (dispatcher, metrics), where
-        arrays holds the per-group (G, ...) gating arrays computed here
-        (parameters, noise and sowing live in this part) and route is a pure
-        function of them, arrays -> (dispatcher, metrics), that treats every
-        group independently (so it can run on any subset of groups, e.g.
-        the local ones of a device under shard_map).
+      split: return the two parts of the module docstring, (arrays, route),
+        instead of (dispatcher, metrics) = route(arrays); route treats every
+        group on its own (any subset of groups, e.g. a device's).
 
     Returns:
       (dispatcher, metrics), or (arrays, route) when split.
@@ -142,10 +149,7 @@ class NoisyTopExpertsPerItemRouter(nn.Module):
         f'num_selected_experts={self.num_selected_experts} must be in '
         f'[1, num_experts={self.num_experts}]'
       )
-    logits, noisy_logits, noise_std = _gating_logits(self, inputs)
-    arrays = {'logits': logits}
-    if noisy_logits is not None:
-      arrays['noisy_logits'] = noisy_logits
+    arrays, noise_std = _gating_arrays(self, inputs)
     route = functools.partial(
       _route_top_k,
       noise_std=noise_std,
@@ -194,35 +198,19 @@ def _route_top_k(
   return dispatcher, metrics
 
 
-class NoisyTopItemsPerExpertRouter(nn.Module):
+class NoisyTopItemsPerExpertRouter(_GatedRouter):
   """Expert-choice router (Zhou et al. 2022, arXiv:2202.09368).
 
   Each expert takes the C tokens with the largest gate; no auxiliary loss is
-  needed for balance (its auxiliary_loss is the optional z-loss).
-
-  Attributes:
-    num_experts: E.
-    noise_std: noise std in units of 1 / E during training.
-    z_loss_weight: weight of the router z-loss.
-    dispatcher: kwargs of moe.make_top_items_per_expert_dispatcher.
-    deterministic: no noise (evaluation).
-    dtype: dtype of the gating computation.
+  needed for balance (its auxiliary_loss is the optional z-loss). Attributes:
+  _GatedRouter's (dispatcher: kwargs of
+  moe.make_top_items_per_expert_dispatcher).
   """
-
-  num_experts: int
-  noise_std: float = 1.0
-  z_loss_weight: float = 0.0
-  dispatcher: KwArgs | None = None
-  deterministic: bool = False
-  dtype: Any = None
 
   @nn.compact
   def __call__(self, inputs: Array, *, split: bool = False):
     """As NoisyTopExpertsPerItemRouter.__call__."""
-    logits, noisy_logits, _ = _gating_logits(self, inputs)
-    arrays = {'logits': logits}
-    if noisy_logits is not None:
-      arrays['noisy_logits'] = noisy_logits
+    arrays, _ = _gating_arrays(self, inputs)
     route = functools.partial(
       _route_expert_choice,
       z_loss_weight=self.z_loss_weight,
@@ -362,8 +350,4 @@ ROUTERS = {
 
 
 def get_router_cls(name: str):
-  if name not in ROUTERS:
-    raise ValueError(
-      f'router.name={name!r} is unknown; choose one of {sorted(ROUTERS)}'
-    )
-  return ROUTERS[name]
+  return lookup(ROUTERS, 'router.name', name)

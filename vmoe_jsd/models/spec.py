@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from vmoe_jsd.config_errors import check_range, fail, to_dict
+from vmoe_jsd.config_errors import check_choice, check_range, fail, to_dict
 from vmoe_jsd.models import (
   build_model,
   check_model_config,
@@ -27,6 +27,7 @@ from vmoe_jsd.models import moe as moe_lib
 CLASSIFIERS = ('0', 'gap', 'map', 'token')
 DEFAULT_ROUTER = 'NoisyTopExpertsPerItemRouter'
 EXPERT_CHOICE = 'NoisyTopItemsPerExpertRouter'
+MOE = 'model.encoder.moe'  # The dotted key of the MoE block.
 
 
 def deep_update(base: Mapping, overrides: Mapping | None) -> dict:
@@ -153,43 +154,40 @@ def _check_layer_list(model) -> None:
   if not isinstance(layers, (list, tuple)) or any(
     isinstance(x, bool) or not isinstance(x, int) for x in layers
   ):
-    fail('model.encoder.moe.layers', layers, valid)
+    fail(f'{MOE}.layers', layers, valid)
   repeated = sorted({x for x in layers if list(layers).count(x) > 1})
   if repeated:
-    fail('model.encoder.moe.layers', tuple(layers),
-         f'{valid}; repeated: {repeated}')  # fmt: skip
+    fail(f'{MOE}.layers', tuple(layers), f'{valid}; repeated: {repeated}')
 
 
 def _check_ranges(model: Mapping) -> None:
   """Sizes and rates of config.model."""
-  check_range('model.num_classes', model.get('num_classes'), 1, integer=True)
-  check_range('model.hidden_size', model.get('hidden_size'), 1, integer=True)
-  check_range('model.representation_size', model.get('representation_size'),
-              1, integer=True, optional=True)  # fmt: skip
-  encoder = model.get('encoder') or {}
-  check_range('model.encoder.mlp_dim', encoder.get('mlp_dim'), 1,
-              integer=True, optional=True)  # fmt: skip
-  for rate in ('dropout_rate', 'attention_dropout_rate'):
-    check_range(f'model.encoder.{rate}', encoder.get(rate), 0, 1,
-                high_open=True, optional=True)  # fmt: skip
-  moe = encoder.get('moe') or {}
-  check_range('model.encoder.moe.dropout_rate', moe.get('dropout_rate'), 0,
-              1, high_open=True, optional=True)  # fmt: skip
-  check_range('model.encoder.moe.group_size', moe.get('group_size'), 1,
-              integer=True, optional=True)  # fmt: skip
-  router = moe.get('router') or {}
-  check_range('model.encoder.moe.router.noise_std', router.get('noise_std'),
-              0, optional=True)  # fmt: skip
-  for name in ('importance_loss_weight', 'load_loss_weight',
-               'gshard_loss_weight', 'z_loss_weight'):  # fmt: skip
-    check_range(f'model.encoder.moe.router.{name}', router.get(name), 0,
-                optional=True)  # fmt: skip
-  dispatcher = router.get('dispatcher') or {}
-  key = 'model.encoder.moe.router.dispatcher'
-  check_range(f'{key}.capacity_factor', dispatcher.get('capacity_factor'), 0,
-              low_open=True, optional=True)  # fmt: skip
-  check_range(f'{key}.capacity', dispatcher.get('capacity'), 1, integer=True,
-              optional=True)  # fmt: skip
+  _check(model, 'num_classes', 1, integer=True)
+  _check(model, 'hidden_size', 1, integer=True)
+  _check(model, 'representation_size', 1, integer=True, optional=True)
+  _check(model, 'encoder.mlp_dim', 1, integer=True, optional=True)
+  for rate in ('dropout_rate', 'attention_dropout_rate', 'moe.dropout_rate'):
+    _check(model, f'encoder.{rate}', 0, 1, high_open=True, optional=True)
+  _check(model, 'encoder.moe.group_size', 1, integer=True, optional=True)
+  for name in (
+    'noise_std',
+    'importance_loss_weight',
+    'load_loss_weight',
+    'gshard_loss_weight',
+    'z_loss_weight',
+  ):
+    _check(model, f'encoder.moe.router.{name}', 0, optional=True)
+  key = 'encoder.moe.router.dispatcher'
+  _check(model, f'{key}.capacity_factor', 0, low_open=True, optional=True)
+  _check(model, f'{key}.capacity', 1, integer=True, optional=True)
+
+
+def _check(model: Mapping, key: str, *bounds, **options) -> None:
+  """check_range of model.<key> (a dotted path; a missing block is None)."""
+  value = model
+  for part in key.split('.'):
+    value = (value or {}).get(part)
+  check_range(f'model.{key}', value, *bounds, **options)
 
 
 def _check_shape(model: Mapping) -> None:
@@ -202,12 +200,12 @@ def _check_shape(model: Mapping) -> None:
     fail('model.patch_size', model.get('patch_size'), 'use (p, p), p > 0')
   if patch[0] != patch[1]:
     fail('model.patch_size', patch, 'square patches only (views are square)')
-  if model.get('classifier', 'token') not in CLASSIFIERS:
-    fail('model.classifier', model.get('classifier'), f'one of {CLASSIFIERS}')
+  check_choice(
+    'model.classifier', model.get('classifier', 'token'), CLASSIFIERS
+  )
   pos = (encoder.get('position_emb') or {}).get('name', 'learned')
-  if pos not in ('learned', 'sincos2d', 'none'):
-    fail('model.encoder.position_emb.name', pos,
-         "one of ['learned', 'none', 'sincos2d']")  # fmt: skip
+  positions = ['learned', 'none', 'sincos2d']
+  check_choice('model.encoder.position_emb.name', pos, positions)
   heads = encoder.get('num_heads', 0)
   if heads <= 0 or model['hidden_size'] % encoder.get('num_heads', 1):
     valid = f'must be > 0 and divide hidden_size={model["hidden_size"]}'
@@ -224,26 +222,27 @@ def _check_moe(model: Mapping, eval_model: Mapping) -> None:
   if num_layers <= 0:
     fail('model.encoder.num_layers', num_layers, 'must be >= 1')
   if [x for x in layers if not 0 <= x < num_layers]:
-    fail('model.encoder.moe.layers', layers,
-         f'block indices in [0, num_layers={num_layers})')  # fmt: skip
+    valid = f'block indices in [0, num_layers={num_layers})'
+    fail(f'{MOE}.layers', layers, valid)
   if not layers:
     return
   num_experts = moe.get('num_experts', 0)
   router_name = router.get('name', DEFAULT_ROUTER)
-  if router_name not in routing.ROUTERS:
-    fail('model.encoder.moe.router.name', router_name,
-         f'one of {sorted(routing.ROUTERS)}')  # fmt: skip
+  check_choice(f'{MOE}.router.name', router_name, sorted(routing.ROUTERS))
   if num_experts < 1:
-    fail('model.encoder.moe.num_experts', num_experts, 'must be >= 1')
+    fail(f'{MOE}.num_experts', num_experts, 'must be >= 1')
   k = router.get('num_selected_experts', 1)
   if router_name == DEFAULT_ROUTER and not 1 <= k <= num_experts:
-    fail('model.encoder.moe.router.num_selected_experts', k,
-         f'K must be in [1, num_experts={num_experts}]')  # fmt: skip
+    valid = f'K must be in [1, num_experts={num_experts}]'
+    fail(f'{MOE}.router.num_selected_experts', k, valid)
   check_dispatcher('training', router, moe.get('group_size'), num_experts)
   eval_moe = eval_model['encoder']['moe']
-  check_dispatcher('with evaluate.model_overrides',
-                   eval_moe.get('router') or {}, eval_moe.get('group_size'),
-                   num_experts)  # fmt: skip
+  check_dispatcher(
+    'with evaluate.model_overrides',
+    eval_moe.get('router') or {},
+    eval_moe.get('group_size'),
+    num_experts,
+  )
 
 
 def check_dispatcher(
@@ -253,24 +252,31 @@ def check_dispatcher(
   name = router.get('name', DEFAULT_ROUTER)
   if name == 'SoftRouter':  # Soft MoE has slots, not a dispatcher.
     if router.get('num_slots') is None and group_size:
-      _check_capacity_factor(f'model.encoder.moe.router ({where})',
-                             router.get('capacity_factor', 1.0), group_size,
-                             num_experts, 'S cf / E')  # fmt: skip
+      _check_capacity_factor(
+        f'{MOE}.router ({where})',
+        router.get('capacity_factor', 1.0),
+        group_size,
+        num_experts,
+        'S cf / E',
+      )
     return
-  key = f'model.encoder.moe.router.dispatcher ({where})'
+  key = f'{MOE}.router.dispatcher ({where})'
   dispatcher = router.get('dispatcher') or {}
-  valid = ('einsum',) if name == EXPERT_CHOICE else ('einsum', 'indices')
-  if dispatcher.get('name', 'einsum') not in valid:
-    fail(f'{key}.name', dispatcher.get('name'), f'one of {list(valid)}')
+  valid = ['einsum'] if name == EXPERT_CHOICE else ['einsum', 'indices']
+  check_choice(f'{key}.name', dispatcher.get('name', 'einsum'), valid)
   if (dispatcher.get('capacity') is None) == (
     dispatcher.get('capacity_factor') is None
   ):
     fail(key, dispatcher, 'set exactly one of capacity and capacity_factor')
   if dispatcher.get('capacity') is None and group_size:
     k = 1 if name == EXPERT_CHOICE else router.get('num_selected_experts', 1)
-    _check_capacity_factor(key, dispatcher['capacity_factor'], k * group_size,
-                           num_experts,
-                           'S cf / E' if k == 1 else 'K S cf / E')  # fmt: skip
+    _check_capacity_factor(
+      key,
+      dispatcher['capacity_factor'],
+      k * group_size,
+      num_experts,
+      'S cf / E' if k == 1 else 'K S cf / E',
+    )
   if name != EXPERT_CHOICE or not group_size:
     return
   capacity = dispatcher.get('capacity') or moe_lib.compute_capacity(
@@ -281,9 +287,12 @@ def check_dispatcher(
     dispatcher.get('capacity_multiple_of', 4),
   )
   if capacity > group_size:
-    fail(key, dispatcher,
-         f'expert-choice capacity {capacity} exceeds the group size '
-         f'{group_size}: lower capacity or capacity_factor')  # fmt: skip
+    fail(
+      key,
+      dispatcher,
+      f'expert-choice capacity {capacity} exceeds the group size '
+      f'{group_size}: lower capacity or capacity_factor',
+    )
 
 
 def _check_capacity_factor(
@@ -299,8 +308,11 @@ def _check_capacity_factor(
     return  # _check_ranges reports non-numbers.
   exact = num_tokens * factor / num_experts
   if exact < 1:
-    fail(f'{key}.capacity_factor', factor,
-         f'gives each expert {formula} = {num_tokens} x {factor} / '
-         f'{num_experts} = {exact:.3g} token(s) of capacity per routing group'
-         f' before rounding; it must be >= 1, i.e. capacity_factor >= '
-         f'{num_experts / num_tokens:.4g} (or set capacity)')  # fmt: skip
+    fail(
+      f'{key}.capacity_factor',
+      factor,
+      f'gives each expert {formula} = {num_tokens} x {factor} / '
+      f'{num_experts} = {exact:.3g} token(s) of capacity per routing group'
+      f' before rounding; it must be >= 1, i.e. capacity_factor >= '
+      f'{num_experts / num_tokens:.4g} (or set capacity)',
+    )

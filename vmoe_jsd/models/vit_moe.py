@@ -18,28 +18,14 @@ vmoe); metrics['encoderblock_{i}'] holds that block's router metrics.
 Router logits are sown into 'intermediates' (see routing.py).
 
 Mixed precision (`dtype`, e.g. bfloat16; Micikevicius et al., "Mixed
-Precision Training", ICLR 2018, arXiv:1710.03740, without loss scaling, which
-bfloat16's float32 exponent range makes unnecessary): parameters are created
-and kept in float32 and cast to `dtype` where a layer computes. Inside every
-encoder block the LayerNorm outputs, attention projections and weights, MLP
-and expert activations and the router's gating matmul are in `dtype` (the
-attention softmax is taken in float32 and cast back). The residual stream
-between blocks stays float32 (each block adds its `dtype` output to a float32
-stream, as in vmoe), and so do the patch embedding, the position embedding,
-the final LayerNorm, the pooling (MAP head included), the pre-logits layer and
-the head: these are a small part of the FLOPs and the logits feed float32
-losses. Router softmaxes, auxiliary, consistency and classification losses
-cast their inputs to float32 (routing.py, losses.py).
-
-Rematerialisation (`encoder.remat`): each encoder block can be wrapped in
-`flax.linen.remat` (jax.checkpoint; Chen et al., "Training Deep Nets with
-Sublinear Memory Cost", arXiv:1604.06174), which keeps only the block's
-inputs (and what the policy saves) for the backward pass and recomputes the
-rest: 'none', 'full' (save nothing inside a block), 'dots_saveable' (save
-every matmul output) or 'dots_with_no_batch_dims_saveable' (save matmuls
-without batch dimensions: the dense projections, not attention's
-query-key and weight-value products). Numbers are unchanged; only memory and
-time move.
+Precision Training", ICLR 2018, arXiv:1710.03740, without loss scaling):
+parameters stay float32 and are cast where a layer computes; the encoder
+blocks compute in `dtype`, while the residual stream, the embeddings, the
+final LayerNorm, the pooling and the head stay float32. Rematerialisation
+(`encoder.remat`; Chen et al., "Training Deep Nets with Sublinear Memory
+Cost", arXiv:1604.06174) wraps each block in `flax.linen.remat` with a
+policy of REMAT_POLICIES. docs/scaling_and_performance.md has the details
+(which ops run in which dtype, what each policy saves).
 """
 
 from __future__ import annotations
@@ -53,6 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vmoe_jsd.config_errors import lookup
 from vmoe_jsd.models import moe, routing
 
 Array = jax.Array
@@ -276,11 +263,7 @@ REMAT_POLICIES = {
 
 def check_remat(remat: str) -> None:
   """Raises ValueError unless `remat` names an entry of REMAT_POLICIES."""
-  if remat not in REMAT_POLICIES:
-    raise ValueError(
-      f'model.encoder.remat={remat!r} is unknown; choose one of '
-      f'{list(REMAT_POLICIES)}'
-    )
+  lookup(REMAT_POLICIES, 'model.encoder.remat', remat, list(REMAT_POLICIES))
 
 
 def remat_block(block_cls: type[nn.Module], remat: str) -> type[nn.Module]:
