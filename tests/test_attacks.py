@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vmoe_jsd import attacks, losses
+from vmoe_jsd import losses
+from vmoe_jsd.evaluation import attacks
 from vmoe_jsd.config_errors import ConfigError
 from vmoe_jsd.models import moe as moe_lib
 

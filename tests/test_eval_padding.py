@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from smoke_config import get_config, with_overrides
 
-from vmoe_jsd import config_lib, data, evaluate, streams
+from vmoe_jsd import config_lib, data, streams
+from vmoe_jsd.evaluation import accuracy, core
 from vmoe_jsd.data import eval_padding
 
 
@@ -114,7 +115,7 @@ def test_group_real_tokens_matches_brute_force():
   for groups in (1, 2, 3, 5, 10, 15, 30):
     mask = rng.random(batch) < 0.5
     flat = np.repeat(mask, tokens).reshape(groups, -1).sum(1)
-    got = evaluate.group_real_tokens(jnp.asarray(mask), groups)
+    got = core.group_real_tokens(jnp.asarray(mask), groups)
     np.testing.assert_allclose(got, flat * groups / tokens, rtol=1e-6)
 
 
@@ -137,13 +138,13 @@ def test_padding_changes_no_figure():
   model = spec.model.build_eval()
   params = model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 1)))['params']
   step = jax.jit(
-    evaluate.make_eval_step(
+    accuracy.make_eval_step(
       model, spec.model, spec.views, streams.stream(spec.seed, 'eval_views')
     )
   )
   results = {}
   for batch in (16, 8):
-    results[batch] = evaluate.run_evaluation(
+    results[batch] = accuracy.run_evaluation(
       step,
       params,
       ds,

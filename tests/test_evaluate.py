@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vmoe_jsd import evaluate
+from vmoe_jsd.evaluation import accuracy
 
 
 def brute_force(logits, maps, mask):
@@ -64,7 +64,7 @@ def test_routing_figures_match_brute_force_over_batches():
     logits = rng.normal(size=(b, 2, p, e)) * 2
     maps = rng.integers(-1, p, size=(b, 2, p))
     mask = rng.random(b) > 0.2
-    sums = evaluate.routing_sums(
+    sums = accuracy.routing_sums(
       jnp.asarray(logits, jnp.float32), jnp.asarray(maps), jnp.asarray(mask)
     )
     for k, v in sums.items():
@@ -72,7 +72,7 @@ def test_routing_figures_match_brute_force_over_batches():
     all_logits.append(logits)
     all_maps.append(maps)
     all_mask.append(mask)
-  got = evaluate.finalize_routing(totals)
+  got = accuracy.finalize_routing(totals)
   ref = brute_force(
     np.concatenate(all_logits), np.concatenate(all_maps),
     np.concatenate(all_mask),
@@ -87,8 +87,8 @@ def test_routing_figures_match_brute_force_over_batches():
 def test_collapsed_router_has_full_agreement_but_no_kappa_and_chance_one():
   logits = jnp.zeros((2, 2, 4, 3)).at[..., 1].set(5.0)  # always expert 1
   maps = jnp.tile(jnp.arange(4), (2, 2, 1))
-  figs = evaluate.finalize_routing(
-    evaluate.routing_sums(logits, maps, jnp.ones(2, bool))
+  figs = accuracy.finalize_routing(
+    accuracy.routing_sums(logits, maps, jnp.ones(2, bool))
   )
   assert figs['agreement'] == 1.0
   assert figs['chance'] == pytest.approx(1.0)
@@ -100,11 +100,11 @@ def test_balanced_perfect_agreement_has_kappa_one():
   logits = jnp.asarray(np.eye(4)[np.arange(8) % 4] * 5.0)[None, None]
   logits = jnp.tile(logits, (1, 2, 1, 1))
   maps = jnp.tile(jnp.arange(8), (1, 2, 1))
-  figs = evaluate.finalize_routing(
-    evaluate.routing_sums(logits, maps, jnp.ones(1, bool))
+  figs = accuracy.finalize_routing(
+    accuracy.routing_sums(logits, maps, jnp.ones(1, bool))
   )
   assert figs['chance'] == pytest.approx(0.25)
   assert figs['kappa'] == pytest.approx(1.0)
-  assert 'encoderblock_1' in evaluate.format_routing_table(
+  assert 'encoderblock_1' in accuracy.format_routing_table(
     {'encoderblock_1': figs}
   )

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vmoe_jsd import augment, config_lib, fewshot, sharding, train
+from vmoe_jsd import augment, config_lib, sharding, train
+from vmoe_jsd.evaluation import fewshot
 from vmoe_jsd.data import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

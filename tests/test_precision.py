@@ -14,7 +14,8 @@ import pytest
 from scipy.stats import norm
 from smoke_config import get_config, with_overrides
 
-from vmoe_jsd import config_lib, evaluate, losses, optimizer, step, streams
+from vmoe_jsd import config_lib, losses, optimizer, step, streams
+from vmoe_jsd.evaluation import accuracy
 
 
 def _config(**overrides):
@@ -174,7 +175,7 @@ def test_bfloat16_evaluation_is_close_to_float32():
       params = model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 1)))
       params = params['params']
     eval_step = jax.jit(
-      evaluate.make_eval_step(
+      accuracy.make_eval_step(
         model, spec.model, settings, streams.stream(spec.seed, 'eval_views')
       )
     )
@@ -186,7 +187,7 @@ def test_bfloat16_evaluation_is_close_to_float32():
   assert abs(int(bf16['correct']) - int(f32['correct'])) <= 1
   layer = 'routing/encoderblock_1/'
   figs = {
-    dtype: evaluate.finalize_routing({
+    dtype: accuracy.finalize_routing({
       k[len(layer):]: v for k, v in s.items() if k.startswith(layer)
     })
     for dtype, s in sums.items()

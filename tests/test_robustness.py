@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from vmoe_jsd import augment, robustness
+from vmoe_jsd import augment
+from vmoe_jsd.evaluation import corruptions, robustness, serving
 from vmoe_jsd.config_errors import ConfigError
 from vmoe_jsd.models.spec import ModelSpec
 
@@ -28,11 +29,11 @@ def _images(n=3, channels=3, seed=0):
 
 
 @pytest.mark.parametrize(
-  'sigma', robustness.FAMILIES['gaussian_blur'].severities
+  'sigma', corruptions.FAMILIES['gaussian_blur'].severities
 )
 def test_blur_matches_scipy_gaussian_filter(sigma):
   image = _images(1)[0]
-  view, _ = robustness.gaussian_blur(image, jnp.asarray(image), KEY, sigma,
+  view, _ = corruptions.gaussian_blur(image, jnp.asarray(image), KEY, sigma,
                                      SETTINGS)  # fmt: skip
   # skimage's gaussian (CIFAR-10-C): scipy's filter, mode 'nearest',
   # truncate 4, on the two spatial axes.
@@ -46,13 +47,13 @@ def test_blur_matches_scipy_gaussian_filter(sigma):
 def test_contrast_and_brightness_match_numpy_and_colorsys():
   image = _images(1, seed=1)[0]
   image[0, 0] = 0.0  # A black pixel: HSV value 0.
-  for c in robustness.FAMILIES['contrast'].severities:
-    view, _ = robustness.contrast(image, jnp.asarray(image), KEY, c, SETTINGS)
+  for c in corruptions.FAMILIES['contrast'].severities:
+    view, _ = corruptions.contrast(image, jnp.asarray(image), KEY, c, SETTINGS)
     mean = image.astype(np.float64).mean(axis=(0, 1))
     want = np.clip((image - mean) * c + mean, 0, 1)
     np.testing.assert_allclose(view, want, atol=1e-6)
-  for c in robustness.FAMILIES['brightness'].severities:
-    view, _ = robustness.brightness(image, jnp.asarray(image), KEY, c,
+  for c in corruptions.FAMILIES['brightness'].severities:
+    view, _ = corruptions.brightness(image, jnp.asarray(image), KEY, c,
                                     SETTINGS)  # fmt: skip
     want = np.empty_like(image, dtype=np.float64)
     for y in range(S):
@@ -61,22 +62,22 @@ def test_contrast_and_brightness_match_numpy_and_colorsys():
         want[y, x] = colorsys.hsv_to_rgb(h, s, min(v + c, 1.0))
     np.testing.assert_allclose(view, want, atol=1e-5)
   grey = _images(1, channels=1, seed=2)[0]
-  view, _ = robustness.brightness(grey, jnp.asarray(grey), KEY, 0.3, SETTINGS)
+  view, _ = corruptions.brightness(grey, jnp.asarray(grey), KEY, 0.3, SETTINGS)
   np.testing.assert_allclose(view, np.minimum(grey + 0.3, 1.0), atol=1e-6)
 
 
 def test_noise_has_the_severity_std_and_occlusion_covers_a_square():
   flat = jnp.full((S, S, 1), 0.5)
-  for std in robustness.FAMILIES['gaussian_noise'].severities:
-    view, _ = robustness.gaussian_noise(flat, flat, KEY, std, SETTINGS)
+  for std in corruptions.FAMILIES['gaussian_noise'].severities:
+    view, _ = corruptions.gaussian_noise(flat, flat, KEY, std, SETTINGS)
     delta = np.asarray(view) - 0.5
     # 784 draws: the sample std within 4 standard errors.
     assert abs(delta.std() - std) < 4 * std / math.sqrt(2 * S * S)
     assert abs(delta.mean()) < 4 * std / S
   black = jnp.zeros((S, S, 1))
-  for f in robustness.FAMILIES['occlusion'].severities:
+  for f in corruptions.FAMILIES['occlusion'].severities:
     for seed in range(5):
-      view, _ = robustness.occlusion(black, black, jax.random.key(seed), f,
+      view, _ = corruptions.occlusion(black, black, jax.random.key(seed), f,
                                      SETTINGS)  # fmt: skip
       ys, xs = np.nonzero(np.asarray(view)[..., 0] == 0.5)
       side = round(f * S)
@@ -105,12 +106,12 @@ def _centre_partners(transform):
   return np.array(out), transform
 
 
-@pytest.mark.parametrize('d', robustness.FAMILIES['shift'].severities)
+@pytest.mark.parametrize('d', corruptions.FAMILIES['shift'].severities)
 def test_shift_views_and_maps_match_numpy(d):
   image = _images(1, channels=1, seed=3)[0]
   seen = set()
   for seed in range(12):
-    view, index = robustness.shift(image, None, jax.random.key(seed), d,
+    view, index = corruptions.shift(image, None, jax.random.key(seed), d,
                                    SETTINGS)  # fmt: skip
     matches = [
       (dy, dx) for dy in (-d, d) for dx in (-d, d)
@@ -124,7 +125,7 @@ def test_shift_views_and_maps_match_numpy(d):
   assert len(seen) >= 3  # The signs are drawn per key.
 
 
-@pytest.mark.parametrize('degrees', robustness.FAMILIES['rotation'].severities)
+@pytest.mark.parametrize('degrees', corruptions.FAMILIES['rotation'].severities)
 def test_rotation_maps_keep_only_near_patches(degrees):
   source_hw = (S, S)
   centre = S / 2
@@ -147,9 +148,9 @@ def test_rotation_maps_keep_only_near_patches(degrees):
       near = (abs(y - (jr + 0.5) * P) <= 3 + 1e-6
               and abs(x - (jc + 0.5) * P) <= 3 + 1e-6)  # fmt: skip
       want.append(j if j >= 0 and near else -1)
-    got = robustness.rotation_map(
+    got = corruptions.rotation_map(
       affine, augment.scaling(1, 1), S, P, source_hw,
-      robustness.ROTATION_TOLERANCE,
+      corruptions.ROTATION_TOLERANCE,
     )  # fmt: skip
     np.testing.assert_array_equal(got, want)
   if degrees <= 10:  # Corner centres move 14.8 * 0.17 = 2.6 px or less.
@@ -178,11 +179,11 @@ def test_corruption_sums_match_a_brute_force_loop():
     0.3, 3.0, size=(6, 1, 1, 1))).astype(np.float32)  # fmt: skip
   labels = np.array([0, 1, 1, 0, 1, 0])
   mask = np.array([True] * 5 + [False])  # The last is padding.
-  corruptions = robustness.corruption_list(('contrast', 'brightness'))
+  cells = corruptions.corruption_list(('contrast', 'brightness'))
   keys = jax.random.split(KEY, 6)
-  sums = robustness.corruption_sums(
+  sums = corruptions.corruption_sums(
     _apply, jnp.asarray(images), jnp.asarray(labels), jnp.asarray(mask),
-    keys, SETTINGS, corruptions,
+    keys, SETTINGS, cells,
   )  # fmt: skip
 
   def decide(x):
@@ -192,7 +193,7 @@ def test_corruption_sums_match_a_brute_force_loop():
   clean_pred, clean_top1 = decide(images)
   assert int(sums['count']) == 5
   assert int(sums['clean/correct']) == np.sum((clean_pred == labels)[:5])
-  for k, (family, c) in enumerate(corruptions):
+  for k, (family, c) in enumerate(cells):
     x = images.astype(np.float64)
     if family == 'contrast':
       mean = x.mean(axis=(1, 2), keepdims=True)
@@ -208,14 +209,14 @@ def test_corruption_sums_match_a_brute_force_loop():
 def test_corruptions_depend_on_the_example_not_the_batch():
   images = jnp.asarray(_images(4, channels=1, seed=6))
   clean = jax.vmap(lambda im: augment.center_view(im, SETTINGS))(images)
-  corruptions = robustness.corruption_list(('gaussian_noise', 'shift'))
-  root = robustness.corruption_key(0)
+  cells = corruptions.corruption_list(('gaussian_noise', 'shift'))
+  root = corruptions.corruption_key(0)
   keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.arange(4))
 
   def run(idx, sel):
-    return robustness.corrupt_batch(
+    return corruptions.corrupt_batch(
       jnp.int32(idx), images[sel], clean[sel], keys[sel], SETTINGS,
-      corruptions,
+      cells,
     )  # fmt: skip
 
   for idx in (0, 5):
@@ -236,7 +237,7 @@ def test_summary_by_hand():
     'encoderblock_1/pairs': np.array([10] * 5 + [0, 10, 10, 10], float),
   }  # fmt: skip
   families = ('gaussian_noise', 'shift')
-  result = robustness.summarize_corruptions(totals, families)
+  result = corruptions.summarize_corruptions(totals, families)
   noise, shifted = 0.76, 0.4  # Means of 9,8,8,7,6 / 10 and 5,5,4,2 / 10.
   s = result['summary']
   assert s['family_accuracy'] == pytest.approx(
@@ -269,7 +270,7 @@ def _default_model():
 
 def test_serving_variants_and_capacities_by_hand():
   model = _default_model()
-  variants = robustness.serving_variants(model, (0.5, 1.0), (1,))
+  variants = serving.serving_variants(model, (0.5, 1.0), (1,))
   assert variants == [
     ('default', 2, 4.0), ('k2_cf0.5', 2, 0.5), ('k2_cf1', 2, 1.0),
     ('k1_cf4', 1, 4.0), ('k1_cf0.5', 1, 0.5), ('k1_cf1', 1, 1.0),
@@ -278,14 +279,14 @@ def test_serving_variants_and_capacities_by_hand():
   want = {(2, 4.0): 272, (2, 0.5): 36, (2, 1.0): 68, (1, 4.0): 136,
           (1, 0.5): 20, (1, 1.0): 36}  # fmt: skip
   for (k, cf), c in want.items():
-    assert robustness.group_capacity(robustness.variant_spec(model, k, cf)) == c
+    assert serving.group_capacity(serving.variant_spec(model, k, cf)) == c
   rows = [
     {'name': 'default', 'num_selected_experts': 2, 'capacity_factor': 4.0,
      'capacity': 272, 'accuracy': 0.9, 'dropped': {'b': 0.0}},
     {'name': 'k1_cf0.5', 'num_selected_experts': 1, 'capacity_factor': 0.5,
      'capacity': 20, 'accuracy': 0.8, 'dropped': {'b': 0.25}},
   ]  # fmt: skip
-  out = robustness._relative_rows(rows)
+  out = serving._relative_rows(rows)
   assert out['rows'][1]['expert_flops'] == pytest.approx(20 / 272)
   assert out['rows'][1]['expert_flops_assigned'] == pytest.approx(0.75 / 2)
   assert out['rows'][1]['accuracy_drop'] == pytest.approx(0.1)

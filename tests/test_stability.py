@@ -9,7 +9,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vmoe_jsd import augment, stability
+from vmoe_jsd import augment
+from vmoe_jsd.evaluation import stability
 
 S, P = 28, 7
 GRID = S // P

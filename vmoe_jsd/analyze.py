@@ -27,8 +27,9 @@ status 2), as for main and eval_main.
 The figures are drawn by figures.py, whose routing-map figure also goes to
 TensorBoard at each evaluation (figures.RoutingMapWriter, from train.py).
 The config is resolved once (config_lib.validate); the measurements are
-those of the evaluation (evaluate.run_evaluation, stability.run_stability),
-on the parameters that initialization.load_eval_params loads.
+those of the evaluation, through the evaluation registry
+(evaluation/registry.py: accuracy, stability, expert_by_class), on the
+parameters that initialization.load_eval_params loads.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -48,19 +48,12 @@ from vmoe_jsd import (
   augment,
   cli,
   config_lib,
-  evaluate,
-  figures,
   initialization,
-  models,
   paths,
   resilience,
   sharding,
-  stability,
-  streams,
 )
-from vmoe_jsd.models.spec import ModelSpec
-
-Array = jax.Array
+from vmoe_jsd.evaluation import figures, registry
 
 
 class CheckpointError(RuntimeError):
@@ -98,37 +91,13 @@ def describe_augmentation(settings: augment.ViewSettings) -> str:
 # ----------------------------------------------------------------------------
 # Data for the figures.
 # ----------------------------------------------------------------------------
-def make_class_counts_fn(
-  eval_model, model: ModelSpec, settings, num_classes: int
-):
-  """jit-able (params, images, labels, mask) -> {block: (classes, E) counts}.
-
-  Counts the patch tokens of the clean evaluation view of each class whose
-  top-1 expert is each expert.
-  """
-  layers, prefix = model.moe_layers, model.num_prefix_tokens
-
-  def fn(params, images, labels, mask):
-    center = jax.vmap(lambda im: augment.center_view(im, settings))(images)
-    by_layer = evaluate.router_logits(eval_model, params, center, layers)
-    cls = jax.nn.one_hot(labels, num_classes) * mask[:, None]  # (B, C)
-    out = {}
-    for b, lg in by_layer.items():
-      patches = models.per_image_patches(lg, images.shape[0], prefix)
-      experts = jax.nn.one_hot(jnp.argmax(patches, -1), lg.shape[-1])
-      out[b] = jnp.einsum('bc,bpe->ce', cls, experts)
-    return out
-
-  return fn
-
-
 @dataclasses.dataclass(frozen=True)
 class Measurements:
   """What the figures and the summary are made of (host values).
 
   Attributes:
     step: the step of the checkpoint that was loaded (None: not known).
-    result: evaluate.run_evaluation's accuracy and routing figures.
+    result: accuracy.run_evaluation's accuracy and routing figures.
     stability: stability.run_stability's flip rates ({} when off).
     counts: {block: (classes, E) float64} top-1 counts per class.
     first: the first test images (figures.first_images).
@@ -147,54 +116,32 @@ def measure(
   spec: config_lib.RunSpec, workdir: str, num_images: int
 ) -> Measurements:
   """Loads the newest readable checkpoint of `workdir` (local or gs://) and
-  measures the test split as the evaluation does."""
+  measures the test split as the evaluation does (evaluation/registry.py)."""
   mesh = sharding.make_mesh(spec.num_expert_partitions)
-  put_batch = sharding.make_put_batch(mesh)
   settings, model = spec.views, spec.model
   test_ds = spec.test_data.load()
   try:
     params, report = initialization.load_eval_params(
-      model, settings.size, test_ds.image_shape[-1], workdir, 'orbax', mesh,
+      model,
+      settings.size,
+      test_ds.image_shape[-1],
+      workdir,
+      'orbax',
+      mesh,
       spec.params_rules,
-    )  # fmt: skip
+    )
   except (FileNotFoundError, ValueError) as e:  # No (readable) checkpoint.
     raise CheckpointError(f'--workdir={workdir}: {cli.one_line(e)}') from None
-  eval_model = model.build_eval()
-  views_key = streams.stream(spec.seed, 'eval_views')
-  batch_size, limit = spec.test_data.batch_size, spec.evaluate.limit
-  with jax.set_mesh(mesh):
-    # Accuracy and the routing figures of the evaluation (full test split).
-    eval_step = jax.jit(
-      evaluate.make_eval_step(eval_model, model, settings, views_key)
-    )
-    result = evaluate.run_evaluation(
-      eval_step, params, test_ds, batch_size, limit, model.moe_layers,
-      put_batch,
-    )  # fmt: skip
-    stab_step = jax.jit(
-      stability.make_stability_step(
-        eval_model, model, settings, spec.stability,
-        streams.stream(spec.seed, 'stability_noise'),
-      )
-    )  # fmt: skip
-    stab = stability.run_stability(
-      stab_step, params, test_ds, batch_size, spec.stability, put_batch
-    )
-    # Expert-by-class counts over the evaluated images.
-    count_fn = jax.jit(
-      make_class_counts_fn(eval_model, model, settings, model.num_classes)
-    )
-    fields = ('image', 'label', 'mask')
-    counts = evaluate.sum_over_batches(
-      lambda _, b: count_fn(params, *put_batch(*(b[f] for f in fields))),
-      evaluate.eval_batches(test_ds, batch_size, limit),
-    )
+  names = ('accuracy', 'stability', 'expert_by_class')
+  evaluator = registry.Evaluator(spec, mesh, names)
+  result, stab, counts = (evaluator(n, params, test_ds) for n in names)
   # Routing maps of the first images: the evaluation's own views, computed
   # as train.py's figure is (outside the mesh: a few images, whatever the
   # number of devices).
+  ctx = evaluator.ctx
   first = figures.first_images(test_ds, model, settings.size, num_images)
   map_fn = jax.jit(
-    figures.make_routing_map_fn(eval_model, model, settings, views_key)
+    figures.make_routing_map_fn(ctx.eval_model, model, settings, ctx.views_key)
   )
   maps = figures.routing_map_data(map_fn, params, first, num_images)
   return Measurements(
@@ -237,8 +184,9 @@ def check_workdir(spec: config_lib.RunSpec, workdir: str) -> None:
     raise cli.CliError(f'--workdir={workdir} does not exist')
 
 
-def analyze_spec(spec: config_lib.RunSpec, workdir: str, out: str,
-                 num_images: int = 4) -> dict:  # fmt: skip
+def analyze_spec(
+  spec: config_lib.RunSpec, workdir: str, out: str, num_images: int = 4
+) -> dict:
   """`analyze` of an already resolved and checked config."""
   t0 = time.time()
   m = measure(spec, workdir, num_images)
@@ -278,8 +226,11 @@ def write_figures(
   num = len(m.maps['views'])
   figs = {
     'routing_maps.png': lambda: figures.plot_routing_maps(
-      np.asarray(m.first['image'])[:num], m.maps, spec.views.patch_size,
-      spec.model.num_experts, class_names,
+      np.asarray(m.first['image'])[:num],
+      m.maps,
+      spec.views.patch_size,
+      spec.model.num_experts,
+      class_names,
       np.asarray(m.first['label'])[:num],
       title=f'Top-1 expert per patch in two augmented views (step {m.step})',
     ),
@@ -287,7 +238,7 @@ def write_figures(
       m.counts, class_names
     ),
     'load_dropped.png': lambda: figures.plot_load_dropped(m.result['routing']),
-  }  # fmt: skip
+  }
   if m.stability:
     figs['flip_rates.png'] = lambda: figures.plot_flip_rates(m.stability)
   files = {}
@@ -344,7 +295,7 @@ def format_summary(s: dict) -> str:
       'averaged; exact patch correspondence, see stability.py).',
       '',
       '```',
-      stability.format_stability_table(st),
+      registry.table('stability', st),
       '```',
     ]
   lines += ['', '## Files', '']

@@ -17,11 +17,16 @@ and writes them as JSON.
 --suite picks what runs (a comma list; default 'standard', the above):
 
   standard     accuracy and routing figures -> eval_<split>.json
-  corruptions  the corruption suite (robustness.py) -> corruptions_<split>.json
-  attacks      PGD and the routing attack (attacks.py) -> attacks_<split>.json
-  cheap        K=1 and lower capacity factors (robustness.py) ->
+  stability    top-1 flip rates (evaluation/stability.py) ->
+               stability_<split>.json
+  corruptions  the corruption suite (evaluation/corruptions.py) ->
+               corruptions_<split>.json
+  attacks      PGD and the routing attack (evaluation/attacks.py) ->
+               attacks_<split>.json
+  cheap        K=1 and lower capacity factors (evaluation/serving.py) ->
                cheap_<split>.json
-  robustness   corruptions,attacks,cheap;  all: every suite
+  robustness   corruptions,attacks,cheap;  all: every suite (any evaluation
+               added to evaluation/registry.py is a suite of its own)
 
 Their settings are config.evaluate.robustness (its `enabled` only concerns
 training); each file lies beside the checkpoint (in the workdir, next to
@@ -41,35 +46,47 @@ from ml_collections import config_flags
 from vmoe_jsd import (
   cli,
   config_lib,
-  evaluate,
-  fewshot,
   initialization,
   paths,
   resilience,
-  robustness,
   sharding,
-  streams,
 )
+from vmoe_jsd.evaluation import registry, robustness, serving
 
 _CONFIG = config_flags.DEFINE_config_file(
-  'config', None, 'Config file describing the model and data.',
+  'config',
+  None,
+  'Config file describing the model and data.',
   lock_config=True,
-)  # fmt: skip
+)
 _CHECKPOINT = flags.DEFINE_string(
   'checkpoint', None, 'Our workdir/checkpoint folder or a vmoe prefix.'
 )
 _SPLIT = flags.DEFINE_string('split', None, 'Overrides dataset.test.split.')
 _OUTPUT = flags.DEFINE_string(
-  'output', None, 'JSON output path (default: eval_<split>.json beside an '
+  'output',
+  None,
+  'JSON output path (default: eval_<split>.json beside an '
   'orbax checkpoint, or PREFIX.eval_<split>.json).',
-)  # fmt: skip
+)
 _SUITE = flags.DEFINE_string(
-  'suite', 'standard', 'Comma list of suites: standard, corruptions, attacks, '
-  'cheap, robustness (the three), all.',
-)  # fmt: skip
+  'suite',
+  'standard',
+  'Comma list of suites: standard, stability, corruptions, attacks, '
+  'cheap, robustness (the last three), all.',
+)
 flags.mark_flags_as_required(['config', 'checkpoint'])
 
-SUITES = ('standard', *robustness.SUITES)
+# 'standard' is accuracy and routing with few-shot; expert_by_class is
+# analyze's figure data. Every other registered evaluation is a suite.
+SUITES = (
+  'standard',
+  *(
+    name
+    for name in registry.EVALUATIONS
+    if name not in ('accuracy', 'fewshot', 'expert_by_class')
+  ),
+)
 SCHEMA_VERSION = 1
 
 
@@ -88,11 +105,6 @@ def parse_suites(text: str) -> tuple[str, ...]:
   if not chosen:
     raise ValueError(f'--suite={text!r} names no suite; e.g. --suite=standard')
   return tuple(s for s in SUITES if s in chosen)
-
-
-def robustness_spec(spec: config_lib.RunSpec) -> robustness.RobustnessSpec:
-  """config.evaluate.robustness, checked (ConfigError names the key)."""
-  return spec.robustness
 
 
 def checkpoint_source(path: str) -> str:
@@ -122,8 +134,9 @@ def evaluate_checkpoint(config, checkpoint: str, split: str | None = None):
     config = config.copy_and_resolve_references()
     with config.unlocked():
       config.dataset.test.split = split
-  return evaluate_spec(config_lib.validate(config, jax.device_count()),
-                       checkpoint)  # fmt: skip
+  return evaluate_spec(
+    config_lib.validate(config, jax.device_count()), checkpoint
+  )
 
 
 def evaluate_spec(spec: config_lib.RunSpec, checkpoint: str) -> dict:
@@ -132,33 +145,33 @@ def evaluate_spec(spec: config_lib.RunSpec, checkpoint: str) -> dict:
 
 
 def evaluate_suites(
-  spec: config_lib.RunSpec,
-  checkpoint: str,
-  suites: tuple[str, ...],
-  rspec: robustness.RobustnessSpec | None = None,
+  spec: config_lib.RunSpec, checkpoint: str, suites: tuple[str, ...]
 ) -> dict[str, dict]:
-  """Loads `checkpoint` once and runs `suites` (see the module docstring).
+  """Loads `checkpoint` once and runs `suites` (see the module docstring)
+  through the evaluation registry.
 
   Args:
-    spec: the resolved config.
+    spec: the resolved config (config.evaluate.robustness gives the
+      robustness suites' settings).
     checkpoint: see the module docstring.
     suites: names in SUITES.
-    rspec: config.evaluate.robustness resolved (None: resolved here).
 
   Returns:
     {suite: result}; the robustness suites' results start with suite,
     schema_version, checkpoint, step and split (docs/robustness.md).
   """
-  rspec = robustness_spec(spec) if rspec is None else rspec
   source = checkpoint_source(checkpoint)
   mesh = sharding.make_mesh(spec.num_expert_partitions)
-  put_batch = sharding.make_put_batch(mesh)
-  settings, model = spec.views, spec.model
   test_ds = spec.test_data.load()
   params, report = initialization.load_eval_params(
-    model, settings.size, test_ds.image_shape[-1], checkpoint, source, mesh,
+    spec.model,
+    spec.views.size,
+    test_ds.image_shape[-1],
+    checkpoint,
+    source,
+    mesh,
     spec.params_rules,
-  )  # fmt: skip
+  )
   header = {'checkpoint': checkpoint}
   if report.get('step') is not None:
     header['step'] = report['step']
@@ -168,40 +181,25 @@ def evaluate_suites(
       str(k): v for k, v in report['skipped_checkpoints'].items()
     }
   header['split'] = spec.test_data.split
+  others = [s for s in suites if s != 'standard']
+  standard = []
+  if 'standard' in suites:  # Accuracy, routing figures and few-shot.
+    standard = ['accuracy'] + (['fewshot'] if spec.fewshot.enabled else [])
+  evaluator = registry.Evaluator(spec, mesh, standard + others)
   results = {}
-  with jax.set_mesh(mesh):
-    if 'standard' in suites:
-      results['standard'] = {**_standard(spec, params, test_ds, put_batch),
-                             **header}  # fmt: skip
-    others = tuple(s for s in suites if s != 'standard')
-    if others:
-      run = robustness.make_evaluator(
-        rspec, model, settings, spec.seed, spec.step.loss, put_batch, others
-      )
-      for name, res in run(params, test_ds, spec.test_data.batch_size).items():
-        results[name] = {'suite': name, 'schema_version': SCHEMA_VERSION,
-                         **header, **res}  # fmt: skip
+  if standard:
+    result = evaluator('accuracy', params, test_ds)
+    if 'fewshot' in evaluator:
+      result['fewshot'] = evaluator('fewshot', params, test_ds)
+    results['standard'] = {**result, **header}
+  for name in others:
+    results[name] = {
+      'suite': name,
+      'schema_version': SCHEMA_VERSION,
+      **header,
+      **evaluator(name, params, test_ds),
+    }
   return results
-
-
-def _standard(spec: config_lib.RunSpec, params, test_ds, put_batch) -> dict:
-  """Accuracy, routing figures and few-shot accuracies."""
-  settings, model = spec.views, spec.model
-  eval_model = model.build_eval()
-  views_key = streams.stream(spec.seed, 'eval_views')
-  eval_step = jax.jit(
-    evaluate.make_eval_step(eval_model, model, settings, views_key)
-  )
-  result = evaluate.run_evaluation(
-    eval_step, params, test_ds, spec.test_data.batch_size,
-    spec.evaluate.limit, model.moe_layers, put_batch,
-  )  # fmt: skip
-  fewshot_eval = fewshot.make_evaluator(
-    spec.fewshot, model, settings, put_batch
-  )
-  if fewshot_eval is not None:
-    result['fewshot'] = fewshot_eval(params)
-  return result
 
 
 def output_path(checkpoint: str, stem: str, split: str) -> str:
@@ -221,13 +219,13 @@ def _print_standard(result: dict) -> None:
     f'{result["accuracy"]:.4f} ({result["num_examples"]} images)'
   )
   if result['routing']:
-    print(evaluate.format_routing_table(result['routing']))
+    print(registry.table('accuracy', result))
   if result.get('fewshot'):
-    print(fewshot.format_results(result['fewshot']))
+    print(registry.table('fewshot', result['fewshot']))
 
 
 def _checked(config):
-  """(RunSpec, suites, RobustnessSpec) of the flags, or a one-line exit."""
+  """(RunSpec, suites) of the flags, or a one-line exit."""
   try:
     suites = parse_suites(_SUITE.value)
     if _OUTPUT.value and len(suites) > 1:
@@ -236,12 +234,11 @@ def _checked(config):
         f'{len(suites)} suites; drop --output (each suite has its own file)'
       )
     spec = cli.check_config(config, jax.device_count())
-    rspec = robustness_spec(spec)
     if 'cheap' in suites:
-      robustness.check_serving(spec.model)
+      serving.check_serving(spec.model)
   except (cli.CliError, ValueError) as e:
     cli.fail(cli.one_line(str(e)))
-  return spec, suites, rspec
+  return spec, suites
 
 
 def main(argv):
@@ -252,9 +249,9 @@ def main(argv):
   if _SPLIT.value:
     with config.unlocked():
       config.dataset.test.split = _SPLIT.value
-  spec, suites, rspec = _checked(config)
+  spec, suites = _checked(config)
   cli.quiet_console()
-  results = evaluate_suites(spec, _CHECKPOINT.value, suites, rspec)
+  results = evaluate_suites(spec, _CHECKPOINT.value, suites)
   first = next(iter(results.values()))
   for step, why in first.get('skipped_checkpoints', {}).items():
     print(
@@ -270,7 +267,7 @@ def main(argv):
       _print_standard(result)
       paths.write_json(output, result)
     else:
-      print(robustness.format_suite(suite, result))
+      print(registry.table(suite, result))
       paths.write_json(output, result)  # strict: NaN as null
     print(f'Wrote {output}')
 

@@ -15,7 +15,6 @@ done.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,21 +30,18 @@ from vmoe_jsd import (
   checkpoints,
   config_lib,
   data,
-  evaluate,
-  fewshot,
-  figures,
   initialization,
   optimizer,
   paths,
   profiling,
   progress,
   resilience,
-  robustness,
   run_files,
   sharding,
-  stability,
   streams,
 )
+from vmoe_jsd.config_errors import flatten
+from vmoe_jsd.evaluation.periodic import Evaluations
 from vmoe_jsd.step import TrainState, make_train_step
 
 Array = jax.Array
@@ -85,8 +81,12 @@ def build_training(
   settings = spec.views
   model = spec.model.build(deterministic=False)
   tx, schedule = optimizer.make_optimizer(spec.optimizer, num_steps)
-  views_shape = (2 * spec.train_data.batch_size, settings.size,
-                 settings.size, image_shape[-1])  # fmt: skip
+  views_shape = (
+    2 * spec.train_data.batch_size,
+    settings.size,
+    settings.size,
+    image_shape[-1],
+  )
 
   def init_state(key):
     rngs = {'params': key, 'dropout': key, 'gating': key}
@@ -101,8 +101,9 @@ def build_training(
     step=NamedSharding(mesh, PartitionSpec())
   )
   data_sharding = sharding.batch_sharding(mesh)
-  step_fn = make_train_step(spec.step, model, tx, schedule, settings,
-                            streams.stream(spec.seed, 'train'))  # fmt: skip
+  step_fn = make_train_step(
+    spec.step, model, tx, schedule, settings, streams.stream(spec.seed, 'train')
+  )
   train_step = jax.jit(
     step_fn,
     in_shardings=(state_shardings,) + (data_sharding,) * 3,
@@ -110,9 +111,17 @@ def build_training(
     donate_argnums=(0,),
   )
   return TrainingSetup(
-    model, tx, schedule, settings, init_state, init_key, abstract,
-    state_shardings, data_sharding, train_step,
-  )  # fmt: skip
+    model,
+    tx,
+    schedule,
+    settings,
+    init_state,
+    init_key,
+    abstract,
+    state_shardings,
+    data_sharding,
+    train_step,
+  )
 
 
 def lower_train_step(config: ml_collections.ConfigDict, mesh=None):
@@ -142,11 +151,7 @@ def lower_train_step(config: ml_collections.ConfigDict, mesh=None):
     setup.state_shardings,
   )
 
-  def arg(shape, dtype):
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=setup.data_sharding)
-
-  args = (arg((batch, *image_shape), jnp.uint8), arg((batch,), jnp.int32),
-          arg((batch, 2), jnp.int32))  # fmt: skip
+  args = abstract_batch(setup, batch, image_shape)
   with jax.set_mesh(mesh):
     lowered = setup.train_step.lower(state, *args)
   return lowered, mesh
@@ -191,127 +196,9 @@ def restore_or_init(spec, setup: TrainingSetup, ckpt, mesh, log) -> TrainState:
   return state
 
 
-@dataclasses.dataclass
-class Evaluations:
-  """The compiled evaluations of a run and where their results go.
-
-  `test(params, step)` measures accuracy, routing across views and
-  stability on the test split; `fewshot(params, step)` the few-shot
-  accuracies (None when config.fewshot names no dataset).
-  """
-
-  spec: config_lib.RunSpec
-  mesh: Any
-  test_ds: Any
-  writer: Any
-  log: Callable[[str], None]
-  put_batch: Callable
-  eval_step: Callable
-  stability_step: Callable
-  routing_maps: figures.RoutingMapWriter | None
-  fewshot_fn: Callable | None
-  robustness_fn: Callable | None = None
-
-  @classmethod
-  def build(cls, spec, mesh, test_ds, writer, log) -> Evaluations:
-    eval_model = spec.model.build_eval()
-    put_batch = sharding.make_put_batch(mesh)
-    views_key = streams.stream(spec.seed, 'eval_views')
-    eval_step = jax.jit(evaluate.make_eval_step(
-      eval_model, spec.model, spec.views, views_key))  # fmt: skip
-    stability_step = jax.jit(stability.make_stability_step(
-      eval_model, spec.model, spec.views, spec.stability,
-      streams.stream(spec.seed, 'stability_noise')))  # fmt: skip
-    routing_maps = None
-    if jax.process_count() == 1:  # Its jitted call runs on one process.
-      routing_maps = figures.RoutingMapWriter.build(
-        spec.evaluate.routing_map_images, eval_model, spec.model,
-        spec.views, views_key, test_ds, spec.test_data.name)  # fmt: skip
-    fewshot_fn = fewshot.make_evaluator(
-      spec.fewshot, spec.model, spec.views, put_batch
-    )
-    robustness_fn = None
-    if spec.robustness is not None and spec.robustness.enabled:
-      robustness_fn = robustness.make_evaluator(
-        spec.robustness, spec.model, spec.views, spec.seed,
-        spec.step.loss, put_batch)  # fmt: skip
-    return cls(spec, mesh, test_ds, writer, log, put_batch, eval_step,
-               stability_step, routing_maps, fewshot_fn,
-               robustness_fn)  # fmt: skip
-
-  def test(self, params, step: int,
-           should_stop: Callable[[], bool] | None = None):  # fmt: skip
-    """The test evaluation of `step`: its dict, or None when should_stop
-    (asked between batches) abandoned it; nothing is written then."""
-    spec, batch = self.spec, self.spec.test_data.batch_size
-    split = evaluate.StoppableSplit(self.test_ds, should_stop or _never)
-    t0 = time.time()
-    with jax.set_mesh(self.mesh):
-      result = evaluate.run_evaluation(
-        self.eval_step, params, split, batch, spec.evaluate.limit,
-        spec.model.moe_layers, self.put_batch)  # fmt: skip
-      eval_seconds = time.time() - t0
-      stab = {} if split.stopped else stability.run_stability(
-        self.stability_step, params, split, batch, spec.stability,
-        self.put_batch)  # fmt: skip
-    if split.stopped:
-      return None
-    if self.robustness_fn is not None:  # evaluate.robustness.enabled
-      try:  # Before anything is written: a stop inside writes nothing.
-        with jax.set_mesh(self.mesh):
-          result['robustness'] = self.robustness_fn(
-            params, evaluate.RaisingSplit(self.test_ds, should_stop or _never),
-            batch)  # fmt: skip
-      except evaluate.EvaluationStopped:
-        return None
-    result['step'] = step
-    result['eval_seconds'] = eval_seconds
-    self.writer.write_scalars(step, evaluate.routing_scalars(result))
-    self.log(
-      f'[eval step {step}] test accuracy {result["accuracy"]:.4f} on '
-      f'{result["num_examples"]} images ({result["eval_seconds"]:.1f}s)'
-    )
-    if result['routing']:
-      self.log(evaluate.format_routing_table(result['routing']))
-    if stab:
-      result['stability'] = stab
-      self.writer.write_scalars(step, stability.stability_scalars(stab))
-      self.log(stability.format_stability_table(stab))
-    if self.routing_maps is not None:
-      self.routing_maps.write(self.writer, step, params)
-    return result
-
-  def final(self, params, step: int,
-            should_stop: Callable[[], bool] | None = None):  # fmt: skip
-    """The end of training: the test evaluation and, if on, few-shot (None
-    when should_stop abandoned the test evaluation)."""
-    result = self.test(params, step, should_stop)
-    if result is not None and self.fewshot_fn:
-      result['fewshot'] = self.fewshot(params, step, should_stop)
-      if result['fewshot'] is None:
-        return None
-    return result
-
-  def fewshot(self, params, step: int,
-              should_stop: Callable[[], bool] | None = None):  # fmt: skip
-    """The few-shot results of `step`, or None when should_stop (asked
-    between batches of its datasets) abandoned them; nothing written then."""
-    try:
-      with jax.set_mesh(self.mesh):
-        out = self.fewshot_fn(params, should_stop or _never)
-    except evaluate.EvaluationStopped:
-      return None
-    self.writer.write_scalars(step, fewshot.scalars(out))
-    self.log(fewshot.format_results(out, step))
-    return out
-
-
-def _never() -> bool:
-  return False
-
-
-def report(step, metrics, skipped, clock: progress.Progress, writer,
-           log) -> dict[str, Any]:  # fmt: skip
+def report(
+  step, metrics, skipped, clock: progress.Progress, writer, log
+) -> dict[str, Any]:
   """Writes and prints the progress of `step`; returns its history row."""
   metrics = jax.device_get(metrics)
   img_per_s, eta = clock.measure(step)
@@ -342,9 +229,11 @@ _progress_line = progress.progress_line
 # The story.
 # ----------------------------------------------------------------------------
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, reevaluate: bool = False,
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  reevaluate: bool = False,
   allow_config_change: bool = False,
-):  # fmt: skip
+):
   """Trains (resuming from workdir if it holds checkpoints) and evaluates.
 
   `workdir` may be local or remote (gs://...); see paths.py. It is locked
@@ -382,8 +271,42 @@ def train_and_evaluate(
   # swallowed the signal and the run trained on until killed.
   guard = resilience.PreemptionGuard()
   with run_files.lock_workdir(workdir, log), guard.watching():
-    return _run(spec, workdir, reevaluate, allow_config_change, is_main, log,
-                guard)  # fmt: skip
+    return _run(
+      spec, workdir, reevaluate, allow_config_change, is_main, log, guard
+    )
+
+
+@dataclasses.dataclass
+class RunContext:
+  """What the loop and its periodic actions share within one run.
+
+  Attributes:
+    spec: the resolved run.
+    mesh: the ('data', 'expert') mesh.
+    setup: the model, optimizer and compiled step (build_training).
+    ckpt: the workdir's checkpoints.
+    evals: the run's evaluations.
+    clock: steps, images/s, ETA and the training time.
+    guard: the stop-signal guard (resilience.PreemptionGuard).
+    writer: the metric writer (TensorBoard).
+    log: prints on process 0.
+    workdir: the run's folder (None: notes nothing there).
+    history: each report's row goes here (run_files.History or a list).
+    profile_dir: config.profile's trace goes here (None: not traced).
+  """
+
+  spec: config_lib.RunSpec
+  mesh: Any
+  setup: TrainingSetup
+  ckpt: checkpoints.Checkpointer
+  evals: Evaluations
+  clock: progress.Progress
+  guard: resilience.PreemptionGuard
+  writer: Any
+  log: Callable[[str], None]
+  workdir: Any = None
+  history: Any = dataclasses.field(default_factory=list)
+  profile_dir: str | None = None
 
 
 def _run(spec, workdir, reevaluate, allow_config_change, is_main, log, guard):
@@ -391,13 +314,18 @@ def _run(spec, workdir, reevaluate, allow_config_change, is_main, log, guard):
   # --- Config: a finished run is left as it is; a resume keeps its config.
   finished = run_files.finished_result(workdir, spec.num_steps or None)
   keep = finished is not None and not reevaluate
-  run_files.on_process_0(lambda: run_files.check_resume_config(
-    workdir, spec.config, allow_config_change, log, record=not keep,
-  ), "the config differs from the workdir's config.json")  # fmt: skip
+  run_files.on_process_0(
+    lambda: run_files.check_resume_config(
+      workdir, spec.config, allow_config_change, log, record=not keep
+    ),
+    "the config differs from the workdir's config.json",
+  )
   if keep:
-    log(f'{workdir} has finished ({finished["num_train_steps"]} steps, test '
-        f'accuracy {finished["accuracy"]:.4f}); results.json kept. Pass '
-        '--reevaluate to evaluate its final checkpoint again.')  # fmt: skip
+    log(
+      f'{workdir} has finished ({finished["num_train_steps"]} steps, test '
+      f'accuracy {finished["accuracy"]:.4f}); results.json kept. Pass '
+      '--reevaluate to evaluate its final checkpoint again.'
+    )
     return finished
 
   # --- Mesh, run files and input. ----------------------------------------
@@ -411,8 +339,12 @@ def _run(spec, workdir, reevaluate, allow_config_change, is_main, log, guard):
   # --- Model, optimizer, step; restore or initialise; evaluations. -------
   setup = build_training(spec, mesh, num_steps, train_ds.image_shape)
   ckpt = checkpoints.Checkpointer(
-    workdir, spec.checkpoint.every_steps, spec.checkpoint.keep_last,
-    spec.checkpoint.asynchronous, log=log)  # fmt: skip
+    workdir,
+    spec.checkpoint.every_steps,
+    spec.checkpoint.keep_last,
+    spec.checkpoint.asynchronous,
+    log=log,
+  )
   state = restore_or_init(spec, setup, ckpt, mesh, log)
   start_step = int(jax.device_get(state.step))
   describe_run(spec, state, start_step, num_steps, mesh, writer, log, is_main)
@@ -422,98 +354,137 @@ def _run(spec, workdir, reevaluate, allow_config_change, is_main, log, guard):
   batch_size = spec.train_data.batch_size
   clock = progress.Progress(start_step, num_steps, batch_size)
   history = run_files.History(
-    workdir / run_files.HISTORY, start_step, is_main,
-    seconds_fn=lambda: clock.train_seconds)  # fmt: skip
+    workdir / run_files.HISTORY,
+    start_step,
+    is_main,
+    seconds_fn=lambda: clock.train_seconds,
+  )
   clock.train_seconds = history.train_seconds_until(start_step, batch_size)
-  trace_dir = str(workdir) if is_main else None  # config.profile's trace
-  state, history = train_loop(spec, setup, state, train_ds, mesh, ckpt, evals,
-                              clock, guard, writer, log, trace_dir,
-                              history, workdir)  # fmt: skip
+  run = RunContext(
+    spec,
+    mesh,
+    setup,
+    ckpt,
+    evals,
+    clock,
+    guard,
+    writer,
+    log,
+    workdir,
+    history,
+    str(workdir) if is_main else None,
+  )
+  state = train_loop(run, state, train_ds)
   stopped = guard.stopped_at is not None
   if guard.stopped_at != 0:  # Stopped before step 1: nothing to save.
-    ckpt.maybe_save(guard.stopped_at if stopped else num_steps, state,
-                    force=True)  # fmt: skip
+    last = guard.stopped_at if stopped else num_steps
+    ckpt.maybe_save(last, state, force=True)
   ckpt.close()
   if stopped:
-    return _stop_preempted(guard, ckpt, writer, workdir, history, log)
+    return _stop_preempted(run)
+  return _finish(run, state, finished, train_ds, test_ds, is_main)
 
-  # --- The end: final evaluation and results. ----------------------------
-  # A stop request ends it between batches (the guard watches the run).
-  result = evals.final(state.params, num_steps, guard.should_stop)
-  if result is None:  # Its checkpoint is saved; a resume evaluates again.
-    guard.stop_at(num_steps, 'the final evaluation')
-    return _stop_preempted(guard, ckpt, writer, workdir, history, log)
-  train_time = clock.train_seconds  # Of every segment since step 0.
+
+def _finish(run: RunContext, state, finished, train_ds, test_ds, is_main):
+  """The end: the final evaluation (a stop request ends it between
+  batches; its checkpoint is saved, and a resume evaluates again), then
+  results.json."""
+  spec, num_steps = run.spec, run.clock.num_steps
+  result = run.evals.final(state.params, num_steps, run.guard.should_stop)
+  if result is None:
+    run.guard.stop_at(num_steps, 'the final evaluation')
+    return _stop_preempted(run)
+  train_time = run.clock.train_seconds  # Of every segment since step 0.
   if finished is not None:  # --reevaluate: the training time stays.
     train_time = finished.get('train_seconds_excluding_compile', train_time)
   result.update(
-    train_seconds_excluding_compile=train_time, num_train_steps=num_steps,
+    train_seconds_excluding_compile=train_time,
+    num_train_steps=num_steps,
     # Unreadable images skipped (image folders; logged once each).
-    skipped_images={'train': getattr(train_ds, 'num_skipped', 0),
-                    'test': getattr(test_ds, 'num_skipped', 0)},
+    skipped_images={
+      'train': getattr(train_ds, 'num_skipped', 0),
+      'test': getattr(test_ds, 'num_skipped', 0),
+    },
     consistency_weight=spec.step.consistency_weight,
-  )  # fmt: skip
+  )
   if is_main:
-    paths.write_json(workdir / run_files.RESULTS, result)
-  writer.flush()
-  writer.close()
+    paths.write_json(run.workdir / run_files.RESULTS, result)
+  run.writer.flush()
+  run.writer.close()
   return result
 
 
-def train_loop(spec, setup, state, train_ds, mesh, ckpt, evals,
-               clock: progress.Progress, guard, writer, log,
-               profile_dir: str | None = None,
-               history: run_files.History | None = None,
-               workdir=None):  # fmt: skip
+def train_loop(run: RunContext, state, train_ds):
   """Steps from clock.start_step to clock.num_steps (or to a stop signal),
-  with every periodic action; returns (state, progress history rows).
-  config.profile's steps are traced into profile_dir (None: not traced).
-  Each report's row goes to `history` (written at once; default a list).
-  A stop request during a periodic evaluation ends the loop at that step
-  and notes it in workdir, so that the resumed run evaluates it again
-  (before its first step) and writes what an uninterrupted run writes."""
+  with every periodic action; returns the state. Each report's row goes to
+  run.history. A stop request during a periodic evaluation ends the loop at
+  that step and notes it in the workdir, so that the resumed run evaluates
+  it again (before its first step) and writes what an uninterrupted run
+  writes."""
+  spec, clock, guard = run.spec, run.clock, run.guard
   start_step, num_steps = clock.start_step, clock.num_steps
-  if not redo_interrupted_evaluation(spec, evals, state.params, clock, guard,
-                                     workdir, log):  # fmt: skip
-    return state, [] if history is None else history
-  compile_together(spec, setup, state, mesh, train_ds.image_shape)
-  window = profiling.ProfileWindow(spec.profile, profile_dir, start_step,
-                                   num_steps, log)  # fmt: skip
-  put_batch = sharding.make_put_batch(mesh)
-  batches = data.prefetch(train_ds.train_batches(
-    spec.train_data.batch_size, seed=spec.seed, start_step=start_step,
-    process_index=jax.process_index(), process_count=jax.process_count(),
-  ))  # fmt: skip
-  history = [] if history is None else history
+  if not redo_interrupted_evaluation(run, state.params):
+    return state
+  compile_together(
+    run.setup, state, run.mesh, spec.train_data.batch_size, train_ds.image_shape
+  )
+  window = profiling.ProfileWindow(
+    spec.profile, run.profile_dir, start_step, num_steps, run.log
+  )
+  put_batch = sharding.make_put_batch(run.mesh)
+  batches = data.prefetch(
+    train_ds.train_batches(
+      spec.train_data.batch_size,
+      seed=spec.seed,
+      start_step=start_step,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
+  )
   # Under 'skip': a device scalar, summed without host syncs.
   skipped = 0 if spec.step.nan_policy == 'skip' else None
-  for step in guard.steps(start_step, num_steps, on_exit=ckpt.wait):
+  for step in guard.steps(start_step, num_steps, on_exit=run.ckpt.wait):
     window.before_step(step)
     batch = next(batches)
     arrays = put_batch(batch['image'], batch['label'], data.orig_sizes(batch))
-    with jax.set_mesh(mesh):
-      state, metrics = setup.train_step(state, *arrays)
+    with jax.set_mesh(run.mesh):
+      state, metrics = run.setup.train_step(state, *arrays)
     window.after_step(step, state)
     clock.step_done()
     if skipped is not None:
       skipped = skipped + metrics['skipped']
-    if progress.itstime(step, spec.report_every, num_steps, last=True,
-                        first=start_step + 1):  # fmt: skip
-      history.append(report(step, metrics, skipped, clock, writer, log))
-    if not periodic_evaluations(spec, evals, state.params, step, clock,
-                                guard):  # fmt: skip
+    if progress.itstime(
+      step, spec.report_every, num_steps, last=True, first=start_step + 1
+    ):
+      row = report(step, metrics, skipped, clock, run.writer, run.log)
+      run.history.append(row)
+    if not periodic_evaluations(run, state.params, step):
       guard.stop_at(step, 'its evaluation')
-      note_interrupted_evaluation(workdir, step)
+      note_interrupted_evaluation(run.workdir, step)
       continue  # steps() ends here; the caller saves this step.
     if progress.itstime(step, spec.checkpoint.every_steps, num_steps):
       check_finite(jax.device_get(metrics), step, skipped)
-      ckpt.maybe_save(step, state)
+      run.ckpt.maybe_save(step, state)
       clock.resume()
   window.close()
-  return state, history
+  return state
 
 
-def compile_together(spec, setup, state, mesh, image_shape) -> None:
+def abstract_batch(setup: TrainingSetup, batch_size: int, image_shape):
+  """The train step's (images, labels, orig_sizes) as sharded abstract
+  arrays, for lowering it without data."""
+
+  def arg(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=setup.data_sharding)
+
+  return (
+    arg((batch_size, *image_shape), jnp.uint8),
+    arg((batch_size,), jnp.int32),
+    arg((batch_size, 2), jnp.int32),
+  )
+
+
+def compile_together(setup, state, mesh, batch_size, image_shape) -> None:
   """On several processes, compiles the train step and waits for all.
 
   Each process compiles at its first call, and under load one can finish
@@ -525,16 +496,9 @@ def compile_together(spec, setup, state, mesh, image_shape) -> None:
   """
   if jax.process_count() == 1:
     return
-  batch = spec.train_data.batch_size
-
-  def arg(shape, dtype):
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=setup.data_sharding)
-
+  args = abstract_batch(setup, batch_size, image_shape)
   with jax.set_mesh(mesh):
-    setup.train_step.lower(
-      state, arg((batch, *image_shape), jnp.uint8), arg((batch,), jnp.int32),
-      arg((batch, 2), jnp.int32),
-    ).compile()  # fmt: skip
+    setup.train_step.lower(state, *args).compile()
   multihost_utils.sync_global_devices('vmoe_jsd: train step compiled')
 
 
@@ -543,33 +507,32 @@ def compile_together(spec, setup, state, mesh, image_shape) -> None:
 INTERRUPTED_EVALUATION = 'interrupted_evaluation.json'
 
 
-def periodic_evaluations(spec, evals, params, step: int,
-                         clock: progress.Progress, guard) -> bool:  # fmt: skip
+def periodic_evaluations(run: RunContext, params, step: int) -> bool:
   """The evaluations due after `step`; False when a stop request abandoned
-  the test evaluation (between two of its batches; nothing was written)."""
-  num_steps = clock.num_steps
+  one (between two of its batches; nothing was written)."""
+  spec, num_steps, evals = run.spec, run.clock.num_steps, run.evals
+  due = []
   if progress.itstime(step, spec.evaluate.every_steps, num_steps):
-    done = evals.test(params, step, guard.should_stop) is not None
-    clock.resume()
-    if not done:
-      return False
-  if evals.fewshot_fn and progress.itstime(step, spec.fewshot.every_steps,
-                                           num_steps):  # fmt: skip
-    done = evals.fewshot(params, step, guard.should_stop) is not None
-    clock.resume()
-    if not done:  # A resume redoes this step's evaluations, test included.
+    due.append(evals.test)
+  if evals.has_fewshot and progress.itstime(
+    step, spec.fewshot.every_steps, num_steps
+  ):
+    due.append(evals.fewshot)
+  for evaluation in due:
+    done = evaluation(params, step, run.guard.should_stop) is not None
+    run.clock.resume()
+    if not done:  # A resume redoes this step's evaluations, all of them.
       return False
   return True
 
 
 def note_interrupted_evaluation(workdir, step: int) -> None:
   if workdir is not None and jax.process_index() == 0:
-    paths.write_json(paths.join(workdir, INTERRUPTED_EVALUATION),
-                     {'step': step})  # fmt: skip
+    path = paths.join(workdir, INTERRUPTED_EVALUATION)
+    paths.write_json(path, {'step': step})
 
 
-def redo_interrupted_evaluation(spec, evals, params, clock, guard, workdir,
-                                log) -> bool:  # fmt: skip
+def redo_interrupted_evaluation(run: RunContext, params) -> bool:
   """Runs the periodic evaluations of clock.start_step again if a stop
   abandoned them there; False when a stop request abandons them again.
 
@@ -578,43 +541,49 @@ def redo_interrupted_evaluation(spec, evals, params, clock, guard, workdir,
   process has read it: they ran the evaluations' collectives together). A
   note of another step (its checkpoint was never finished) is dropped.
   """
-  if workdir is None:
+  if run.workdir is None:
     return True
-  path = paths.join(workdir, INTERRUPTED_EVALUATION)
+  path = paths.join(run.workdir, INTERRUPTED_EVALUATION)
   if not paths.exists(path):
     return True
-  step = clock.start_step
+  step = run.clock.start_step
   if paths.read_json(path).get('step') == step:
-    log(f'The evaluation of step {step} was interrupted; evaluating again.')
-    if not periodic_evaluations(spec, evals, params, step, clock, guard):
-      guard.stop_at(step, 'its evaluation')
+    run.log(f'The evaluation of step {step} was interrupted; evaluating again.')
+    if not periodic_evaluations(run, params, step):
+      run.guard.stop_at(step, 'its evaluation')
       return False
   if jax.process_index() == 0:
     path.unlink(missing_ok=True)
   return True
 
 
-def describe_run(spec, state, start_step, num_steps, mesh, writer, log,
-                 is_main) -> None:  # fmt: skip
+def describe_run(
+  spec, state, start_step, num_steps, mesh, writer, log, is_main
+) -> None:
   """The model line on the console; the hyperparameters on a fresh run."""
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-  log(f'Model: {num_params:,} parameters; {num_steps} steps of '
-      f'{spec.train_data.batch_size} images x 2 views; devices: '
-      f'{jax.device_count()} (mesh {dict(mesh.shape)}).')  # fmt: skip
+  log(
+    f'Model: {num_params:,} parameters; {num_steps} steps of '
+    f'{spec.train_data.batch_size} images x 2 views; devices: '
+    f'{jax.device_count()} (mesh {dict(mesh.shape)}).'
+  )
   if is_main and start_step == 0:
-    writer.write_hparams(run_files.flat_hparams(spec.config))
+    writer.write_hparams(flatten(spec.config, stringify=True))
 
 
-def _stop_preempted(guard, ckpt, writer, workdir, history, log):
+def _stop_preempted(run: RunContext):
   """Reports a stop by signal (its step is saved); the history rows are
-  already in workdir (run_files.History writes them as they come)."""
-  del workdir, history
-  writer.flush()
-  writer.close()
+  already in the workdir (run_files.History writes them as they come)."""
+  guard = run.guard
+  run.writer.flush()
+  run.writer.close()
   during = f' (during {guard.stopped_during}, which a resume runs again)'
-  saved = (f'checkpoint saved in {ckpt.directory}' if guard.stopped_at
-           else 'nothing trained yet, so nothing saved')  # fmt: skip
-  log(f'Stopped by {guard.signal_name} after step {guard.stopped_at}'
-      f'{during if guard.stopped_during else ""}: {saved}. Run the same '
-      'command to resume.')  # fmt: skip
+  saved = 'nothing trained yet, so nothing saved'
+  if guard.stopped_at:
+    saved = f'checkpoint saved in {run.ckpt.directory}'
+  run.log(
+    f'Stopped by {guard.signal_name} after step {guard.stopped_at}'
+    f'{during if guard.stopped_during else ""}: {saved}. Run the same '
+    'command to resume.'
+  )
   return {'preempted_at_step': guard.stopped_at, 'signal': guard.signal_name}

@@ -39,8 +39,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from vmoe_jsd import augment, evaluate, models
+from vmoe_jsd import augment, models, streams
 from vmoe_jsd.config_errors import to_dict
+from vmoe_jsd.evaluation import core
 from vmoe_jsd.models.spec import ModelSpec
 
 Array = jax.Array
@@ -252,7 +253,7 @@ def make_stability_step(
 
   def step(params, images, mask, batch_index):
     def route_fn(views):
-      by_layer = evaluate.router_logits(eval_model, params, views, layers)
+      by_layer = core.router_logits(eval_model, params, views, layers)
       return {
         f'encoderblock_{b}': jnp.argmax(
           models.per_image_patches(lg, views.shape[0], prefix), axis=-1
@@ -282,9 +283,9 @@ def run_stability(
   """
   if not spec.enabled:
     return {}
-  totals = evaluate.sum_over_batches(
+  totals = core.sum_over_batches(
     lambda i, b: step_fn(params, *put_batch(b['image'], b['mask']), i),
-    evaluate.eval_batches(dataset, batch_size, spec.limit),
+    core.eval_batches(dataset, batch_size, spec.limit),
   )
   rates: dict[str, dict[str, float]] = {}
   for k, flips in totals.items():
@@ -322,3 +323,11 @@ def format_stability_table(stability: Mapping) -> str:
   for layer, by_name in rates.items():
     rows.append(f'{layer:<16}' + ''.join(f'{by_name[n]:>12.3f}' for n in names))
   return '\n'.join(rows)
+
+
+def build(ctx):
+  """The registry's run: flip rates (an empty dict when disabled)."""
+  noise_key = streams.stream(ctx.spec.seed, 'stability_noise')
+  return ctx.batched(
+    make_stability_step, run_stability, ctx.spec.stability, noise_key
+  )

@@ -1,4 +1,4 @@
-"""Evaluation: accuracy and routing consistency across views.
+"""The standard evaluation: accuracy and routing consistency across views.
 
 Routing consistency (per MoE layer), on two augmented views of each
 evaluation image made with a fixed key, over patch tokens (the class token
@@ -22,13 +22,10 @@ has no spatial correspondence and is left out):
 The per-batch function returns sums, so batches (and processes) add up
 exactly; `finalize_routing` turns the sums into the figures above.
 
-Padding (the last batch, and on many hosts whole batches, see
-data/eval_padding.py) never counts: every sum is masked, including the load
-and the dropped fraction (each routing group's dropped fraction is weighted
-by its real tokens, so all-padding groups weigh nothing). The two views of
-an example are drawn with a key folded from its position in the split, so
-the figures do not depend on the batch size, the padding or the number of
-processes. One effect of padding remains where capacity binds: padded
+Padding never counts (core.py), including in the load and the dropped
+fraction (each routing group's dropped fraction is weighted by its real
+tokens, so all-padding groups weigh nothing). One effect of padding
+remains where capacity binds: padded
 tokens that share a routing group with real ones compete with them for
 expert slots (no drop is possible when capacity >= group size, e.g. the
 default's evaluation capacity factor 4 with K=2 of E=4).
@@ -38,14 +35,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vmoe_jsd import augment, losses, models, streams
+from vmoe_jsd import augment, losses, models
 from vmoe_jsd.config_errors import check_range, to_dict
+from vmoe_jsd.evaluation import core
 from vmoe_jsd.models.spec import ModelSpec
 
 Array = jax.Array
@@ -72,91 +69,11 @@ class EvalSpec:
     cfg = to_dict(cfg)
     every = cfg.get('every_steps') or 0
     check_range('evaluate.every_steps', every, 0, integer=True)
-    check_range('evaluate.limit', cfg.get('limit'), 1, integer=True,
-                optional=True)  # fmt: skip
+    check_range(
+      'evaluate.limit', cfg.get('limit'), 1, integer=True, optional=True
+    )
     images = int(cfg.get('routing_map_images', 0) or 0)
     return cls(every, cfg.get('limit'), images)
-
-
-def eval_batches(dataset, batch_size: int, limit: int | None = None):
-  """This process's evaluation batches (padded alike on every process)."""
-  return dataset.eval_batches(
-    batch_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    limit=limit,
-  )
-
-
-class StoppableSplit:
-  """A test split whose `eval_batches` end early once should_stop() says so.
-
-  Asked between batches (never before the first nor after the last: a
-  request then is seen at the train step's own check, the evaluation
-  complete). After a stop, `stopped` is True and every later `eval_batches`
-  is empty: the figures of an evaluation over it are of the batches before
-  the stop, for the caller to discard. On several processes should_stop
-  must give the same answer on all (PreemptionGuard.should_stop does);
-  their batch counts are equal (padded alike).
-
-  Attributes:
-    dataset: the split.
-    stopped: whether should_stop ended an iteration.
-  """
-
-  def __init__(self, dataset, should_stop: Callable[[], bool]):
-    self.dataset, self.should_stop, self.stopped = dataset, should_stop, False
-
-  def eval_batches(self, *args, **kwargs) -> Iterator[dict]:
-    for i, batch in enumerate(self.dataset.eval_batches(*args, **kwargs)):
-      if self.stopped or (i and self.should_stop()):
-        self.stopped = True
-        return
-      yield batch
-
-  def __len__(self) -> int:
-    return len(self.dataset)
-
-  def __getattr__(self, name):
-    return getattr(self.dataset, name)
-
-
-class EvaluationStopped(Exception):
-  """A stop request ended an evaluation between two batches."""
-
-
-class RaisingSplit(StoppableSplit):
-  """A StoppableSplit that raises EvaluationStopped where it would end
-  early: for evaluations that read the split several times or on their own
-  terms (few-shot, the robustness suites), whose partial figures the caller
-  could not tell from complete ones. The same batch on every process."""
-
-  def eval_batches(self, *args, **kwargs) -> Iterator[dict]:
-    yield from super().eval_batches(*args, **kwargs)
-    if self.stopped:
-      raise EvaluationStopped
-
-
-def sum_over_batches(
-  step_fn: Callable[[np.int32, Mapping], Mapping[str, Array]],
-  batches: Iterable[Mapping],
-) -> dict[str, np.ndarray]:
-  """Sums, in float64 on the host, the per-batch sums of `step_fn`.
-
-  Args:
-    step_fn: (batch index, host batch) -> {name: device sum}; it puts the
-      batch on the devices itself.
-    batches: host batches.
-
-  Returns:
-    {name: float64 total}.
-  """
-  totals: dict[str, np.ndarray] = {}
-  for i, batch in enumerate(batches):
-    sums = jax.device_get(step_fn(np.int32(i), batch))
-    for k, v in sums.items():
-      totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
-  return totals
 
 
 def routing_sums(logits: Array, maps: Array, mask: Array) -> dict[str, Array]:
@@ -248,72 +165,6 @@ def format_routing_table(routing: dict[str, dict]) -> str:
   return '\n'.join(rows)
 
 
-def group_real_tokens(mask: Array, num_groups: int) -> Array:
-  """Real (unpadded) tokens of each routing group, (G,) float32.
-
-  The model splits the batch's B * T tokens, in order, into G groups of
-  S = B * T / G tokens (vit_moe.MlpMoeBlock): example b holds the flat
-  positions [b * T, (b + 1) * T).
-
-  Args:
-    mask: (B,) bool, False for padding examples.
-    num_groups: G; B * T must be a multiple of it.
-
-  Returns:
-    (G,) float32 w_g = (real tokens of group g) * G / T: proportional to the
-    count, with a factor that is the same for every group and batch, so
-    weighted means are exact. (Scaled by G / T, example b covers [b * G,
-    (b + 1) * G) and group g covers [g * B, (g + 1) * B).)
-  """
-  # Repeat each example G times instead of T: the flat layout then has the
-  # same proportions, and G rows of B entries are the groups.
-  scaled = jnp.repeat(mask.astype(jnp.float32), num_groups)  # (B * G,)
-  return jnp.sum(scaled.reshape(num_groups, -1), axis=1)
-
-
-def router_logits(eval_model, params, views, layers) -> dict:
-  """{block: (G, S, E) clean router logits} of (N, S, S, C) views in [0, 1]."""
-  _, state = eval_model.apply(
-    {'params': params}, augment.to_model_range(views), mutable=['intermediates']
-  )
-  return models.router_logits_by_layer(state['intermediates'], layers)
-
-
-def apply_with_router_logits(eval_model, params, inputs, layers):
-  """(logits (N, classes), {block: (G, S, E) router logits}) of model inputs
-  (N, S, S, C) in [-1, 1], from one forward pass (robustness, attacks)."""
-  (logits, _), state = eval_model.apply(
-    {'params': params}, inputs, mutable=['intermediates']
-  )
-  return logits, models.router_logits_by_layer(state['intermediates'], layers)
-
-
-def router_logits_of_views(eval_model, params, views, layers) -> dict:
-  """Router logits per MoE layer for paired views.
-
-  Args:
-    eval_model: the deterministic model.
-    params: its parameters.
-    views: (n, 2, H, W, C) views in [0, 1] (augment.paired_views).
-    layers: the MoE block indices to read.
-
-  Returns:
-    {block: logits} for the 2n images in view-major-within-image order
-    (image 0 view 1, image 0 view 2, image 1 view 1, ...).
-  """
-  flat = views.reshape(-1, *views.shape[2:])
-  return router_logits(eval_model, params, flat, layers)
-
-
-def evaluation_views(views_key, images, index, mask, settings):
-  """The two random views of each example, keyed by its position in the
-  split (padding: position 0), and their patch maps."""
-  keys = streams.example_keys(views_key, jnp.where(mask, index, 0))
-  return jax.vmap(lambda k, im: augment.paired_views(k, im, settings))(
-    keys, images
-  )
-
-
 def make_eval_step(eval_model, model: ModelSpec, settings, views_key):
   """(params, images, labels, mask, index) -> sums for evaluation.
 
@@ -338,8 +189,10 @@ def make_eval_step(eval_model, model: ModelSpec, settings, views_key):
     for block in layers:
       sums.update(_dropped_sums(metrics[f'encoderblock_{block}'], mask, block))
     if layers:
-      views, maps = evaluation_views(views_key, images, index, mask, settings)
-      by_layer = router_logits_of_views(eval_model, params, views, layers)
+      views, maps = core.evaluation_views(
+        views_key, images, index, mask, settings
+      )
+      by_layer = core.router_logits_of_views(eval_model, params, views, layers)
       for block, lg in by_layer.items():
         patches = models.paired_patches(lg, images.shape[0], prefix)
         for k, v in routing_sums(patches, maps, mask).items():
@@ -358,7 +211,7 @@ def _dropped_sums(metrics, mask, block) -> dict[str, Array]:
       f'dropped/encoderblock_{block}': jnp.float32(0.0),
       f'dropped_weight/encoderblock_{block}': jnp.float32(1.0),
     }
-  real = group_real_tokens(mask, dropped.shape[0])
+  real = core.group_real_tokens(mask, dropped.shape[0])
   return {
     f'dropped/encoderblock_{block}': jnp.sum(dropped * real),
     f'dropped_weight/encoderblock_{block}': jnp.sum(real),
@@ -380,12 +233,14 @@ def run_evaluation(
     put_batch: sharding.make_put_batch(mesh).
   """
   fields = ('image', 'label', 'mask', 'index')
-  totals = sum_over_batches(
+  totals = core.sum_over_batches(
     lambda _, b: eval_step_fn(params, *put_batch(*(b[f] for f in fields))),
-    eval_batches(dataset, batch_size, limit),
+    core.eval_batches(dataset, batch_size, limit),
   )
-  result = {'accuracy': float(totals['correct'] / max(totals['count'], 1)),
-            'num_examples': int(totals['count'])}  # fmt: skip
+  result = {
+    'accuracy': float(totals['correct'] / max(totals['count'], 1)),
+    'num_examples': int(totals['count']),
+  }
   routing_figs = {}
   for block in layers:
     prefix = f'routing/encoderblock_{block}/'
@@ -413,3 +268,30 @@ def routing_scalars(result) -> dict[str, float]:
       else:
         out[f'routing/{layer}/{k}'] = v
   return out
+
+
+def build(ctx):
+  """The registry's run: accuracy and routing figures of the test split."""
+  spec = ctx.spec
+  step = jax.jit(
+    make_eval_step(ctx.eval_model, spec.model, spec.views, ctx.views_key)
+  )
+
+  def run(params, split, should_stop):
+    del should_stop  # split raises on a stop.
+    return run_evaluation(
+      step,
+      params,
+      split,
+      ctx.batch_size,
+      spec.evaluate.limit,
+      spec.model.moe_layers,
+      ctx.put_batch,
+    )
+
+  return run
+
+
+def table(result) -> str:
+  """The routing table of a result ('' without MoE layers)."""
+  return format_routing_table(result['routing']) if result['routing'] else ''

@@ -38,8 +38,9 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vmoe_jsd import augment, data, evaluate
+from vmoe_jsd import augment, data
 from vmoe_jsd.config_errors import to_dict
+from vmoe_jsd.evaluation import core
 from vmoe_jsd.models.spec import ModelSpec
 
 BIAS_FEATURE = 100.0
@@ -189,16 +190,22 @@ class FewshotSpec:
       for split in ('train', 'test'):
         block = spec.get(split) if hasattr(spec, 'get') else None
         if not block or block.get('name') not in datasets_registry:
-          bad(f'datasets.{name}.{split}', block and block.get('name'),
-              'a dataset block whose name is one of '
-              f'{sorted(datasets_registry)}')  # fmt: skip
+          bad(
+            f'datasets.{name}.{split}',
+            block and block.get('name'),
+            f'a dataset block whose name is one of {sorted(datasets_registry)}',
+          )
         batch = block.get('batch_size')
         if not isinstance(batch, int) or batch < 1:
           bad(f'datasets.{name}.{split}.batch_size', batch, 'an integer >= 1')
-      sets.append(FewshotDataset(
-        name, data.SplitSpec(spec['train'], image_size),
-        data.SplitSpec(spec['test'], image_size), spec.get('num_classes'),
-      ))  # fmt: skip
+      sets.append(
+        FewshotDataset(
+          name,
+          data.SplitSpec(spec['train'], image_size),
+          data.SplitSpec(spec['test'], image_size),
+          spec.get('num_classes'),
+        )
+      )
     return cls(every, tuple(sets), shots, seeds, float(l2), limit)
 
 
@@ -224,7 +231,7 @@ def make_feature_fn(model, settings) -> Callable:
 def extract(feature_fn, params, dataset, batch_size, put_batch, limit=None):
   """(features (N, D), labels (N,)) over a dataset, padding dropped."""
   feats, labels = [], []
-  for batch in evaluate.eval_batches(dataset, batch_size, limit):
+  for batch in core.eval_batches(dataset, batch_size, limit):
     images, mask = put_batch(batch['image'], batch['mask'])
     out = feature_fn(params, images)
     if jax.process_count() > 1:
@@ -256,7 +263,7 @@ def make_evaluator(spec: FewshotSpec, model: ModelSpec, settings, put_batch):
     None, or evaluate(params, should_stop=None) -> {dataset: {'<k>shot':
     mean accuracy, '<k>shot_std': std over seeds, '<k>shot_seeds': [...]}};
     should_stop is asked between batches, and a True raises
-    evaluate.EvaluationStopped.
+    core.EvaluationStopped.
   """
   if not spec.enabled:
     return None
@@ -266,17 +273,25 @@ def make_evaluator(spec: FewshotSpec, model: ModelSpec, settings, put_batch):
   def evaluate_fn(params, should_stop=None) -> dict[str, dict[str, Any]]:
     results = {}
     for d, train, test in sets:
-      if should_stop is not None:  # evaluate.EvaluationStopped on a stop.
-        train = evaluate.RaisingSplit(train, should_stop)
-        test = evaluate.RaisingSplit(test, should_stop)
-      xtr, ytr = extract(feature_fn, params, train, d.train.batch_size,
-                         put_batch)  # fmt: skip
-      xte, yte = extract(feature_fn, params, test, d.test.batch_size,
-                         put_batch, spec.limit)  # fmt: skip
+      if should_stop is not None:  # core.EvaluationStopped on a stop.
+        train = core.RaisingSplit(train, should_stop)
+        test = core.RaisingSplit(test, should_stop)
+      xtr, ytr = extract(
+        feature_fn, params, train, d.train.batch_size, put_batch
+      )
+      xte, yte = extract(
+        feature_fn, params, test, d.test.batch_size, put_batch, spec.limit
+      )
       accs = fewshot_accuracies(
-        xtr, ytr, xte, yte, shots=spec.shots, seeds=spec.seeds,
-        l2_reg=spec.l2_reg, num_classes=d.num_classes,
-      )  # fmt: skip
+        xtr,
+        ytr,
+        xte,
+        yte,
+        shots=spec.shots,
+        seeds=spec.seeds,
+        l2_reg=spec.l2_reg,
+        num_classes=d.num_classes,
+      )
       results[d.name] = _summary(accs, len(ytr), len(yte))
     return results
 
@@ -319,3 +334,18 @@ def scalars(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     for key, value in out.items()
     if key.endswith('shot')
   }
+
+
+def build(ctx):
+  """The registry's run: few-shot accuracies of config.fewshot's datasets
+  (it reads them, not the test split)."""
+  spec = ctx.spec
+  evaluate_fn = make_evaluator(
+    spec.fewshot, spec.model, spec.views, ctx.put_batch
+  )
+
+  def run(params, split, should_stop):
+    del split
+    return evaluate_fn(params, should_stop)
+
+  return run

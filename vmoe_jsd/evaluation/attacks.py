@@ -56,8 +56,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from vmoe_jsd import augment, evaluate, losses, models, streams
-from vmoe_jsd.config_errors import check_range, fail, to_dict
+from vmoe_jsd import augment, losses, models, streams
+from vmoe_jsd.config_errors import (
+  check_choice,
+  check_keys,
+  check_limit,
+  check_range,
+  fail,
+  to_dict,
+)
+from vmoe_jsd.evaluation import core, serving
 from vmoe_jsd.models import moe as moe_lib
 from vmoe_jsd.models.spec import DEFAULT_ROUTER, ModelSpec
 
@@ -66,7 +74,7 @@ Array = jax.Array
 ATTACKS = ('pgd', 'routing')
 DIVERGENCES = ('kl', 'jsd')
 # The stream of the routing attack's random start: fold_in(key(seed), 5),
-# after robustness.CORRUPTION_STREAM (may move into streams.STREAMS).
+# after corruptions.CORRUPTION_STREAM (may move into streams.STREAMS).
 ATTACK_STREAM = 5
 PIXEL_RANGE = (-1.0, 1.0)
 
@@ -175,9 +183,10 @@ class RoutingRule:
     dispatcher = router.get('dispatcher') or {}
     return cls(
       int(router.get('num_selected_experts', 1)) if top_k else None,
-      capacity, bool(dispatcher.get('batch_priority', False)),
+      capacity,
+      bool(dispatcher.get('batch_priority', False)),
       model.num_prefix_tokens,
-    )  # fmt: skip
+    )
 
 
 def outcome_sums(
@@ -212,8 +221,10 @@ def outcome_sums(
   for layer, lg in routers.items():
     lg0 = models.per_image_patches(routers0[layer], batch, 0)  # (B, T, E)
     lg1 = models.per_image_patches(lg, batch, 0)
-    kl = kl_divergence(jax.nn.log_softmax(lg0.astype(jnp.float32)),
-                       jax.nn.log_softmax(lg1.astype(jnp.float32)))  # fmt: skip
+    kl = kl_divergence(
+      jax.nn.log_softmax(lg0.astype(jnp.float32)),
+      jax.nn.log_softmax(lg1.astype(jnp.float32)),
+    )
     out[f'{name}/{layer}/kl'] = jnp.sum(jnp.where(mask[:, None], kl, 0.0))
     out[f'{name}/{layer}/tokens'] = jnp.sum(mask) * lg0.shape[1]
     prefix = rule.num_prefix_tokens
@@ -223,10 +234,14 @@ def outcome_sums(
     if rule.num_selected_experts is not None:
       sets = [
         models.per_image_patches(
-          selected_experts(r, rule.num_selected_experts, rule.capacity,
-                           rule.batch_priority), batch, 0)
+          selected_experts(
+            r, rule.num_selected_experts, rule.capacity, rule.batch_priority
+          ),
+          batch,
+          0,
+        )
         for r in (routers0[layer], lg)
-      ]  # fmt: skip
+      ]
       iou = jnp.mean(intersection_over_union(*sets), axis=1)  # (B,)
       out[f'{name}/{layer}/iou'] = jnp.sum(jnp.where(mask, iou, 0.0))
   return out
@@ -250,8 +265,9 @@ def routing_objective(routers0, routers, mask, divergence: str) -> Array:
   return total
 
 
-def make_attack_step(eval_model, model: ModelSpec, settings, spec, loss_name,
-                     key, capacity: int):  # fmt: skip
+def make_attack_step(
+  eval_model, model: ModelSpec, settings, spec, loss_name, key, capacity: int
+):
   """(params, images, labels, mask, index) -> sums of every attack.
 
   Args:
@@ -267,12 +283,16 @@ def make_attack_step(eval_model, model: ModelSpec, settings, spec, loss_name,
   loss_fn = losses.get_classification_loss(loss_name)
   rule = RoutingRule.of(model, capacity)
   bounds = PIXEL_RANGE if spec.clip else None
-  budget = dict(epsilon=spec.epsilon, num_steps=spec.num_steps,
-                step_size=spec.step_size, bounds=bounds)  # fmt: skip
+  budget = dict(
+    epsilon=spec.epsilon,
+    num_steps=spec.num_steps,
+    step_size=spec.step_size,
+    bounds=bounds,
+  )
 
   def step(params, images, labels, mask, index):
     def forward(x):
-      logits, routers = evaluate.apply_with_router_logits(
+      logits, routers = core.apply_with_router_logits(
         eval_model, params, x, layers
       )
       return logits, {f'encoderblock_{b}': v for b, v in routers.items()}
@@ -285,23 +305,34 @@ def make_attack_step(eval_model, model: ModelSpec, settings, spec, loss_name,
 
     clean = forward(x0)
     correct = (jnp.argmax(clean[0], -1) == labels) & mask
-    sums = {'count': jnp.sum(mask), 'clean/correct': jnp.sum(correct),
-            'clean/loss': total_loss(clean[0])}  # fmt: skip
+    sums = {
+      'count': jnp.sum(mask),
+      'clean/correct': jnp.sum(correct),
+      'clean/loss': total_loss(clean[0]),
+    }
     if 'pgd' in spec.attacks:
       start = None
       if spec.random_start:
         start = _random_start(key, index, mask, x0, spec.epsilon)
       x = pgd(lambda z: total_loss(forward(z)[0]), x0, start=start, **budget)
-      sums.update(outcome_sums('pgd', clean, forward(x), labels, mask, loss_fn,
-                               rule))  # fmt: skip
+      sums.update(
+        outcome_sums('pgd', clean, forward(x), labels, mask, loss_fn, rule)
+      )
     if 'routing' in spec.attacks and layers:
-      start = _random_start(jax.random.fold_in(key, 1), index, mask, x0,
-                            spec.epsilon)  # fmt: skip
-      x = pgd(lambda z: routing_objective(clean[1], forward(z)[1], mask,
-                                          spec.divergence),
-              x0, start=start, **budget)  # fmt: skip
-      sums.update(outcome_sums('routing', clean, forward(x), labels, mask,
-                               loss_fn, rule))  # fmt: skip
+      start = _random_start(
+        jax.random.fold_in(key, 1), index, mask, x0, spec.epsilon
+      )
+      x = pgd(
+        lambda z: routing_objective(
+          clean[1], forward(z)[1], mask, spec.divergence
+        ),
+        x0,
+        start=start,
+        **budget,
+      )
+      sums.update(
+        outcome_sums('routing', clean, forward(x), labels, mask, loss_fn, rule)
+      )
     return sums
 
   return step
@@ -318,46 +349,52 @@ def _random_start(key, index, mask, x0, epsilon):
 # ----------------------------------------------------------------------------
 # Over the test set.
 # ----------------------------------------------------------------------------
-def _ratio(num, den):
-  return float(num / den) if den else None
-
-
 def summarize_attacks(totals: Mapping[str, Any], spec) -> dict:
   """The suite's JSON (docs/robustness.md) from the summed sums."""
   count = float(totals['count'])
-  clean_acc = _ratio(totals['clean/correct'], count)
+  clean_acc = core.ratio(totals['clean/correct'], count)
   out: dict[str, Any] = {
     'num_examples': int(count),
     'settings': spec.settings(),
-    'clean': {'accuracy': clean_acc,
-              'loss': _ratio(totals['clean/loss'], count)},
-  }  # fmt: skip
+    'clean': {
+      'accuracy': clean_acc,
+      'loss': core.ratio(totals['clean/loss'], count),
+    },
+  }
   for name in spec.attacks:
     if f'{name}/correct' not in totals:
       continue
-    acc = _ratio(totals[f'{name}/correct'], count)
+    acc = core.ratio(totals[f'{name}/correct'], count)
     layers = sorted(
-      k.split('/')[1] for k in totals
+      k.split('/')[1]
+      for k in totals
       if k.startswith(f'{name}/') and k.endswith('/flips')
-    )  # fmt: skip
+    )
     res = {
       'accuracy': acc,
       'accuracy_drop': None if acc is None else clean_acc - acc,
-      'loss': _ratio(totals[f'{name}/loss'], count),
-      'prediction_changes': _ratio(totals[f'{name}/changed'], count),
-      'flip_rate': {layer: _ratio(totals[f'{name}/{layer}/flips'],
-                                  totals[f'{name}/{layer}/pairs'])
-                    for layer in layers},
-      'router_kl': {layer: _ratio(totals[f'{name}/{layer}/kl'],
-                                  totals[f'{name}/{layer}/tokens'])
-                    for layer in layers},
-    }  # fmt: skip
+      'loss': core.ratio(totals[f'{name}/loss'], count),
+      'prediction_changes': core.ratio(totals[f'{name}/changed'], count),
+      'flip_rate': {
+        layer: core.ratio(
+          totals[f'{name}/{layer}/flips'], totals[f'{name}/{layer}/pairs']
+        )
+        for layer in layers
+      },
+      'router_kl': {
+        layer: core.ratio(
+          totals[f'{name}/{layer}/kl'], totals[f'{name}/{layer}/tokens']
+        )
+        for layer in layers
+      },
+    }
     if all(f'{name}/{layer}/iou' in totals for layer in layers):
       res['routing_changes'] = {
-        layer: 1.0 - _ratio(totals[f'{name}/{layer}/iou'], count)
-        if count else None
+        layer: 1.0 - core.ratio(totals[f'{name}/{layer}/iou'], count)
+        if count
+        else None
         for layer in layers
-      }  # fmt: skip
+      }
     out[name] = res
   return out
 
@@ -365,9 +402,9 @@ def summarize_attacks(totals: Mapping[str, Any], spec) -> dict:
 def run_attacks(step_fn, params, dataset, batch_size, spec, put_batch) -> dict:
   """Every attack of `spec` over the first `spec.limit` test images."""
   fields = ('image', 'label', 'mask', 'index')
-  totals = evaluate.sum_over_batches(
+  totals = core.sum_over_batches(
     lambda _, b: step_fn(params, *put_batch(*(b[f] for f in fields))),
-    evaluate.eval_batches(dataset, batch_size, spec.limit),
+    core.eval_batches(dataset, batch_size, spec.limit),
   )
   return summarize_attacks(totals, spec)
 
@@ -402,34 +439,29 @@ class AttackSpec:
   def from_config(cls, cfg, eval_limit=None) -> AttackSpec:
     cfg = to_dict(cfg)
     key = 'evaluate.robustness.attack'
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(cfg) - set(names))
-    if unknown:
-      fail(key, unknown, f'keys in {names}')
+    check_keys(key, cfg, [f.name for f in dataclasses.fields(cls)])
     chosen = tuple(cfg.get('attacks', ATTACKS))
     if [a for a in chosen if a not in ATTACKS]:
       fail(f'{key}.attacks', chosen, f'a subset of {list(ATTACKS)}')
-    limit = cfg.get('limit', 1200)
-    check_range(f'{key}.limit', limit, 1, integer=True, optional=True)
-    if eval_limit is not None:
-      limit = eval_limit if limit is None else min(limit, eval_limit)
+    limit = check_limit(f'{key}.limit', cfg.get('limit', 1200), eval_limit)
     eps = cfg.get('epsilon', 1 / 127.5)
     check_range(f'{key}.epsilon', eps, 0, low_open=True)
     steps = cfg.get('num_steps', 40)
     check_range(f'{key}.num_steps', steps, 1, integer=True)
     step_size = cfg.get('step_size')
-    check_range(f'{key}.step_size', step_size, 0, low_open=True,
-                optional=True)  # fmt: skip
+    check_range(f'{key}.step_size', step_size, 0, low_open=True, optional=True)
     divergence = cfg.get('divergence', 'kl')
-    if divergence not in DIVERGENCES:
-      fail(f'{key}.divergence', divergence, f'one of {list(DIVERGENCES)}')
+    check_choice(f'{key}.divergence', divergence, list(DIVERGENCES))
     return cls(
-      attacks=chosen, limit=limit, epsilon=float(eps), num_steps=steps,
+      attacks=chosen,
+      limit=limit,
+      epsilon=float(eps),
+      num_steps=steps,
       step_size=float(eps / steps if step_size is None else step_size),
       clip=bool(cfg.get('clip', True)),
       random_start=bool(cfg.get('random_start', False)),
       divergence=divergence,
-    )  # fmt: skip
+    )
 
   def settings(self) -> dict[str, Any]:
     """The settings as written to the JSON."""
@@ -437,3 +469,42 @@ class AttackSpec:
     out['attacks'] = list(self.attacks)
     out['pixel_range'] = list(PIXEL_RANGE)
     return out
+
+
+def format_attacks(result: Mapping) -> str:
+  rows = [
+    f'clean accuracy {core.dash(result["clean"]["accuracy"], ".4f")} '
+    f'({result["num_examples"]} images)'
+  ]
+  for name in ATTACKS:
+    r = result.get(name)
+    if r is None:
+      continue
+    per_layer = '; '.join(
+      f'{layer}: routing_changes '
+      f'{core.dash(r.get("routing_changes", {}).get(layer))} flips '
+      f'{core.dash(r["flip_rate"][layer])} '
+      f'kl {core.dash(r["router_kl"][layer], ".4f")}'
+      for layer in r['flip_rate']
+    )
+    rows.append(
+      f'{name:<8} accuracy {core.dash(r["accuracy"], ".4f")} (drop '
+      f'{core.dash(r["accuracy_drop"], ".4f")}), prediction changes '
+      f'{core.dash(r["prediction_changes"])}; {per_layer}'
+    )
+  return '\n'.join(rows)
+
+
+def build(ctx):
+  """The registry's run: PGD and the routing attack."""
+  spec, model = ctx.spec, ctx.spec.model
+  capacity = serving.group_capacity(model) if model.moe_layers else 1
+  key = attack_key(spec.seed)
+  return ctx.batched(
+    make_attack_step,
+    run_attacks,
+    spec.robustness.attack,
+    spec.step.loss,
+    key,
+    capacity,
+  )

@@ -2,7 +2,7 @@
 
 * `plot_routing_maps`: for a few test images, the image and its two
   augmented views (the evaluation's own views: each image keyed by its
-  position in the split, as evaluate.evaluation_views) side by side, each
+  position in the split, as core.evaluation_views) side by side, each
   patch coloured by its top-1 expert, per MoE layer; matched patches whose
   top-1 differs from their partner's are crossed out, patches with no
   partner in the other view are hatched (the picture of router consistency
@@ -26,16 +26,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vmoe_jsd import evaluate, models
+from vmoe_jsd import models
 from vmoe_jsd.data import fashion_mnist
+from vmoe_jsd.evaluation import core
 from vmoe_jsd.models.spec import ModelSpec
 
 # Distinct colours (Okabe-Ito, colour-blind safe) for up to 8 experts; more
 # experts cycle through matplotlib's tab20.
 EXPERT_COLOURS = (
-  '#0072B2', '#E69F00', '#009E73', '#CC79A7',
-  '#56B4E9', '#D55E00', '#F0E442', '#999999',
-)  # fmt: skip
+  '#0072B2',
+  '#E69F00',
+  '#009E73',
+  '#CC79A7',
+  '#56B4E9',
+  '#D55E00',
+  '#F0E442',
+  '#999999',
+)
 
 
 def expert_colour(e: int) -> str:
@@ -53,7 +60,7 @@ def make_routing_map_fn(eval_model, model: ModelSpec, settings, views_key):
   """jit-able (params, images, index, mask) -> views, maps and top-1
   experts per layer.
 
-  The views are the evaluation's own (evaluate.evaluation_views: each image
+  The views are the evaluation's own (core.evaluation_views: each image
   keyed by its position `index` in the split), so the picture shows the
   views behind the routing figures beside it.
 
@@ -64,12 +71,10 @@ def make_routing_map_fn(eval_model, model: ModelSpec, settings, views_key):
   layers, prefix = model.moe_layers, model.num_prefix_tokens
 
   def fn(params, images, index, mask):
-    views, maps = evaluate.evaluation_views(
+    views, maps = core.evaluation_views(
       views_key, images, index, mask, settings
     )
-    by_layer = evaluate.router_logits_of_views(
-      eval_model, params, views, layers
-    )
+    by_layer = core.router_logits_of_views(eval_model, params, views, layers)
     top1 = {
       b: jnp.argmax(models.paired_patches(lg, images.shape[0], prefix), -1)
       for b, lg in by_layer.items()
@@ -143,12 +148,15 @@ def plot_routing_maps(
   n = images.shape[0]
   cols = 1 + 2 * len(blocks)
   height = 2.5 * n + 1.2
-  fig, axes = plt.subplots(n, cols, figsize=(2.1 * cols, height),
-                           squeeze=False)  # fmt: skip
+  fig, axes = plt.subplots(n, cols, figsize=(2.1 * cols, height), squeeze=False)
   fig.subplots_adjust(
-    left=0.01, right=0.99, top=1 - 0.85 / height, bottom=0.55 / height,
-    hspace=0.45, wspace=0.06,
-  )  # fmt: skip
+    left=0.01,
+    right=0.99,
+    top=1 - 0.85 / height,
+    bottom=0.55 / height,
+    hspace=0.45,
+    wspace=0.06,
+  )
   for i in range(n):
     name = ''
     if labels is not None:
@@ -163,20 +171,30 @@ def plot_routing_maps(
     for j, block in enumerate(blocks):
       for v in range(2):
         _draw_view(
-          axes[i, 1 + 2 * j + v], views[i, v], maps[i, v], top1[block][i], v,
-          patch_size, block,
-        )  # fmt: skip
+          axes[i, 1 + 2 * j + v],
+          views[i, v],
+          maps[i, v],
+          top1[block][i],
+          v,
+          patch_size,
+          block,
+        )
   handles = _routing_map_legend(num_experts)
   fig.legend(
-    handles=handles, loc='lower center', ncol=min(len(handles), 6),
-    fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0),
-  )  # fmt: skip
+    handles=handles,
+    loc='lower center',
+    ncol=min(len(handles), 6),
+    fontsize=8,
+    frameon=False,
+    bbox_to_anchor=(0.5, 0.0),
+  )
   fig.suptitle(
     (title or 'Top-1 expert of each patch in two augmented views') + '\n'
     "views: random crops / flips of the image; a patch's match is the patch "
     'of the other view that shows its centre point',
-    fontsize=10, y=1 - 0.08 / height,
-  )  # fmt: skip
+    fontsize=10,
+    y=1 - 0.08 / height,
+  )
   return fig
 
 
@@ -208,26 +226,37 @@ def _draw_view(ax, view, partner_map, top1, v: int, patch_size: int, block):
     e = int(top1[v, k])
     ax.add_patch(
       Rectangle(
-        (x0, y0), patch_size, patch_size, facecolor=expert_colour(e),
-        alpha=0.55, edgecolor='white', linewidth=0.5,
+        (x0, y0),
+        patch_size,
+        patch_size,
+        facecolor=expert_colour(e),
+        alpha=0.55,
+        edgecolor='white',
+        linewidth=0.5,
       )
-    )  # fmt: skip
+    )
     m = int(partner_map[k])
     if m < 0:
       ax.add_patch(
         Rectangle(
-          (x0, y0), patch_size, patch_size, fill=False, hatch='////',
-          edgecolor='black', linewidth=0,
+          (x0, y0),
+          patch_size,
+          patch_size,
+          fill=False,
+          hatch='////',
+          edgecolor='black',
+          linewidth=0,
         )
-      )  # fmt: skip
+      )
       continue
     pairs += 1
     if int(other[m]) == e:
       agree += 1
       continue
     for ys in ((y0 + 1, y0 + patch_size - 1), (y0 + patch_size - 1, y0 + 1)):
-      ax.plot([x0 + 1, x0 + patch_size - 1], list(ys), color='red',
-              linewidth=1.6)  # fmt: skip
+      ax.plot(
+        [x0 + 1, x0 + patch_size - 1], list(ys), color='red', linewidth=1.6
+      )
   ax.set_xlim(-0.5, size - 0.5)
   ax.set_ylim(size - 0.5, -0.5)
   ax.set_xticks([])
@@ -247,13 +276,24 @@ def _routing_map_legend(num_experts: int) -> list:
     for e in range(num_experts)
   ]
   handles.append(
-    Line2D([], [], color='red', marker='x', linestyle='none',
-           markersize=8, label='top-1 differs from matched patch')
-  )  # fmt: skip
+    Line2D(
+      [],
+      [],
+      color='red',
+      marker='x',
+      linestyle='none',
+      markersize=8,
+      label='top-1 differs from matched patch',
+    )
+  )
   handles.append(
-    Patch(facecolor='white', edgecolor='black', hatch='////',
-          label='no matched patch in the other view')
-  )  # fmt: skip
+    Patch(
+      facecolor='white',
+      edgecolor='black',
+      hatch='////',
+      label='no matched patch in the other view',
+    )
+  )
   return handles
 
 
@@ -278,9 +318,12 @@ def plot_expert_by_class(counts: dict, class_names: list[str]):
   plt = _pyplot()
   blocks = sorted(counts)
   fig, axes = plt.subplots(
-    1, len(blocks), figsize=(2.0 + 3.2 * len(blocks), 4.4), squeeze=False,
+    1,
+    len(blocks),
+    figsize=(2.0 + 3.2 * len(blocks), 4.4),
+    squeeze=False,
     layout='constrained',
-  )  # fmt: skip
+  )
   for j, block in enumerate(blocks):
     c = np.asarray(counts[block], np.float64)
     share = c / np.maximum(c.sum(1, keepdims=True), 1)
@@ -297,8 +340,15 @@ def plot_expert_by_class(counts: dict, class_names: list[str]):
     for r in range(share.shape[0]):
       for e in range(share.shape[1]):
         colour = 'white' if share[r, e] < 0.6 else 'black'
-        ax.text(e, r, f'{share[r, e]:.2f}', ha='center', va='center',
-                fontsize=7, color=colour)  # fmt: skip
+        ax.text(
+          e,
+          r,
+          f'{share[r, e]:.2f}',
+          ha='center',
+          va='center',
+          fontsize=7,
+          color=colour,
+        )
   fig.colorbar(im, ax=axes[0].tolist(), label="share of the class's patches")
   fig.suptitle('Which expert each class is routed to (clean test view)')
   return fig
@@ -315,12 +365,23 @@ def plot_load_dropped(routing: dict):
     r = routing[layer]
     load = np.asarray(r['load'])
     ax = axes[0, j]
-    ax.bar(range(len(load)), load,
-           color=[expert_colour(e) for e in range(len(load))])  # fmt: skip
-    ax.axhline(1 / len(load), color='black', linestyle='--', linewidth=1,
-               label='fair share 1/E')  # fmt: skip
-    ax.axhline(2 / len(load), color='red', linestyle=':', linewidth=1,
-               label='2 x fair share')  # fmt: skip
+    ax.bar(
+      range(len(load)), load, color=[expert_colour(e) for e in range(len(load))]
+    )
+    ax.axhline(
+      1 / len(load),
+      color='black',
+      linestyle='--',
+      linewidth=1,
+      label='fair share 1/E',
+    )
+    ax.axhline(
+      2 / len(load),
+      color='red',
+      linestyle=':',
+      linewidth=1,
+      label='2 x fair share',
+    )
     ax.set_xticks(range(len(load)))
     ax.set_xlabel('expert')
     ax.set_ylabel('fraction of patch tokens (top-1)')
@@ -352,10 +413,10 @@ def plot_flip_rates(stab: dict):
     for xi, v in zip(x, values, strict=True):
       ax.text(xi, v, f'{v:.3f}', ha='center', va='bottom', fontsize=7)
   labels = [
-    n.replace('noise_', 'noise sd ').replace('shift_', 'shift ') + (
-      ' px' if n.startswith('shift') else '')
+    n.replace('noise_', 'noise sd ').replace('shift_', 'shift ')
+    + (' px' if n.startswith('shift') else '')
     for n in names
-  ]  # fmt: skip
+  ]
   ax.set_xticks(range(len(names)))
   ax.set_xticklabels(labels)
   ax.set_ylabel('fraction of patches whose\ntop-1 expert flips')
@@ -386,25 +447,37 @@ class RoutingMapWriter:
   class_names: list[str]
 
   @classmethod
-  def build(cls, num, eval_model, model: ModelSpec, settings, views_key,
-            test_ds, dataset_name: str) -> RoutingMapWriter | None:  # fmt: skip
+  def build(
+    cls,
+    num,
+    eval_model,
+    model: ModelSpec,
+    settings,
+    views_key,
+    test_ds,
+    dataset_name: str,
+  ) -> RoutingMapWriter | None:
     """None without images to draw or without MoE layers."""
     if not num or not model.moe_layers:
       return None
     batch = first_images(test_ds, model, settings.size, num)
     fn = jax.jit(make_routing_map_fn(eval_model, model, settings, views_key))
     names = class_names_for(dataset_name, int(np.max(batch['label'])) + 1)
-    return cls(num, dict(batch), fn, settings.patch_size, model.num_experts,
-               names)  # fmt: skip
+    return cls(
+      num, dict(batch), fn, settings.patch_size, model.num_experts, names
+    )
 
   def write(self, writer, step: int, params) -> None:
     n = self.num
     fig = plot_routing_maps(
       np.asarray(self.batch['image'])[:n],
-      routing_map_data(self.fn, params, self.batch, n), self.patch_size,
-      self.num_experts, self.class_names, np.asarray(self.batch['label'])[:n],
+      routing_map_data(self.fn, params, self.batch, n),
+      self.patch_size,
+      self.num_experts,
+      self.class_names,
+      np.asarray(self.batch['label'])[:n],
       title=f'Top-1 expert per patch, two views (step {step})',
-    )  # fmt: skip
+    )
     writer.write_images(step, {'routing_maps': figure_to_array(fig)[None]})
 
 
