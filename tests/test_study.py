@@ -12,18 +12,27 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'tools'))
 import study  # noqa: E402
+import study_report  # noqa: E402
 
 
 def fake_result(acc, kappas, entropies, loads, flips=None):
   routing = {}
   for i, (k, h, load) in enumerate(zip(kappas, entropies, loads, strict=True)):
     routing[f'encoderblock_{2 * i + 1}'] = {
-      'agreement': 0.5, 'chance': sum(x * x for x in load), 'kappa': k,
-      'jsd': 0.01, 'confidence': 0.6, 'entropy_fraction': h,
-      'dropped': 0.0, 'load': list(load),
-    }  # fmt: skip
-  out = {'accuracy': acc, 'routing': routing,
-         'train_seconds_excluding_compile': 100.0}  # fmt: skip
+      'agreement': 0.5,
+      'chance': sum(x * x for x in load),
+      'kappa': k,
+      'jsd': 0.01,
+      'confidence': 0.6,
+      'entropy_fraction': h,
+      'dropped': 0.0,
+      'load': list(load),
+    }
+  out = {
+    'accuracy': acc,
+    'routing': routing,
+    'train_seconds_excluding_compile': 100.0,
+  }
   if flips is not None:
     out['stability'] = {
       'flip_rate': {layer: {'noise_0.1': flips} for layer in routing}
@@ -71,10 +80,12 @@ def test_prc_recipe_and_top1_suffix_set_the_right_flags():
 
 
 def test_aggregate_and_target_check_by_hand():
-  base = study.aggregate([
-    fake_result(0.80, (0.40, 0.30), (0.6, 0.8), (FLAT, FLAT), 0.2),
-    fake_result(0.82, (0.44, 0.34), (0.6, 0.8), (FLAT, FLAT), 0.4),
-  ])  # fmt: skip
+  base = study_report.aggregate(
+    [
+      fake_result(0.80, (0.40, 0.30), (0.6, 0.8), (FLAT, FLAT), 0.2),
+      fake_result(0.82, (0.44, 0.34), (0.6, 0.8), (FLAT, FLAT), 0.4),
+    ]
+  )
   mean, std, n = base['accuracy']
   assert (mean, n) == (pytest.approx(0.81), 2)
   assert std == pytest.approx(math.sqrt(2 * 0.01**2 / 1))  # 0.01414
@@ -83,19 +94,24 @@ def test_aggregate_and_target_check_by_hand():
     pytest.approx(0.3)
   )
   skewed = (0.55, 0.15, 0.15, 0.15)  # 0.55 * 4 = 2.2 > 2x fair share.
-  good = study.aggregate([
-    fake_result(0.80, (0.60, 0.50), (0.5, 0.8), (FLAT, FLAT)),
-  ])  # fmt: skip
-  c = study.target_check(base, good)
+  good = study_report.aggregate(
+    [
+      fake_result(0.80, (0.60, 0.50), (0.5, 0.8), (FLAT, FLAT)),
+    ]
+  )
+  c = study_report.target_check(base, good)
   assert c['d_kappa'] == {
-    'encoderblock_1': pytest.approx(0.18), 'encoderblock_3': pytest.approx(0.18)
-  }  # fmt: skip
+    'encoderblock_1': pytest.approx(0.18),
+    'encoderblock_3': pytest.approx(0.18),
+  }
   # Accuracy 0.80 >= 0.81 - 0.01414; entropy 0.5 <= 0.6, 0.8 <= 0.8.
   assert c['met']
-  bad = study.aggregate([
-    fake_result(0.79, (0.60, 0.45), (0.7, 0.8), (skewed, FLAT)),
-  ])  # fmt: skip
-  c = study.target_check(base, bad)
+  bad = study_report.aggregate(
+    [
+      fake_result(0.79, (0.60, 0.45), (0.7, 0.8), (skewed, FLAT)),
+    ]
+  )
+  c = study_report.target_check(base, bad)
   assert not c['kappa_ok']  # Block 3: +0.13.
   assert not c['entropy_ok'] and not c['load_ok'] and not c['accuracy_ok']
 
@@ -111,12 +127,23 @@ def test_report_only_writes_results_md_from_the_run_folders(tmp_path):
   report = tmp_path / 'docs' / 'results.md'
   env = dict(os.environ, XLA_FLAGS='')
   proc = subprocess.run(
-    [sys.executable, os.path.join(ROOT, 'tools', 'study.py'),
-     '--settings=none,margin@0.1', '--seeds=0,1', '--steps=50',
-     f'--root={root}', f'--report={report}', '--label=pilot test',
-     '--report_only', '--no_analyze'],
-    capture_output=True, text=True, cwd=ROOT, env=env,
-  )  # fmt: skip
+    [
+      sys.executable,
+      os.path.join(ROOT, 'tools', 'study.py'),
+      '--settings=none,margin@0.1',
+      '--seeds=0,1',
+      '--steps=50',
+      f'--root={root}',
+      f'--report={report}',
+      '--label=pilot test',
+      '--report_only',
+      '--no_analyze',
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=env,
+  )
   assert proc.returncode == 0, proc.stderr
   text = report.read_text()
   assert '| none | 2 | 80.50 ± 0.71 |' in text
@@ -149,14 +176,15 @@ SEARCH = {
 
 def test_choose_picks_each_losses_weight_then_the_finalists_by_hand():
   parsed = [study.parse_setting(n) for n in SEARCH]
-  aggs = {n: study.aggregate([r]) for n, r in SEARCH.items()}
+  aggs = {n: study_report.aggregate([r]) for n, r in SEARCH.items()}
   decision = study.choose(aggs['none'], aggs, parsed, finalists=1)
   assert decision['best_weight'] == {'margin': 'margin@0.1', 'l2': 'l2@0.1'}
   assert decision['finalists'] == ['margin@0.1']
-  assert study.search_score(decision['checks']['l2@0.1']) == (
-    3, pytest.approx(0.1)
-  )  # fmt: skip
-  assert study.search_score(decision['checks']['l2@0.3'])[0] == 2
+  assert study_report.search_score(decision['checks']['l2@0.1']) == (
+    3,
+    pytest.approx(0.1),
+  )
+  assert study_report.search_score(decision['checks']['l2@0.3'])[0] == 2
   # Without the one-seed tolerance margin@0.1 fails the accuracy condition.
   strict = study.choose(aggs['none'], aggs, parsed, 2, tolerance=0.0)
   assert not strict['checks']['margin@0.1']['accuracy_ok']
@@ -173,14 +201,25 @@ def test_search_then_final_reports_from_the_run_folders(tmp_path):
   _write_runs(root, 'full', full, seeds=(0, 1))
   docs = tmp_path / 'docs'
   proc = subprocess.run(
-    [sys.executable, os.path.join(ROOT, 'tools', 'study.py'),
-     '--phase=final', '--losses=margin,l2', '--search_weights=0.1,0.3',
-     '--search_steps=50', '--finalists=1', '--seeds=0,1', f'--root={root}',
-     f'--report={docs / "results.md"}',
-     f'--search_report={docs / "search.md"}', '--report_only',
-     '--no_analyze'],
-    capture_output=True, text=True, cwd=ROOT,
-  )  # fmt: skip
+    [
+      sys.executable,
+      os.path.join(ROOT, 'tools', 'study.py'),
+      '--phase=final',
+      '--losses=margin,l2',
+      '--search_weights=0.1,0.3',
+      '--search_steps=50',
+      '--finalists=1',
+      '--seeds=0,1',
+      f'--root={root}',
+      f'--report={docs / "results.md"}',
+      f'--search_report={docs / "search.md"}',
+      '--report_only',
+      '--no_analyze',
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+  )
   assert proc.returncode == 0, proc.stderr
   choice = json.loads((docs / 'search_choice.json').read_text())
   assert choice['finalists'] == ['margin@0.1']
@@ -200,12 +239,21 @@ def test_search_then_final_reports_from_the_run_folders(tmp_path):
   # A search with a missing run is refused, naming it.
   (root / 'n50' / 'l2@0.3_s0' / 'results.json').unlink()
   proc = subprocess.run(
-    [sys.executable, os.path.join(ROOT, 'tools', 'study.py'),
-     '--phase=search', '--losses=margin,l2', '--search_weights=0.1,0.3',
-     '--search_steps=50', f'--root={root}', '--report_only',
-     f'--search_report={docs / "search.md"}'],
-    capture_output=True, text=True, cwd=ROOT,
-  )  # fmt: skip
+    [
+      sys.executable,
+      os.path.join(ROOT, 'tools', 'study.py'),
+      '--phase=search',
+      '--losses=margin,l2',
+      '--search_weights=0.1,0.3',
+      '--search_steps=50',
+      f'--root={root}',
+      '--report_only',
+      f'--search_report={docs / "search.md"}',
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+  )
   assert proc.returncode != 0
   assert "lacks runs of ['l2@0.3']" in proc.stderr
 
@@ -217,28 +265,49 @@ def test_cpu_description_names_the_model_and_the_bf16_flags(tmp_path):
     'flags\t\t: fpu sse avx2 avx512f avx512_bf16 vaes\n'
     'processor\t: 1\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu\n'
   )
-  assert study.cpu_description(str(info)) == (
+  assert study_report.cpu_description(str(info)) == (
     'CPU AMD EPYC 9B14 (flags: avx2 avx512f avx512_bf16)'
   )
   info.write_text('model name : Old\nflags : sse2\n')
-  assert 'none of avx2/' in study.cpu_description(str(info))
+  assert 'none of avx2/' in study_report.cpu_description(str(info))
 
 
 def _suites(clean, corrupted, pgd, k1):
   layer = 'encoderblock_1'
   return {
-    'corruptions': {'clean_accuracy': clean, 'summary': {
-      'mean_accuracy': corrupted, 'accuracy_drop': clean - corrupted,
-      'mean_flip_rate': {layer: 0.1}}},
-    'attacks': {'clean': {'accuracy': clean}, 'pgd': {
-      'accuracy': pgd, 'accuracy_drop': clean - pgd,
-      'routing_changes': {layer: 0.2}}},
-    'cheap': {'rows': [
-      {'name': 'default', 'accuracy_drop': 0.0, 'expert_flops': 1.0,
-       'dropped_tokens': {layer: 0.0, 'encoderblock_3': 0.02}},
-      {'name': 'k1_cf4', 'accuracy_drop': k1, 'expert_flops': 0.5,
-       'dropped_tokens': {layer: 0.1, 'encoderblock_3': 2 * k1}}]},
-  }  # fmt: skip
+    'corruptions': {
+      'clean_accuracy': clean,
+      'summary': {
+        'mean_accuracy': corrupted,
+        'accuracy_drop': clean - corrupted,
+        'mean_flip_rate': {layer: 0.1},
+      },
+    },
+    'attacks': {
+      'clean': {'accuracy': clean},
+      'pgd': {
+        'accuracy': pgd,
+        'accuracy_drop': clean - pgd,
+        'routing_changes': {layer: 0.2},
+      },
+    },
+    'cheap': {
+      'rows': [
+        {
+          'name': 'default',
+          'accuracy_drop': 0.0,
+          'expert_flops': 1.0,
+          'dropped_tokens': {layer: 0.0, 'encoderblock_3': 0.02},
+        },
+        {
+          'name': 'k1_cf4',
+          'accuracy_drop': k1,
+          'expert_flops': 0.5,
+          'dropped_tokens': {layer: 0.1, 'encoderblock_3': 2 * k1},
+        },
+      ]
+    },
+  }
 
 
 def _write_suite_files(root, cases):
@@ -264,7 +333,7 @@ def test_robustness_verdict_by_hand(tmp_path):
   # Baseline corruption drops 0.20, 0.22 (mean 0.21, std 0.01414);
   # prc's 0.10, 0.10: cut by 52%, 0.11 beyond the std: met.
   assert aggs['none']['corruption_drop'][0] == pytest.approx(0.21)
-  notes = study.robustness_verdict(aggs['none'], aggs['prc'])
+  notes = study_report.robustness_verdict(aggs['none'], aggs['prc'])
   assert notes[0] == (
     'corruption drop cut by 52% (met: needs >= 25% and beyond 1 baseline std)'
   )
@@ -274,8 +343,15 @@ def test_robustness_verdict_by_hand(tmp_path):
   assert notes[2].startswith('served at K=1 (k1_cf4): loses 0.20 points')
   assert '(met:' in notes[2]
   report = tmp_path / 'r.md'
-  study.robustness_report(str(report), aggs, ['none', 'prc'], 400, [0, 1],
-                          ['tools/study.py'], ['prc/k1 seed 0'])  # fmt: skip
+  study_report.robustness_report(
+    str(report),
+    aggs,
+    ['none', 'prc'],
+    400,
+    [0, 1],
+    ['tools/study.py'],
+    ['prc/k1 seed 0'],
+  )
   text = report.read_text()
   assert '| prc | 2 | 81.00 ± 1.41 | 71.00 ± 1.41 | 10.00 ± 0.00 |' in text
   assert 'prc/k1 seed 0' in text
@@ -295,12 +371,15 @@ def test_top1_trained_settings_are_judged_against_the_top1_baseline(tmp_path):
   _write_suite_files(root, cases)
   names = list(cases)
   aggs = study.aggregate_robustness(
-    root, [study.parse_setting(n) for n in names], [0, 1], 400)  # fmt: skip
+    root, [study.parse_setting(n) for n in names], [0, 1], 400
+  )
   report = tmp_path / 'r.md'
-  study.robustness_report(str(report), aggs, names, 400, [0, 1],
-                          ['tools/study.py'], [])  # fmt: skip
-  verdicts = [ln for ln in report.read_text().splitlines()
-              if ln.startswith('- prc')]  # fmt: skip
+  study_report.robustness_report(
+    str(report), aggs, names, 400, [0, 1], ['tools/study.py'], []
+  )
+  verdicts = [
+    ln for ln in report.read_text().splitlines() if ln.startswith('- prc')
+  ]
   # Cut (0.31 - 0.20) / 0.31 = 35%, beyond none/k1's std 0.014: met; the
   # K=2 baseline (drop 0.21) would have said 5%, not met.
   assert verdicts == [
@@ -308,3 +387,40 @@ def test_top1_trained_settings_are_judged_against_the_top1_baseline(tmp_path):
     'by 35% (met: needs >= 25% and beyond 1 baseline std); PGD drop cut by '
     '0% (not met: needs >= 25% and beyond 1 baseline std).'
   ]
+
+
+def test_dry_run_prints_the_runs_still_to_train_and_writes_nothing(tmp_path):
+  root = tmp_path / 'runs'
+  finished = dict(SEARCH['none'], step=50, num_train_steps=50)
+  _write_runs(root, 'n50', {'none': finished})
+  docs = tmp_path / 'docs'
+  proc = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, 'tools', 'study.py'),
+      '--losses=margin',
+      '--search_weights=0.1',
+      '--search_steps=50',
+      f'--root={root}',
+      f'--search_report={docs / "search.md"}',
+      '--dry_run',
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+  )
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.splitlines()
+  assert lines[0] == f'# finished, skipped: {root}/n50/none_s0'
+  assert lines[1].split()[1:] == [
+    '-m',
+    'vmoe_jsd.main',
+    f'--config={study.CONFIG}',
+    f'--workdir={root}/n50/margin@0.1_s0',
+    '--config.seed=0',
+    '--config.consistency.loss=margin',
+    '--config.consistency.weight=0.1',
+    '--config.num_train_steps=50',
+  ]
+  assert len(lines) == 2  # The search only: the finalists are not known.
+  assert not docs.exists() and not (root / 'n50' / 'margin@0.1_s0').exists()

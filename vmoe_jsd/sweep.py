@@ -4,37 +4,27 @@ r"""Hyperparameter sweeps over a config's `get_hyper(hyper)`, and their tables.
       --workdir=runs/name [--parallel=N] [--dry_run] [--config.key=value ...]
   python -m vmoe_jsd.sweep --collect --workdir=runs/name
 
-A config file may define `get_hyper(hyper)` as vmoe's configs do: it returns
-a list of points, each a dict of overrides {'config.key': value}, built with
+`get_hyper(hyper)` returns a list of points, each a dict of overrides
+{'config.key': value}, built as vmoe's configs do with
+`hyper.sweep(key, values)` (one point per value), `hyper.fixed(key, value)`,
+`hyper.product([...])` (every combination, the first outermost),
+`hyper.zipit([...])` (element-wise) and `hyper.chainit([...])`. Every
+point's config is validated before the first run; each point trains through
+`python -m vmoe_jsd.main` in `<workdir>/<key>=<value>,...` (log: run.log),
+points with a complete results.json are skipped (rerun to resume), and
+`--collect` writes sweep_results.{md,csv} and sweep_summary.csv (mean and
+sample std over seeds). Details: docs/configuration.md#sweeps.
 
-  hyper.sweep('config.seed', [0, 1, 2])   # one point per value
-  hyper.fixed('config.key', value)        # one point
-  hyper.product([s1, s2, ...])            # every combination (s1 outermost)
-  hyper.zipit([s1, s2, ...])              # element-wise (equal lengths)
-  hyper.chainit([s1, s2, ...])            # one after the other
-
-(`hyper.product([])` is one point without overrides). Each point trains in
-its own workdir, `<workdir>/<key>=<value>,<key>=<value>` (keys without the
-'config.' prefix, in the order of the point), through
-`python -m vmoe_jsd.main --config=... --workdir=... --config.<key>=<value>`;
-`--config.<key>=<value>` flags given to the sweep apply to every point.
-Every point's config is built and validated before the first one starts.
-Points whose results.json is complete are skipped, so the same command
-resumes an interrupted sweep (a point that was killed resumes from its last
-checkpoint). `--dry_run` prints the commands instead (ready for the scripts
-in launch/). Each point's console output goes to `<point>/run.log`.
-
-`--collect` writes `sweep_results.md` (both tables), `sweep_results.csv`
-(one row per point: its overrides and final metrics: test accuracy and, per
-MoE layer, agreement, kappa, JSD, confidence, H/Hmax, dropped) and
-`sweep_summary.csv` (mean and sample standard deviation, ddof=1, over the
-seeds of every group of points that share their other overrides; a key
-named `seed` or ending in `.seed` is a seed).
+The runner is a library too: `run_jobs` runs Jobs (a point's training and
+follow-up commands, each skipped once its work is done), N at a time.
 """
 
 from __future__ import annotations
 
+import argparse
+import concurrent.futures
 import csv
+import dataclasses
 import importlib.util
 import itertools
 import math
@@ -43,7 +33,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from vmoe_jsd import cli, run_files
@@ -97,10 +87,6 @@ def _merged(parts: Sequence[Point]) -> Point:
   return {key: value for part in parts for key, value in part.items()}
 
 
-def _strip(key: str) -> str:
-  return key[len('config.') :] if key.startswith('config.') else key
-
-
 def load_points(config_arg: str) -> list[Point]:
   """The points of `--config=FILE[:ARG]`'s get_hyper, keys without 'config.'.
 
@@ -130,7 +116,7 @@ def load_points(config_arg: str) -> list[Point]:
     )
   if not points:
     raise cli.CliError(f'{path}: get_hyper returned no points')
-  return [{_strip(k): v for k, v in p.items()} for p in points]
+  return [{k.removeprefix('config.'): v for k, v in p.items()} for p in points]
 
 
 # ----------------------------------------------------------------------------
@@ -163,21 +149,15 @@ def point_command(
   extra: Sequence[str] = (),
 ) -> list[str]:
   """The `python -m vmoe_jsd.main ...` command of one point."""
-  return [
-    sys.executable,
-    '-m',
-    'vmoe_jsd.main',
-    f'--config={config_arg}',
-    f'--workdir={workdir}',
-    *extra,
-    *(f'--config.{k}={cli_value(v)}' for k, v in point.items()),
-  ]
+  head = [sys.executable, '-m', 'vmoe_jsd.main', f'--config={config_arg}']
+  return [*head, f'--workdir={workdir}', *override_flags(point, extra)]
 
 
-def _point_config(config_arg: str, point, extra: Sequence[str]):
-  argv = ['sweep', f'--config={config_arg}', *extra]
-  argv += [f'--config.{k}={cli_value(v)}' for k, v in point.items()]
-  return cli.load_config(argv)
+def override_flags(
+  point: Mapping[str, Any], extra: Sequence[str] = ()
+) -> list[str]:
+  """`extra`, then `--config.<key>=<value>` per override of `point`."""
+  return [*extra, *(f'--config.{k}={cli_value(v)}' for k, v in point.items())]
 
 
 def check_points(config_arg: str, points, extra: Sequence[str]) -> list[int]:
@@ -192,7 +172,8 @@ def check_points(config_arg: str, points, extra: Sequence[str]) -> list[int]:
   steps = []
   for point in points:
     try:
-      config = _point_config(config_arg, point, extra)
+      flags = override_flags(point, extra)
+      config = cli.load_config(['sweep', f'--config={config_arg}', *flags])
       cli.check_config(config, int(config.get('num_expert_partitions', 1)))
     except cli.CliError as e:
       raise cli.CliError(f'sweep point {point_name(point)}: {e}') from None
@@ -201,8 +182,132 @@ def check_points(config_arg: str, points, extra: Sequence[str]) -> list[int]:
 
 
 # ----------------------------------------------------------------------------
-# Running.
+# The runner: jobs of commands, each skipped once its work is done.
 # ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Command:
+  """One subprocess of a job, logging to `log` (appended).
+
+  `name` ('train', 'analyze', ...) keys its time in run_jobs' seconds;
+  `done()` says whether its work is there: then it is skipped, and when
+  false after it exited 0, it has failed.
+  """
+
+  name: str
+  argv: tuple[str, ...]
+  log: str
+  done: Callable[[], bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """A point: its commands (training, then follow-ups) run in order, the
+  first failure ending it; `name` is shown in progress lines."""
+
+  name: str
+  workdir: str
+  commands: tuple[Command, ...]
+
+
+def train_command(config_arg, workdir, point, extra=(), num_steps=None):
+  """Training `point` in workdir (log: run.log); done once its results.json
+  is complete (for `num_steps` steps when given)."""
+  return Command(
+    'train',
+    tuple(point_command(config_arg, workdir, point, extra)),
+    os.path.join(workdir, 'run.log'),
+    lambda: run_files.finished_result(workdir, num_steps) is not None,
+  )
+
+
+def follow_up(name: str, argv, workdir: str, outputs: Sequence[str]):
+  """A command on a trained point (log: workdir/<name>_log.txt); done once
+  all `outputs` (files in workdir) exist."""
+  paths = [os.path.join(workdir, x) for x in outputs]
+  log = os.path.join(workdir, f'{name}_log.txt')
+  return Command(
+    name, tuple(argv), log, lambda: all(os.path.exists(p) for p in paths)
+  )
+
+
+def run_jobs(
+  jobs: Sequence[Job], *, parallel=1, dry_run=False, title='Sweep', out=None
+) -> list[tuple[str, dict[str, float]]]:
+  """Runs the pending commands of `jobs`, `parallel` jobs at a time.
+
+  Jobs whose commands are all done are skipped, so the same call resumes
+  an interrupted sweep; `dry_run` prints the pending commands instead.
+
+  Returns:
+    Per job, (status, seconds): status 'skipped' (nothing to do), 'dry_run',
+    'ran' or 'failed'; seconds: the wall time of each command that ran and
+    succeeded, by name.
+  """
+  if parallel < 1:
+    raise cli.CliError(f'--parallel={parallel} is invalid: must be >= 1')
+  out = out or sys.stdout
+  pending = [_pending(job) for job in jobs]
+  todo = [i for i, commands in enumerate(pending) if commands]
+  if dry_run:
+    for job, commands in zip(jobs, pending, strict=True):
+      if not commands:
+        print(f'# finished, skipped: {job.workdir}', file=out)
+      for command in commands:
+        print(shlex.join(command.argv), file=out)
+    return [('dry_run' if p else 'skipped', {}) for p in pending]
+  outcomes = [('skipped', {}) for _ in jobs]
+  print(
+    f'{title}: {len(jobs)} points, {len(jobs) - len(todo)} finished, '
+    f'{len(todo)} to run ({parallel} at a time).',
+    file=out,
+    flush=True,
+  )
+  with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+    futures = {pool.submit(_run_job, jobs[i], out): i for i in todo}
+    done = concurrent.futures.as_completed(futures)
+    for count, future in enumerate(done, 1):
+      i = futures[future]
+      status, seconds, line = future.result()
+      outcomes[i] = status, seconds
+      _say(out, f'[{count}/{len(todo)}] {jobs[i].name}: {line}')
+  return outcomes
+
+
+def _say(out, line: str) -> None:
+  """One progress line in one write (jobs run in threads)."""
+  out.write(line + '\n')
+  out.flush()
+
+
+def _pending(job: Job) -> list[Command]:
+  return [c for c in job.commands if not c.done()]
+
+
+def _run_job(job: Job, out) -> tuple[str, dict[str, float], str]:
+  """Runs the job's pending commands: status, seconds, what happened."""
+  seconds, t0 = {}, time.time()
+  for command in _pending(job):
+    os.makedirs(os.path.dirname(command.log), exist_ok=True)
+    _say(out, f'start {job.name}: {shlex.join(command.argv)}')
+    start = time.time()
+    with open(command.log, 'a') as log:
+      code = subprocess.call(command.argv, stdout=log, stderr=subprocess.STDOUT)
+    if code or not command.done():
+      took = time.time() - t0
+      why = f'see {command.log}: {_last_line(command.log)}'
+      return 'failed', seconds, f'FAILED (exit {code}) after {took:.0f}s; {why}'
+    seconds[command.name] = time.time() - start
+  result = run_files.finished_result(job.workdir)
+  accuracy = f', accuracy {result["accuracy"]:.4f}' if result else ''
+  return 'ran', seconds, f'done in {time.time() - t0:.0f}s{accuracy}'
+
+
+def _last_line(path: str) -> str:
+  with open(path) as f:  # The command's log: there once it has run.
+    lines = [x.strip() for x in f if x.strip()]
+  return lines[-1][:300] if lines else '(empty log)'
+
+
 def run_sweep(
   config_arg: str,
   workdir: str,
@@ -212,115 +317,40 @@ def run_sweep(
   extra: Sequence[str] = (),
   out=sys.stdout,
 ) -> dict[str, int]:
-  """Runs the unfinished points of the sweep (see the module docstring).
-
-  Args:
-    config_arg: `FILE[:ARG]` of the config defining get_hyper.
-    workdir: the sweep's folder; each point gets a subfolder.
-    parallel: points run at the same time.
-    dry_run: print the commands only.
-    extra: `--config.key=value` overrides for every point.
-    out: where progress lines go.
+  """Runs the unfinished points of `config_arg`'s (FILE[:ARG]) get_hyper,
+  each in workdir/<point name>, `parallel` at a time, with the overrides
+  `extra` (`--config.key=value`) first; a dry run prints the commands.
 
   Returns:
     Counts: {'points', 'skipped', 'ran', 'failed'}.
   """
-  if parallel < 1:
-    raise cli.CliError(f'--parallel={parallel} is invalid: must be >= 1')
   points = load_points(config_arg)
   names = [point_name(p) for p in points]
   dupes = sorted({n for n in names if names.count(n) > 1})
   if dupes:
     raise cli.CliError(f'get_hyper gives the same point twice: {dupes}')
   steps = check_points(config_arg, points, extra)
-  todo = _unfinished(workdir, points, names, steps, dry_run, out)
-  skipped = len(points) - len(todo)
-  counts = {'points': len(points), 'skipped': skipped, 'ran': 0, 'failed': 0}
-  if dry_run:
-    for point, _, point_dir in todo:
-      cmd = point_command(config_arg, point_dir, point, extra)
-      print(shlex.join(cmd), file=out)
-    return counts
-  os.makedirs(workdir, exist_ok=True)
-  run_files.write_json(
-    os.path.join(workdir, MANIFEST),
-    {'config': config_arg, 'extra': list(extra),
-     'points': [{'name': n, 'overrides': p}
-                for n, p in zip(names, points, strict=True)]},
-  )  # fmt: skip
-  print(
-    f'Sweep {workdir}: {len(points)} points, {skipped} finished, '
-    f'{len(todo)} to run ({parallel} at a time).',
-    file=out,
-    flush=True,
-  )
-  _run_points(todo, config_arg, extra, parallel, counts, out)
-  return counts
-
-
-def _unfinished(workdir, points, names, steps, dry_run, out) -> list[tuple]:
-  """(point, name, folder) of the points without a complete results.json."""
-  todo = []
+  jobs = []
   for point, name, num_steps in zip(points, names, steps, strict=True):
     point_dir = os.path.join(workdir, name)
-    if run_files.finished_result(point_dir, num_steps) is None:
-      todo.append((point, name, point_dir))
-    elif dry_run:
-      print(f'# finished, skipped: {point_dir}', file=out)
-  return todo
-
-
-def _run_points(todo, config_arg, extra, parallel, counts, out) -> None:
-  """Runs `todo`, `parallel` processes at a time; counts 'ran' and 'failed'."""
-  running, queue = [], list(todo)
-  while queue or running:
-    while queue and len(running) < parallel:
-      running.append(_start_point(config_arg, extra, *queue.pop(0), out))
-    time.sleep(0.2)
-    _reap(running, counts, len(todo), out)
-
-
-def _start_point(config_arg, extra, point, name, point_dir, out) -> tuple:
-  """Starts one point: (process, name, folder, start time, log file)."""
-  os.makedirs(point_dir, exist_ok=True)
-  run_files.write_json(os.path.join(point_dir, POINT_FILE), point)
-  log = open(os.path.join(point_dir, 'run.log'), 'a')  # noqa: SIM115
-  cmd = point_command(config_arg, point_dir, point, extra)
-  print(f'start {name}: {shlex.join(cmd)}', file=out, flush=True)
-  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-  return proc, name, point_dir, time.time(), log
-
-
-def _reap(running: list, counts: dict[str, int], total: int, out) -> None:
-  """Reports the finished processes of `running` and removes them."""
-  for item in list(running):
-    proc, name, point_dir, t0, log = item
-    if proc.poll() is None:
-      continue
-    log.close()
-    running.remove(item)
-    took = time.time() - t0
-    result = run_files.finished_result(point_dir)
-    if proc.returncode == 0 and result is not None:
-      counts['ran'] += 1
-      status = f'done in {took:.0f}s, accuracy {result["accuracy"]:.4f}'
-    else:
-      counts['failed'] += 1
-      status = (
-        f'FAILED (exit {proc.returncode}) after {took:.0f}s; see '
-        f'{os.path.join(point_dir, "run.log")}: {_last_line(point_dir)}'
-      )
-    done = counts['ran'] + counts['failed']
-    print(f'[{done}/{total}] {name}: {status}', file=out, flush=True)
-
-
-def _last_line(point_dir: str) -> str:
-  try:
-    with open(os.path.join(point_dir, 'run.log')) as f:
-      lines = [x.strip() for x in f if x.strip()]
-    return lines[-1][:300] if lines else '(empty log)'
-  except OSError:
-    return '(no log)'
+    train = train_command(config_arg, point_dir, point, extra, num_steps)
+    jobs.append(Job(name, point_dir, (train,)))
+  if not dry_run:
+    manifest = []
+    for job, point in zip(jobs, points, strict=True):
+      os.makedirs(job.workdir, exist_ok=True)
+      run_files.write_json(os.path.join(job.workdir, POINT_FILE), point)
+      manifest.append({'name': job.name, 'overrides': point})
+    run_files.write_json(
+      os.path.join(workdir, MANIFEST),
+      {'config': config_arg, 'extra': list(extra), 'points': manifest},
+    )
+  outcomes = run_jobs(
+    jobs, parallel=parallel, dry_run=dry_run, title=f'Sweep {workdir}', out=out
+  )
+  statuses = [status for status, _ in outcomes]
+  counts = {k: statuses.count(k) for k in ('skipped', 'ran', 'failed')}
+  return {'points': len(points), **counts}
 
 
 # ----------------------------------------------------------------------------
@@ -387,13 +417,10 @@ def collect(workdir: str) -> tuple[list[dict], list[dict], list[str]]:
     raise cli.CliError(
       f'no sweep points under {workdir!r} (no {MANIFEST}, no */{POINT_FILE})'
     )
-  keys: list[str] = []
-  for _, overrides in points:
-    keys += [k for k in overrides if k not in keys]
+  keys = list(dict.fromkeys(k for _, overrides in points for k in overrides))
   rows, metric_names = [], []
   for name, overrides in points:
-    row = {k: cli_value(overrides[k]) if k in overrides else ''
-           for k in keys}  # fmt: skip
+    row = {k: cli_value(overrides[k]) if k in overrides else '' for k in keys}
     result = run_files.finished_result(os.path.join(workdir, name))
     row['status'] = 'finished' if result is not None else 'missing'
     if result is not None:
@@ -408,8 +435,7 @@ def collect(workdir: str) -> tuple[list[dict], list[dict], list[str]]:
       groups.setdefault(tuple(row[k] for k in group_keys), []).append(row)
   summary = []
   for members in groups.values():
-    out = {k: members[0][k] for k in group_keys}
-    out['n'] = len(members)
+    out = {**{k: members[0][k] for k in group_keys}, 'n': len(members)}
     for m in metric_names:
       values = [r[m] for r in members if m in r]
       out[f'{m} mean'], out[f'{m} std'] = mean_std(values)
@@ -465,9 +491,8 @@ def collect_and_write(workdir: str, out=sys.stdout) -> dict[str, str]:
   keys = [c for c in rows[0] if c != 'status' and c not in metrics]
   group_keys = [k for k in keys if not is_seed_key(k)]
   point_cols = [*keys, 'status', *metrics]
-  stat_cols = [*group_keys, 'n']
-  for m in metrics:
-    stat_cols += [f'{m} mean', f'{m} std']
+  stats = [f'{m} {s}' for m in metrics for s in ('mean', 'std')]
+  stat_cols = [*group_keys, 'n', *stats]
   finished = sum(r['status'] == 'finished' for r in rows)
   text = (
     f'# Sweep {workdir}\n\n{finished} of {len(rows)} points finished.\n\n'
@@ -499,73 +524,51 @@ USAGE = (
 )
 
 
-def parse_args(argv: Sequence[str]) -> dict[str, Any]:
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   """Parses the sweep's command line (flags also accept `--flag value`)."""
-  args: dict[str, Any] = {
-    'config': None, 'workdir': None, 'parallel': 1, 'dry_run': False,
-    'collect': False, 'extra': [],
-  }  # fmt: skip
-  items = list(argv)
-  i = 0
-  while i < len(items):
-    arg = items[i]
-    i += 1
-    if arg in ('-h', '--help', '--helpfull'):
-      print(__doc__.strip() + '\n\n' + USAGE)
-      sys.exit(0)
-    if arg.startswith('--config.'):
-      args['extra'].append(arg)
-      continue
-    name, eq, value = arg.lstrip('-').partition('=')
-    name = name.replace('-', '_')
-    if not arg.startswith('-') or name not in args or name == 'extra':
+  parser = argparse.ArgumentParser(
+    add_help=False, allow_abbrev=False, exit_on_error=False
+  )
+  parser.add_argument('--config')
+  parser.add_argument('--workdir')
+  parser.add_argument('--parallel', type=int, default=1)
+  for name in ('--dry_run', '--collect'):  # Also --name=false, as absl.
+    is_true = lambda v: v.lower() not in ('false', '0')
+    parser.add_argument(name, nargs='?', const=True, type=is_true)
+  parser.add_argument('-h', '--help', '--helpfull', action='store_true')
+  try:
+    args, unknown = parser.parse_known_args(argv)
+  except argparse.ArgumentError as e:
+    raise cli.CliError(f'{e}. {USAGE}') from None
+  if args.help:
+    print(__doc__.strip() + '\n\n' + USAGE)
+    sys.exit(0)
+  for arg in unknown:
+    if not arg.startswith('--config.'):
       raise cli.CliError(f'unknown argument {arg!r}. {USAGE}')
-    if name in ('dry_run', 'collect'):
-      args[name] = value.lower() not in ('false', '0') if eq else True
-      continue
-    if not eq:
-      if i >= len(items):
-        raise cli.CliError(f'--{name} needs a value')
-      value = items[i]
-      i += 1
-    if name == 'parallel':
-      try:
-        args[name] = int(value)
-      except ValueError:
-        raise cli.CliError(
-          f'--parallel={value!r} is invalid: a positive integer'
-        ) from None
-    else:
-      args[name] = value
-  if not args['workdir']:
+  if not args.workdir:
     raise cli.CliError(f'--workdir is required. {USAGE}')
-  if not args['collect'] and not args['config']:
+  if not args.collect and not args.config:
     raise cli.CliError(f'--config is required (or --collect). {USAGE}')
+  args.dry_run, args.extra = bool(args.dry_run), unknown
   return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  argv = sys.argv[1:] if argv is None else list(argv)
   try:
-    args = parse_args(argv)
-    if args['collect']:
-      collect_and_write(args['workdir'])
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.collect:
+      collect_and_write(args.workdir)
       return 0
-    counts = run_sweep(
-      args['config'],
-      args['workdir'],
-      parallel=args['parallel'],
-      dry_run=args['dry_run'],
-      extra=args['extra'],
-    )
+    options = dict(parallel=args.parallel, dry_run=args.dry_run)
+    counts = run_sweep(args.config, args.workdir, extra=args.extra, **options)
   except cli.CliError as e:
     cli.fail(str(e))
-  if not args['dry_run']:
+  if not args.dry_run:
     print(
-      f'Sweep {args["workdir"]}: {counts["ran"]} ran, {counts["skipped"]} '
-      f'already finished, {counts["failed"]} failed (of '
-      f'{counts["points"]}). Tables: python -m vmoe_jsd.sweep --collect '
-      f'--workdir={args["workdir"]}',
+      f'Sweep {args.workdir}: {counts["ran"]} ran, {counts["skipped"]} '
+      f'already finished, {counts["failed"]} failed (of {counts["points"]}). '
+      f'Tables: python -m vmoe_jsd.sweep --collect --workdir={args.workdir}',
       flush=True,
     )
   return 1 if counts['failed'] else 0
