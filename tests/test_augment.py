@@ -20,6 +20,8 @@ import PIL.ImageOps
 import pytest
 
 from vmoe_jsd import augment, sharding
+from vmoe_jsd.augment.colour import _photometric_ops
+from vmoe_jsd.augment.geometry import FILL_OUTSIDE, NEVER, _randaugment_layers
 
 FILL = -1000.0
 
@@ -856,7 +858,7 @@ def _one_layer(name, sign=1.0, centre=(0.5, 0.5)):
 
 def _layers(u, settings):
   return jax.device_get(
-    jax.jit(augment._randaugment_layers, static_argnums=1)(u, settings)
+    jax.jit(_randaugment_layers, static_argnums=1)(u, settings)
   )
 
 
@@ -887,13 +889,13 @@ def test_randaugment_geometric_ops_follow_the_reference_scaling(sign):
     # Fill where the input point lies outside the 24 x 24 view.
     np.testing.assert_allclose(checks[0], matrix, atol=1e-5, err_msg=name)
     np.testing.assert_array_equal(boxes[0], [24, 24])
-    assert modes[0] == augment._FILL_OUTSIDE and ops[0] == (
+    assert modes[0] == FILL_OUTSIDE and ops[0] == (
       augment.RANDAUGMENT_OPS.index(name)
     )
   for name in augment.RANDAUGMENT_PHOTOMETRIC:
     full, _, _, modes, _ = _layers(_one_layer(name, sign), settings)
     np.testing.assert_array_equal(full, np.eye(3))
-    assert modes[0] == augment._NEVER
+    assert modes[0] == NEVER
 
 
 def test_two_layers_compose_and_the_first_layer_checks_its_own_frame():
@@ -919,7 +921,7 @@ def test_cutout_fills_an_80_px_square_of_a_224_view():
   )
   u = _one_layer('Cutout', centre=(0.3, 0.9))
   full, checks, boxes, modes, ops = jax.jit(
-    augment._randaugment_layers, static_argnums=1
+    _randaugment_layers, static_argnums=1
   )(u, settings)
   geometry = augment.ViewGeometry(jnp.eye(3), checks, boxes, modes, ops)
   image = np.zeros((224, 224, 3), np.uint8)
@@ -944,7 +946,7 @@ def _colour_image(shape=(24, 24, 3), seed=6):
 
 
 def _run_op(name, image, magnitude=10.0, size=24):
-  function = augment._photometric_ops(magnitude, size)[name]
+  function = _photometric_ops(magnitude, size)[name]
   return np.asarray(jax.jit(function)(jnp.asarray(image, jnp.float32)))
 
 
@@ -1239,7 +1241,7 @@ def test_randaugment_photometric_applies_the_drawn_op(magnitude):
     size=24, patch_size=4, randaugment=(1, magnitude)
   )
   image = _colour_image().astype(np.float32)
-  functions = augment._photometric_ops(magnitude, 24)
+  functions = _photometric_ops(magnitude, 24)
   stage = np.full((24, 24), -1, np.int32)
   fused = jax.jit(
     jax.vmap(augment.randaugment_photometric, in_axes=(None, None, 0, None)),
