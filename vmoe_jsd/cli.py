@@ -51,9 +51,7 @@ def one_line(message: str) -> str:
   return ' '.join(str(message).split())
 
 
-# ----------------------------------------------------------------------------
-# Config files and flags.
-# ----------------------------------------------------------------------------
+# --- Config files and flags. ------------------------------------------------
 def config_arg(argv: Sequence[str], name: str = 'config') -> str | None:
   """The value of --config (either `--config=X` or `--config X`)."""
   for i, arg in enumerate(argv):
@@ -151,15 +149,9 @@ def _flag_error_line(error: Exception, argv: Sequence[str], name: str) -> str:
 
 
 def load_config(argv: Sequence[str], name: str = 'config'):
-  """Parses `argv` (program name first) with a private FlagValues.
-
-  Args:
-    argv: e.g. ['prog', '--config=configs/default.py:runlocal',
-      '--config.seed=1'].
-    name: the config flag's name.
-
-  Returns:
-    The locked ConfigDict, overrides applied.
+  """The locked ConfigDict of flag --`name` in `argv` (program name first,
+  e.g. ['prog', '--config=configs/default.py:runlocal', '--config.seed=1']),
+  overrides applied, parsed with a private FlagValues.
 
   Raises:
     CliError: one line naming the missing file, bad key or bad value.
@@ -206,9 +198,7 @@ def check_config(config, num_devices: int) -> config_lib.RunSpec:
     raise CliError(one_line(str(e).strip('"\''))) from None
 
 
-# ----------------------------------------------------------------------------
-# Console.
-# ----------------------------------------------------------------------------
+# --- Console. ---------------------------------------------------------------
 def quiet_console() -> None:
   """Imports TensorFlow with its start-up banners silenced (if installed).
 
@@ -238,25 +228,22 @@ def visible_gpus() -> list[str]:
 
 def describe_devices() -> list[str]:
   """Lines naming JAX's backend and devices (and a warning if a GPU idles)."""
-  backend = jax.default_backend()
-  devices = jax.devices()
-  kinds = sorted({d.device_kind for d in devices})
+  backend, gpus = jax.default_backend(), visible_gpus()
+  kinds = sorted({d.device_kind for d in jax.devices()})
   lines = [
     f'JAX {jax.__version__} backend: {backend}; {jax.device_count()} '
     f'device(s) ({", ".join(kinds)}) on {jax.process_count()} process(es).'
   ]
-  if backend == 'cpu' and visible_gpus():
+  if backend == 'cpu' and gpus:
     lines.append(
-      f'WARNING: this machine has GPU device files ({len(visible_gpus())}: '
-      f'{", ".join(visible_gpus()[:4])}) but JAX runs on the CPU. Install the '
+      f'WARNING: this machine has GPU device files ({len(gpus)}: '
+      f'{", ".join(gpus[:4])}) but JAX runs on the CPU. Install the '
       'CUDA build with ./setup.sh --accelerator=gpu.'
     )
   return lines
 
 
-# ----------------------------------------------------------------------------
-# Failures during a run.
-# ----------------------------------------------------------------------------
+# --- Failures during a run. -------------------------------------------------
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # How tensorstore (orbax's array writer) and absl's C++ status say ENOSPC.
 DISK_FULL_TEXT = (
@@ -361,8 +348,7 @@ def is_reported_later(record: logging.LogRecord) -> bool:
   before the error reaches the main thread."""
   if 'orbax' not in record.pathname or record.levelno < logging.ERROR:
     return False
-  text = record.getMessage()
-  if record.exc_info and record.exc_info[1] is not None:
-    if disk_full_text(record.exc_info[1]):
-      return True
-  return any(t in text for t in DISK_FULL_TEXT)
+  error = record.exc_info[1] if record.exc_info else None
+  if error is not None and disk_full_text(error):
+    return True
+  return any(t in record.getMessage() for t in DISK_FULL_TEXT)

@@ -192,18 +192,11 @@ def tfds_split(
 ) -> dict:
   """A config.dataset.<split> block for a tfds dataset (index pipeline).
 
-  Args:
-    tfds_name: registered tfds name, e.g. 'imagenet2012'.
-    split: tfds split string, e.g. 'train[:99%]'.
-    batch_size: global batch (images).
-    image_size: training: the canvas side the whole image is resized to;
-      evaluation: the side of the evaluated image.
-    resize_size: evaluation: shorter side before the central crop (None:
-      the whole image resized to image_size, as vmoe's `resize(N)`).
-
-  Returns:
-    The block; data_dir, resize_size and num_workers are placeholders that
-    can be set from the command line.
+  `image_size`: training: the canvas side the whole image is resized to;
+  evaluation: the side of the evaluated image. `resize_size`: evaluation:
+  shorter side before the central crop (None: the whole image resized to
+  image_size, as vmoe's `resize(N)`). data_dir, resize_size and num_workers
+  are placeholders that can be set from the command line.
   """
   return dict(
     name='tfds',
@@ -269,18 +262,10 @@ def vmoe_s32_model(
   capacity_factor: float,
   representation_size: int | None = None,
 ) -> dict:
-  """vmoe's V-MoE-S/32 (8 blocks), E=8, K=2, MoE on the last 2 odd blocks.
-
-  Args:
-    num_classes: classes of the head.
-    image_size: side of the views (sets the routing group: 8 images).
-    capacity_factor: training capacity factor (vmoe: 1.05 from scratch,
-      1.5 fine-tuning).
-    representation_size: pre-logits width (vmoe: 512 from scratch, None
-      fine-tuning).
-
-  Returns:
-    The config.model dict.
+  """vmoe's V-MoE-S/32 (8 blocks), E=8, K=2, MoE on the last 2 odd blocks:
+  the config.model dict. `image_size` (the views' side) sets the routing
+  group: 8 images; capacity_factor: vmoe's 1.05 from scratch, 1.5
+  fine-tuning; representation_size: 512 from scratch, None fine-tuning.
   """
   tokens = (image_size // 32) ** 2 + 1
   return dict(
@@ -356,22 +341,8 @@ def finetune_config(
   (5-100% of the whole image) + flip, evaluation on the whole image resized
   (`resize(image_size)`). Two views per image and consistency 0.1, as in
   pre-training. The checkpoint (`initialization.path`: a workdir of
-  configs/imagenet.py) is set on the command line.
-
-  Args:
-    tfds_name: tfds dataset.
-    train_split: training split string.
-    test_split: evaluation split string.
-    num_classes: classes.
-    image_size: view side.
-    batch_size: images per step.
-    num_steps: training steps.
-    peak_lr: peak learning rate.
-    warmup_steps: linear warm-up steps.
-    canvas: host canvas side for training.
-
-  Returns:
-    The config.
+  configs/imagenet.py) is set on the command line. `canvas`: the host
+  canvas side for training; `warmup_steps`: linear warm-up.
   """
   config = base_config()
   config.num_train_steps = num_steps
@@ -450,18 +421,9 @@ def weight_seed_sweep(hyper, weights=(0.0, 0.1), seeds=(0, 1, 2)):
 def apply_config_arg(
   config, arg, runlocal=shrink_to_mini_tfds
 ) -> ml_collections.ConfigDict:
-  """The `get_config(arg)` convention of every config here.
-
-  Args:
-    config: the full-size config.
-    arg: None (full size) or 'runlocal'.
-    runlocal: callable(config) that shrinks it in place to a CPU smoke run.
-
-  Returns:
-    config as a ConfigDict, shrunk when arg == 'runlocal'.
-
-  Raises:
-    ValueError: any other arg, naming it and the valid one.
+  """The `get_config(arg)` convention of every config here: `config` as a
+  ConfigDict, shrunk in place by `runlocal(config)` when arg == 'runlocal'
+  (None: full size); any other arg raises ValueError naming it.
   """
   config = ml_collections.ConfigDict(config)
   if arg == 'runlocal':

@@ -16,7 +16,7 @@ class ConfigError(ValueError):
   """A config value that cannot work: names the key, value and valid ones."""
 
 
-def fail(key: str, value: Any, valid: str):
+def reject(key: str, value: Any, valid: str):
   """Raises ConfigError: `config.key=value is invalid: valid`."""
   raise ConfigError(f'config.{key}={value!r} is invalid: {valid}')
 
@@ -24,14 +24,14 @@ def fail(key: str, value: Any, valid: str):
 def check_choice(key: str, value: Any, choices) -> None:
   """Fails unless `value` is one of `choices` (listed as given)."""
   if value not in choices:
-    fail(key, value, f'one of {choices}')
+    reject(key, value, f'one of {choices}')
 
 
 def check_keys(key: str, block: Mapping, valid) -> None:
   """Fails on keys of config.<key> (`block`) that are not in `valid`."""
   unknown = sorted(set(block) - set(valid))
   if unknown:
-    fail(key, unknown, f'keys in {list(valid)}')
+    reject(key, unknown, f'keys in {list(valid)}')
 
 
 def lookup(registry: Mapping, key: str, name: Any, choices=None) -> Any:
@@ -82,14 +82,14 @@ def check_range(
   valid = f'must be {kind} {valid}' + (' (or None)' if optional else '')
   is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
   if not is_number or (integer and not isinstance(value, int)):
-    fail(key, value, valid)
+    reject(key, value, valid)
   ok = math.isfinite(value)
   if low is not None:
     ok = ok and (value > low if low_open else value >= low)
   if high is not None:
     ok = ok and (value < high if high_open else value <= high)
   if not ok:
-    fail(key, value, valid)
+    reject(key, value, valid)
 
 
 def check_limit(key: str, limit, eval_limit):

@@ -2,25 +2,10 @@
 
 `resolve(config, num_devices)` reads the ConfigDict once, before any dataset
 is read or anything is compiled, and returns a `RunSpec` of small frozen
-specs, each defined in the module that uses it and built by its own
-`from_config` (which checks its own block):
-
-  model       models.spec.ModelSpec            config.model (+ evaluation)
-  datasets    data.SplitSpec per split         config.dataset.<split>
-  views       augment.ViewSettings             config.augment
-  step        step.StepSpec                    loss, consistency, mixup
-  optimizer   optimizer.OptimizerSpec          config.optimizer
-  checkpoint  checkpoints.CheckpointSpec       config.save_checkpoint
-  evaluate    accuracy.EvalSpec                config.evaluate
-  stability   stability.StabilitySpec          config.evaluate.stability
-  fewshot     fewshot.FewshotSpec              config.fewshot
-  profile     profiling.ProfileSpec            config.profile
-  robustness  robustness.RobustnessSpec        config.evaluate.robustness
-
-`_check_across` holds the checks that span blocks (group size against
-batch and devices, partitions against experts and devices, consistency
-layers against MoE layers); `check_inputs` the start-up checks that touch
-files. `validate` is both. A bad value raises ValueError (ConfigError)
+specs, each built and checked by the `from_config` of the module that uses
+it (the table of fields: docs/architecture.md#the-specs). `_check_across`
+holds the checks that span blocks; `check_inputs` the start-up checks that
+touch files; `validate` is both. A bad value raises ValueError (ConfigError)
 naming the key, the value and what would be valid. Only this module, the
 command-line code and the run files read the ConfigDict.
 """
@@ -51,7 +36,7 @@ from vmoe_jsd.config_errors import (
   check_choice,
   check_keys,
   check_range,
-  fail,
+  reject,
   to_dict,
 )
 from vmoe_jsd.evaluation import accuracy, fewshot, robustness, stability
@@ -68,18 +53,10 @@ PENDING_AUGMENT_KEYS = ('randaugment',)
 class RunSpec:
   """Everything a run needs from its config, checked and resolved.
 
-  Attributes:
-    config: the raw config as a plain dict (config.json, hparams).
-    num_devices: the devices it was checked against.
-    seed: the root of every random stream (streams.py).
-    num_steps: config.num_train_steps (0: from train_epochs).
-    train_epochs: epochs, when num_steps is 0.
-    num_expert_partitions: size of the mesh's 'expert' axis.
-    params_rules: regex -> mesh-axes sharding rules of the parameters.
-    report_every: steps between progress lines.
-    initialization: config.initialization as a dict ({} when off).
-    model, datasets, views, step, optimizer, checkpoint, evaluate,
-    stability, fewshot, profile: the specs (module docstring).
+  `config` is the raw config as a plain dict (config.json, hparams),
+  `initialization` config.initialization ({} when off), `params_rules` the
+  regex -> mesh-axes sharding rules, `num_steps` 0 when set by
+  `train_epochs`; the specs: docs/architecture.md#the-specs.
   """
 
   config: Mapping[str, Any]
@@ -149,7 +126,7 @@ def resolve(config, num_devices: int) -> RunSpec:
   check_range('augment.size', size, 1, integer=True)
   if size % model.patch_size:
     valid = f'must be a multiple of model.patch_size={model.patch_size}'
-    fail('augment.size', size, valid)
+    reject('augment.size', size, valid)
   datasets = {
     split: data.SplitSpec.from_config(split, config.dataset[split], size)
     for split in config.dataset
@@ -234,7 +211,7 @@ def _check_num_classes(num_classes: int, datasets) -> None:
     split_spec = datasets[split]
     found = split_spec.num_classes()
     if found is not None and found != num_classes:
-      fail(
+      reject(
         'model.num_classes',
         num_classes,
         f'dataset.{split} ({split_spec.name}) has {found} classes; set '
@@ -250,7 +227,7 @@ def _check_run_numbers(config) -> None:
   check_range('num_train_steps', steps, 0, integer=True)
   check_range('train_epochs', epochs, 0)
   if not steps and not epochs:
-    fail('num_train_steps', steps, 'set it or train_epochs to > 0')
+    reject('num_train_steps', steps, 'set it or train_epochs to > 0')
   partitions = config.get('num_expert_partitions', 1)
   check_range('num_expert_partitions', partitions, 1, integer=True)
   report = (config.get('report_progress') or {}).get('every_steps', 1)
@@ -265,10 +242,10 @@ def _check_across(config, model: ModelSpec, datasets, num_devices) -> None:
     num_parts = config.get('num_expert_partitions', 1)
     if model.num_experts % num_parts:
       valid = f'must divide model.encoder.moe.num_experts={model.num_experts}'
-      fail('num_expert_partitions', num_parts, valid)
+      reject('num_expert_partitions', num_parts, valid)
     if num_devices % num_parts:
       valid = f'must divide the number of devices ({num_devices})'
-      fail('num_expert_partitions', num_parts, valid)
+      reject('num_expert_partitions', num_parts, valid)
   tokens = model.tokens_per_image(config.augment.size)
   group_size = model.config['encoder'].get('moe', {}).get('group_size')
   # Two views per training image, one per test image.
@@ -277,10 +254,10 @@ def _check_across(config, model: ModelSpec, datasets, num_devices) -> None:
     key, batch = f'dataset.{split}.batch_size', datasets[split].batch_size
     if batch <= 0 or batch % num_devices:
       valid = f'must be a positive multiple of the device count ({num_devices})'
-      fail(key, batch, valid)
+      reject(key, batch, valid)
     per_device = batch * views // num_devices * tokens
     if layers and (not group_size or per_device % group_size):
-      fail(
+      reject(
         'model.encoder.moe.group_size',
         group_size,
         f'must divide the tokens per device of {key}={batch} ({views} '
@@ -298,7 +275,7 @@ def _check_fewshot_batches(fs, model: ModelSpec, size, num_devices) -> None:
   for d in fs.datasets:
     for split, block in (('train', d.train), ('test', d.test)):
       if block.batch_size % unit:
-        fail(
+        reject(
           f'fewshot.datasets.{d.name}.{split}.batch_size',
           block.batch_size,
           f'must be a multiple of {unit}: {num_devices} device(s) x the '
@@ -317,13 +294,13 @@ def _step_spec(config, model: ModelSpec, num_devices: int) -> step.StepSpec:
   layers = model.moe_layers
   if options.include_cls and not model.num_prefix_tokens:
     valid = 'needs a class token (model.classifier="token")'
-    fail('consistency.include_cls', cons.include_cls, valid)
+    reject('consistency.include_cls', cons.include_cls, valid)
   cons_layers = cons.get('layers')
   if cons_layers is not None and [x for x in cons_layers if x not in layers]:
     valid = f'a subset of the MoE blocks {layers} (or None for all)'
-    fail('consistency.layers', tuple(cons_layers), valid)
+    reject('consistency.layers', tuple(cons_layers), valid)
   if cons.weight > 0 and not layers:  # A dense model: no routers to match.
-    fail(
+    reject(
       'consistency.weight',
       cons.weight,
       'needs MoE layers and model.encoder.moe.layers is empty (a dense '
@@ -379,11 +356,11 @@ def _mixup_concentration(config, num_devices: int) -> float:
     or not 0 <= concentration < math.inf
   ):
     valid = 'a number >= 0 (0: no mixup; vmoe light1: 0.2)'
-    fail('mixup.concentration', concentration, valid)
+    reject('mixup.concentration', concentration, valid)
   batch = config.dataset.train.batch_size
   per_device = batch // num_devices
   if concentration > 0 and per_device < 2:
-    fail(
+    reject(
       'mixup.concentration',
       concentration,
       "mixup pairs images within each device's shard, which holds "

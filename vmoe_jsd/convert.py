@@ -31,20 +31,14 @@ FORMATS = ('orbax', 'vmoe')
 
 
 def detect_format(path: str) -> str:
-  """'vmoe' (a prefix with a .index file) or 'orbax' (our checkpoints).
-
-  Args:
-    path: a vmoe prefix or its .index file; or an orbax workdir,
-      checkpoints/ folder or step folder.
-
-  Returns:
-    One of FORMATS.
+  """'vmoe' for a prefix with a .index file (or that file), 'orbax' for our
+  checkpoints (a workdir, its checkpoints/ folder or a step folder).
 
   Raises:
     FileNotFoundError: if nothing exists at `path`.
     ValueError: if it is neither format.
   """
-  prefix = path[: -len('.index')] if path.endswith('.index') else path
+  prefix = path.removesuffix('.index')
   if paths.isfile(prefix + '.index'):
     return 'vmoe'
   if not paths.exists(path):
@@ -65,12 +59,8 @@ def detect_format(path: str) -> str:
 
 
 def write_orbax_params(directory: str, params: Mapping[str, Any]) -> None:
-  """Writes {'params': params} as a step folder like our training's.
-
-  Args:
-    directory: the step folder to create (must not exist).
-    params: nested dict of arrays.
-  """
+  """Writes {'params': params} (nested dict of arrays) as a step folder like
+  our training's, `directory` (must not exist)."""
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     checkpointer.save(
       paths.resolve(directory),
@@ -91,17 +81,10 @@ def _files_under(directory: str) -> list[str]:
 def convert(
   input_path: str, output_path: str, *, num_shards: int | None = None
 ) -> dict[str, Any]:
-  """Converts the params at `input_path` into the other format.
-
-  Args:
-    input_path: vmoe prefix, or orbax workdir / checkpoints / step folder.
-    output_path: vmoe prefix (orbax input) or new orbax step folder (vmoe
-      input).
-    num_shards: data shards of a vmoe output (default 1).
-
-  Returns:
-    A summary: 'direction', 'num_arrays', 'num_params', 'files', 'step'
-    (orbax input only).
+  """Converts the params at `input_path` into the other format at
+  `output_path` (a vmoe prefix in `num_shards` data shards, default 1; or a
+  new orbax step folder); returns a summary: 'direction', 'num_arrays',
+  'num_params', 'files', 'step' (orbax input only).
 
   Raises:
     FileNotFoundError: if the input does not exist.
@@ -111,9 +94,7 @@ def convert(
   source = detect_format(input_path)
   summary: dict[str, Any] = {'step': None}
   if source == 'orbax':
-    prefix = output_path
-    if prefix.endswith('.index'):
-      prefix = prefix[: -len('.index')]
+    prefix = output_path.removesuffix('.index')
     if paths.exists(prefix + '.index'):
       raise ValueError(f'Output {prefix + ".index"!r} exists; not overwriting.')
     params, info = checkpoints.read_orbax_params(input_path)

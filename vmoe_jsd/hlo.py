@@ -100,34 +100,24 @@ def _braced_int_lists(text: str) -> list[list[int]]:
 def parse_replica_groups(
   text: str, num_devices: int | None = None
 ) -> list[list[int]]:
-  """Device groups of a `replica_groups=` value, in any of the three forms.
-
-  Args:
-    text: the value, e.g. '{{0,1},{2,3}}', '[2,2]<=[4]',
-      '[2,2]<=[2,2]T(1,0)' or "mesh['x'=2,'y'=2] {'x'}".
-    num_devices: needed only for the empty form '{}' (all devices).
-
-  Returns:
-    The groups, each a list of partition ids.
-  """
+  """The groups (lists of partition ids) of a `replica_groups=` value in any
+  of the three forms: '{{0,1},{2,3}}', '[2,2]<=[4]', '[2,2]<=[2,2]T(1,0)' or
+  "mesh['x'=2,'y'=2] {'x'}"; `num_devices` is needed only for '{}' (all)."""
   text = text.strip()
   if text.startswith('mesh['):
     m = re.fullmatch(r'mesh\[([^\]]*)\]\s*\{([^}]*)\}', text)
     if not m:
       raise ValueError(f'unparsed mesh replica groups {text!r}')
     dims = re.findall(r"'([^']+)'\s*=\s*(\d+)", m.group(1))
-    names = [n for n, _ in dims]
-    shape = [int(s) for _, s in dims]
+    names, shape = [n for n, _ in dims], [int(s) for _, s in dims]
     grouped = re.findall(r"'([^']+)'", m.group(2))
     unknown = set(grouped) - set(names)
     if unknown:
       raise ValueError(f'axes {sorted(unknown)} not in the mesh of {text!r}')
-    ids = np.arange(math.prod(shape)).reshape(shape)
     inner = [names.index(n) for n in grouped]
     outer = [i for i in range(len(names)) if i not in inner]
-    ids = ids.transpose(outer + inner)
-    group_size = math.prod(shape[i] for i in inner)
-    return ids.reshape(-1, group_size).tolist()
+    ids = np.arange(math.prod(shape)).reshape(shape).transpose(outer + inner)
+    return ids.reshape(-1, math.prod(shape[i] for i in inner)).tolist()
   if text.startswith('['):
     m = re.fullmatch(
       r'\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?', text.replace(' ', '')
@@ -184,8 +174,7 @@ def parse_collectives(
     m = _INSTRUCTION.match(line)
     if not m:
       continue
-    kind = m.group('kind')
-    type_text = m.group('type')
+    kind, type_text = m.group('kind'), m.group('type')
     if m.group('start'):
       shapes = _SHAPE.findall(type_text)
       type_text = f'{shapes[-1][0]}[{shapes[-1][1]}]' if shapes else ''
@@ -215,17 +204,11 @@ def parse_collectives(
 def spanned_axes(
   groups: Sequence[Sequence[int]], device_ids, axis_names: Sequence[str]
 ) -> tuple[str, ...]:
-  """Mesh axes along which the members of some group differ.
+  """Mesh axes (in mesh order; () when every group has one device) along
+  which the members of some group (partition ids, or permute pairs) differ.
+  `device_ids` is an array of the mesh's shape holding partition ids
+  (np.arange(n).reshape(mesh.devices.shape) under SPMD)."""
 
-  Args:
-    groups: groups of partition ids (or permute pairs).
-    device_ids: array of the mesh's shape whose entries are partition ids
-      (np.arange(n).reshape(mesh.devices.shape) under SPMD).
-    axis_names: the mesh's axis names, in order.
-
-  Returns:
-    The spanned axes in mesh order ((): every group has one device).
-  """
   device_ids = np.asarray(device_ids)
   coords = {
     int(pid): idx for idx, pid in np.ndenumerate(device_ids) if pid >= 0

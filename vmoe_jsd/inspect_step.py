@@ -54,15 +54,11 @@ MIB = 2**20
 
 
 def collective_rows(compiled, mesh, microsteps: int = 1) -> list[dict]:
-  """One dict per collective: kind, axes, bytes (per device and run),
-  runs_per_step, op_name, name.
+  """One dict per collective of `compiled` (partitioned over `mesh`): kind,
+  axes, bytes (per device and run), runs_per_step, op_name, name.
 
-  Args:
-    compiled: a jax.stages.Compiled program partitioned over `mesh`.
-    mesh: its jax.sharding.Mesh (partition id = flat index in mesh.devices).
-    microsteps: config.microsteps of the train step: the collectives inside
-      its micro-step loop (op names under step.MICROSTEP_SCOPE) run that
-      many times per step.
+  The collectives inside the micro-step loop (op names under
+  step.MICROSTEP_SCOPE) run config.microsteps times per step.
   """
   ids = np.arange(mesh.devices.size).reshape(mesh.devices.shape)
   in_loop = re.compile(rf'(^|/){step.MICROSTEP_SCOPE}/')
@@ -171,13 +167,9 @@ def main(argv):
   if num_devices is not None:
     if num_devices < 1:
       raise ValueError(f'--num_devices={num_devices} must be >= 1')
-    flag = f'--xla_force_host_platform_device_count={num_devices}'
-    old = re.sub(
-      r'--xla_force_host_platform_device_count=\d+',
-      '',
-      os.environ.get('XLA_FLAGS', ''),
-    )
-    os.environ['XLA_FLAGS'] = f'{old} {flag}'.strip()
+    flag = '--xla_force_host_platform_device_count='
+    old = re.sub(rf'{flag}\d+', '', os.environ.get('XLA_FLAGS', ''))
+    os.environ['XLA_FLAGS'] = f'{old} {flag}{num_devices}'.strip()
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   config = FLAGS.config
   devices = _select_devices(num_devices)
@@ -193,18 +185,15 @@ def main(argv):
   microsteps = spec.step.microsteps
   print(report(compiled, mesh, microsteps), flush=True)
   if FLAGS.json:
+    figures = {
+      'mesh': dict(mesh.shape),
+      'memory': memory_summary(compiled),
+      'flops': flops(compiled),
+      'microsteps': microsteps,
+      'collectives': collective_rows(compiled, mesh, microsteps),
+    }
     with open(FLAGS.json, 'w') as f:
-      json.dump(
-        {
-          'mesh': dict(mesh.shape),
-          'memory': memory_summary(compiled),
-          'flops': flops(compiled),
-          'microsteps': microsteps,
-          'collectives': collective_rows(compiled, mesh, microsteps),
-        },
-        f,
-        indent=1,
-      )
+      json.dump(figures, f, indent=1)
 
 
 if __name__ == '__main__':

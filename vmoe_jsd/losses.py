@@ -35,9 +35,7 @@ Array = jax.Array
 LN2 = math.log(2.0)
 
 
-# ----------------------------------------------------------------------------
 # Classification.
-# ----------------------------------------------------------------------------
 def _as_targets(labels: Array, num_classes: int) -> Array:
   """Integer labels (B,) -> one-hot (B, C); soft/one-hot labels unchanged."""
   if jnp.issubdtype(labels.dtype, jnp.integer):
@@ -91,9 +89,7 @@ def get_classification_loss(name: str):
   return lookup(CLASSIFICATION_LOSSES, 'loss.name', name)
 
 
-# ----------------------------------------------------------------------------
 # MoE auxiliary losses, for ONE routing group. vmap over groups.
-# ----------------------------------------------------------------------------
 def cv_squared(x: Array) -> Array:
   """Squared coefficient of variation, var(x) / mean(x)^2, over all of x.
 
@@ -109,14 +105,9 @@ def cv_squared(x: Array) -> Array:
 
 
 def importance_loss(gates: Array) -> Array:
-  """Importance loss of [V-MoE] Appendix A.1, for one group.
-
-  Args:
-    gates: (S, E) router softmax (clean, before noise) of the group's tokens.
-
-  Returns:
-    Scalar: CV^2 of the per-expert importance Imp_e = sum_s gates[s, e].
-  """
+  """Importance loss of [V-MoE] Appendix A.1, for one group: CV^2 of the
+  per-expert importance Imp_e = sum_s gates[s, e], `gates` (S, E) the
+  router softmax (clean, before noise) of the group's tokens."""
   return cv_squared(jnp.sum(gates, axis=0))
 
 
@@ -163,11 +154,7 @@ def gshard_loss(gates: Array) -> Array:
   factor is in GShard's released code (lingvo) and in vmoe. Equals 1 when
   both are uniform.
 
-  Args:
-    gates: (S, E) router softmax used for dispatch.
-
-  Returns:
-    Scalar.
+  `gates`: (S, E) router softmax used for dispatch.
   """
   num_experts = gates.shape[-1]
   mean_gates = jnp.mean(gates, axis=0)
@@ -177,21 +164,13 @@ def gshard_loss(gates: Array) -> Array:
 
 
 def router_z_loss(logits: Array) -> Array:
-  """Router z-loss ([ST-MoE] Eq. 5): mean over tokens of logsumexp(logits)^2.
-
-  Args:
-    logits: (..., E) router logits.
-
-  Returns:
-    Scalar.
-  """
+  """Router z-loss ([ST-MoE] Eq. 5): mean over tokens of logsumexp(logits)^2
+  of (..., E) router logits."""
   z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
   return jnp.mean(jnp.square(z))
 
 
-# ----------------------------------------------------------------------------
 # Router consistency.
-# ----------------------------------------------------------------------------
 def jensen_shannon(log_p: Array, log_q: Array) -> Array:
   """Jensen-Shannon divergence between distributions given as log-probs.
 
@@ -337,16 +316,9 @@ def matched_pairs(
 
 
 def num_matched_pairs(map_12: Array, map_21: Array, with_cls: bool = False):
-  """The number of valid pairs `matched_pairs` gives for these maps.
-
-  Args:
-    map_12: (B, P) int, -1 for no match.
-    map_21: (B, P) int, -1 for no match.
-    with_cls: class-token pairs included (one per image).
-
-  Returns:
-    int32 scalar: the matches of both directions (+ B with class tokens).
-  """
+  """The number of valid pairs `matched_pairs` gives for these (B, P) maps
+  (-1: no match): the matches of both directions, + B when `with_cls`
+  (one class-token pair per image); an int32 scalar."""
   count = jnp.sum(map_12 >= 0) + jnp.sum(map_21 >= 0)
   return count + (map_12.shape[0] if with_cls else 0)
 

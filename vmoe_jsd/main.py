@@ -4,21 +4,11 @@
 
 Config values can be overridden on the command line
 (`--config.consistency.weight=0.1`; the config is locked, so a misspelt key
-fails). A bad config, a missing config file or a bad value ends the run with
-one line on stderr (exit status 2) before anything is compiled. Running
-again with the same --workdir resumes from its latest checkpoint; on a
-finished workdir it says so and keeps results.json (--reevaluate evaluates
-the final checkpoint again). A resume whose config differs from the
-workdir's config.json in a key that may not change on resume
-(run_files.RESUMABLE_KEYS) is refused unless --allow_config_change. The
-workdir is locked while a run uses it (run_files.WorkdirLock): a second run
-on it is refused with one line naming the first. A workdir that cannot be
-used, a full disk or checkpoints none of which can be restored also end
-with one line (exit status 2 for the workdir and config, 1 for the
-others). On TPU VM pods and GPU clusters pass
---distributed so that jax.distributed.initialize() connects the processes (it
-reads the coordinator from the environment on Cloud TPU and SLURM, or from
---coordinator_address/--num_processes/--process_id).
+fails). Running again with the same --workdir resumes from its latest
+checkpoint (docs/running.md: finished workdirs, --reevaluate, the workdir
+lock, run_files.RESUMABLE_KEYS and --allow_config_change, the one-line
+errors and their exit statuses). On TPU VM pods and GPU clusters pass
+--distributed (docs/scaling_and_performance.md).
 """
 
 from __future__ import annotations
@@ -64,9 +54,9 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def _quiet_orbax(record: logging.LogRecord) -> bool:
   # orbax logs every step of every save at INFO; keep its warnings, but not
   # its copies of a full disk, which main reports in one line.
-  if cli.is_reported_later(record):
-    return False
-  return record.levelno >= logging.WARNING or 'orbax' not in record.pathname
+  return not cli.is_reported_later(record) and (
+    record.levelno >= logging.WARNING or 'orbax' not in record.pathname
+  )
 
 
 def main(argv):
@@ -85,13 +75,10 @@ def main(argv):
       process_id=_PROCESS_ID.value,
     )
   config = _CONFIG.value
-  try:
+  try:  # Before TensorFlow's slow import: a bad config, a workdir no folder.
     cli.check_config(config, jax.device_count())
-  except cli.CliError as e:
-    cli.fail(str(e))
-  try:  # Before TensorFlow's slow import: a workdir that is no folder.
     run_files.prepare_workdir(_WORKDIR.value)
-  except run_files.WorkdirError as e:
+  except (cli.CliError, run_files.WorkdirError) as e:
     cli.fail(str(e))
   cli.quiet_console()  # Imports TensorFlow (slow): after the config checks.
   if jax.process_index() == 0:

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import optax
 
 from vmoe_jsd import sharding
-from vmoe_jsd.config_errors import check_choice, check_range, fail, to_dict
+from vmoe_jsd.config_errors import check_choice, check_range, reject, to_dict
 
 OPTIMIZERS = ('adam', 'adamw', 'sgd')
 SCHEDULES = (
@@ -144,11 +144,11 @@ class OptimizerSpec:
 
 def _compiled(key: str, pattern) -> re.Pattern:
   if not isinstance(pattern, str) or not pattern:
-    fail(key, pattern, 'a non-empty regex string')
+    reject(key, pattern, 'a non-empty regex string')
   try:
     return re.compile(pattern)
   except re.error as err:
-    fail(key, pattern, f'not a valid regex ({err})')
+    reject(key, pattern, f'not a valid regex ({err})')
 
 
 def _frozen_patterns(patterns) -> tuple[str, ...]:
@@ -158,7 +158,9 @@ def _frozen_patterns(patterns) -> tuple[str, ...]:
   if isinstance(patterns, str):
     patterns = (patterns,)
   if not isinstance(patterns, (list, tuple)):
-    fail('optimizer.frozen_pattern', patterns, 'a regex or a tuple of regexes')
+    reject(
+      'optimizer.frozen_pattern', patterns, 'a regex or a tuple of regexes'
+    )
   for p in patterns:
     _compiled('optimizer.frozen_pattern', p)
   return tuple(patterns)
@@ -170,10 +172,10 @@ def _multiplier_rules(rules) -> tuple[tuple[str, float], ...]:
   if not rules:
     return ()
   if not isinstance(rules, (list, tuple)):
-    fail('optimizer.lr_multipliers', rules, valid)
+    reject('optimizer.lr_multipliers', rules, valid)
   for rule in rules:
     if not isinstance(rule, (list, tuple)) or len(rule) != 2:
-      fail('optimizer.lr_multipliers', rules, valid)
+      reject('optimizer.lr_multipliers', rules, valid)
     _compiled('optimizer.lr_multipliers', rule[0])
     check_range(
       f'optimizer.lr_multipliers[{rule[0]!r}]', rule[1], 0, low_open=True
@@ -193,7 +195,7 @@ def _check_float32_rate(key: str, value: float) -> None:
       f'a float32 learning rate must be in [{tiny:.4g}, {huge:.4g}] (below: '
       'subnormal or 0 in float32, nothing trains; above: inf)'
     )
-    fail(key, value, valid)
+    reject(key, value, valid)
 
 
 def _decay_rules(decay) -> tuple[tuple[str, float], ...]:
@@ -205,7 +207,7 @@ def _decay_rules(decay) -> tuple[tuple[str, float], ...]:
   for rule in decay:
     if len(rule) != 2:
       valid = 'a number or a list of (regex, value) pairs'
-      fail('optimizer.weight_decay', decay, valid)
+      reject('optimizer.weight_decay', decay, valid)
     check_range(f'optimizer.weight_decay[{rule[0]!r}]', rule[1], 0)
   return tuple((str(p), float(v)) for p, v in decay)
 
@@ -318,20 +320,20 @@ def check_patterns(spec: OptimizerSpec, params) -> None:
   frozen = spec.frozen_pattern
   for pattern in frozen:
     if not any(re.search(pattern, n) for n in names):
-      fail('optimizer.frozen_pattern', pattern, missing)
+      reject('optimizer.frozen_pattern', pattern, missing)
   if frozen and all(_matches_any(frozen, n) for n in names):
     valid = 'freezes every parameter; nothing would train'
-    fail('optimizer.frozen_pattern', frozen, valid)
+    reject('optimizer.frozen_pattern', frozen, valid)
   for i, (pattern, _) in enumerate(spec.lr_multipliers):
     matched = [n for n in names if re.search(pattern, n)]
     earlier = [p for p, _ in spec.lr_multipliers[:i]]
     if not matched:
-      fail('optimizer.lr_multipliers', pattern, missing)
+      reject('optimizer.lr_multipliers', pattern, missing)
     if all(_matches_any(earlier, n) for n in matched):
       valid = (
         f'every parameter it matches is taken by an earlier rule {earlier}'
       )
-      fail(
+      reject(
         'optimizer.lr_multipliers', pattern, f'{valid} (the first match wins)'
       )
 

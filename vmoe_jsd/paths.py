@@ -31,18 +31,9 @@ def is_remote(path: PathLike) -> bool:
 
 
 def resolve(path: PathLike) -> epath.Path:
-  """An absolute epath.Path: remote paths unchanged, local ones resolved.
-
-  Args:
-    path: a local path (relative, `~`) or a URI such as `gs://bucket/run`.
-
-  Returns:
-    The path as epath.Path; local paths made absolute (orbax needs them
-    absolute), remote ones exactly as given.
-
-  Raises:
-    ValueError: for an empty path.
-  """
+  """`path` (local, relative or `~`, or a URI such as `gs://bucket/run`) as
+  an epath.Path: remote ones exactly as given, local ones made absolute
+  (orbax needs them absolute). ValueError for an empty path."""
   text = os.fspath(path)
   if not text:
     raise ValueError('empty path: give a folder or gs://bucket/folder')
@@ -53,10 +44,7 @@ def resolve(path: PathLike) -> epath.Path:
 
 def join(path: PathLike, *parts: str) -> epath.Path:
   """resolve(path) / parts."""
-  out = resolve(path)
-  for part in parts:
-    out = out / part
-  return out
+  return resolve(path).joinpath(*parts)
 
 
 def exists(path: PathLike) -> bool:
@@ -130,13 +118,9 @@ def finite_json(obj: Any) -> Any:
 
 
 def dumps_json(obj: Any, indent: int | None = None, default=None) -> str:
-  """Strict JSON text of `obj` (non-finite floats as null, see finite_json).
+  """Strict JSON text of `obj` (non-finite floats as null, see finite_json);
+  `indent` and `default` as json.dumps's."""
 
-  Args:
-    obj: JSON-like data (dicts, lists, numbers, strings, numpy values).
-    indent: as json.dumps.
-    default: as json.dumps (called on values JSON cannot encode).
-  """
   return json.dumps(
     finite_json(obj), indent=indent, default=default, allow_nan=False
   )

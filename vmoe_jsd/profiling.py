@@ -21,20 +21,15 @@ from collections.abc import Callable, Mapping
 
 import jax
 
-from vmoe_jsd.config_errors import check_keys, check_range, fail, to_dict
+from vmoe_jsd.config_errors import check_keys, check_range, reject, to_dict
 
 KEYS = ('first_step', 'num_steps')
 
 
 @dataclasses.dataclass(frozen=True)
 class ProfileSpec:
-  """config.profile.
-
-  Attributes:
-    first_step: the first traced step (default 10: after compilation and
-      the first steps' warm-up).
-    num_steps: steps traced (0: off).
-  """
+  """config.profile: `num_steps` steps traced (0: off) from `first_step`
+  (default 10: after compilation and the first steps' warm-up)."""
 
   first_step: int = 10
   num_steps: int = 0
@@ -50,7 +45,7 @@ class ProfileSpec:
     check_range('profile.first_step', spec.first_step, 1, integer=True)
     check_range('profile.num_steps', spec.num_steps, 0, integer=True)
     if spec.num_steps and num_train_steps and spec.first_step > num_train_steps:
-      fail(
+      reject(
         'profile.first_step',
         spec.first_step,
         f'must be <= num_train_steps={num_train_steps}, or set '
@@ -79,23 +74,14 @@ class ProfileWindow:
     num_steps: int,
     log: Callable[[str], None],
   ):
-    """The window of `spec` within the steps this run performs.
-
-    Args:
-      spec: the window.
-      logdir: the trace's root, the workdir (None: no trace, e.g. on a
-        process other than the main one).
-      start_step: the step the run starts from (restored or 0).
-      num_steps: the run's last step.
-      log: the progress log.
-    """
-    self.logdir = logdir
+    """The window of `spec` within the steps start_step + 1 ... num_steps of
+    this run; `logdir` is the trace's root, the workdir (None: no trace, e.g.
+    on a process other than the main one)."""
+    self.logdir, self._log = logdir, log
     self.first = max(spec.first_step, start_step + 1)
     self.last = min(spec.last_step, num_steps)
     self.enabled = bool(spec.num_steps and logdir and self.first <= self.last)
-    self._log = log
-    self.tracing = False
-    self._annotation = None
+    self.tracing, self._annotation = False, None
     if spec.num_steps and logdir and spec.last_step <= start_step:
       log(
         f'Profile window (steps {spec.first_step}-{spec.last_step}) ended '
@@ -112,21 +98,23 @@ class ProfileWindow:
     self._annotation.__enter__()
 
   def after_step(self, step: int, outputs) -> None:
-    if self._annotation is None:
-      return
-    self._annotation.__exit__(None, None, None)
-    self._annotation = None
-    if step == self.last:
+    if self._end_annotation() and step == self.last:
       jax.block_until_ready(outputs)  # The device work of the last step.
       self._stop(step)
 
   def close(self) -> None:
     """Stops a trace the loop left running (stopped inside the window)."""
-    if self._annotation is not None:
-      self._annotation.__exit__(None, None, None)
-      self._annotation = None
+    self._end_annotation()
     if self.tracing:
       self._stop(None)
+
+  def _end_annotation(self) -> bool:
+    """Ends the step's annotation; whether there was one."""
+    if self._annotation is None:
+      return False
+    self._annotation.__exit__(None, None, None)
+    self._annotation = None
+    return True
 
   def _stop(self, step: int | None) -> None:
     jax.profiler.stop_trace()

@@ -14,20 +14,13 @@ from collections.abc import Mapping
 
 
 def itstime(step: int, every: int, total: int, *, last=False, first=None):
-  """Whether a periodic action falls on `step` (counted after the step).
-
-  Args:
-    step: the step just finished (1-based).
-    every: the period in steps (0: never periodically).
-    total: the last step.
-    last: act at `total` too; when False the last step is left to the end
-      of training, which acts on it anyway.
-    first: also at this step (e.g. the first after a (re)start).
-  """
-  periodic = bool(every) and step % every == 0
+  """Whether a periodic action falls on `step` (1-based, the step just
+  finished): every `every` steps (0: never periodically) and at `first` (e.g.
+  the first after a (re)start). At `total`, the last step, only if `last`:
+  otherwise it is left to the end of training, which acts on it anyway."""
   if step == total:
     return last
-  return periodic or step == first
+  return (bool(every) and step % every == 0) or step == first
 
 
 class Progress:
@@ -42,8 +35,7 @@ class Progress:
     self, start_step: int, num_steps: int, batch_size: int, clock=time.time
   ):
     self.start_step, self.num_steps = start_step, num_steps
-    self.batch_size = batch_size
-    self.train_seconds = 0.0
+    self.batch_size, self.train_seconds = batch_size, 0.0
     self._clock = clock
     self._last = clock()
     self._steps = 0

@@ -1,14 +1,8 @@
 """Preemption and non-finite losses: what a long run does when things fail.
 
-docs/checkpoints_and_storage.md (Preemption, Non-finite loss) says what a
-user sees. Here: `PreemptionGuard` turns SIGTERM or a first SIGINT into a
-stop at a step boundary (or between evaluation batches), the same step on
-every process (agreed through the coordination service);
-`exit_on_interrupt` makes a second SIGINT end a command at once, since a
-KeyboardInterrupt during an XLA compilation crashes the interpreter.
-`apply_nan_policy` is config.nan_policy 'skip' inside the jitted step (an
-update that is not finite is not applied; no host sync), `check_finite`
-its 'stop' on the host.
+What a user sees: docs/checkpoints_and_storage.md (Preemption, Non-finite
+loss). `apply_nan_policy` is config.nan_policy 'skip' inside the jitted step
+(no host sync), `check_finite` its 'stop' on the host.
 """
 
 from __future__ import annotations
@@ -44,15 +38,10 @@ class PreemptionGuard:
   process must then ask at the same points, as they do when they run the
   same loop.
 
-  Args:
-    signals: the signals that request a stop (tests use a private one).
-
-  Attributes:
-    signal_name: name of the signal received ('' when none).
-    stopped_at: the last step run before a requested stop, else None.
-    stopped_during: what the stop abandoned ('' when it came between
-      steps), see stop_at.
-    num_checks: how many times should_stop was asked (this guard).
+  `signals` request a stop (tests use a private one). `signal_name` is the
+  signal received ('' when none), `stopped_at` the last step run before a
+  requested stop (else None), `stopped_during` what the stop abandoned (''
+  between steps, see stop_at), `num_checks` how often should_stop was asked.
   """
 
   # The keys of check n must not repeat within a jax.distributed session,
@@ -87,15 +76,10 @@ class PreemptionGuard:
   ) -> Iterator[int]:
     """Yields start_step + 1 ... num_steps until a stop is requested.
 
-    Args:
-      start_step: the step the state is at (0, or the restored step).
-      num_steps: the last step.
-      on_exit: called when the loop ends, also by an exception in its
-        body (the generator is closed then): e.g. wait for pending saves.
-
-    Yields:
-      The step numbers to run (none when a stop was requested before the
-      first: stopped_at is then start_step).
+    None when a stop was requested before the first (stopped_at is then
+    start_step, the step the state is at). `on_exit` is called when the loop
+    ends, also by an exception in its body (the generator is closed then):
+    e.g. wait for pending saves.
     """
     try:
       with self.watching():
@@ -118,20 +102,23 @@ class PreemptionGuard:
 
   @contextlib.contextmanager
   def watching(self) -> Iterator[PreemptionGuard]:
-    """The signal handlers, installed for the `with` block (nestable)."""
-    self.install()
+    """The signal handlers, installed for the `with` block (nestable; main
+    thread only); the previous ones (SIG_DFL for a C++ one) put back."""
+    self._depth += 1
+    if (
+      self._depth == 1 and threading.main_thread() is threading.current_thread()
+    ):
+      self._install()  # Python only delivers signals to the main thread.
     try:
       yield self
     finally:
-      self.uninstall()
+      self._depth = max(self._depth - 1, 0)
+      if not self._depth:
+        for sig, handler in self._previous.items():
+          signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
 
-  def install(self) -> None:
-    """Installs the handlers of `signals` (main thread only)."""
-    self._depth += 1
-    if self._depth > 1:
-      return
-    if threading.current_thread() is not threading.main_thread():
-      return  # Python only delivers signals to the main thread.
+  def _install(self) -> None:
     for sig in self.signals:
       if sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN:
         # Started with SIGINT ignored (nohup, a background job of a
@@ -141,15 +128,6 @@ class PreemptionGuard:
       # handler, which Python reports as None); it only served
       # reached_preemption_sync_point, which the guard no longer asks.
       self._previous[sig] = signal.signal(sig, self._handle)
-
-  def uninstall(self) -> None:
-    """Puts the previous signal handlers back (SIG_DFL for a C++ one)."""
-    self._depth = max(self._depth - 1, 0)
-    if self._depth:
-      return
-    for sig, handler in self._previous.items():
-      signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-    self._previous.clear()
 
   def _handle(self, signum, frame) -> None:
     del frame
@@ -174,26 +152,14 @@ class PreemptionGuard:
 
   def stop_at(self, step: int, during: str = '') -> None:
     """Records a stop that the caller decided (should_stop said True inside
-    an evaluation); steps() then ends after this step's body.
-
-    Args:
-      step: the step whose state is to be saved.
-      during: what was abandoned (e.g. 'its evaluation'), for messages.
+    an evaluation): steps() then ends after the body of `step`, whose state
+    is to be saved; `during` says what was abandoned (e.g. 'its evaluation').
     """
     self.stopped_at, self.stopped_during = step, during
 
-  def request(self, name: str = 'request') -> None:
-    """Asks for a stop as a signal would."""
-    self.signal_name = name
-    self._requested.set()
-
   def should_stop(self, step: int | None = None) -> bool:
-    """Whether to stop now; the same answer on every process.
-
-    Args:
-      step: the step just finished (None between evaluation batches); it
-        does not change the answer.
-    """
+    """Whether to stop now; the same answer on every process (`step`, the
+    step just finished or None between evaluation batches, changes none)."""
     del step
     self.num_checks += 1
     if not self._multi:
@@ -271,16 +237,8 @@ def apply_nan_policy(
   range (a learning rate too large for the weights). Otherwise params and
   opt_state come from `old_state` (the step counter still advances) and
   `metrics['skipped']` is 1. The check of the new state is one reduction
-  per array, fused by XLA into the update.
-
-  Args:
-    policy: config.nan_policy.
-    old_state: the TrainState the step started from.
-    new_state: the TrainState after the update.
-    metrics: the step's metrics (a 'skipped' entry is added under 'skip').
-
-  Returns:
-    The state to continue from.
+  per array, fused by XLA into the update. Returns the state to continue
+  from.
   """
   if policy == 'stop':
     return new_state

@@ -1,21 +1,10 @@
 """What a run writes to its workdir, besides checkpoints and event files.
 
-- `config.json`: the full config of the run (hyperparameters; also written to
-  TensorBoard's hparams by the metric writer). A resume compares the new
-  config with it (`check_resume_config`).
-- `config_changes.jsonl`: one JSON object per resume that changed the config
-  (the keys, their old and new values, whether it was forced).
-- `train_history.jsonl`: one JSON object per progress report (JSON Lines),
-  appended and flushed at each report (`History`); a resume from step N
-  drops the rows after N, which it trains again.
-- `results.json`: the final evaluation, written once training has finished.
-  `finished_result` tells a finished workdir from one still to train.
-- `run.lock`: held (flock) by the run that uses the workdir, with its host,
-  pid, start time and command (`lock_workdir`).
-
-Every JSON file is strict JSON: a non-finite float is written as null
-(paths.finite_json). File I/O of the trainer goes through these functions so
-that the storage backend can change in one place.
+config.json, config_changes.jsonl, train_history.jsonl, results.json and
+run.lock: docs/running.md's table says what each holds. Every JSON file is
+strict JSON: a non-finite float is written as null (paths.finite_json). File
+I/O of the trainer goes through these functions so that the storage backend
+can change in one place.
 """
 
 from __future__ import annotations
@@ -93,9 +82,7 @@ class ConfigChangedError(WorkdirError):
   """A resume with a config that differs from the workdir's config.json."""
 
 
-# ----------------------------------------------------------------------------
-# JSON files (read_json and write_json: paths', strict JSON).
-# ----------------------------------------------------------------------------
+# --- JSON files (read_json and write_json: paths', strict JSON). ------------
 def jsonl_text(rows: Iterable[Mapping[str, Any]]) -> str:
   """JSON Lines text of `rows`: strict JSON, one object per line."""
   return ''.join(paths.dumps_json(dict(r), default=str) + '\n' for r in rows)
@@ -131,29 +118,12 @@ def write_config(workdir, config: Mapping[str, Any]) -> None:
   write_json(paths.join(workdir, CONFIG), dict(config))
 
 
-def is_complete(result: Mapping[str, Any] | None) -> bool:
-  """Whether a results.json dict comes from a run that trained to the end."""
-  if not isinstance(result, Mapping):
-    return False
-  steps = result.get('num_train_steps')
-  return (
-    'accuracy' in result and steps is not None and result.get('step') == steps
-  )
-
-
 def finished_result(
   workdir: str, num_train_steps: int | None = None
 ) -> dict[str, Any] | None:
-  """workdir's results.json if it is complete, else None.
-
-  Args:
-    workdir: the run's directory.
-    num_train_steps: when given, the results must be for this many steps
-      (a run extended with a larger num_train_steps is not finished).
-
-  Returns:
-    The results dict, or None when the run has still to train or evaluate.
-  """
+  """workdir's results.json if it comes from a run that trained to the end
+  (of `num_train_steps` steps when given: a run extended with more steps is
+  not finished), else None (still to train or evaluate)."""
   path = paths.join(workdir, RESULTS)
   if not paths.exists(path):
     return None
@@ -161,16 +131,17 @@ def finished_result(
     result = read_json(path)
   except (OSError, ValueError):
     return None
-  if not is_complete(result):
+  if not isinstance(result, Mapping) or 'accuracy' not in result:
     return None
-  if num_train_steps and result['num_train_steps'] != num_train_steps:
+  steps = result.get('num_train_steps')
+  if steps is None or result.get('step') != steps:
+    return None
+  if num_train_steps and steps != num_train_steps:
     return None
   return result
 
 
-# ----------------------------------------------------------------------------
-# The workdir: made, checked and locked.
-# ----------------------------------------------------------------------------
+# --- The workdir: made, checked and locked. ---------------------------------
 def prepare_workdir(workdir: paths.PathLike):
   """Makes the workdir (and its parents); returns it as an epath.Path.
 
@@ -223,9 +194,6 @@ class WorkdirLock:
   one; the file stays, naming its last holder until the next run takes it.
   The file is never replaced (a rename would give the next run a new,
   unlocked file): the holder truncates it and writes its JSON line in place.
-
-  Attributes:
-    path: the lock file.
   """
 
   def __init__(self, workdir: paths.PathLike):
@@ -372,9 +340,7 @@ def lock_workdir(workdir: paths.PathLike, log=print) -> Iterator[None]:
       lock.release()
 
 
-# ----------------------------------------------------------------------------
-# Resuming: the config must be the one the workdir was trained with.
-# ----------------------------------------------------------------------------
+# --- Resuming: the config must be the one the workdir was trained with. -----
 _ABSENT = '<absent>'
 
 
@@ -389,12 +355,11 @@ def config_changes(old: Mapping, new: Mapping) -> dict[str, tuple[Any, Any]]:
     flatten(json.loads(paths.dumps_json(dict(c), default=str)))
     for c in (old, new)
   )
-  changes = {}
-  for key in sorted(set(old_flat) | set(new_flat)):
-    a, b = old_flat.get(key, _ABSENT), new_flat.get(key, _ABSENT)
-    if a != b:
-      changes[key] = (a, b)
-  return changes
+  pairs = (
+    (k, (old_flat.get(k, _ABSENT), new_flat.get(k, _ABSENT)))
+    for k in sorted(set(old_flat) | set(new_flat))
+  )
+  return {k: (a, b) for k, (a, b) in pairs if a != b}
 
 
 def may_change_on_resume(key: str) -> bool:
@@ -406,9 +371,7 @@ def has_checkpoints(workdir: paths.PathLike) -> bool:
   """Whether workdir/checkpoints holds a step folder (not a temporary or
   set-aside one)."""
   folder = paths.join(workdir, 'checkpoints')
-  if not paths.isdir(folder):
-    return False
-  return any(name.isdigit() for name in paths.listdir(folder))
+  return paths.isdir(folder) and any(n.isdigit() for n in paths.listdir(folder))
 
 
 def _describe(changes: Mapping[str, tuple[Any, Any]], limit: int = 12) -> str:
@@ -490,25 +453,19 @@ def _log_changes(changes, options, forced: bool, log) -> None:
     more = f' and {len(names) - 12} more' if len(names) > 12 else ''
     log(
       f'Resuming with {len(names)} key(s) that only one of config.json and '
-      f'this config has (options added or removed since): '
+      'this config has (options added or removed since): '
       f'{", ".join(names[:12])}{more}.'
     )
 
 
-# ----------------------------------------------------------------------------
-# The history, written as it goes.
-# ----------------------------------------------------------------------------
+# --- The history, written as it goes. ---------------------------------------
 class History:
   """train_history.jsonl: one row per progress report, appended at once.
 
   Each row also records `train_seconds`, the training time (without
   compilation) of the run up to that step, across resumed segments. A run
-  resumed from step N keeps the rows up to N and drops the later ones,
-  which it trains and reports again, so no step appears twice.
-
-  Attributes:
-    path: the file.
-    rows: the rows of this run's lineage (kept ones first).
+  resumed from step N keeps the rows up to N (`rows`) and drops the later
+  ones, which it trains and reports again, so no step appears twice.
   """
 
   def __init__(
@@ -518,14 +475,12 @@ class History:
     enabled: bool = True,
     seconds_fn: Callable[[], float] | None = None,
   ):
-    self.path, self.enabled = path, enabled
-    self.seconds_fn = seconds_fn
+    self.path, self.enabled, self.seconds_fn = path, enabled, seconds_fn
     self.rows: list[dict[str, Any]] = []
     if not enabled or not paths.exists(path):
       return
     text = paths.read_bytes(path).decode()
-    rows = parse_jsonl(text)
-    self.rows = [r for r in rows if r.get('step', 0) <= start_step]
+    self.rows = [r for r in parse_jsonl(text) if r.get('step', 0) <= start_step]
     kept = jsonl_text(self.rows)
     if kept != text:  # Later rows, a cut last line, an older encoding.
       paths.write_bytes(path, kept.encode())
@@ -565,9 +520,7 @@ class History:
     return float(last['train_seconds']) + gap
 
 
-# ----------------------------------------------------------------------------
-# TensorBoard.
-# ----------------------------------------------------------------------------
+# --- TensorBoard. -----------------------------------------------------------
 def metric_writer(workdir: str, is_main: bool):
   """TensorBoard event files in workdir (process 0), no console copy.
 

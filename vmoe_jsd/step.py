@@ -47,7 +47,7 @@ from vmoe_jsd import (
   streams,
   summaries,
 )
-from vmoe_jsd.config_errors import check_range, fail
+from vmoe_jsd.config_errors import check_range, reject
 
 Array = jax.Array
 
@@ -143,15 +143,9 @@ def make_train_step(
   train_key: Array,
 ) -> Callable:
   """The pure train step: (state, images, labels, orig_sizes) ->
-  (state, metrics).
-
-  Args:
-    spec: the losses and policies.
-    model: the training model (not deterministic).
-    tx: the optimizer.
-    schedule: its learning-rate schedule (logged).
-    settings: the augmentation.
-    train_key: streams.stream(seed, 'train').
+  (state, metrics). `model`: the training model (not deterministic);
+  `schedule`: tx's learning rate (logged); `train_key`:
+  streams.stream(seed, 'train').
   """
   grad_fn = make_grad_fn(spec, model, settings, train_key)
 
@@ -243,25 +237,14 @@ def _objective(
   return total, out
 
 
-# ----------------------------------------------------------------------------
 # Micro-steps: one optimizer step from M micro-batches.
-# ----------------------------------------------------------------------------
 def check_microsteps(
   microsteps, batch_size: int, num_devices: int, tokens: int, group_size
 ) -> int:
-  """config.microsteps against the per-device batch and routing groups.
-
-  Args:
-    microsteps: config.microsteps.
-    batch_size: dataset.train.batch_size (images; a multiple of the
-      devices, checked before).
-    num_devices: devices the batch is split over.
-    tokens: tokens of one view.
-    group_size: tokens per routing group (None: a dense model).
-
-  Returns:
-    microsteps, when each micro-batch holds a whole number of images and of
-    routing groups on every device.
+  """config.microsteps, when each micro-batch holds a whole number of
+  images and of routing groups (`group_size` tokens; None: a dense model)
+  on every device; `tokens`: of one view; `batch_size`: a multiple of the
+  devices (checked before).
   """
   check_range('microsteps', microsteps, 1, integer=True)
   per_device = batch_size // num_devices
@@ -270,7 +253,7 @@ def check_microsteps(
       f'must divide the {per_device} images per device (dataset.train.'
       f'batch_size={batch_size} / {num_devices} devices)'
     )
-    fail('microsteps', microsteps, valid)
+    reject('microsteps', microsteps, valid)
   micro = 2 * (per_device // microsteps) * tokens
   if group_size and micro % group_size:
     valid = (
@@ -278,7 +261,7 @@ def check_microsteps(
       f'{per_device // microsteps} images x {tokens} tokens = {micro} per '
       f'device is not a multiple of model.encoder.moe.group_size={group_size}'
     )
-    fail('microsteps', microsteps, valid)
+    reject('microsteps', microsteps, valid)
   return microsteps
 
 
@@ -360,16 +343,10 @@ def accumulate_microsteps(objective, spec: StepSpec, params, batch, rngs):
   m fold m into the step's keys (fresh draws, as vmoe's microsteps), so
   they differ from M = 1's draws.
 
-  Args:
-    objective: (params, views (2b, ...), maps, targets, labels, rngs) ->
-      (loss, metrics) of one micro-batch.
-    spec: the step's spec.
-    params: the parameters.
-    batch: (views (B, 2, ...), maps (B, 2, P), targets, labels).
-    rngs: {'dropout': key, 'gating': key} of the step.
-
-  Returns:
-    (grads, metrics) of the whole batch.
+  `objective`: (params, views (2b, ...), maps, targets, labels, rngs) ->
+  (loss, metrics) of one micro-batch; `batch`: (views (B, 2, ...), maps
+  (B, 2, P), targets, labels); `rngs`: the step's {'dropout', 'gating'}
+  keys. Returns (grads, metrics) of the whole batch.
   """
   num_micro = spec.microsteps
   maps = batch[1]

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from vmoe_jsd import losses, models
-from vmoe_jsd.config_errors import check_keys, fail, to_dict
+from vmoe_jsd.config_errors import check_keys, reject, to_dict
 
 Array = jax.Array
 
@@ -52,13 +52,8 @@ SUMMARY_KEYS = ('norms', 'router', 'norm_groups')
 
 @dataclasses.dataclass(frozen=True)
 class SummarySpec:
-  """What the train step summarises (config.summaries).
-
-  Attributes:
-    norms: global and per-group norms of params, grads and updates.
-    router: per-MoE-layer router statistics.
-    norm_groups: ((name, regex), ...) parameter groups of the norms.
-  """
+  """What the train step summarises (config.summaries: module docstring);
+  `norm_groups`: ((name, regex), ...) parameter groups of the norms."""
 
   norms: bool = False
   router: bool = False
@@ -71,7 +66,7 @@ class SummarySpec:
     check_keys('summaries', block, SUMMARY_KEYS)
     for key in ('norms', 'router'):
       if not isinstance(block.get(key, False), bool):
-        fail(f'summaries.{key}', block[key], 'True or False')
+        reject(f'summaries.{key}', block[key], 'True or False')
     groups = block.get('norm_groups', DEFAULT_NORM_GROUPS)
     return cls(
       norms=block.get('norms', False),
@@ -91,15 +86,15 @@ def _check_groups(groups) -> tuple[tuple[str, str], ...]:
       or len(group) != 2
       or not all(isinstance(x, str) and x for x in group)
     ):
-      fail('summaries.norm_groups', group, valid)
+      reject('summaries.norm_groups', group, valid)
     try:
       re.compile(group[1])
     except re.error as e:
-      fail('summaries.norm_groups', group, f'{valid} (regex: {e})')
+      reject('summaries.norm_groups', group, f'{valid} (regex: {e})')
     out.append((group[0], group[1]))
   names = [name for name, _ in out]
   if 'global' in names or len(set(names)) != len(names):
-    fail('summaries.norm_groups', names, f"{valid}, none named 'global'")
+    reject('summaries.norm_groups', names, f"{valid}, none named 'global'")
   return tuple(out)
 
 
@@ -117,16 +112,9 @@ def group_members(params, groups) -> dict[str, tuple[str, ...]]:
 
 
 def tree_norms(trees: Mapping[str, Any], groups) -> dict[str, Array]:
-  """L2 norms of each tree, global and per group of its leaves.
-
-  Args:
-    trees: {'params': ..., 'grads': ..., 'updates': ...}, trees of the
-      parameters' structure.
-    groups: ((name, regex), ...).
-
-  Returns:
-    {'norm/<tree>/global': ..., 'norm/<tree>/<group>': ...} float32.
-  """
+  """L2 norms of each tree ({'params': ..., 'grads': ..., ...}), global and
+  per (name, regex) group of its leaves: {'norm/<tree>/global': ...,
+  'norm/<tree>/<group>': ...} float32."""
   out = {}
   for tree_name, tree in trees.items():
     flat = flax.traverse_util.flatten_dict(tree, sep='/')
@@ -143,15 +131,9 @@ def tree_norms(trees: Mapping[str, Any], groups) -> dict[str, Array]:
 
 
 def router_statistics(intermediates, layers) -> dict[str, Array]:
-  """Per MoE layer: mean ||z||_2, router z-loss and mean top-1 probability.
-
-  Args:
-    intermediates: the model's sown 'intermediates'.
-    layers: the MoE blocks.
-
-  Returns:
-    {'router/encoderblock_<i>/{logit_norm,z_loss,top1_prob}': float32}.
-  """
+  """Per MoE layer of the sown 'intermediates': mean ||z||_2, router z-loss
+  and mean top-1 probability, as
+  {'router/encoderblock_<i>/{logit_norm,z_loss,top1_prob}': float32}."""
   out = {}
   by_layer = models.router_logits_by_layer(intermediates, layers)
   for block, logits in by_layer.items():

@@ -5,18 +5,11 @@ r"""Hyperparameter sweeps over a config's `get_hyper(hyper)`, and their tables.
   python -m vmoe_jsd.sweep --collect --workdir=runs/name
 
 `get_hyper(hyper)` returns a list of points, each a dict of overrides
-{'config.key': value}, built as vmoe's configs do with
-`hyper.sweep(key, values)` (one point per value), `hyper.fixed(key, value)`,
-`hyper.product([...])` (every combination, the first outermost),
-`hyper.zipit([...])` (element-wise) and `hyper.chainit([...])`. Every
-point's config is validated before the first run; each point trains through
-`python -m vmoe_jsd.main` in `<workdir>/<key>=<value>,...` (log: run.log),
-points with a complete results.json are skipped (rerun to resume), and
-`--collect` writes sweep_results.{md,csv} and sweep_summary.csv (mean and
-sample std over seeds). Details: docs/configuration.md#sweeps.
-
-The runner is a library too: `run_jobs` runs Jobs (a point's training and
-follow-up commands, each skipped once its work is done), N at a time.
+{'config.key': value}, built with vmoe's vocabulary (class Hyper). Every
+point is validated first, then trains in `<workdir>/<key>=<value>,...`;
+finished points are skipped; `--collect` writes the tables. Details:
+docs/configuration.md#sweeps. As a library, `run_jobs` runs Jobs (a point's
+training and follow-up commands, each skipped once its work is done).
 """
 
 from __future__ import annotations
@@ -43,9 +36,7 @@ POINT_FILE = 'sweep_point.json'
 Point = dict[str, Any]
 
 
-# ----------------------------------------------------------------------------
 # get_hyper vocabulary.
-# ----------------------------------------------------------------------------
 class Hyper:
   """The `hyper` argument of a config's get_hyper (vmoe's vocabulary)."""
 
@@ -119,9 +110,7 @@ def load_points(config_arg: str) -> list[Point]:
   return [{k.removeprefix('config.'): v for k, v in p.items()} for p in points]
 
 
-# ----------------------------------------------------------------------------
 # Points -> names, command lines.
-# ----------------------------------------------------------------------------
 def cli_value(value: Any) -> str:
   """A value as `--config.key=` expects it (tuples without spaces)."""
   if isinstance(value, str):
@@ -181,9 +170,7 @@ def check_points(config_arg: str, points, extra: Sequence[str]) -> list[int]:
   return steps
 
 
-# ----------------------------------------------------------------------------
 # The runner: jobs of commands, each skipped once its work is done.
-# ----------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Command:
   """One subprocess of a job, logging to `log` (appended).
@@ -353,9 +340,7 @@ def run_sweep(
   return {'points': len(points), **counts}
 
 
-# ----------------------------------------------------------------------------
 # Collecting.
-# ----------------------------------------------------------------------------
 ROUTING_FIELDS = (
   ('agreement', 'agree'),
   ('kappa', 'kappa'),
@@ -514,9 +499,7 @@ def collect_and_write(workdir: str, out=sys.stdout) -> dict[str, str]:
   return paths
 
 
-# ----------------------------------------------------------------------------
 # Command line.
-# ----------------------------------------------------------------------------
 USAGE = (
   'usage: python -m vmoe_jsd.sweep --config=FILE[:ARG] --workdir=DIR '
   '[--parallel=N] [--dry_run] [--config.key=value ...]\n'

@@ -1,14 +1,6 @@
-"""Checkpoints: orbax save/restore, integrity, vmoe's format, tree helpers.
-
-checkpointer.py  the training state under WORKDIR/checkpoints/<step>/:
-                 periodic (asynchronous) saves, resume from the newest
-                 intact step (`Checkpointer`, `CheckpointSpec`); only the
-                 params, as numpy (`read_orbax_params`);
-integrity.py     the CRC-32C of every saved array and the verdict on a
-                 restore (`integrity_summary`, `integrity_problem`);
-vmoe_format.py   google-research/vmoe's own format (`.index` +
-                 `.data-NNNNN-of-NNNNN`; its msgpack in vmoe_msgpack.py);
-tree.py          nested dicts <-> '/'-joined names, tree comparison.
+"""Checkpoints: our orbax ones (checkpointer.py), the CRC-32C of every saved
+array (integrity.py), google-research/vmoe's format (vmoe_format.py,
+vmoe_msgpack.py), nested dicts <-> '/'-joined names (tree.py).
 """
 
 from vmoe_jsd.checkpoints.checkpointer import (  # noqa: F401 - re-exported

@@ -1,12 +1,10 @@
 """Our orbax checkpoints: save, restore and resume; read only the params.
 
 Steps go to WORKDIR/checkpoints/<step>/ (locally or on GCS); a kill mid-save
-leaves the previous step intact. Saves are asynchronous by default. A run
-started again restores the newest step that can be read and is intact
-(integrity.py); a damaged one is reported in one line, left in place and the
-previous one tried (docs/checkpoints_and_storage.md). `read_orbax_params`
-reads the params alone, as numpy, with neither a target nor a mesh (for
-initialization, evaluation and conversion), and skips damaged steps alike.
+leaves the previous step intact. A run started again restores the newest
+step that can be read and is intact (integrity.py); a damaged one is
+reported in one line, left in place and the previous one tried
+(docs/checkpoints_and_storage.md).
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ from jax.experimental import multihost_utils
 from vmoe_jsd import paths, run_files
 from vmoe_jsd.checkpoints import integrity
 from vmoe_jsd.checkpoints.tree import flatten_tree, unflatten_tree
-from vmoe_jsd.config_errors import check_range, fail, to_dict
+from vmoe_jsd.config_errors import check_range, reject, to_dict
 
 DAMAGED_SUFFIX = '.damaged'
 
@@ -54,7 +52,7 @@ class CheckpointSpec:
     check_range('save_checkpoint.keep_last', keep, 1, integer=True)
     asynchronous = cfg.get('asynchronous', True)
     if not isinstance(asynchronous, bool):
-      fail('save_checkpoint.asynchronous', asynchronous, 'True or False')
+      reject('save_checkpoint.asynchronous', asynchronous, 'True or False')
     return cls(every, keep, asynchronous)
 
 
@@ -70,9 +68,6 @@ class Checkpointer:
     every_steps: save when step % every_steps == 0 (and when forced).
     damaged: {step: error message} of checkpoints found unreadable (or
       whose data differs from its checksums, or is not finite).
-
-  Raises (on construction):
-    run_files.WorkdirError: WORKDIR/checkpoints exists and is no folder.
   """
 
   def __init__(
@@ -172,9 +167,7 @@ class Checkpointer:
     recorded in `self.damaged` and left in place; the next older one is
     tried. All processes agree on the outcome of every attempt. Checkpoints
     saved before checksums were recorded restore with a one-line note.
-
-    Args:
-      abstract_state: as for `restore`.
+    `abstract_state` as for `restore`.
 
     Returns:
       (state, step), or (None, None) when there is no checkpoint at all.
@@ -184,7 +177,11 @@ class Checkpointer:
     """
     steps = sorted(self._manager.all_steps(), reverse=True)
     for step in steps:
-      state, record, error = self._try_read(step, abstract_state)
+      try:
+        state, record = self._read(step, abstract_state)
+        error = ''
+      except Exception as e:  # noqa: BLE001 - any failure means unusable.
+        state, record, error = None, None, error_line(e)
       error = _agreed_error(error)
       if not error:  # Every process takes part in the check (a collective).
         error = _agreed_error(integrity.integrity_problem(state, record))
@@ -232,16 +229,9 @@ class Checkpointer:
       handler.close()
     return state, record
 
-  def _try_read(self, step: int, abstract_state: Any):
-    """(state, record, '') or (None, None, the error in one line)."""
-    try:
-      return (*self._read(step, abstract_state), '')
-    except Exception as e:  # noqa: BLE001 - any failure means unusable.
-      return None, None, error_line(e)
-
   def close(self) -> None:
     """Waits for the last save and releases orbax's resources."""
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
 
   def _set_aside(self, step: int) -> None:
@@ -283,9 +273,8 @@ def _agreed_error(error: str, max_bytes: int = 400) -> str:
   everyone = np.asarray(multihost_utils.process_allgather(data))
   for i, row in enumerate(everyone.reshape(jax.process_count(), -1)):
     if row.any():
-      return f'process {i}: ' + bytes(row).rstrip(b'\0').decode(
-        'utf-8', 'replace'
-      )
+      message = bytes(row).rstrip(b'\0').decode('utf-8', 'replace')
+      return f'process {i}: {message}'
   return ''
 
 
@@ -329,12 +318,10 @@ def _quiet_closed_event_loop() -> None:
 # Only the params, as numpy.
 # ----------------------------------------------------------------------------
 def orbax_state_candidates(path: str) -> tuple[list, dict[int, str]]:
-  """The orbax 'state' item folders `path` may mean, newest first.
-
-  Args:
-    path: a workdir (with checkpoints/) or a checkpoints/ folder: every
-      step folder there with state/_METADATA, newest first; a step folder
-      (with state/) or the state/ item folder itself: just that one.
+  """The orbax 'state' item folders `path` may mean, newest first: for a
+  workdir (with checkpoints/) or a checkpoints/ folder, every step folder
+  there with state/_METADATA; for a step folder (with state/) or the state/
+  item folder itself, just that one.
 
   Returns:
     ([(folder of the 'state' item, step number or None), ...], incomplete):
@@ -372,9 +359,8 @@ def orbax_state_candidates(path: str) -> tuple[list, dict[int, str]]:
       if is_item(entry / 'state'):
         steps.append(int(entry.name))
       else:
-        incomplete[int(entry.name)] = (
-          'no state/_METADATA (half-written, or not a checkpoint)'
-        )
+        why = 'no state/_METADATA (half-written, or not a checkpoint)'
+        incomplete[int(entry.name)] = why
     if steps:
       return [
         (str(folder / str(step) / 'state'), step)
@@ -401,38 +387,33 @@ def _read_state_params(directory: str) -> dict:
   handler = ocp.PyTreeCheckpointHandler()
   try:
     structure = handler.metadata(paths.resolve(directory)).tree
-    if isinstance(structure.get('params'), Mapping):
-      key = 'params'
-    elif 'Encoder' in structure:
-      key = None
-    else:
+    nested = isinstance(structure.get('params'), Mapping)
+    if not nested and 'Encoder' not in structure:
       raise _NoParamsError(
         f'The orbax checkpoint {directory!r} has no params: its top-level '
         f'keys are {sorted(structure)}.'
       )
-    meta = structure[key] if key else structure
-    item = jax.tree_util.tree_map(lambda _: 0, meta)
-    restore_args = jax.tree_util.tree_map(
-      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta
-    )
-    if key:
-      item, restore_args = {key: item}, {key: restore_args}
+    meta = {'params': structure['params']} if nested else structure
     restored = handler.restore(
       paths.resolve(directory),
       args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True
+        item=jax.tree_util.tree_map(lambda _: 0, meta),
+        restore_args=jax.tree_util.tree_map(
+          lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta
+        ),
+        partial_restore=True,
       ),
     )
   finally:
     handler.close()
-  params = restored[key] if key else restored
   # The CRC-32C of every array saved with the step (integrity.py): a
   # damaged step is an unreadable one (an older one is tried for a workdir).
+  # `restored` is named as in the saved state.
   record = integrity.read_integrity_record(paths.resolve(directory).parent)
-  named = {key: params} if key else params  # Named as in the saved state.
-  problem = integrity.integrity_problem(named, record, exchange=False)
+  problem = integrity.integrity_problem(restored, record, exchange=False)
   if problem:
     raise integrity.IntegrityError(f'orbax checkpoint {directory!r}: {problem}')
+  params = restored['params'] if nested else restored
   return unflatten_tree(flatten_tree(params))
 
 
@@ -440,11 +421,10 @@ def read_orbax_params(path: str) -> tuple[dict, dict[str, Any]]:
   """Reads only the params of one of our orbax checkpoints, as numpy.
 
   A partial restore driven by the checkpoint's own metadata: no target, no
-  mesh, no optimizer state. Given a workdir or a checkpoints/ folder (see
-  `orbax_state_candidates`), the newest step that can be read and is
-  intact; a damaged one is logged, recorded in 'skipped' and left in place,
-  as in `Checkpointer.restore_latest`. An explicit step or state/ folder is
-  read or fails, never replaced by another step.
+  mesh, no optimizer state. Given a workdir or a checkpoints/ folder, the
+  newest step that can be read and is intact (damaged ones as in
+  `Checkpointer.restore_latest`, recorded in 'skipped'); an explicit step
+  or state/ folder is read or fails, never replaced by another step.
 
   Returns:
     (params as a nested dict of numpy arrays, {'directory', 'step',
@@ -456,16 +436,14 @@ def read_orbax_params(path: str) -> tuple[dict, dict[str, Any]]:
       error is named), or the one read has no params.
   """
   candidates, skipped = orbax_state_candidates(path)
-  if len(candidates) == 1 and not skipped:
-    directory, step = candidates[0]
-    info = {'directory': directory, 'step': step, 'skipped': {}}
-    return _read_state_params(directory), info
+  explicit = len(candidates) == 1 and not skipped
   for directory, step in candidates:
     try:
-      params = _read_state_params(directory)
-    except _NoParamsError:
-      raise
+      info = {'directory': directory, 'step': step, 'skipped': skipped}
+      return _read_state_params(directory), info
     except Exception as e:  # noqa: BLE001 - any failure means unreadable.
+      if explicit or isinstance(e, _NoParamsError):
+        raise
       skipped[step] = error_line(e)
       logging.warning(
         'Checkpoint at step %s under %s cannot be read (%s); left in '
@@ -474,8 +452,6 @@ def read_orbax_params(path: str) -> tuple[dict, dict[str, Any]]:
         path,
         skipped[step],
       )
-      continue
-    return params, {'directory': directory, 'step': step, 'skipped': skipped}
   problems = '; '.join(f'step {s}: {skipped[s]}' for s in sorted(skipped))
   raise ValueError(
     f'None of the checkpoints under {path!r} can be read ({problems}).'

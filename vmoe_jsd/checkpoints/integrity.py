@@ -116,25 +116,18 @@ def _pieces(x) -> dict[tuple, Any]:
   return held
 
 
-def _run_table(x) -> tuple[tuple[int, int, tuple, tuple], ...]:
-  """Every piece of the whole array (all processes), in offset order:
-  (offset, length, shard bounds, local index) in elements."""
-  shape = tuple(np.shape(x))
-  if isinstance(x, jax.Array):
-    return _sharded_run_table(shape, x.sharding)
-  return tuple(_runs_of({tuple((0, n) for n in shape)}, shape))
-
-
 @functools.lru_cache(maxsize=4096)
-def _sharded_run_table(shape: tuple[int, ...], sharding) -> tuple:
-  indices = sharding.devices_indices_map(shape).values()
-  return tuple(_runs_of({_bounds(i, shape) for i in indices}, shape))
-
-
-def _runs_of(distinct: set[tuple], shape: tuple[int, ...]) -> list:
-  return sorted(
-    (off, n, b, local) for b in distinct for local, off, n in _runs(b, shape)
-  )
+def _run_table(shape: tuple[int, ...], sharding=None) -> tuple:
+  """Every piece of the whole array (all processes; sharding None: a host
+  array), in offset order: (offset, length, shard bounds, local index) in
+  elements."""
+  if sharding is None:
+    distinct = {tuple((0, n) for n in shape)}
+  else:
+    indices = sharding.devices_indices_map(shape).values()
+    distinct = {_bounds(i, shape) for i in indices}
+  runs = [(off, n, b, loc) for b in distinct for loc, off, n in _runs(b, shape)]
+  return tuple(sorted(runs))
 
 
 # ----------------------------------------------------------------------------
@@ -213,7 +206,10 @@ def integrity_summary(
     else x
     for x in jax.tree_util.tree_leaves(tree)
   ]
-  tables = [_run_table(x) for x in leaves]
+  tables = [
+    _run_table(np.shape(x), x.sharding if isinstance(x, jax.Array) else None)
+    for x in leaves
+  ]
   local = _local_crcs(leaves, tables)
   crcs, held, finite = (
     _over_processes(*local) if exchange else [v[None] for v in local]

@@ -18,14 +18,10 @@ from vmoe_jsd import paths, sharding
 def flatten_tree(tree: Any, sep: str = '/', *, strict: bool = True) -> dict:
   """{'Encoder/encoder_norm/bias': leaf} of nested mappings, depth first.
 
-  Empty sub-mappings have no leaves and disappear. Keys are made str.
-
-  Args:
-    tree: Nested mappings (dict, FrozenDict, ...) with any leaves.
-    sep: Separator placed between the keys of nested levels.
-    strict: raise ValueError on a key that is empty or contains `sep` (its
-      name would not unflatten back to the same tree); False keeps them,
-      e.g. for a tree whose keys are already '/'-joined names.
+  Empty sub-mappings have no leaves and disappear. Keys are made str and
+  joined by `sep`. `strict`: ValueError on a key that is empty or contains
+  `sep` (its name would not unflatten back to the same tree); False keeps
+  them, e.g. for a tree whose keys are already '/'-joined names.
   """
   flat = {}
 
@@ -106,12 +102,9 @@ def match_tree(expected: Any, loaded: Any, *, what: str = 'checkpoint') -> None:
   unexpected = sorted(set(flat_loaded) - set(flat_expected))
   mismatched = []
   for name in sorted(set(flat_expected) & set(flat_loaded)):
-    shape_expected = shape_of(flat_expected[name])
-    shape_loaded = shape_of(flat_loaded[name])
-    if shape_expected != shape_loaded:
-      mismatched.append(
-        f'{name}: expected {shape_expected}, got {shape_loaded}'
-      )
+    want, got = shape_of(flat_expected[name]), shape_of(flat_loaded[name])
+    if want != got:
+      mismatched.append(f'{name}: expected {want}, got {got}')
   if missing or unexpected or mismatched:
     raise ValueError(
       f'The {what} does not match the expected tree:'

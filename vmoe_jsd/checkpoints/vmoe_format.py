@@ -24,6 +24,7 @@ The format, as this module understands it:
 import collections
 import collections.abc
 import errno
+import functools
 import itertools
 import os
 from typing import Any
@@ -44,32 +45,29 @@ VERSION = '20220622'
 
 
 def _sorted_leaves(tree: Any, path: tuple[str, ...] = ()):
-  """Yields (path, leaf) in jax's flattening order: keys sorted, depth first."""
+  """Yields ('/'-joined name, leaf) in jax's flattening order: keys sorted,
+  depth first."""
   for key in sorted(tree):
     value = tree[key]
     if isinstance(value, collections.abc.Mapping):
       yield from _sorted_leaves(value, path + (key,))
     else:
-      yield path + (key,), value
+      yield '/'.join(path + (key,)), value
 
 
 def _map_sorted(tree: Any, fn) -> dict:
-  """Returns a copy of a nested dict, keys sorted, with leaves `fn(leaf)`."""
-  out = {}
-  for key in sorted(tree):
-    value = tree[key]
-    if isinstance(value, collections.abc.Mapping):
-      out[key] = _map_sorted(value, fn)
-    else:
-      out[key] = fn(value)
-  return out
+  """A copy of a nested dict, keys sorted, with leaves `fn(leaf)`."""
+  return {
+    key: _map_sorted(tree[key], fn)
+    if isinstance(tree[key], collections.abc.Mapping)
+    else fn(tree[key])
+    for key in sorted(tree)
+  }
 
 
 # ---------------------------------------------------------------------------
 # Reading.
 # ---------------------------------------------------------------------------
-
-
 def shard_path(prefix: str, shard: int, shard_count: int) -> str:
   """'PREFIX.data-00000-of-00001': data shard `shard` (from 0), as vmoe."""
   return f'{prefix}.data-{shard:05d}-of-{shard_count:05d}'
@@ -91,10 +89,7 @@ def _bounds(slice_nd: SliceNd, shape: tuple[int, ...]) -> tuple:
 
 def _check_index_leaf(name: str, info: Any, shard_count: int, path: str):
   """Checks that an index entry is an IndexInfo whose slices tile its array."""
-
-  def corrupt(reason: str) -> ValueError:
-    return vmoe_msgpack.corrupt('index', path, reason, name)
-
+  corrupt = functools.partial(vmoe_msgpack.corrupt, 'index', path, name=name)
   if not isinstance(info, IndexInfo):
     raise corrupt(f'expected an IndexInfo, got {type(info).__name__}')
   if len(info.global_slices) != len(info.shards):
@@ -120,14 +115,8 @@ def boxes_tile(bounds, shape: tuple[int, ...]) -> bool:
   the signed corner counts of the boxes add up to those of the whole array:
   O(n 2^d) dictionary updates for n boxes of rank d, instead of the O(n^2)
   pairwise overlap test (8,000 slices: 24.5 s). An empty box has all its
-  corner weights cancel, as it covers nothing.
-
-  Args:
-    bounds: one ((start, stop), ...) per box, 0 <= start <= stop <= size.
-    shape: the array's shape.
-
-  Returns:
-    True for an exact tiling.
+  corner weights cancel, as it covers nothing. Each box must have
+  0 <= start <= stop <= size on every axis.
   """
   weights: dict[tuple[int, ...], int] = collections.defaultdict(int)
   for box in bounds:
@@ -169,10 +158,7 @@ def read_vmoe_index(prefix: str) -> dict[str, Any]:
       errno.ENOENT, 'vmoe checkpoint index not found', index_path
     )
   content = vmoe_msgpack.unpack_file(index_path, 'index')
-
-  def corrupt(reason: str) -> ValueError:
-    return vmoe_msgpack.corrupt('index', index_path, reason)
-
+  corrupt = functools.partial(vmoe_msgpack.corrupt, 'index', index_path)
   if not isinstance(content, dict) or {'index', 'shard_count'} - set(content):
     raise corrupt("expected a map with keys 'index' and 'shard_count'")
   version = content.get('version')
@@ -181,14 +167,13 @@ def read_vmoe_index(prefix: str) -> dict[str, Any]:
       f'vmoe checkpoint index {index_path!r} has version {version!r}; only '
       f'{VERSION!r} (and older, unversioned files) can be read.'
     )
-  shard_count = content['shard_count']
-  index = content['index']
+  shard_count, index = content['shard_count'], content['index']
   if not isinstance(shard_count, int) or shard_count < 1:
     raise corrupt(f'shard_count={shard_count!r}')
   if not isinstance(index, dict):
     raise corrupt(f'its tree is a {type(index).__name__}, not a map')
-  for path, info in _sorted_leaves(index):
-    _check_index_leaf('/'.join(path), info, shard_count, index_path)
+  for name, info in _sorted_leaves(index):
+    _check_index_leaf(name, info, shard_count, index_path)
   return {'shard_count': shard_count, 'version': version, 'index': index}
 
 
@@ -205,11 +190,10 @@ def read_vmoe_checkpoint(prefix: str) -> dict:
     leaf the full global array assembled from all its slices in all shards.
 
   Raises:
-    FileNotFoundError: if the index, or a data shard that it refers to, is
-      missing; the message names the file.
-    ValueError: if the index or a shard is truncated or corrupt (msgpack fails,
-      a slice's bytes do not match its shape and dtype, the slices do not cover
-      an array); the message names the file and, where known, the parameter.
+    FileNotFoundError: the index, or a data shard it lists, is missing.
+    ValueError: the index or a shard is truncated or corrupt (its bytes do
+      not decode or fit, the slices do not cover an array); the message
+      names the file and, where known, the parameter.
   """
   prefix = prefix.removesuffix('.index')
   index_path = prefix + '.index'
@@ -218,7 +202,7 @@ def read_vmoe_checkpoint(prefix: str) -> dict:
 
   # Leaf i of the sorted flattening is the key str(i) in the data shards.
   entries = list(_sorted_leaves(index))
-  names = ['/'.join(path) for path, _ in entries]
+  names = [name for name, _ in entries]
   infos = [info for _, info in entries]
   arrays = [np.empty(info.shape, info.dtype) for info in infos]
   # (leaf, slice bounds) -> shard, for every slice still to be read.
@@ -323,8 +307,6 @@ def _fill_from_shard(
 # ---------------------------------------------------------------------------
 # Writing.
 # ---------------------------------------------------------------------------
-
-
 def _write_atomically(path: str, write_fn) -> None:
   """Writes `path` whole or not at all.
 
@@ -351,8 +333,9 @@ def _write_atomically(path: str, write_fn) -> None:
     raise
 
 
-def _write_shard(f, leaf_ids: list[int], arrays: list[np.ndarray]) -> None:
+def _write_shard(f, shard: int, arrays, infos) -> None:
   """Streams one data shard: the same bytes as packing the whole map."""
+  leaf_ids = [i for i, info in enumerate(infos) if info.shards[0] == shard]
   packer = msgpack.Packer()
   f.write(packer.pack_map_header(1 + len(leaf_ids)))
   f.write(packer.pack(ARRAY_CHUNKS_KEY))
@@ -364,8 +347,7 @@ def _write_shard(f, leaf_ids: list[int], arrays: list[np.ndarray]) -> None:
       vmoe_msgpack.ndarray_ext(flat[j : j + step])
       for j in range(0, flat.size, step)
     ]
-    whole = tuple((0, size, None) for size in arrays[i].shape)
-    slice_ext = vmoe_msgpack.slice_nd_ext(whole)
+    slice_ext = vmoe_msgpack.slice_nd_ext(infos[i].global_slices[0])
     f.write(packer.pack(str(i)))
     f.write(packer.pack([[subchunks, slice_ext]]))
 
@@ -402,8 +384,7 @@ def write_vmoe_checkpoint(
   tree = _map_keys_to_str(tree)
   arrays, infos = [], []
   bytes_per_shard = [0] * num_shards
-  for path, leaf in _sorted_leaves(tree):
-    name = '/'.join(path)
+  for name, leaf in _sorted_leaves(tree):
     array = np.asarray(leaf)
     if array.dtype.hasobject or array.dtype.fields is not None:
       raise ValueError(
@@ -425,14 +406,11 @@ def write_vmoe_checkpoint(
     arrays.append(array)
 
   paths.makedirs(paths.resolve(prefix).parent)
-  shard_paths = []
-  for shard in range(num_shards):
-    leaf_ids = [i for i, info in enumerate(infos) if info.shards[0] == shard]
-    path = shard_path(prefix, shard, num_shards)
+  shard_paths = [shard_path(prefix, s, num_shards) for s in range(num_shards)]
+  for shard, path in enumerate(shard_paths):
     _write_atomically(
-      path, lambda f, ids=leaf_ids: _write_shard(f, ids, arrays)
+      path, lambda f, s=shard: _write_shard(f, s, arrays, infos)
     )
-    shard_paths.append(path)
 
   exts = iter(vmoe_msgpack.index_info_ext(info) for info in infos)
   content = {

@@ -108,18 +108,6 @@ def _unpack_shaped_array(data: bytes) -> tuple[tuple[int, ...], np.dtype, bool]:
   return tuple(shape), dtype_from_name(dtype_name), bool(weak_type)
 
 
-def _unpack_index_info(data: bytes) -> IndexInfo:
-  shaped, slices, shards = msgpack.unpackb(data, raw=True)
-  shape, dtype, weak_type = _unpack_shaped_array(shaped)
-  return IndexInfo(
-    shape=shape,
-    dtype=dtype,
-    weak_type=weak_type,
-    global_slices=tuple(_unpack_slice_nd(s) for s in slices),
-    shards=tuple(shards),
-  )
-
-
 def ext_hook(code: int, data: bytes) -> Any:
   """Decodes vmoe's ext types; ndarrays are checked later, by their user."""
   if code in (EXT_NDARRAY, EXT_NPSCALAR):
@@ -143,7 +131,9 @@ def ext_hook(code: int, data: bytes) -> Any:
     items[:] = [_unpack_slice_nd(s) for s in slices]
     return items.reshape(shape)
   if code == EXT_INDEX_INFO:
-    return _unpack_index_info(data)
+    shaped, slices, shards = msgpack.unpackb(data, raw=True)
+    slices = tuple(_unpack_slice_nd(s) for s in slices)
+    return IndexInfo(*_unpack_shaped_array(shaped), slices, tuple(shards))
   return msgpack.ExtType(code, data)
 
 

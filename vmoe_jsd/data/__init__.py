@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from vmoe_jsd.config_errors import check_choice, fail, lookup, to_dict
+from vmoe_jsd.config_errors import check_choice, lookup, reject, to_dict
 from vmoe_jsd.data import fashion_mnist, folder, synthetic, tfds_data
 
 
@@ -55,7 +55,9 @@ def _square(size: int, channels: int) -> tuple[int, int, int]:
 
 def _check_fashion(key: str, cfg: Mapping, *_) -> None:
   if cfg['split'].partition('[')[0] not in fashion_mnist.FILES:
-    fail(f'{key}.split', cfg['split'], f'one of {sorted(fashion_mnist.FILES)}')
+    reject(
+      f'{key}.split', cfg['split'], f'one of {sorted(fashion_mnist.FILES)}'
+    )
 
 
 def _fashion_files(split: str, cfg: Mapping, batch: int) -> None:
@@ -78,15 +80,15 @@ def _check_canvas(key: str, cfg: Mapping, default_size, is_train) -> None:
   """Keys of a 'tfds' or 'folder' block (images resized into a canvas)."""
   size = cfg.get('image_size')
   if cfg['name'] == 'tfds' and not cfg.get('tfds_name'):
-    fail(f'{key}.tfds_name', cfg.get('tfds_name'), 'a tfds dataset name')
+    reject(f'{key}.tfds_name', cfg.get('tfds_name'), 'a tfds dataset name')
   if size is not None and (not isinstance(size, int) or size <= 0):
-    fail(f'{key}.image_size', size, 'a positive int (pixels) or None')
+    reject(f'{key}.image_size', size, 'a positive int (pixels) or None')
   if is_train and size is not None and size < default_size:
     valid = f'the training canvas must be >= augment.size={default_size}'
-    fail(f'{key}.image_size', size, valid)
+    reject(f'{key}.image_size', size, valid)
   resize = cfg.get('resize_size')
   if resize is not None and (size is None or resize < size):
-    fail(f'{key}.resize_size', resize, f'None or >= image_size={size}')
+    reject(f'{key}.resize_size', resize, f'None or >= image_size={size}')
 
 
 def _folder_files(split: str, cfg: Mapping, batch: int) -> None:

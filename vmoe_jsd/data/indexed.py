@@ -52,16 +52,8 @@ class UnreadableRecord(Exception):
 
 
 def epoch_permutation(seed: int, epoch: int, num_records: int) -> np.ndarray:
-  """The seeded order of the records in one epoch.
-
-  Args:
-    seed: shuffle seed.
-    epoch: epoch number (each epoch has its own order).
-    num_records: N.
-
-  Returns:
-    (N,) int32 (int64 past 2^31 records) permutation of range(N).
-  """
+  """The seeded order of the N records in one epoch (each epoch has its
+  own): an (N,) int32 (int64 past 2^31 records) permutation of range(N)."""
   rng = np.random.default_rng([int(seed), int(epoch), 0x5EED])
   dtype = np.int32 if num_records < 2**31 else np.int64
   return rng.permutation(num_records).astype(dtype)
@@ -105,17 +97,9 @@ class IndexSampler:
     return self._perm
 
   def indices(self, step: int, batch_size: int, start: int, stop: int):
-    """Record indices of slots [start, stop) of global batch `step`.
-
-    Args:
-      step: the global batch (0-based: the batch used by step `step + 1`).
-      batch_size: global batch size B.
-      start: first slot (a process's share starts at k B / P).
-      stop: one past the last slot.
-
-    Returns:
-      (stop - start,) int64 record indices.
-    """
+    """(stop - start,) int64 record indices of slots [start, stop) of the
+    global batch `step` of `batch_size` B (0-based: the batch used by step
+    `step + 1`; a process's share starts at k B / P)."""
     positions = step * batch_size + np.arange(start, stop, dtype=np.int64)
     epochs, within = np.divmod(positions, self.num_records)
     out = np.empty(len(positions), np.int64)
@@ -236,16 +220,9 @@ def to_canvas(data, canvas: int, channels: int):
 
 
 def decode_image_from(raw, channels: int):
-  """Decodes a PIL image and converts it to mode 'L' or 'RGB'.
-
-  Args:
-    raw: an opened (not yet loaded) PIL image.
-    channels: 1 ('L') or 3 ('RGB'); grey, palette, RGBA and CMYK images are
-      converted, alpha is dropped.
-
-  Returns:
-    The decoded PIL image in that mode.
-  """
+  """Decodes an opened (not yet loaded) PIL image, in mode 'L' (channels
+  1) or 'RGB' (3); grey, palette, RGBA and CMYK images are converted, alpha
+  is dropped."""
   raw.load()
   mode = CHANNEL_MODES[channels]
   if raw.mode == mode:

@@ -28,19 +28,11 @@ gradient are zero at x_0, so this attack starts from a point drawn uniformly
 in the eps-ball (one key per example, folded from its position in the
 split).
 
-**What is reported** (per attack, over the first `limit` test images):
-adversarial accuracy and its drop from the clean accuracy, the mean loss, the
-share of changed predictions (vmoe's `prediction_changes`) and, per MoE
-layer:
-  - routing_changes (vmoe's): 1 - the mean over images of the mean over all
-    tokens of IoU(A, B), A and B the sets of experts a token is dispatched
-    to before and after the attack (vmoe: combine weights > 0, so a choice
-    dropped by the capacity is not in the set; a token with both sets empty
-    has IoU 0, as in vmoe's `sum_intersection_over_union`);
-  - flip_rate (ours, stability.py's): the share of patch tokens whose top-1
-    expert changed (the grid is unchanged, patch i against patch i);
-  - router_kl: the mean KL(clean || attacked) of the router softmax per
-    token (the routing attack's objective, per layer).
+**What is reported** (docs/robustness.md gives the schema): adversarial
+accuracy, loss and prediction changes, and per MoE layer vmoe's
+routing_changes (1 - mean IoU of the selected-expert sets before and after,
+a token with both sets empty counting IoU 0, as vmoe's
+`sum_intersection_over_union`), the top-1 flip rate and the router KL.
 The selected sets are recomputed from the sown router logits with the
 evaluation router's K, capacity and priority (`selected_experts`, the rule
 of moe.make_top_k_dispatcher); for expert-choice and Soft MoE routers
@@ -62,7 +54,7 @@ from vmoe_jsd.config_errors import (
   check_keys,
   check_limit,
   check_range,
-  fail,
+  reject,
   to_dict,
 )
 from vmoe_jsd.evaluation import core, serving
@@ -442,7 +434,7 @@ class AttackSpec:
     check_keys(key, cfg, [f.name for f in dataclasses.fields(cls)])
     chosen = tuple(cfg.get('attacks', ATTACKS))
     if [a for a in chosen if a not in ATTACKS]:
-      fail(f'{key}.attacks', chosen, f'a subset of {list(ATTACKS)}')
+      reject(f'{key}.attacks', chosen, f'a subset of {list(ATTACKS)}')
     limit = check_limit(f'{key}.limit', cfg.get('limit', 1200), eval_limit)
     eps = cfg.get('epsilon', 1 / 127.5)
     check_range(f'{key}.epsilon', eps, 0, low_open=True)

@@ -39,7 +39,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from vmoe_jsd import augment, data
-from vmoe_jsd.config_errors import to_dict
+from vmoe_jsd.config_errors import check_range, reject, to_dict
 from vmoe_jsd.evaluation import core
 from vmoe_jsd.models.spec import ModelSpec
 
@@ -162,42 +162,45 @@ class FewshotSpec:
   def from_config(
     cls, cfg, datasets_registry: Sequence[str], image_size: int
   ) -> FewshotSpec:
-    """Raises ValueError (key, value, what is valid) for a bad block."""
+    """Raises ConfigError (key, value, what is valid) for a bad block."""
     fs = to_dict(cfg)
-
-    def bad(key, value, valid):
-      raise ValueError(f'config.fewshot.{key}={value!r} is invalid: {valid}')
-
     every = fs.get('every_steps') or 0
-    if not isinstance(every, int) or every < 0:
-      bad('every_steps', every, 'must be an integer >= 0')
+    check_range('fewshot.every_steps', every, 0, integer=True)
     if not fs.get('datasets'):
       return cls(every_steps=every)
     shots = tuple(fs.get('shots') or ())
     if not shots or any(not isinstance(s, int) or s < 1 for s in shots):
-      bad('shots', shots, 'a non-empty tuple of integers >= 1, e.g. (1, 5)')
+      reject(
+        'fewshot.shots',
+        shots,
+        'a non-empty tuple of integers >= 1, e.g. (1, 5)',
+      )
     seeds = tuple(fs.get('seeds') or ())
     if not seeds or any(not isinstance(s, int) for s in seeds):
-      bad('seeds', seeds, 'a non-empty tuple of integers, e.g. (0, 1, 2)')
+      reject(
+        'fewshot.seeds', seeds, 'a non-empty tuple of integers, e.g. (0, 1, 2)'
+      )
     l2 = fs.get('l2_reg')
-    if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 > 0:
-      bad('l2_reg', l2, 'must be a number > 0')
+    check_range('fewshot.l2_reg', l2, 0, low_open=True)
     limit = fs.get('limit')
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-      bad('limit', limit, 'must be an integer >= 1 (or None)')
+    check_range('fewshot.limit', limit, 1, integer=True, optional=True)
     sets = []
     for name, spec in fs['datasets'].items():
       for split in ('train', 'test'):
         block = spec.get(split) if hasattr(spec, 'get') else None
         if not block or block.get('name') not in datasets_registry:
-          bad(
-            f'datasets.{name}.{split}',
+          reject(
+            f'fewshot.datasets.{name}.{split}',
             block and block.get('name'),
             f'a dataset block whose name is one of {sorted(datasets_registry)}',
           )
         batch = block.get('batch_size')
         if not isinstance(batch, int) or batch < 1:
-          bad(f'datasets.{name}.{split}.batch_size', batch, 'an integer >= 1')
+          reject(
+            f'fewshot.datasets.{name}.{split}.batch_size',
+            batch,
+            'an integer >= 1',
+          )
       sets.append(
         FewshotDataset(
           name,

@@ -19,6 +19,7 @@ needs none.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -43,6 +44,9 @@ EXPERT_COLOURS = (
   '#F0E442',
   '#999999',
 )
+
+
+CENTRED = {'ha': 'center', 'va': 'center'}  # matplotlib text alignment
 
 
 def expert_colour(e: int) -> str:
@@ -224,30 +228,13 @@ def _draw_view(ax, view, partner_map, top1, v: int, patch_size: int, block):
     r, c = divmod(k, grid)
     x0, y0 = c * patch_size - 0.5, r * patch_size - 0.5
     e = int(top1[v, k])
+    square = functools.partial(Rectangle, (x0, y0), patch_size, patch_size)
     ax.add_patch(
-      Rectangle(
-        (x0, y0),
-        patch_size,
-        patch_size,
-        facecolor=expert_colour(e),
-        alpha=0.55,
-        edgecolor='white',
-        linewidth=0.5,
-      )
+      square(facecolor=expert_colour(e), alpha=0.55, ec='white', lw=0.5)
     )
     m = int(partner_map[k])
     if m < 0:
-      ax.add_patch(
-        Rectangle(
-          (x0, y0),
-          patch_size,
-          patch_size,
-          fill=False,
-          hatch='////',
-          edgecolor='black',
-          linewidth=0,
-        )
-      )
+      ax.add_patch(square(fill=False, hatch='////', ec='black', lw=0))
       continue
     pairs += 1
     if int(other[m]) == e:
@@ -340,15 +327,7 @@ def plot_expert_by_class(counts: dict, class_names: list[str]):
     for r in range(share.shape[0]):
       for e in range(share.shape[1]):
         colour = 'white' if share[r, e] < 0.6 else 'black'
-        ax.text(
-          e,
-          r,
-          f'{share[r, e]:.2f}',
-          ha='center',
-          va='center',
-          fontsize=7,
-          color=colour,
-        )
+        ax.text(e, r, f'{share[r, e]:.2f}', **CENTRED, fontsize=7, color=colour)
   fig.colorbar(im, ax=axes[0].tolist(), label="share of the class's patches")
   fig.suptitle('Which expert each class is routed to (clean test view)')
   return fig
@@ -368,20 +347,11 @@ def plot_load_dropped(routing: dict):
     ax.bar(
       range(len(load)), load, color=[expert_colour(e) for e in range(len(load))]
     )
-    ax.axhline(
-      1 / len(load),
-      color='black',
-      linestyle='--',
-      linewidth=1,
-      label='fair share 1/E',
-    )
-    ax.axhline(
-      2 / len(load),
-      color='red',
-      linestyle=':',
-      linewidth=1,
-      label='2 x fair share',
-    )
+    for share, colour, style, label in (
+      (1, 'black', '--', 'fair share 1/E'),
+      (2, 'red', ':', '2 x fair share'),
+    ):
+      ax.axhline(share / len(load), color=colour, ls=style, lw=1, label=label)
     ax.set_xticks(range(len(load)))
     ax.set_xlabel('expert')
     ax.set_ylabel('fraction of patch tokens (top-1)')
@@ -447,22 +417,23 @@ class RoutingMapWriter:
   class_names: list[str]
 
   @classmethod
-  def build(
-    cls,
-    num,
-    eval_model,
-    model: ModelSpec,
-    settings,
-    views_key,
-    test_ds,
-    dataset_name: str,
-  ) -> RoutingMapWriter | None:
-    """None without images to draw or without MoE layers."""
+  def build(cls, ctx, test_ds) -> RoutingMapWriter | None:
+    """From the registry's Context (config.evaluate.routing_map_images);
+    None without images to draw or without MoE layers."""
+    spec = ctx.spec
+    num, model, settings = (
+      spec.evaluate.routing_map_images,
+      spec.model,
+      spec.views,
+    )
     if not num or not model.moe_layers:
       return None
     batch = first_images(test_ds, model, settings.size, num)
-    fn = jax.jit(make_routing_map_fn(eval_model, model, settings, views_key))
-    names = class_names_for(dataset_name, int(np.max(batch['label'])) + 1)
+    fn = jax.jit(
+      make_routing_map_fn(ctx.eval_model, model, settings, ctx.views_key)
+    )
+    label_count = int(np.max(batch['label'])) + 1
+    names = class_names_for(spec.test_data.name, label_count)
     return cls(
       num, dict(batch), fn, settings.patch_size, model.num_experts, names
     )

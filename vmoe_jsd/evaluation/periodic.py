@@ -48,16 +48,7 @@ class Evaluations:
     evaluator = registry.Evaluator(spec, mesh, names)
     routing_maps = None
     if jax.process_count() == 1:  # Its jitted call runs on one process.
-      ctx = evaluator.ctx
-      routing_maps = figures.RoutingMapWriter.build(
-        spec.evaluate.routing_map_images,
-        ctx.eval_model,
-        spec.model,
-        spec.views,
-        ctx.views_key,
-        test_ds,
-        spec.test_data.name,
-      )
+      routing_maps = figures.RoutingMapWriter.build(evaluator.ctx, test_ds)
     return cls(evaluator, test_ds, writer, log, suites, routing_maps)
 
   @property

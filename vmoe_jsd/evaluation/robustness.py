@@ -14,7 +14,7 @@ from vmoe_jsd.config_errors import (
   check_keys,
   check_limit,
   check_range,
-  fail,
+  reject,
   to_dict,
 )
 from vmoe_jsd.evaluation import attacks
@@ -58,10 +58,10 @@ class RobustnessSpec:
     check_keys(key, cfg, [f.name for f in dataclasses.fields(cls)])
     suites = tuple(cfg.get('suites', SUITES))
     if [s for s in suites if s not in SUITES]:
-      fail(f'{key}.suites', suites, f'a subset of {list(SUITES)}')
+      reject(f'{key}.suites', suites, f'a subset of {list(SUITES)}')
     families = tuple(cfg.get('corruptions', tuple(FAMILIES)))
     if not families or [f for f in families if f not in FAMILIES]:
-      fail(
+      reject(
         f'{key}.corruptions',
         families,
         f'a non-empty subset of {list(FAMILIES)}',

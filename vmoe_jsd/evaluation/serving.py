@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vmoe_jsd import augment
-from vmoe_jsd.config_errors import fail
+from vmoe_jsd.config_errors import reject
 from vmoe_jsd.evaluation import core
 from vmoe_jsd.models import moe as moe_lib
 from vmoe_jsd.models.spec import DEFAULT_ROUTER, ModelSpec, deep_update
@@ -118,14 +118,14 @@ def make_serving_step(eval_model, model: ModelSpec, settings):
 def check_serving(model: ModelSpec) -> None:
   """The cheap suite needs the top-K router (K and capacity factor)."""
   if not model.moe_layers:
-    fail(
+    reject(
       'model.encoder.moe.layers',
       model.moe_layers,
       "the 'cheap' suite varies K and capacity: needs MoE layers",
     )
   name = _router(model.eval_config).get('name', DEFAULT_ROUTER)
   if name != DEFAULT_ROUTER:
-    fail(
+    reject(
       'model.encoder.moe.router.name',
       name,
       f"the 'cheap' suite varies K and capacity: needs {DEFAULT_ROUTER}",

@@ -1,21 +1,10 @@
 """Initial parameters from pre-trained checkpoints: ViT, V-MoE and ours.
 
 `load_initial_params(config.initialization, target_params)` fills the freshly
-initialised parameters of the model about to be trained from one of:
-
-  'vit_npz'  a dense ViT `.npz` of vision_transformer or big_vision, with
-             sparse upcycling of the MoE blocks (vit.py);
-  'vmoe'     a google-research/vmoe checkpoint (checkpoints/vmoe_format.py),
-             same tree;
-  'orbax'    the params of one of our orbax checkpoints (a workdir, its
-             checkpoints/ folder for the latest step, or one step folder).
-
-In all three the head is copied only with keep_head=True and equal shapes,
-a position embedding whose grid differs is resized (posemb.py), and anything
-else unmatched is an error listing the names (fill.py). The loaders return
-(params, report): params a nested dict of numpy arrays in the target's
-dtypes (parameters kept fresh are the target's own leaves), report a dict
-of name lists (see `format_report`).
+initialised parameters of the model about to be trained from a dense ViT
+`.npz` with sparse upcycling (vit.py), a google-research/vmoe checkpoint or
+one of our orbax checkpoints; the rules of the fill are in fill.py and the
+user's view in docs/checkpoints_and_storage.md.
 """
 
 from __future__ import annotations
@@ -81,66 +70,47 @@ def load_initial_params(
     and 'path'.
 
   Raises:
-    ValueError: on an unknown source or key, or a checkpoint that does not
-      fit (listing the names).
+    ValueError: an unknown source or key, or a checkpoint that does not fit.
     FileNotFoundError: if the checkpoint is not there.
   """
   cfg = to_dict(init_config)
   check_config(cfg)
   source, path = cfg['source'], str(cfg['path'])
-  params, report = _READERS[source](
-    path,
-    cfg,
-    target_params,
+  kwargs = dict(
     keep_head=bool(cfg.get('keep_head', False)),
     strict=bool(cfg.get('strict', True)),
   )
+  if source == 'vit_npz':
+    if not paths.isfile(path):
+      raise FileNotFoundError(
+        errno.ENOENT, 'ViT checkpoint (.npz) not found', path
+      )
+    params, report = vit_to_vmoe_params(
+      checkpoints.read_npz_tree(path),
+      target_params,
+      upcycle=bool(cfg.get('upcycle', True)),
+      what=f'ViT checkpoint {path!r}',
+      **kwargs,
+    )
+  elif source == 'vmoe':
+    prefix = path.removesuffix('.index')
+    tree = checkpoints.read_vmoe_checkpoint(prefix)
+    what = f'vmoe checkpoint {prefix!r}'
+    params, report = copy_matching_params(
+      tree, target_params, what=what, **kwargs
+    )
+  else:
+    tree, info = checkpoints.read_orbax_params(path)
+    what = f'orbax checkpoint {info["directory"]!r}'
+    params, report = copy_matching_params(
+      tree, target_params, what=what, **kwargs
+    )
+    report['step'] = info['step']
+    report['skipped_checkpoints'] = info['skipped']
   if source != 'vit_npz' and 'upcycle' in cfg:
     report['notes'].append(f'upcycle is ignored for source={source!r}')
-  report['source'] = source
-  report['path'] = path
+  report.update(source=source, path=path)
   return params, report
-
-
-def _load_vit_npz(path: str, cfg: dict, target_params, **kwargs):
-  if not paths.isfile(path):
-    raise FileNotFoundError(
-      errno.ENOENT, 'ViT checkpoint (.npz) not found', path
-    )
-  return vit_to_vmoe_params(
-    checkpoints.read_npz_tree(path),
-    target_params,
-    upcycle=bool(cfg.get('upcycle', True)),
-    what=f'ViT checkpoint {path!r}',
-    **kwargs,
-  )
-
-
-def _load_vmoe(path: str, cfg: dict, target_params, **kwargs):
-  prefix = path.removesuffix('.index')
-  return copy_matching_params(
-    checkpoints.read_vmoe_checkpoint(prefix),
-    target_params,
-    what=f'vmoe checkpoint {prefix!r}',
-    **kwargs,
-  )
-
-
-def _load_orbax(path: str, cfg: dict, target_params, **kwargs):
-  tree, info = checkpoints.read_orbax_params(path)
-  params, report = copy_matching_params(
-    tree,
-    target_params,
-    what=f'orbax checkpoint {info["directory"]!r}',
-    **kwargs,
-  )
-  report['step'] = info['step']
-  report['skipped_checkpoints'] = info['skipped']
-  return params, report
-
-
-# source -> (path, cfg, target, keep_head=, strict=) -> (params, report).
-_READERS = {'orbax': _load_orbax, 'vit_npz': _load_vit_npz, 'vmoe': _load_vmoe}
 
 
 def load_eval_params(

@@ -51,29 +51,19 @@ def fill_target(
   source_flat: dict[str, Any],
   *,
   what: str,
-  origin: dict[str, str],
   keep_head: bool,
   strict: bool,
-  upcycle: bool,
+  origin: dict[str, str] | None = None,
+  upcycle: bool = False,
   fresh_ok=lambda name: False,
   skippable=is_head,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Fills each target name from the checkpoint (both flat, in our names).
-
-  Args:
-    target_flat: our name -> target leaf (array or ShapeDtypeStruct).
-    source_flat: our name -> checkpoint array.
-    what: the checkpoint, for messages.
-    origin: our name -> the checkpoint's own name, for messages.
-    keep_head: copy head/pre_logits when shapes match.
-    strict: unmatched names are errors (else kept fresh / skipped).
-    upcycle: fill MoE experts from the dense MLP of the same block.
-    fresh_ok: target names that are expected to stay fresh.
-    skippable: checkpoint names that may stay unused.
-
-  Returns:
-    (flat params, report).
-  """
+  """(flat params, report): each target name (our name -> target leaf)
+  filled from the checkpoint (our name -> array; `origin` gives its own
+  names, for messages; None: the same names). `upcycle` fills MoE experts
+  from the dense MLP of the same block; `fresh_ok` names may stay fresh,
+  `skippable` checkpoint names unused; the rest as `vit_to_vmoe_params`."""
+  origin = {n: n for n in source_flat} if origin is None else origin
   report = {key: [] for key in (*REPORT_KEYS, 'notes')}
   out, used, missing, mismatched = {}, set(), [], []
   for name, leaf in target_flat.items():
@@ -208,12 +198,6 @@ def copy_matching_params(
       what=what,
     )
   flat_params, report = fill_target(
-    target_flat,
-    source,
-    what=what,
-    origin={name: name for name in source},
-    keep_head=keep_head,
-    strict=strict,
-    upcycle=False,
+    target_flat, source, what=what, keep_head=keep_head, strict=strict
   )
   return unflatten_tree(flat_params), report

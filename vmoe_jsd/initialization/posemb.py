@@ -69,14 +69,9 @@ def resize_pos_embedding(
   (a square, or a square plus one). The patch positions are interpolated
   (`interpolate_grid`); the class-token position is copied when both have
   one, dropped when the target has none, and taken from `class_position`
-  when only the target has one.
-
-  Args:
-    posemb: source embedding, (1, T, D).
-    target_shape: (1, T', D) with the same D.
-    class_position: (1, 1, D) value of the target's class-token position
-      when the source has none (e.g. zeros, or the target's own value).
-    class_position_origin: what class_position is, for the description.
+  ((1, 1, D): e.g. zeros, or the target's own value; described as
+  `class_position_origin`) when only the target has one. `posemb` is
+  (1, T, D) and `target_shape` (1, T', D).
 
   Returns:
     (resized embedding as float64, description of what was done).
@@ -127,16 +122,15 @@ def resize_pos_embedding(
 
 def resize_target_posemb(src, leaf, source_flat) -> tuple[np.ndarray, str]:
   """Resizes the checkpoint's position embedding onto the target's."""
+  class_position = np.zeros((1, 1, shape_of(src)[-1]))
   if 'cls' in source_flat:
     # big_vision adds position embeddings before it prepends the class
     # token, which so gets none: a zero position keeps the function.
-    class_position = np.zeros((1, 1, shape_of(src)[-1]))
     origin = 'zero, as the checkpoint adds none to its class token'
   elif hasattr(leaf, '__array__'):
     class_position = np.asarray(leaf)[:, :1]
     origin = 'kept fresh, the checkpoint has no class token'
   else:
-    class_position = np.zeros((1, 1, shape_of(src)[-1]))
     origin = 'zero, the checkpoint has no class token'
   resized, how = resize_pos_embedding(
     src, shape_of(leaf), class_position, class_position_origin=origin

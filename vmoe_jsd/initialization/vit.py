@@ -156,19 +156,17 @@ def vit_to_vmoe_params(
 ) -> tuple[dict, dict]:
   """Maps a dense ViT checkpoint onto a V-MoE's parameters (upcycling).
 
-  Names of vision_transformer and big_vision are recognised (plus
-  big_vision's scanned blocks and the 'params/' and 'opt/target/' wrappers).
-  With upcycle=False the experts stay fresh and the dense MLPs unused.
-  big_vision's root position embedding has no class-token position (it is
-  added before the class token is prepended): the target's is then zero,
-  which keeps the function.
+  Names of vision_transformer and big_vision are recognised (plus scanned
+  blocks and the `_WRAPPERS`). big_vision's root position embedding has no
+  class-token position: the target's is then zero (posemb.py).
 
   Args:
     vit_tree: dict of arrays, nested (e.g. read_npz_tree(path))
       or flat with '/'-joined names (e.g. dict(np.load(path))).
     target_params: the freshly initialised params of the model to train
       (arrays, or ShapeDtypeStructs if nothing needs to stay fresh).
-    upcycle: copy the dense MLPs into the experts of MoE blocks.
+    upcycle: copy the dense MLPs into the experts of MoE blocks (False:
+      the experts stay fresh and the dense MLPs unused).
     keep_head: copy head/pre_logits when their shapes match.
     strict: unmatched names are errors (else: reported, kept fresh/unused).
     what: how to name the checkpoint in messages.
@@ -241,7 +239,6 @@ def _vit_source(vit_tree, what: str) -> tuple[dict, dict, str, bool]:
     source[ours] = value
     origin[ours] = wrapper + name
   # Names without a counterpart keep their own name, which no target has.
-  for name, value in {**outside, **unmapped}.items():
-    source[name] = value
-    origin[name] = name
+  source.update({**outside, **unmapped})
+  origin.update({name: name for name in {**outside, **unmapped}})
   return source, origin, naming, scanned

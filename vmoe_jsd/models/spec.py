@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from vmoe_jsd.config_errors import check_choice, check_range, fail, to_dict
+from vmoe_jsd.config_errors import check_choice, check_range, reject, to_dict
 from vmoe_jsd.models import (
   build_model,
   check_model_config,
@@ -154,10 +154,10 @@ def _check_layer_list(model) -> None:
   if not isinstance(layers, (list, tuple)) or any(
     isinstance(x, bool) or not isinstance(x, int) for x in layers
   ):
-    fail(f'{MOE}.layers', layers, valid)
+    reject(f'{MOE}.layers', layers, valid)
   repeated = sorted({x for x in layers if list(layers).count(x) > 1})
   if repeated:
-    fail(f'{MOE}.layers', tuple(layers), f'{valid}; repeated: {repeated}')
+    reject(f'{MOE}.layers', tuple(layers), f'{valid}; repeated: {repeated}')
 
 
 def _check_ranges(model: Mapping) -> None:
@@ -195,11 +195,11 @@ def _check_shape(model: Mapping) -> None:
   encoder = model.get('encoder') or {}
   patch = tuple(model.get('patch_size', ()))
   if model.get('name', 'VisionTransformerMoe') != 'VisionTransformerMoe':
-    fail('model.name', model.get('name'), "choose 'VisionTransformerMoe'")
+    reject('model.name', model.get('name'), "choose 'VisionTransformerMoe'")
   if len(patch) != 2 or any(p <= 0 for p in patch):
-    fail('model.patch_size', model.get('patch_size'), 'use (p, p), p > 0')
+    reject('model.patch_size', model.get('patch_size'), 'use (p, p), p > 0')
   if patch[0] != patch[1]:
-    fail('model.patch_size', patch, 'square patches only (views are square)')
+    reject('model.patch_size', patch, 'square patches only (views are square)')
   check_choice(
     'model.classifier', model.get('classifier', 'token'), CLASSIFIERS
   )
@@ -209,7 +209,7 @@ def _check_shape(model: Mapping) -> None:
   heads = encoder.get('num_heads', 0)
   if heads <= 0 or model['hidden_size'] % encoder.get('num_heads', 1):
     valid = f'must be > 0 and divide hidden_size={model["hidden_size"]}'
-    fail('model.encoder.num_heads', encoder.get('num_heads'), valid)
+    reject('model.encoder.num_heads', encoder.get('num_heads'), valid)
 
 
 def _check_moe(model: Mapping, eval_model: Mapping) -> None:
@@ -220,21 +220,21 @@ def _check_moe(model: Mapping, eval_model: Mapping) -> None:
   num_layers = encoder.get('num_layers', 0)
   layers = tuple(moe.get('layers', ()))
   if num_layers <= 0:
-    fail('model.encoder.num_layers', num_layers, 'must be >= 1')
+    reject('model.encoder.num_layers', num_layers, 'must be >= 1')
   if [x for x in layers if not 0 <= x < num_layers]:
     valid = f'block indices in [0, num_layers={num_layers})'
-    fail(f'{MOE}.layers', layers, valid)
+    reject(f'{MOE}.layers', layers, valid)
   if not layers:
     return
   num_experts = moe.get('num_experts', 0)
   router_name = router.get('name', DEFAULT_ROUTER)
   check_choice(f'{MOE}.router.name', router_name, sorted(routing.ROUTERS))
   if num_experts < 1:
-    fail(f'{MOE}.num_experts', num_experts, 'must be >= 1')
+    reject(f'{MOE}.num_experts', num_experts, 'must be >= 1')
   k = router.get('num_selected_experts', 1)
   if router_name == DEFAULT_ROUTER and not 1 <= k <= num_experts:
     valid = f'K must be in [1, num_experts={num_experts}]'
-    fail(f'{MOE}.router.num_selected_experts', k, valid)
+    reject(f'{MOE}.router.num_selected_experts', k, valid)
   check_dispatcher('training', router, moe.get('group_size'), num_experts)
   eval_moe = eval_model['encoder']['moe']
   check_dispatcher(
@@ -267,7 +267,7 @@ def check_dispatcher(
   if (dispatcher.get('capacity') is None) == (
     dispatcher.get('capacity_factor') is None
   ):
-    fail(key, dispatcher, 'set exactly one of capacity and capacity_factor')
+    reject(key, dispatcher, 'set exactly one of capacity and capacity_factor')
   if dispatcher.get('capacity') is None and group_size:
     k = 1 if name == EXPERT_CHOICE else router.get('num_selected_experts', 1)
     _check_capacity_factor(
@@ -287,7 +287,7 @@ def check_dispatcher(
     dispatcher.get('capacity_multiple_of', 4),
   )
   if capacity > group_size:
-    fail(
+    reject(
       key,
       dispatcher,
       f'expert-choice capacity {capacity} exceeds the group size '
@@ -308,7 +308,7 @@ def _check_capacity_factor(
     return  # _check_ranges reports non-numbers.
   exact = num_tokens * factor / num_experts
   if exact < 1:
-    fail(
+    reject(
       f'{key}.capacity_factor',
       factor,
       f'gives each expert {formula} = {num_tokens} x {factor} / '
