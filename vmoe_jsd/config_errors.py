@@ -27,6 +27,14 @@ def check_choice(key: str, value: Any, choices) -> None:
     reject(key, value, f'one of {choices}')
 
 
+def check_subset(key: str, values, valid) -> tuple:
+  """`values` as a tuple; fails unless each is one of `valid`."""
+  values = tuple(values)
+  if any(v not in valid for v in values):
+    reject(key, values, f'a subset of {list(valid)}')
+  return values
+
+
 def check_keys(key: str, block: Mapping, valid) -> None:
   """Fails on keys of config.<key> (`block`) that are not in `valid`."""
   unknown = sorted(set(block) - set(valid))

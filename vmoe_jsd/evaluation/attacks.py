@@ -54,7 +54,7 @@ from vmoe_jsd.config_errors import (
   check_keys,
   check_limit,
   check_range,
-  reject,
+  check_subset,
   to_dict,
 )
 from vmoe_jsd.evaluation import core, serving
@@ -432,9 +432,9 @@ class AttackSpec:
     cfg = to_dict(cfg)
     key = 'evaluate.robustness.attack'
     check_keys(key, cfg, [f.name for f in dataclasses.fields(cls)])
-    chosen = tuple(cfg.get('attacks', ATTACKS))
-    if [a for a in chosen if a not in ATTACKS]:
-      reject(f'{key}.attacks', chosen, f'a subset of {list(ATTACKS)}')
+    chosen = check_subset(
+      f'{key}.attacks', cfg.get('attacks', ATTACKS), ATTACKS
+    )
     limit = check_limit(f'{key}.limit', cfg.get('limit', 1200), eval_limit)
     eps = cfg.get('epsilon', 1 / 127.5)
     check_range(f'{key}.epsilon', eps, 0, low_open=True)

@@ -14,6 +14,7 @@ from vmoe_jsd.config_errors import (
   check_keys,
   check_limit,
   check_range,
+  check_subset,
   reject,
   to_dict,
 )
@@ -56,9 +57,7 @@ class RobustnessSpec:
     cfg = to_dict(cfg)
     key = 'evaluate.robustness'
     check_keys(key, cfg, [f.name for f in dataclasses.fields(cls)])
-    suites = tuple(cfg.get('suites', SUITES))
-    if [s for s in suites if s not in SUITES]:
-      reject(f'{key}.suites', suites, f'a subset of {list(SUITES)}')
+    suites = check_subset(f'{key}.suites', cfg.get('suites', SUITES), SUITES)
     families = tuple(cfg.get('corruptions', tuple(FAMILIES)))
     if not families or [f for f in families if f not in FAMILIES]:
       reject(
