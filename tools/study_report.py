@@ -319,8 +319,8 @@ def results_header(label, steps, seeds, argv, jobs) -> list[str]:
     'machine with each other and with whatever else ran)',
     "- Routing figures: the evaluation's two augmented views of each test "
     'image (fixed key), patch tokens; flip rates: clean centred view vs '
-    'pixel noise and shifts (vmoe_jsd/stability.py) on the first 2000 test '
-    'images.',
+    'pixel noise and shifts (vmoe_jsd/evaluation/stability.py) on the '
+    'first 2000 test images.',
     '',
   ]
 
