@@ -1,9 +1,15 @@
 """Test setup: 8 simulated CPU devices and a persistent compilation cache.
 
 XLA_FLAGS must be set before jax initialises its backends, so this runs at
-collection time, before any test module imports jax.
+collection time, before any test module imports jax. The cache settings go
+into the environment: every process a test starts (commands.py), and every
+process those start (sweep's runs of main), compiles into the same cache.
 """
 
+import collections
+import contextlib
+import io
+import json
 import os
 import tempfile
 
@@ -11,19 +17,73 @@ os.environ['XLA_FLAGS'] = (
   os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
 ).strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-
-import jax  # noqa: E402
-
 # Most of a tiny-model test is compilation; cache it across test processes.
-jax.config.update(
-  'jax_compilation_cache_dir',
-  os.environ.get(
-    'VMOE_JSD_TEST_CACHE',
-    os.path.join(tempfile.gettempdir(), 'vmoe_jsd_jax_cache'),
-  ),
+os.environ['JAX_COMPILATION_CACHE_DIR'] = os.environ.setdefault(
+  'VMOE_JSD_TEST_CACHE',
+  os.path.join(tempfile.gettempdir(), 'vmoe_jsd_jax_cache'),
 )
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 
-# Fixtures that ship with the tests (see tests/data/README.md): vmoe_parity/
-# and vmoe_cases/, made with google-research/vmoe's own code.
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
+import pytest  # noqa: E402
+import smoke_config  # noqa: E402
+
+from vmoe_jsd import train  # noqa: E402
+
+# What a trained run left: its workdir, train_and_evaluate's result, the
+# history row of every report and the figures of every finished test
+# evaluation by step (time left out). What it printed is dropped.
+Run = collections.namedtuple('Run', 'workdir result rows evaluations')
+
+
+def _recorded_run(config, workdir):
+  rows, evaluations = [], {}
+  report, test = train.report, train.Evaluations.test
+
+  def recorded_report(*args, **kwargs):
+    rows.append(report(*args, **kwargs))
+    return rows[-1]
+
+  def recorded_test(self, params, step, *args, **kwargs):
+    result = test(self, params, step, *args, **kwargs)
+    if result is not None:
+      evaluations[step] = {
+        k: v for k, v in result.items() if k != 'eval_seconds'
+      }
+    return result
+
+  with (
+    pytest.MonkeyPatch.context() as patch,
+    contextlib.redirect_stdout(io.StringIO()),
+  ):
+    patch.setattr(train, 'report', recorded_report)
+    patch.setattr(train.Evaluations, 'test', recorded_test)
+    result = train.train_and_evaluate(config, workdir)
+  return Run(workdir, result, rows, evaluations)
+
+
+@pytest.fixture(scope='session')
+def trained(tmp_path_factory):
+  """trained(**overrides): the smoke config with `overrides` (dotted keys,
+  as smoke_config.with_overrides) trained in this process, once per
+  session for every test that asks for the same config; a Run.
+
+  Call it before patching anything the run uses. The workdir is shared:
+  a test that writes into it works on a copy (shutil.copytree).
+  """
+  runs = {}
+
+  def get(**overrides):
+    config = smoke_config.with_overrides(smoke_config.get_config(), **overrides)
+    key = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    if key not in runs:
+      workdir = str(tmp_path_factory.mktemp('trained') / 'run')
+      runs[key] = _recorded_run(config, workdir)
+    return runs[key]
+
+  return get
+
+
+@pytest.fixture(scope='session')
+def reference(trained):
+  """The smoke config with smoke_config.REFERENCE, trained once."""
+  return trained(**smoke_config.REFERENCE)

@@ -35,7 +35,8 @@ import time
 import jax
 from jax._src import compiler
 
-from vmoe_jsd import evaluate, train
+from vmoe_jsd import train
+from vmoe_jsd.evaluation import core
 
 
 def _to_main(name):
@@ -72,7 +73,7 @@ def at_setup(name, process=None, patch=setattr):
 
 def in_eval(n, b, name, process=None, patch=setattr, reads=None):
   original_test = train.Evaluations.test
-  original_batches = evaluate.eval_batches
+  original_batches = core.eval_batches
   current = {'step': None}
 
   def test(self, params, step, *args, **kwargs):
@@ -91,7 +92,7 @@ def in_eval(n, b, name, process=None, patch=setattr, reads=None):
       yield batch
 
   patch(train.Evaluations, 'test', test)
-  patch(evaluate, 'eval_batches', batches)
+  patch(core, 'eval_batches', batches)
 
 
 def _two_sigints_then_compile(compile_fn):

@@ -28,23 +28,41 @@ def get_config(arg=None):
     size=16, crop_scale=(0.5, 1.0), brightness=0.1, contrast=0.1
   )
   config.model = dict(
-    num_classes=4, patch_size=(4, 4), hidden_size=16, classifier='token',
+    num_classes=4,
+    patch_size=(4, 4),
+    hidden_size=16,
+    classifier='token',
     dtype='float32',
     encoder=dict(
-      num_layers=2, mlp_dim=32, num_heads=2, remat='none',
-      moe=dict(layers=(1,), num_experts=4, group_size=2 * 17,
-               router=dict(num_selected_experts=2, noise_std=1.0,
-                           importance_loss_weight=0.005,
-                           load_loss_weight=0.005,
-                           dispatcher=dict(name='indices',
-                                           capacity_factor=1.25))),
+      num_layers=2,
+      mlp_dim=32,
+      num_heads=2,
+      remat='none',
+      moe=dict(
+        layers=(1,),
+        num_experts=4,
+        group_size=2 * 17,
+        router=dict(
+          num_selected_experts=2,
+          noise_std=1.0,
+          importance_loss_weight=0.005,
+          load_loss_weight=0.005,
+          dispatcher=dict(name='indices', capacity_factor=1.25),
+        ),
+      ),
     ),
-  )  # fmt: skip
+  )
   config.optimizer = dict(
-    name='adamw', weight_decay=0.01, gradient_clip=dict(global_norm=1.0),
-    learning_rate=dict(schedule='warmup_cosine_decay', peak_value=1e-3,
-                       end_value=1e-5, warmup_steps=2),
-  )  # fmt: skip
+    name='adamw',
+    weight_decay=0.01,
+    gradient_clip=dict(global_norm=1.0),
+    learning_rate=dict(
+      schedule='warmup_cosine_decay',
+      peak_value=1e-3,
+      end_value=1e-5,
+      warmup_steps=2,
+    ),
+  )
   config.consistency.weight = 0.5
   config.save_checkpoint.every_steps = 2
   config.report_progress.every_steps = 1
@@ -66,3 +84,9 @@ def with_overrides(config, **overrides):
         node = node[p]
       node[leaf] = value
   return config
+
+
+# Evaluations every 2 steps and a checkpoint every 4 (steps 2 and 3 saved
+# only by a stop): the run that the stopped, crashed and resumed runs of
+# the tests end as (conftest's `reference`).
+REFERENCE = {'evaluate.every_steps': 2, 'save_checkpoint.every_steps': 4}

@@ -5,50 +5,42 @@ at hand (two simulated CPU devices, so the all-to-all part runs too) and
 that the tables have their rows; the peak table is checked by hand.
 """
 
+import importlib
 import os
-import subprocess
 import sys
 
-import jax
+import commands
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH = os.path.join(ROOT, 'benchmarks')
+BENCH = os.path.join(commands.ROOT, 'benchmarks')
 
 
-PEAK_CHECK = """
-import accelerator as a
-assert a.peak_flops('NVIDIA H100 80GB HBM3', 'bfloat16') == 989e12
-assert a.peak_flops('NVIDIA H100 PCIe', 'float32') == 378e12
-assert a.peak_flops('NVIDIA H200', 'bfloat16') == 989e12
-assert a.peak_flops('TPU v5 lite', 'float32') == 197e12
-assert a.peak_flops('TPU v4', 'bfloat16') == 275e12
-assert a.peak_flops('cpu', 'float32') is None
-print('ok')
-"""
+def test_peak_table_by_device_kind(monkeypatch):
+  monkeypatch.syspath_prepend(BENCH)
+  a = importlib.import_module('accelerator')  # Its absl flags: none clash.
+  assert a.peak_flops('NVIDIA H100 80GB HBM3', 'bfloat16') == 989e12
+  assert a.peak_flops('NVIDIA H100 PCIe', 'float32') == 378e12
+  assert a.peak_flops('NVIDIA H200', 'bfloat16') == 989e12
+  assert a.peak_flops('TPU v5 lite', 'float32') == 197e12
+  assert a.peak_flops('TPU v4', 'bfloat16') == 275e12
+  assert a.peak_flops('cpu', 'float32') is None
 
 
-def test_peak_table_by_device_kind():
-  # In its own process: the benchmark defines absl flags at import.
-  proc = subprocess.run(
-    [sys.executable, '-c', PEAK_CHECK], cwd=BENCH, capture_output=True,
-    text=True, timeout=300,
-  )  # fmt: skip
-  assert proc.stdout.strip().endswith('ok'), proc.stderr[-2000:]
-
-
+@pytest.mark.processes  # Its own process: 2 devices, its absl flags.
 @pytest.mark.filterwarnings('ignore')
-def test_smoke_run_prints_every_table(tmp_path):
-  env = {
-    **os.environ,
-    'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
-    'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir,
-  }
-  proc = subprocess.run(
-    [sys.executable, 'accelerator.py', '--smoke', '--dtypes=float32',
-     '--dispatchers=einsum,indices'],
-    cwd=BENCH, env=env, capture_output=True, text=True, timeout=1200,
-  )  # fmt: skip
+def test_smoke_run_prints_every_table():
+  proc = commands.run(
+    [
+      sys.executable,
+      'accelerator.py',
+      '--smoke',
+      '--dtypes=float32',
+      '--dispatchers=einsum,indices',
+    ],
+    cwd=BENCH,
+    num_devices=2,
+    timeout=1200,
+  )
   out = proc.stdout
   assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
   assert '2 x cpu' in out

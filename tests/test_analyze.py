@@ -4,9 +4,8 @@ an image folder that sets no image_size is read at the augmentation size."""
 
 import json
 import os
-import subprocess
-import sys
 
+import commands
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,38 +13,36 @@ import pytest
 import smoke_config
 from PIL import Image
 
-from vmoe_jsd import (
-  analyze,
-  checkpoints,
-  config_lib,
-  evaluate,
-  figures,
-  streams,
-  train,
-)
+from vmoe_jsd import analyze, checkpoints, cli, config_lib, streams, train
+from vmoe_jsd.evaluation import accuracy, core, figures
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = commands.SMOKE
 
 
 def _smoke(**overrides):
-  sys.path.insert(0, os.path.join(ROOT, 'tests'))
-
   return smoke_config.with_overrides(smoke_config.get_config(), **overrides)
 
 
 @pytest.mark.slow  # About 40 s alone (compiling train, eval and analyze).
 def test_analyze_writes_every_file_from_a_trained_checkpoint(tmp_path):
-  config = _smoke(**{
-    'consistency.loss': 'hard_target',
-    'evaluate.stability.enabled': True,
-    'evaluate.routing_map_images': 2,
-  })  # fmt: skip
+  config = _smoke(
+    **{
+      'consistency.loss': 'hard_target',
+      'evaluate.stability.enabled': True,
+      'evaluate.routing_map_images': 2,
+    }
+  )
   workdir = str(tmp_path / 'run')
   result = train.train_and_evaluate(config, workdir)
   # Training's evaluation carries the flip rates of every layer.
   rates = result['stability']['flip_rate']['encoderblock_1']
-  assert sorted(rates) == ['noise_0.02', 'noise_0.05', 'noise_0.1',
-                           'shift_1', 'shift_2']  # fmt: skip
+  assert sorted(rates) == [
+    'noise_0.02',
+    'noise_0.05',
+    'noise_0.1',
+    'shift_1',
+    'shift_2',
+  ]
   assert all(0.0 <= r <= 1.0 for r in rates.values())
   # ... and a routing-map image in TensorBoard.
   from tensorboard.backend.event_processing import (  # noqa: PLC0415 - slow
@@ -57,8 +54,14 @@ def test_analyze_writes_every_file_from_a_trained_checkpoint(tmp_path):
   assert 'routing_maps' in acc.Tags()['tensors']
   out = str(tmp_path / 'analysis')
   summary = analyze.analyze(config, workdir, out, num_images=3)
-  for name in ('routing_maps.png', 'expert_by_class.png', 'load_dropped.png',
-               'flip_rates.png', 'results.json', 'summary.md'):  # fmt: skip
+  for name in (
+    'routing_maps.png',
+    'expert_by_class.png',
+    'load_dropped.png',
+    'flip_rates.png',
+    'results.json',
+    'summary.md',
+  ):
     path = os.path.join(out, name)
     assert os.path.getsize(path) > 0, name
   with open(os.path.join(out, 'results.json')) as f:
@@ -109,8 +112,12 @@ def test_routing_map_marks_exactly_the_disagreeing_matched_patches():
 def _init_params(spec, channels):
   """Fresh parameters of the evaluation model (routing is not uniform)."""
   size = spec.views.size
-  shape = (spec.model.min_images_per_batch(size, evaluation=True), size,
-           size, channels)  # fmt: skip
+  shape = (
+    spec.model.min_images_per_batch(size, evaluation=True),
+    size,
+    size,
+    channels,
+  )
   model = spec.model.build_eval()
   return model.init(jax.random.key(1), jnp.zeros(shape))['params']
 
@@ -150,21 +157,22 @@ def test_routing_map_views_are_the_evaluation_views():
     figures.make_routing_map_fn(eval_model, spec.model, spec.views, views_key)
   )
   out = figures.routing_map_data(fn, params, batch, 4)
-  images, index, mask = (jnp.asarray(batch[k])
-                         for k in ('image', 'index', 'mask'))  # fmt: skip
-  views, maps = evaluate.evaluation_views(
+  images, index, mask = (
+    jnp.asarray(batch[k]) for k in ('image', 'index', 'mask')
+  )
+  views, maps = core.evaluation_views(
     views_key, images, index, mask, spec.views
   )
   # Compiled with the model, not alone: equal up to float rounding.
   np.testing.assert_allclose(out['views'], views, atol=1e-5)
   np.testing.assert_array_equal(out['maps'], maps)
   # Keyed by position: the same images at positions 0..3 look different.
-  other, _ = evaluate.evaluation_views(
+  other, _ = core.evaluation_views(
     views_key, images, index - 4, mask, spec.views
   )
   assert np.abs(out['views'] - np.asarray(other)).max() > 0.1
   step = jax.jit(
-    evaluate.make_eval_step(eval_model, spec.model, spec.views, views_key)
+    accuracy.make_eval_step(eval_model, spec.model, spec.views, views_key)
   )
   sums = step(params, images, jnp.asarray(batch['label']), mask, index)
   agree, pairs = _map_agreement(out['maps'], out['top1'][1])
@@ -194,12 +202,22 @@ def folder_analysis(tmp_path_factory):
   image_size; returns (summary, what plot_routing_maps was given)."""
   tmp = tmp_path_factory.mktemp('folder_analysis')
   root = _image_folder(tmp / 'images')
-  config = _smoke(**{
-    'dataset.train': {'name': 'folder', 'data_dir': root, 'split': 'train',
-                      'batch_size': 8},
-    'dataset.test': {'name': 'folder', 'data_dir': root, 'split': 'test',
-                     'batch_size': 16},
-  })  # fmt: skip
+  config = _smoke(
+    **{
+      'dataset.train': {
+        'name': 'folder',
+        'data_dir': root,
+        'split': 'train',
+        'batch_size': 8,
+      },
+      'dataset.test': {
+        'name': 'folder',
+        'data_dir': root,
+        'split': 'test',
+        'batch_size': 16,
+      },
+    }
+  )
   spec = config_lib.validate(config, jax.device_count())
   workdir = str(tmp / 'run')
   _save_params(workdir, _init_params(spec, 3), step=3)
@@ -208,11 +226,16 @@ def folder_analysis(tmp_path_factory):
 
   def capture(images, data, *args, **kwargs):
     drawn.update(images=images, data=data)
-    return draw(images[:1], {'views': data['views'][:1],
-                             'maps': data['maps'][:1],
-                             'top1': {b: t[:1] for b, t in
-                                      data['top1'].items()}},
-                *args, **kwargs)  # fmt: skip
+    return draw(
+      images[:1],
+      {
+        'views': data['views'][:1],
+        'maps': data['maps'][:1],
+        'top1': {b: t[:1] for b, t in data['top1'].items()},
+      },
+      *args,
+      **kwargs,
+    )
 
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(figures, 'plot_routing_maps', capture)
@@ -247,45 +270,58 @@ def test_routing_maps_of_the_whole_test_split_agree_as_the_evaluation(
 # ----------------------------------------------------------------------------
 # The error rule: one line, exit status 2.
 # ----------------------------------------------------------------------------
-SMOKE = os.path.join(ROOT, 'tests', 'smoke_config.py')
-
-
-def _analyze_command(*args):
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = ''
-  env['JAX_COMPILATION_CACHE_DIR'] = jax.config.jax_compilation_cache_dir
-  env['PYTHONPATH'] = os.pathsep.join([ROOT, os.path.join(ROOT, 'tests')])
-  return subprocess.run(
-    [sys.executable, '-m', 'vmoe_jsd.analyze', *args], cwd=ROOT, env=env,
-    capture_output=True, text=True, timeout=600,
-  )  # fmt: skip
-
-
-@pytest.mark.parametrize(
-  'case', ['bad_value', 'unknown_key', 'no_moe', 'missing_workdir',
-           'no_checkpoint'],
-)  # fmt: skip
-def test_analyze_errors_are_one_line_with_status_2(tmp_path, case):
+def test_analyze_errors_are_one_line_with_status_2(tmp_path):
+  """The command as a process (the default run's real process of analyze),
+  on a workdir without checkpoints: it gets as far as loading."""
   empty = tmp_path / 'empty'
   os.makedirs(empty)
-  args, message = {
-    'bad_value': (['--config.model.hidden_size=0', f'--workdir={empty}'],
-                  'config.model.hidden_size=0 is invalid'),
-    'unknown_key': (['--config.consistency.wieght=1', f'--workdir={empty}'],
-                    "config has no key 'consistency.wieght'"),
-    'no_moe': (['--config.model.encoder.moe.layers=()',
-                '--config.consistency.weight=0', f'--workdir={empty}'],
-               'analyze needs a model with MoE layers'),
-    'missing_workdir': ([f'--workdir={tmp_path}/nope'],
-                        f'--workdir={tmp_path}/nope does not exist'),
-    'no_checkpoint': ([f'--workdir={empty}'], f'--workdir={empty}: '),
-  }[case]  # fmt: skip
-  proc = _analyze_command(f'--config={SMOKE}', *args)
+  proc = commands.run(
+    commands.module(
+      'vmoe_jsd.analyze', f'--config={commands.SMOKE}', f'--workdir={empty}'
+    )
+  )
   assert proc.returncode == 2, proc.stderr[-3000:]
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1, proc.stderr[-3000:]
-  assert lines[0].startswith('vmoe_jsd.analyze: error: '), lines[0]
-  assert message in lines[0]
+  assert lines[0].startswith(f'vmoe_jsd.analyze: error: --workdir={empty}: ')
+  assert not os.path.exists(empty / 'analysis')
+
+
+@pytest.mark.parametrize(
+  'case',
+  ['bad_value', 'unknown_key', 'no_moe', 'missing_workdir'],
+)
+def test_analyze_checks_its_flags_in_one_line(tmp_path, case):
+  """What analyze.main checks before it loads anything, in its order (its
+  one-line exit is the test above's)."""
+  empty = tmp_path / 'empty'
+  os.makedirs(empty)
+  overrides, workdir, message = {
+    'bad_value': (
+      ['--config.model.hidden_size=0'],
+      empty,
+      'config.model.hidden_size=0 is invalid',
+    ),
+    'unknown_key': (
+      ['--config.consistency.wieght=1'],
+      empty,
+      "config has no key 'consistency.wieght'",
+    ),
+    'no_moe': (
+      ['--config.model.encoder.moe.layers=()', '--config.consistency.weight=0'],
+      empty,
+      'analyze needs a model with MoE layers',
+    ),
+    'missing_workdir': (
+      [],
+      f'{tmp_path}/nope',
+      f'--workdir={tmp_path}/nope does not exist',
+    ),
+  }[case]
+  with pytest.raises(cli.CliError) as e:
+    config = cli.load_config(['analyze', f'--config={SMOKE}', *overrides])
+    analyze.check_workdir(cli.check_config(config, 1), str(workdir))
+  assert message in str(e.value) and '\n' not in str(e.value)
   assert not os.path.exists(empty / 'analysis')
 
 

@@ -152,6 +152,7 @@ def _main(*args, workdir):
      'vmoe_jsd.main: error: flag --config.seed=abc: invalid literal'),
   ],
 )  # fmt: skip
+@pytest.mark.processes  # main's exit status and stderr.
 def test_real_command_line_errors_are_one_line(tmp_path, args, message):
   proc = _main(*args, workdir=str(tmp_path / 'run'))
   assert proc.returncode == 2, proc.stderr
@@ -161,6 +162,7 @@ def test_real_command_line_errors_are_one_line(tmp_path, args, message):
   assert not os.path.exists(tmp_path / 'run')
 
 
+@pytest.mark.processes  # Three runs of main: its console.
 def test_console_is_quiet_and_a_finished_workdir_is_kept(tmp_path):
   """One run of the smoke config: only the project's own lines; files
   written; a second run keeps results.json; --reevaluate keeps the time."""

@@ -208,6 +208,7 @@ def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
   assert str(tmp_path) in str(e.value)
 
 
+@pytest.mark.processes  # main's exit before compiling.
 def test_main_rejects_bad_config_before_compiling(tmp_path):
   proc = subprocess.run(
     [sys.executable, '-m', 'vmoe_jsd.main',

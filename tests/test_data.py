@@ -123,6 +123,7 @@ def test_index_sampler_crosses_epochs_inside_a_batch():
                                   expected[step, 2:4])  # fmt: skip
 
 
+@pytest.mark.processes  # The console of a process, TensorFlow's included.
 def test_first_mini_preparation_prints_one_line(tmp_path):
   """data/mini.py's first preparation: one line on the console, not tfds's
   progress bars (raw escape codes), its "Downloading and preparing"

@@ -3,44 +3,40 @@
 import json
 import os
 import pathlib
-import subprocess
-import sys
+import shutil
 
-import jax
+import commands
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURE = os.path.join(ROOT, 'tests', 'data', 'vmoe_parity')
-SMOKE = os.path.join(ROOT, 'tests', 'smoke_config.py')
+from vmoe_jsd import eval_main
+
+FIXTURE = os.path.join(commands.ROOT, 'tests', 'data', 'vmoe_parity')
+SMOKE = commands.SMOKE
 
 
-def run(module, *args):
-  env = {
-    **os.environ,
-    'XLA_FLAGS': '',
-    'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir,
-    'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-  }
-  proc = subprocess.run(
-    [sys.executable, '-m', module, *args], cwd=ROOT, env=env,
-    capture_output=True, text=True, timeout=600,
-  )  # fmt: skip
-  assert proc.returncode == 0, proc.stdout + proc.stderr
-  return proc.stdout
+def run(capsys, *args):
+  """eval_main in this process; its output."""
+  status = commands.in_process(eval_main, *args)
+  out, err = capsys.readouterr()
+  assert status == 0, out + err
+  return out
 
 
-def test_eval_main_on_our_checkpoint_matches_training_eval(tmp_path):
-  workdir = str(tmp_path / 'run')
-  run(
-    'vmoe_jsd.main',
-    f'--config={SMOKE}',
-    f'--workdir={workdir}',
-    '--config.num_train_steps=4',
-    '--config.save_checkpoint.every_steps=2',
+def test_eval_main_on_our_checkpoint_matches_training_eval(
+  tmp_path, capsys, reference
+):
+  """The command as a process (on 8 devices, as the run it evaluates; the
+  default run's real process of eval_main), then in process on a damaged
+  copy."""
+  workdir = shutil.copytree(reference.workdir, tmp_path / 'run')
+  proc = commands.run(
+    commands.module(
+      'vmoe_jsd.eval_main', f'--config={SMOKE}', f'--checkpoint={workdir}'
+    ),
+    num_devices=8,
   )
-  out = run('vmoe_jsd.eval_main', f'--config={SMOKE}',
-            f'--checkpoint={workdir}')  # fmt: skip
-  assert 'accuracy' in out and 'kappa' in out
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert 'accuracy' in proc.stdout and 'kappa' in proc.stdout
   with open(os.path.join(workdir, 'eval_test.json')) as f:
     evaluated = json.load(f)
   with open(os.path.join(workdir, 'results.json')) as f:
@@ -48,31 +44,32 @@ def test_eval_main_on_our_checkpoint_matches_training_eval(tmp_path):
   # Same params, same data, same fixed routing key: same figures.
   assert evaluated['accuracy'] == trained['accuracy']
   assert evaluated['routing'] == trained['routing']
-  assert evaluated['step'] == 4 and 'skipped_checkpoints' not in evaluated
+  assert evaluated['step'] == 6 and 'skipped_checkpoints' not in evaluated
 
-  # A damaged latest checkpoint: step 2 is evaluated instead, with a warning
+  # A damaged latest checkpoint: step 4 is evaluated instead, with a warning
   # and a record in the JSON; the damaged files stay where they were.
-  step4 = os.path.join(workdir, 'checkpoints', '4')
+  step6 = os.path.join(workdir, 'checkpoints', '6')
   data = sorted(
-    p for p in pathlib.Path(step4, 'state').rglob('*')
+    p
+    for p in pathlib.Path(step6, 'state').rglob('*')
     if p.is_file() and p.parent.name == 'd'
-  )  # fmt: skip
+  )
   assert data
   for path in data:
     with open(path, 'r+b') as f:
       f.truncate(path.stat().st_size // 2)
-  out = run('vmoe_jsd.eval_main', f'--config={SMOKE}',
-            f'--checkpoint={workdir}')  # fmt: skip
-  assert 'WARNING: checkpoint step 4 cannot be read' in out
+  out = run(capsys, f'--config={SMOKE}', f'--checkpoint={workdir}')
+  assert 'WARNING: checkpoint step 6 cannot be read' in out
   with open(os.path.join(workdir, 'eval_test.json')) as f:
     fallback = json.load(f)
-  assert fallback['step'] == 2 and list(fallback['skipped_checkpoints']) == [
-    '4'
+  assert fallback['step'] == 4 and list(fallback['skipped_checkpoints']) == [
+    '6'
   ]
   assert all(p.exists() for p in data)
 
 
-def test_eval_main_on_vmoe_checkpoint(tmp_path):
+def test_eval_main_on_vmoe_checkpoint(tmp_path, capsys):
+  # Batches of 2 images (a routing group) per device, of this process's 8.
   config_file = tmp_path / 'fixture_config.py'
   config_file.write_text(
     f"""
@@ -91,9 +88,9 @@ def get_config():
   config.model = model
   config.augment = dict(size=32)
   config.dataset = ml_collections.ConfigDict()
-  config.dataset.train = dict(name='synthetic', split='train', batch_size=4,
+  config.dataset.train = dict(name='synthetic', split='train', batch_size=8,
                               image_size=32, channels=3, num_classes=10)
-  config.dataset.test = dict(name='synthetic', split='test', batch_size=8,
+  config.dataset.test = dict(name='synthetic', split='test', batch_size=16,
                              num_examples=40, image_size=32, channels=3,
                              num_classes=10)
   config.optimizer = dict(name='adam', learning_rate=dict(peak_value=1e-3))
@@ -101,9 +98,12 @@ def get_config():
 """
   )
   output = str(tmp_path / 'out.json')
-  out = run('vmoe_jsd.eval_main', f'--config={config_file}',
-            f'--checkpoint={os.path.join(FIXTURE, "checkpoint")}',
-            f'--output={output}')  # fmt: skip
+  out = run(
+    capsys,
+    f'--config={config_file}',
+    f'--checkpoint={os.path.join(FIXTURE, "checkpoint")}',
+    f'--output={output}',
+  )
   with open(output) as f:
     result = json.load(f)
   assert result['num_examples'] == 40
@@ -120,27 +120,31 @@ def _strict_load(path):
 
 
 @pytest.mark.slow  # 6 min under load (77 s of CPU): four suites compile.
-def test_eval_main_robustness_suites(tmp_path):
-  workdir = str(tmp_path / 'run')
-  run('vmoe_jsd.main', f'--config={SMOKE}', f'--workdir={workdir}',
-      '--config.num_train_steps=2')  # fmt: skip
+def test_eval_main_robustness_suites(tmp_path, capsys, trained):
+  workdir = str(
+    shutil.copytree(trained(num_train_steps=2).workdir, tmp_path / 'run')
+  )
   out = run(
-    'vmoe_jsd.eval_main', f'--config={SMOKE}', f'--checkpoint={workdir}',
+    capsys,
+    f'--config={SMOKE}',
+    f'--checkpoint={workdir}',
     '--suite=standard,robustness',
     '--config.evaluate.robustness.attack.num_steps=3',
     '--config.evaluate.robustness.capacity_factors=(0.5,)',
     '--config.evaluate.robustness.corruptions=("contrast","rotation")',
-  )  # fmt: skip
+  )
   assert '[corruptions]' in out and '[attacks]' in out and '[cheap]' in out
   standard = _strict_load(os.path.join(workdir, 'eval_test.json'))
-  files = {s: _strict_load(os.path.join(workdir, f'{s}_test.json'))
-           for s in ('corruptions', 'attacks', 'cheap')}  # fmt: skip
+  files = {
+    s: _strict_load(os.path.join(workdir, f'{s}_test.json'))
+    for s in ('corruptions', 'attacks', 'cheap')
+  }
   for suite, result in files.items():
     assert result['suite'] == suite and result['schema_version'] == 1
     assert result['step'] == 2 and result['split'] == 'test'
     assert result['checkpoint'] == workdir
   # Three code paths evaluate the same clean view: same accuracy as the
-  # standard evaluation (evaluate.make_eval_step).
+  # standard evaluation (accuracy.make_eval_step).
   accuracy = standard['accuracy']
   corr = files['corruptions']
   assert corr['clean_accuracy'] == accuracy and corr['num_examples'] == 32
@@ -167,8 +171,10 @@ def test_eval_main_robustness_suites(tmp_path):
   )
   # K=2 of E=4, groups of 34 tokens, capacity factor 4: C = 68.
   assert cheap['default'] == {
-    'num_selected_experts': 2, 'capacity_factor': 4.0, 'capacity': 68
-  }  # fmt: skip
+    'num_selected_experts': 2,
+    'capacity_factor': 4.0,
+    'capacity': 68,
+  }
   names = [r['name'] for r in cheap['rows']]
   assert names == ['default', 'k2_cf0.5', 'k1_cf4', 'k1_cf0.5']
   # K=1: ceil(34 * 4 / 4) = 34, rounded up to a multiple of 4: 36.
@@ -176,7 +182,7 @@ def test_eval_main_robustness_suites(tmp_path):
   assert cheap['rows'][2]['expert_flops'] == pytest.approx(36 / 68)
 
 
-def test_eval_main_suite_errors_are_one_line(tmp_path):
+def test_eval_main_suite_errors_are_one_line(tmp_path, capsys):
   # Checked before anything is loaded (the checkpoint need not exist).
   for flag, message in (
     ('--suite=speed', "--suite='speed': 'speed' is unknown"),
@@ -186,10 +192,14 @@ def test_eval_main_suite_errors_are_one_line(tmp_path):
       "config.evaluate.robustness.attack.divergence='l2' is invalid",
     ),
   ):
-    proc = subprocess.run(
-      [sys.executable, '-m', 'vmoe_jsd.eval_main', f'--config={SMOKE}',
-       f'--checkpoint={tmp_path}', flag, f'--output={tmp_path}/x.json'],
-      cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    status = commands.in_process(
+      eval_main,
+      f'--config={SMOKE}',
+      f'--checkpoint={tmp_path}',
+      flag,
+      f'--output={tmp_path}/x.json',
+    )
+    stderr = capsys.readouterr().err
+    assert status == 2 and message in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith('vmoe_jsd.eval_main: error: '), stderr

@@ -4,16 +4,14 @@ The offline mini `imagenet2012` (data/mini.py: the real builder's name,
 version and features, generated JPEGs, ArrayRecord) is read through
 tfds.data_source, trained on and evaluated; a run killed after a checkpoint
 resumes with the very batches an uninterrupted run used, and reads only the
-records of the batches it uses.
+records of the batches it uses. (The command line's data_dir flags of the
+tfds configs: test_configs.py.)
 """
 
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -36,39 +34,13 @@ def _runlocal(data_dir):
   return config
 
 
-def test_runlocal_command_trains_and_evaluates_through_tfds(tmp_path):
-  workdir = str(tmp_path / 'run')
-  data_dir = str(tmp_path / 'tfds')
-  env = {
-    **os.environ,
-    'XLA_FLAGS': '',
-    'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir,
-  }
-  proc = subprocess.run(
-    [sys.executable, '-m', 'vmoe_jsd.main', f'--config={CONFIG}:runlocal',
-     f'--workdir={workdir}', f'--config.dataset.train.data_dir={data_dir}',
-     f'--config.dataset.test.data_dir={data_dir}'],
-    cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-  )  # fmt: skip
-  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-  assert '[step 4/4]' in proc.stdout and 'test accuracy' in proc.stdout
-  # The mini dataset was prepared under the real name, as ArrayRecord.
-  prepared = os.path.join(data_dir, 'imagenet2012', '5.1.0')
-  assert any('array_record' in f for f in os.listdir(prepared))
-  with open(os.path.join(workdir, 'results.json')) as f:
-    result = json.load(f)
-  assert result['step'] == 4 and result['num_examples'] == 16
-
-
 def test_killed_run_resumes_with_the_same_batches_reading_one_batch(
-  tmp_path, monkeypatch
+  tmp_path, monkeypatch, capsys
 ):
+  """The mini dataset is prepared under the real name; a run killed before
+  step 4 and resumed trains and evaluates through it."""
   data_dir = str(tmp_path / 'tfds')
   config = _runlocal(data_dir)
-  # The input stream does not depend on the device-side augmentation; a
-  # lighter program compiles faster (three runs here).
-  config.augment.randaugment = None
-  config.mixup.concentration = 0.0
   batch = config.dataset.train.batch_size
   batches = []  # (run, step, batch)
   loads = []  # (run, record index) of training records, in read order
@@ -90,8 +62,7 @@ def test_killed_run_resumes_with_the_same_batches_reading_one_batch(
     loads.append((run['name'], int(index)))
     return original_load(self, index)
 
-  monkeypatch.setattr(tfds_data.TfdsDataset, 'train_batches',
-                      recording_batches)  # fmt: skip
+  monkeypatch.setattr(tfds_data.TfdsDataset, 'train_batches', recording_batches)
   monkeypatch.setattr(indexed.IndexedDataset, '_decode_train', recording_load)
 
   run.update(name='killed', crash_at=4)
@@ -100,7 +71,16 @@ def test_killed_run_resumes_with_the_same_batches_reading_one_batch(
     train.train_and_evaluate(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2']
   run.update(name='resumed', crash_at=None)
+  capsys.readouterr()
   train.train_and_evaluate(config, workdir)
+  out = capsys.readouterr().out
+  assert '[step 4/4]' in out and 'test accuracy' in out
+  # The mini dataset was prepared under the real name, as ArrayRecord.
+  prepared = os.path.join(data_dir, 'imagenet2012', '5.1.0')
+  assert any('array_record' in f for f in os.listdir(prepared))
+  with open(os.path.join(workdir, 'results.json')) as f:
+    result = json.load(f)
+  assert result['step'] == 4 and result['num_examples'] == 16
 
   def of(name):
     return {s: b for r, s, b in batches if r == name}
@@ -110,9 +90,11 @@ def test_killed_run_resumes_with_the_same_batches_reading_one_batch(
   killed, resumed = of('killed'), of('resumed')
   assert min(resumed) == 3 and max(killed) == 3
   fresh = tfds_data.TfdsDataset(
-    'imagenet2012', 'train[:99%]', config.dataset.train.image_size,
+    'imagenet2012',
+    'train[:99%]',
+    config.dataset.train.image_size,
     data_dir=data_dir,
-  ).train_batches(batch, seed=config.seed)  # fmt: skip
+  ).train_batches(batch, seed=config.seed)
   expected = {3: killed[3], 4: [next(fresh) for _ in range(4)][3]}
   for step in (3, 4):
     for key in ('image', 'label', 'orig_size'):

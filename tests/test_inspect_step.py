@@ -2,21 +2,18 @@
 
 import json
 import os
-import subprocess
-import sys
 
+import commands
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import smoke_config
 from jax.sharding import PartitionSpec
 
 from vmoe_jsd import hlo, inspect_step, sharding, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-S32 = os.path.join(ROOT, 'configs', 'imagenet.py')  # V-MoE-S/32
-sys.path.insert(0, os.path.join(ROOT, 'tests'))
-import smoke_config  # noqa: E402
+S32 = os.path.join(commands.ROOT, 'configs', 'imagenet.py')  # V-MoE-S/32
 
 
 # ----------------------------------------------------------------------------
@@ -168,22 +165,18 @@ def test_train_step_exchanges_over_expert_axis_only():
 # ----------------------------------------------------------------------------
 def _inspect(tmp_path, batch):
   out = tmp_path / f'inspect_{batch}.json'
-  env = {
-    **os.environ,
-    'XLA_FLAGS': '',
-    'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir,
-  }
-  cmd = [
-    sys.executable, '-m', 'vmoe_jsd.inspect_step', f'--config={S32}:runlocal',
-    '--num_devices=16', '--config.num_expert_partitions=4',
-    '--config.model.encoder.moe.num_experts=8',
-    f'--config.dataset.train.batch_size={batch}',
-    '--config.dataset.test.batch_size=32', f'--json={out}',
-  ]  # fmt: skip
-  proc = subprocess.Popen(
-    cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    text=True,
-  )  # fmt: skip
+  proc = commands.start(
+    commands.module(
+      'vmoe_jsd.inspect_step',
+      f'--config={S32}:runlocal',
+      '--num_devices=16',
+      '--config.num_expert_partitions=4',
+      '--config.model.encoder.moe.num_experts=8',
+      f'--config.dataset.train.batch_size={batch}',
+      '--config.dataset.test.batch_size=32',
+      f'--json={out}',
+    )
+  )
   return proc, out
 
 

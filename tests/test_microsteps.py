@@ -75,14 +75,16 @@ def _setup(config):
 
 def _grads_and_metrics(spec, mesh, setup, params, microsteps):
   step_spec = dataclasses.replace(spec.step, microsteps=microsteps)
-  grad_fn = step.make_grad_fn(step_spec, setup.model, spec.views,
-                              streams.stream(spec.seed, 'train'))  # fmt: skip
+  grad_fn = step.make_grad_fn(
+    step_spec, setup.model, spec.views, streams.stream(spec.seed, 'train')
+  )
   images, labels = _batch()
   put = sharding.make_put_batch(mesh)
   with jax.set_mesh(mesh):
     images, labels = put(images, labels)
-    return jax.device_get(jax.jit(grad_fn)(params, jnp.int32(0), images,
-                                           labels))  # fmt: skip
+    return jax.device_get(
+      jax.jit(grad_fn)(params, jnp.int32(0), images, labels)
+    )
 
 
 def _assert_trees_close(a, b, rtol):
@@ -94,8 +96,7 @@ def _assert_trees_close(a, b, rtol):
   scale = max(np.abs(np.asarray(x)).max() for x in flat_a.values())
   for name in flat_a:
     x, y = np.asarray(flat_a[name]), np.asarray(flat_b[name])
-    np.testing.assert_allclose(y, x, rtol=rtol, atol=rtol * scale,
-                               err_msg=name)  # fmt: skip
+    np.testing.assert_allclose(y, x, rtol=rtol, atol=rtol * scale, err_msg=name)
 
 
 @pytest.mark.parametrize(
@@ -116,8 +117,9 @@ def test_four_microsteps_equal_one_batch(loss):
   # unweighted mean of their consistency losses would be off.
   assert metrics_1['consistency'] > 0
   for key, value in metrics_1.items():
-    np.testing.assert_allclose(metrics_4[key], value, rtol=2e-5, atol=1e-7,
-                               err_msg=key)  # fmt: skip
+    np.testing.assert_allclose(
+      metrics_4[key], value, rtol=2e-5, atol=1e-7, err_msg=key
+    )
   _assert_trees_close(grads_1, grads_4, rtol=1e-4)
 
 
@@ -137,8 +139,13 @@ def test_four_microsteps_update_like_one_batch():
     states.append(jax.device_get(new_state.params))
     metrics.append(jax.device_get(out))
   _assert_trees_close(states[0], states[1], rtol=1e-4)
-  for key in ('total_loss', 'grad_norm', 'norm/grads/router',
-              'norm/updates/experts', 'norm/params/global'):  # fmt: skip
+  for key in (
+    'total_loss',
+    'grad_norm',
+    'norm/grads/router',
+    'norm/updates/experts',
+    'norm/params/global',
+  ):
     np.testing.assert_allclose(metrics[1][key], metrics[0][key], rtol=1e-5)
 
 
@@ -163,10 +170,8 @@ def _pairs_np(logits, maps, prefix=1):
   v1, v2 = per_view[:, 0, prefix:], per_view[:, 1, prefix:]
   rows = np.arange(n)[:, None]
   m12, m21 = maps[:, 0], maps[:, 1]
-  a = np.concatenate([v1, v1[rows, np.maximum(m21, 0)],
-                      per_view[:, 0, :1]], 1)  # fmt: skip
-  b = np.concatenate([v2[rows, np.maximum(m12, 0)], v2,
-                      per_view[:, 1, :1]], 1)  # fmt: skip
+  a = np.concatenate([v1, v1[rows, np.maximum(m21, 0)], per_view[:, 0, :1]], 1)
+  b = np.concatenate([v2[rows, np.maximum(m12, 0)], v2, per_view[:, 1, :1]], 1)
   valid = np.concatenate([m12 >= 0, m21 >= 0, np.ones((n, 1), bool)], 1)
   return a, b, valid
 
@@ -176,8 +181,9 @@ def test_cross_correlation_is_per_microbatch():
   """PRC's cross-correlation normalises over the batch: with M = 4 the
   logged (and trained) value is the pair-weighted mean of the four
   micro-batches' losses, not the whole batch's (float64 references)."""
-  config = _config(**{'consistency.loss': 'cross_correlation',
-                      'mixup.concentration': 0.0})  # fmt: skip
+  config = _config(
+    **{'consistency.loss': 'cross_correlation', 'mixup.concentration': 0.0}
+  )
   spec, mesh, setup, state = _setup(config)
   _, metrics_1 = _grads_and_metrics(spec, mesh, setup, state.params, 1)
   _, metrics_4 = _grads_and_metrics(spec, mesh, setup, state.params, 4)
@@ -188,8 +194,9 @@ def test_cross_correlation_is_per_microbatch():
   _, state_vars = setup.model.apply(
     {'params': state.params},
     augment.to_model_range(views.reshape(-1, *views.shape[2:])),
-    rngs={'dropout': aug_key, 'gating': aug_key}, mutable=['intermediates'],
-  )  # fmt: skip
+    rngs={'dropout': aug_key, 'gating': aug_key},
+    mutable=['intermediates'],
+  )
   logits = models.router_logits_by_layer(state_vars['intermediates'], (1,))
   logits = np.asarray(logits[1], np.float64)
   maps = np.asarray(maps)

@@ -13,18 +13,13 @@ import json
 import os
 import re
 import socket
-import subprocess
 import sys
 
-import jax
+import commands
 import numpy as np
 import pytest
 
 from vmoe_jsd import run_files
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = os.path.join(ROOT, 'tests', 'smoke_config.py')
-HOOKS = os.path.join(ROOT, 'tests', 'signal_hooks.py')
 
 
 def _free_port():
@@ -34,32 +29,39 @@ def _free_port():
 
 
 def _launch(workdir, num_devices, *extra, hook=None):
-  env = {
-    **os.environ,
-    'XLA_FLAGS': '',
-    'JAX_NUM_CPU_DEVICES': str(num_devices),
-    'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir,
-  }
-  command = [sys.executable, '-m', 'vmoe_jsd.main']
+  env = {'JAX_NUM_CPU_DEVICES': str(num_devices)}
+  command = commands.module('vmoe_jsd.main')
   if hook:
     env['SIGNAL_HOOK'] = hook
-    command = [sys.executable, HOOKS]
-  return subprocess.Popen(
-    [*command, f'--config={SMOKE}', f'--workdir={workdir}',
-     '--config.num_expert_partitions=2', *extra],
-    cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    text=True,
-  )  # fmt: skip
+    command = [sys.executable, commands.HOOKS]
+  return commands.start(
+    [
+      *command,
+      f'--config={commands.SMOKE}',
+      f'--workdir={workdir}',
+      '--config.num_expert_partitions=2',
+      *extra,
+    ],
+    **env,
+  )
 
 
 def _two_processes(workdir, *extra, hook=None):
   """Both processes' (return codes, outputs), run to their end."""
   coordinator = f'--coordinator_address=127.0.0.1:{_free_port()}'
   procs = [
-    _launch(workdir, 2, '--distributed', coordinator, '--num_processes=2',
-            f'--process_id={i}', *extra, hook=hook)
+    _launch(
+      workdir,
+      2,
+      '--distributed',
+      coordinator,
+      '--num_processes=2',
+      f'--process_id={i}',
+      *extra,
+      hook=hook,
+    )
     for i in range(2)
-  ]  # fmt: skip
+  ]
   outputs = [p.communicate(timeout=900)[0] for p in procs]
   return [p.returncode for p in procs], outputs
 
@@ -70,10 +72,16 @@ def test_two_processes_match_one(tmp_path):
   multi = str(tmp_path / 'multi')
   coordinator = f'--coordinator_address=127.0.0.1:{port}'
   procs = [
-    _launch(multi, 2, '--distributed', coordinator, '--num_processes=2',
-            f'--process_id={i}')
+    _launch(
+      multi,
+      2,
+      '--distributed',
+      coordinator,
+      '--num_processes=2',
+      f'--process_id={i}',
+    )
     for i in range(2)
-  ]  # fmt: skip
+  ]
   single = _launch(str(tmp_path / 'single'), 4)
   outputs = [p.communicate(timeout=600)[0] for p in (*procs, single)]
   for p, out in zip((*procs, single), outputs, strict=True):
@@ -87,22 +95,27 @@ def test_two_processes_match_one(tmp_path):
   assert got['accuracy'] == want['accuracy']
   for layer, figs in want['routing'].items():
     for key in ('agreement', 'kappa', 'jsd', 'confidence'):
-      np.testing.assert_allclose(got['routing'][layer][key], figs[key],
-                                 rtol=1e-4)  # fmt: skip
+      np.testing.assert_allclose(
+        got['routing'][layer][key], figs[key], rtol=1e-4
+      )
   assert os.path.isdir(os.path.join(multi, 'checkpoints', '6'))
 
 
 # Eight steps, an evaluation after step 4 (two batches per process) and the
 # final one; no periodic checkpoint, so a stop's step is the only one saved.
-STOP_RUN = ('--config.num_train_steps=8', '--config.evaluate.every_steps=4',
-            '--config.save_checkpoint.every_steps=0')  # fmt: skip
+STOP_RUN = (
+  '--config.num_train_steps=8',
+  '--config.evaluate.every_steps=4',
+  '--config.save_checkpoint.every_steps=0',
+)
 
 
 def _eval_lines(output, step):
   """The lines of the evaluation of `step` (its time left out)."""
   lines = output.splitlines()
-  start = next(i for i, ln in enumerate(lines)
-               if ln.startswith(f'[eval step {step}]'))  # fmt: skip
+  start = next(
+    i for i, ln in enumerate(lines) if ln.startswith(f'[eval step {step}]')
+  )
   head = re.sub(r' \([0-9.]+s\)$', '', lines[start])
   return [head, *lines[start + 1 : start + 3]]
 
@@ -120,8 +133,9 @@ def test_a_locked_workdir_refuses_both_processes_with_one_line(tmp_path):
   finally:
     holder.release()
   assert codes == [2, 2], out0[-3000:] + out1[-3000:]
-  errors = [[ln for ln in out.splitlines() if ': error: ' in ln]
-            for out in (out0, out1)]  # fmt: skip
+  errors = [
+    [ln for ln in out.splitlines() if ': error: ' in ln] for out in (out0, out1)
+  ]
   assert len(errors[0]) == 1 and len(errors[1]) == 1, errors
   assert f'is in use by another run (pid {os.getpid()} on' in errors[0][0]
   assert 'process 0 refused to start' in errors[1][0]
@@ -138,13 +152,16 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.slow  # ~6 minutes on 2 cores: six two-process runs.
-@pytest.mark.parametrize('where, hook, step', [
-  ('between steps', 'step:3:SIGTERM:1', 3),
-  ('in an evaluation', 'eval:4:0:SIGTERM:1', 4),
-  # Before the loop: jax.distributed's own SIGTERM notifier used to
-  # swallow it there, and the run trained on until killed.
-  ('during start-up', 'setup:SIGTERM:1', 0),
-])  # fmt: skip
+@pytest.mark.parametrize(
+  'where, hook, step',
+  [
+    ('between steps', 'step:3:SIGTERM:1', 3),
+    ('in an evaluation', 'eval:4:0:SIGTERM:1', 4),
+    # Before the loop: jax.distributed's own SIGTERM notifier used to
+    # swallow it there, and the run trained on until killed.
+    ('during start-up', 'setup:SIGTERM:1', 0),
+  ],
+)
 def test_sigterm_to_one_process_stops_both_and_resume_matches(
   tmp_path, uninterrupted, where, hook, step
 ):
@@ -187,5 +204,6 @@ def test_sigterm_to_one_process_stops_both_and_resume_matches(
   # resume's (one process resumes bitwise: test_preemption.py).
   for layer, figs in want['routing'].items():
     for key, value in figs.items():
-      np.testing.assert_allclose(got['routing'][layer][key], value,
-                                 rtol=1e-6, err_msg=key)  # fmt: skip
+      np.testing.assert_allclose(
+        got['routing'][layer][key], value, rtol=1e-6, err_msg=key
+      )

@@ -11,12 +11,11 @@ kernel that only process 1 holds). Both processes must reject steps 6 and
 """
 
 import json
-import os
 import pathlib
 import socket
-import subprocess
 import sys
 
+import commands
 import jax
 import numpy as np
 import pytest
@@ -26,7 +25,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 # Importing these makes no jax call: jax.distributed can start after them.
 from vmoe_jsd import checkpoints
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL_SHAPE = (8, 512)
 
 
@@ -45,15 +43,10 @@ def _values(step):
 @pytest.mark.slow  # ~25 s on 2 busy cores: two processes start jax.
 def test_damage_on_one_process_side_is_rejected_on_both(tmp_path):
   port = _free_port()
-  env = {**os.environ, 'XLA_FLAGS': '', 'JAX_NUM_CPU_DEVICES': '2'}
   procs = [
-    subprocess.Popen(
+    commands.start(
       [sys.executable, __file__, str(tmp_path), str(port), str(i)],
-      cwd=ROOT,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
+      JAX_NUM_CPU_DEVICES='2',
     )
     for i in range(2)
   ]
@@ -84,9 +77,10 @@ def test_damage_on_one_process_side_is_rejected_on_both(tmp_path):
 # ----------------------------------------------------------------------------
 def _worker(workdir, port, process_id):
   jax.distributed.initialize(
-    coordinator_address=f'127.0.0.1:{port}', num_processes=2,
+    coordinator_address=f'127.0.0.1:{port}',
+    num_processes=2,
     process_id=process_id,
-  )  # fmt: skip
+  )
   mesh = jax.make_mesh(
     (4,), ('expert',), axis_types=(jax.sharding.AxisType.Auto,)
   )
@@ -98,10 +92,11 @@ def _worker(workdir, port, process_id):
   def state(step):
     kernel, bias = _values(step)
     return {
-      name: jax.make_array_from_callback(value.shape, shardings[name],
-                                         lambda i, v=value: v[i])
+      name: jax.make_array_from_callback(
+        value.shape, shardings[name], lambda i, v=value: v[i]
+      )
       for name, value in (('kernel', kernel), ('bias', bias))
-    }  # fmt: skip
+    }
 
   ckpt = checkpoints.Checkpointer(workdir, every_steps=1, keep_last=5)
   for step in (2, 4, 6):
@@ -135,8 +130,11 @@ def _worker(workdir, port, process_id):
     for k, x in restored.items()
     for s in x.addressable_shards
   )
-  result = {'step': step, 'messages': messages,
-            'values_match_step_2': bool(match)}  # fmt: skip
+  result = {
+    'step': step,
+    'messages': messages,
+    'values_match_step_2': bool(match),
+  }
   print('RESULT ' + json.dumps(result), flush=True)
   jax.distributed.shutdown()
 

@@ -9,16 +9,15 @@ range (PRC's fine-tuning) is checked on the sampled affines.
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
+import commands
 import jax
 import numpy as np
 import pytest
 
 from vmoe_jsd import augment, config_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = commands.ROOT
 IMAGENET_TRAIN_99 = 1_268_355  # tfds imagenet2012 'train[:99%]'
 
 
@@ -125,18 +124,16 @@ def test_bad_second_crop_scale_is_named(bad):
 def test_runlocal_trains_with_prcs_loss_and_no_auxiliary_losses(name, tmp_path):
   data_dir = str(tmp_path / 'tfds')
   workdir = str(tmp_path / 'run')
-  env = {
-    **os.environ,
-    'XLA_FLAGS': '',
-    'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir,
-  }
   config = os.path.join(ROOT, 'configs', f'{name}.py')
-  proc = subprocess.run(
-    [sys.executable, '-m', 'vmoe_jsd.main', f'--config={config}:runlocal',
-     f'--workdir={workdir}', f'--config.dataset.train.data_dir={data_dir}',
-     f'--config.dataset.test.data_dir={data_dir}'],
-    cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-  )  # fmt: skip
+  proc = commands.run(
+    commands.module(
+      'vmoe_jsd.main',
+      f'--config={config}:runlocal',
+      f'--workdir={workdir}',
+      f'--config.dataset.train.data_dir={data_dir}',
+      f'--config.dataset.test.data_dir={data_dir}',
+    )
+  )
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   with open(os.path.join(workdir, 'train_history.jsonl')) as f:
     rows = [json.loads(line) for line in f]

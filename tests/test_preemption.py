@@ -23,10 +23,10 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import threading
 
+import commands
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -35,12 +35,10 @@ import pytest
 import signal_hooks
 import smoke_config
 
-from vmoe_jsd import checkpoints, config_lib, evaluate, resilience, train
+from vmoe_jsd import checkpoints, config_lib, resilience, train
 from vmoe_jsd.data import arrays
+from vmoe_jsd.evaluation import core
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = os.path.join(ROOT, 'tests', 'smoke_config.py')
-HOOKS = os.path.join(ROOT, 'tests', 'signal_hooks.py')
 STOP = signal.SIGUSR1  # The in-process runs' private stop signal.
 
 
@@ -199,7 +197,7 @@ def test_stoppable_split_asks_between_batches_only(stop_before):
     asked.append(len(asked) + 1)  # Asked before batch len(asked) + 1.
     return asked[-1] == stop_before
 
-  split = evaluate.StoppableSplit(_Batches(4), should_stop)
+  split = core.StoppableSplit(_Batches(4), should_stop)
   got = list(split.eval_batches(16))
   if stop_before is None:  # Asked before batches 1, 2 and 3: not before 0
     assert got == [0, 1, 2, 3] and asked == [1, 2, 3]  # nor after 3.
@@ -211,35 +209,17 @@ def test_stoppable_split_asks_between_batches_only(stop_before):
     assert len(asked) == stop_before  # without asking again.
 
 
-def test_stop_in_training_saves_that_step_and_resume_finishes(
-  tmp_path, monkeypatch, capsys, _private_stop_signal
-):
-  config = _load_smoke(**{'save_checkpoint.every_steps': 0})
-  signal_hooks.at_step(3, STOP.name, patch=monkeypatch.setattr)
-  workdir = str(tmp_path / 'run')
-  result = train.train_and_evaluate(config, workdir)
-  assert result == {'preempted_at_step': 3, 'signal': STOP.name}
-  out = capsys.readouterr().out
-  assert f'Stopped by {STOP.name} after step 3:' in out
-  assert '[step 3/6]' in out and '[step 4/6]' not in out
-  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['3']
-  assert not os.path.exists(os.path.join(workdir, 'results.json'))
-
-  result = train.train_and_evaluate(config, workdir)
-  out = capsys.readouterr().out
-  assert 'at step 3.' in out and '[step 4/6]' in out
-  assert result['step'] == 6
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '6']
-
-
-def test_stop_during_start_up_stops_before_the_first_step(
-  tmp_path, monkeypatch, capsys, _private_stop_signal
+def test_stop_in_start_up_or_training_then_resume_equals_uninterrupted(
+  tmp_path, monkeypatch, capsys, reference, _private_stop_signal
 ):
   """A stop requested while the run starts (here as its state is made,
   before the loop compiles) is kept, not lost or fatal: the run stops
   before its first step (nothing to save from step 0; the restored step's
-  checkpoint is the resume point later) and a resume finishes."""
-  config = _load_smoke(**{'save_checkpoint.every_steps': 3})
+  checkpoint is the resume point later). A stop after step 3 saves step 3
+  (no periodic checkpoint) and writes no results; stopped again as it
+  restores step 3, it stops there; the resume finishes as a run that was
+  never stopped (parameters bitwise)."""
+  config = _load_smoke(**smoke_config.REFERENCE)
   workdir = str(tmp_path / 'run')
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   with monkeypatch.context() as m:
@@ -252,20 +232,34 @@ def test_stop_during_start_up_stops_before_the_first_step(
   assert not os.path.exists(ckpt_dir) or not os.listdir(ckpt_dir)
 
   with monkeypatch.context() as m:
-    signal_hooks.at_step(4, STOP.name, patch=m.setattr)
+    signal_hooks.at_step(3, STOP.name, patch=m.setattr)
     result = train.train_and_evaluate(config, workdir)
-  assert result['preempted_at_step'] == 4
-  capsys.readouterr()
-  with monkeypatch.context() as m:  # Restored at step 4, stopped again.
+  assert result == {'preempted_at_step': 3, 'signal': STOP.name}
+  out = capsys.readouterr().out
+  assert f'Stopped by {STOP.name} after step 3:' in out
+  assert '[step 3/6]' in out and '[step 4/6]' not in out
+  assert os.listdir(ckpt_dir) == ['3']
+  assert not os.path.exists(os.path.join(workdir, 'results.json'))
+
+  with monkeypatch.context() as m:  # Restored at step 3, stopped again.
     signal_hooks.at_setup(STOP.name, patch=m.setattr)
     result = train.train_and_evaluate(config, workdir)
-  assert result == {'preempted_at_step': 4, 'signal': STOP.name}
+  assert result == {'preempted_at_step': 3, 'signal': STOP.name}
   out = capsys.readouterr().out
-  assert 'at step 4.' in out and '[step 5/6]' not in out
-  assert sorted(os.listdir(ckpt_dir)) == ['3', '4']
+  assert 'at step 3.' in out and '[step 4/6]' not in out
+  assert os.listdir(ckpt_dir) == ['3']
 
   result = train.train_and_evaluate(config, workdir)
-  assert result['step'] == 6 and '[step 5/6]' in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert 'at step 3.' in out and '[step 4/6]' in out
+  assert result['step'] == 6
+  assert sorted(os.listdir(ckpt_dir)) == ['4', '6']
+  assert result['accuracy'] == reference.result['accuracy']
+  jax.tree_util.tree_map(
+    np.testing.assert_array_equal,
+    _final_params(reference.workdir, 6),
+    _final_params(workdir, 6),
+  )
 
 
 def _recorded_evaluations(monkeypatch):
@@ -284,61 +278,58 @@ def _recorded_evaluations(monkeypatch):
 
 
 def test_stop_during_evaluations_then_resume_equals_uninterrupted(
-  tmp_path, monkeypatch, capsys, _private_stop_signal
+  tmp_path, monkeypatch, capsys, reference, _private_stop_signal
 ):
   """A stop request in the periodic evaluation of step 2 and in the final
   one (each after its first of two batches) saves that step; the resumed
   runs evaluate it again and end as a run that was never stopped."""
-  config = _load_smoke(**{
-    'save_checkpoint.every_steps': 0, 'evaluate.every_steps': 2,
-    'num_train_steps': 4,
-  })  # fmt: skip
+  config = _load_smoke(**smoke_config.REFERENCE)
+  want = reference.evaluations
+  assert sorted(want) == [2, 4, 6]
   records = _recorded_evaluations(monkeypatch)
-  full = train.train_and_evaluate(config, str(tmp_path / 'full'))
-  want = dict(records)
-  assert sorted(want) == [2, 4]
-  capsys.readouterr()
 
   workdir = str(tmp_path / 'run')
   note = os.path.join(workdir, train.INTERRUPTED_EVALUATION)
   reads = []
   with monkeypatch.context() as m:
     signal_hooks.in_eval(2, 0, STOP.name, patch=m.setattr, reads=reads)
-    records.clear()
     result = train.train_and_evaluate(config, workdir)
   assert result == {'preempted_at_step': 2, 'signal': STOP.name}
   out = capsys.readouterr().out
   assert reads == [(2, 0)]  # Its second batch was never read.
   assert not records and '[eval step 2]' not in out
-  assert (f'Stopped by {STOP.name} after step 2 (during its evaluation, '
-          'which a resume runs again)') in out  # fmt: skip
-  assert '[step 3/4]' not in out
+  assert (
+    f'Stopped by {STOP.name} after step 2 (during its evaluation, '
+    'which a resume runs again)'
+  ) in out
+  assert '[step 3/6]' not in out
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['2']
   assert os.path.exists(note)
 
   with monkeypatch.context() as m:
-    signal_hooks.in_eval(4, 0, STOP.name, patch=m.setattr)
+    signal_hooks.in_eval(6, 0, STOP.name, patch=m.setattr)
     result = train.train_and_evaluate(config, workdir)
-  assert result == {'preempted_at_step': 4, 'signal': STOP.name}
+  assert result == {'preempted_at_step': 6, 'signal': STOP.name}
   out = capsys.readouterr().out
   assert 'The evaluation of step 2 was interrupted; evaluating again.' in out
-  assert out.index('[eval step 2]') < out.index('[step 3/4]')
-  assert records == {2: want[2]} and not os.path.exists(note)
+  assert out.index('[eval step 2]') < out.index('[step 3/6]')
+  assert records == {2: want[2], 4: want[4]} and not os.path.exists(note)
   assert 'during the final evaluation' in out
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['4', '6']
   assert not os.path.exists(os.path.join(workdir, 'results.json'))
 
   result = train.train_and_evaluate(config, workdir)
   out = capsys.readouterr().out
   assert '[step ' not in out and records == want
   for key in ('accuracy', 'num_examples', 'routing', 'step'):
-    assert result[key] == full[key], key
+    assert result[key] == reference.result[key], key
   with open(os.path.join(workdir, 'results.json')) as f:
-    assert json.load(f)['routing'] == full['routing']
+    assert json.load(f)['routing'] == reference.result['routing']
 
 
-_FEWSHOT_DATA = dict(name='synthetic', batch_size=16, image_size=16,
-                     num_classes=4)  # fmt: skip
+_FEWSHOT_DATA = dict(
+  name='synthetic', batch_size=16, image_size=16, num_classes=4
+)
 _EXTRA_EVALUATIONS = {
   'robustness': {
     'evaluate.robustness.enabled': True,
@@ -346,30 +337,35 @@ _EXTRA_EVALUATIONS = {
     'evaluate.robustness.capacity_factors': (1.0,),
   },
   'fewshot': {
-    'fewshot.datasets': {'syn': {
-      'train': dict(_FEWSHOT_DATA, split='train', num_examples=48),
-      'test': dict(_FEWSHOT_DATA, split='test', num_examples=32),
-    }},
-    'fewshot.shots': (1, 5), 'fewshot.seeds': (0, 1), 'fewshot.l2_reg': 8.0,
+    'fewshot.datasets': {
+      'syn': {
+        'train': dict(_FEWSHOT_DATA, split='train', num_examples=48),
+        'test': dict(_FEWSHOT_DATA, split='test', num_examples=32),
+      }
+    },
+    'fewshot.shots': (1, 5),
+    'fewshot.seeds': (0, 1),
+    'fewshot.l2_reg': 8.0,
   },
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize('extra', sorted(_EXTRA_EVALUATIONS))
 def test_stop_inside_robustness_or_fewshot_then_resume_equals_uninterrupted(
-  tmp_path, monkeypatch, capsys, _private_stop_signal, extra
+  tmp_path, monkeypatch, capsys, trained, _private_stop_signal, extra
 ):
   """A stop request inside the robustness suites or few-shot (after
   their first batch) abandons the final evaluation between batches: its
   step is saved, nothing is written, and the resume's results equal an
   uninterrupted run's."""
-  config = _load_smoke(
-    **{'save_checkpoint.every_steps': 0, 'num_train_steps': 2},
+  overrides = {
+    'save_checkpoint.every_steps': 0,
+    'num_train_steps': 2,
     **_EXTRA_EVALUATIONS[extra],
-  )
-  full = train.train_and_evaluate(config, str(tmp_path / 'full'))
-  capsys.readouterr()
-  original, sent = evaluate.RaisingSplit.eval_batches, []
+  }
+  full = trained(**overrides).result  # As test_robustness_in_training's.
+  config = _load_smoke(**overrides)
+  original, sent = core.RaisingSplit.eval_batches, []
 
   def batches(self, *args, **kwargs):
     for batch in original(self, *args, **kwargs):
@@ -380,7 +376,7 @@ def test_stop_inside_robustness_or_fewshot_then_resume_equals_uninterrupted(
 
   workdir = str(tmp_path / 'run')
   with monkeypatch.context() as m:
-    m.setattr(evaluate.RaisingSplit, 'eval_batches', batches)
+    m.setattr(core.RaisingSplit, 'eval_batches', batches)
     result = train.train_and_evaluate(config, workdir)
   assert sent and result == {'preempted_at_step': 2, 'signal': STOP.name}
   assert 'during the final evaluation' in capsys.readouterr().out
@@ -403,78 +399,90 @@ def test_raising_split_raises_between_batches_only():
     asked.append(True)
     return len(asked) == 2  # Before the third batch.
 
-  split = evaluate.RaisingSplit(_Batches(4), should_stop)
+  split = core.RaisingSplit(_Batches(4), should_stop)
   got = []
-  with pytest.raises(evaluate.EvaluationStopped):
+  with pytest.raises(core.EvaluationStopped):
     got.extend(split.eval_batches(16))
   assert got == [0, 1] and split.stopped
-  assert list(evaluate.RaisingSplit(_Batches(1), should_stop).eval_batches(
-    16)) == [0]  # One batch: never asked.  # fmt: skip
+  assert list(core.RaisingSplit(_Batches(1), should_stop).eval_batches(16)) == [
+    0
+  ]  # One batch: never asked.
 
 
 # ----------------------------------------------------------------------------
 # Real signals to a training process (main), at set points.
 # ----------------------------------------------------------------------------
 def _main(workdir, *flags, hook=None, cache=True):
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = ''  # One CPU device, as a user's default run.
-  if cache:
-    env['JAX_COMPILATION_CACHE_DIR'] = jax.config.jax_compilation_cache_dir
-    env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-  command = [sys.executable, '-m', 'vmoe_jsd.main']
+  """main on one CPU device (a user's default run), or signal_hooks.py
+  running it with `hook`; cache=False: every function really compiles."""
+  command = commands.module('vmoe_jsd.main')
+  env = {}
   if hook:
-    env['SIGNAL_HOOK'] = hook
-    command = [sys.executable, HOOKS]
-  return subprocess.Popen(
-    [*command, f'--config={SMOKE}', f'--workdir={workdir}',
-     '--config.num_train_steps=150', '--config.save_checkpoint.every_steps=0',
-     '--config.report_progress.every_steps=1', *flags],
-    cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    text=True,
-  )  # fmt: skip
+    command, env = [sys.executable, commands.HOOKS], {'SIGNAL_HOOK': hook}
+  return commands.start(
+    [
+      *command,
+      f'--config={commands.SMOKE}',
+      f'--workdir={workdir}',
+      '--config.num_train_steps=150',
+      '--config.save_checkpoint.every_steps=0',
+      '--config.report_progress.every_steps=1',
+      *flags,
+    ],
+    cache=cache,
+    **env,
+  )
 
 
-@pytest.mark.parametrize('function', [
-  'init_state',  # The first long compilation, before training.
-  pytest.param('train_step', marks=pytest.mark.slow),  # Guarded.
-])  # fmt: skip
+def _assert_ended_by_sigint(returncode, output):
+  """Killed by SIGINT itself (a shell reports status 130), no crash."""
+  assert 'hook: SIGINT 1 during compilation' in output, output
+  assert returncode == -signal.SIGINT, output
+  for crash in ('Traceback', 'Segmentation fault', 'Fatal Python error'):
+    assert crash not in output, output
+  assert 'Interrupted (SIGINT): exiting now' in output
+
+
+@pytest.mark.parametrize(
+  'function',
+  [
+    # The first long compilation, before training.
+    pytest.param('init_state', marks=pytest.mark.processes),
+    pytest.param('train_step', marks=pytest.mark.slow),  # Guarded.
+  ],
+)
 def test_double_ctrl_c_during_compilation_exits_by_sigint(tmp_path, function):
   """No traceback and no segfault: before the fix, the second SIGINT's
   KeyboardInterrupt left jaxlib's compile call while XLA compiled on, and
   the interpreter shut down under it (SIGSEGV, 4 of 4 in the probe)."""
   workdir = str(tmp_path / 'run')
-  # Without the compilation cache: the function must really compile.
   proc = _main(workdir, hook=f'compile:{function}', cache=False)
   output = proc.communicate(timeout=900)[0]
-  assert 'hook: SIGINT 1 during compilation' in output, output
-  # Killed by SIGINT itself: a shell reports status 130.
-  assert proc.returncode == -signal.SIGINT, output
-  for crash in ('Traceback', 'Segmentation fault', 'Fatal Python error'):
-    assert crash not in output, output
-  assert 'Interrupted (SIGINT): exiting now' in output
+  _assert_ended_by_sigint(proc.returncode, output)
   if function == 'train_step':  # The first asked for a stop; the second
     assert 'Received SIGINT' in output  # ended it at once.
     assert 'hook: SIGINT 2 during compilation' in output
   assert not os.path.exists(os.path.join(workdir, 'checkpoints', '1'))
 
 
-def test_double_ctrl_c_during_compilation_of_another_command(tmp_path):
+def test_double_ctrl_c_during_compilation_of_another_command():
   """The commands besides main that compile (eval_main, analyze,
   inspect_step) end by SIGINT too; inspect_step compiles the train step
-  without any checkpoint or data, so it stands for them here."""
-  env = dict(os.environ, XLA_FLAGS='', SIGNAL_HOOK='compile:train_step',
-             SIGNAL_HOOK_MODULE='vmoe_jsd.inspect_step')  # fmt: skip
-  proc = subprocess.run(
-    [sys.executable, HOOKS, f'--config={SMOKE}', '--num_devices=2'],
-    cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    text=True, timeout=900,
-  )  # fmt: skip
-  output = proc.stdout
-  assert 'hook: SIGINT 1 during compilation' in output, output
-  assert proc.returncode == -signal.SIGINT, output
-  for crash in ('Traceback', 'Segmentation fault', 'Fatal Python error'):
-    assert crash not in output, output
-  assert 'Interrupted (SIGINT): exiting now' in output
+  without any checkpoint or data, so it stands for them here (and is the
+  default run's real process of inspect_step)."""
+  proc = commands.run(
+    [
+      sys.executable,
+      commands.HOOKS,
+      f'--config={commands.SMOKE}',
+      '--num_devices=2',
+    ],
+    cache=False,
+    SIGNAL_HOOK='compile:train_step',
+    SIGNAL_HOOK_MODULE='vmoe_jsd.inspect_step',
+    timeout=900,
+  )
+  _assert_ended_by_sigint(proc.returncode, proc.stdout + proc.stderr)
 
 
 def _final_params(workdir, step):
@@ -595,10 +603,12 @@ def test_nan_skip_policy_trains_on_past_a_nan_step(tmp_path, monkeypatch):
   ckpt.close()
   # Step 3 changed nothing but the step counter; step 4 trained again.
   assert int(s3['step']) == 3
-  jax.tree_util.tree_map(np.testing.assert_array_equal, s2['params'],
-                         s3['params'])  # fmt: skip
-  jax.tree_util.tree_map(np.testing.assert_array_equal, s2['opt_state'],
-                         s3['opt_state'])  # fmt: skip
+  jax.tree_util.tree_map(
+    np.testing.assert_array_equal, s2['params'], s3['params']
+  )
+  jax.tree_util.tree_map(
+    np.testing.assert_array_equal, s2['opt_state'], s3['opt_state']
+  )
   assert any(
     not np.array_equal(a, b)
     for a, b in zip(

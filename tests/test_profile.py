@@ -35,8 +35,11 @@ def _traced_steps(workdir) -> list[list[int]]:
     (trace,) = glob.glob(os.path.join(run, '*.trace.json.gz'))
     with gzip.open(trace) as f:
       events = json.load(f)['traceEvents']
-    out.append(sorted(int(e['args']['step_num']) for e in events
-                      if e.get('name') == 'train'))  # fmt: skip
+    out.append(
+      sorted(
+        int(e['args']['step_num']) for e in events if e.get('name') == 'train'
+      )
+    )
   return out
 
 
@@ -59,15 +62,25 @@ def _recording_report(monkeypatch):
   return rows
 
 
-def test_trace_appears_and_changes_no_number(tmp_path, monkeypatch, capsys):
+def test_trace_appears_and_changes_no_number(
+  tmp_path, monkeypatch, capsys, reference
+):
   """Steps 2-3 of 6 traced: the trace holds exactly their step markers,
   and every progress row (each loss term, lr, grad norm) and the final
   parameters equal those of the same run without the profiler."""
+  rows_off = [
+    {k: v for k, v in row.items() if k != 'images_per_second'}
+    for row in reference.rows
+  ]
+  assert not os.path.exists(os.path.join(reference.workdir, 'plugins'))
   rows = _recording_report(monkeypatch)
-  train.train_and_evaluate(_smoke(), str(tmp_path / 'off'))
-  rows_off, rows[:] = list(rows), []
-  assert not os.path.exists(tmp_path / 'off' / 'plugins')
-  config = _smoke(**{'profile.first_step': 2, 'profile.num_steps': 2})
+  config = _smoke(
+    **smoke_config.REFERENCE,
+    **{
+      'profile.first_step': 2,
+      'profile.num_steps': 2,
+    },
+  )
   workdir = str(tmp_path / 'on')
   train.train_and_evaluate(config, workdir)
   assert 'Profile of steps 2-3 written under' in capsys.readouterr().out
@@ -75,7 +88,7 @@ def test_trace_appears_and_changes_no_number(tmp_path, monkeypatch, capsys):
   assert [r['step'] for r in rows] == [1, 2, 3, 4, 5, 6] and rows == rows_off
   jax.tree_util.tree_map(
     np.testing.assert_array_equal,
-    _final_params(str(tmp_path / 'off')),
+    _final_params(reference.workdir),
     _final_params(workdir),
   )
 
@@ -131,16 +144,19 @@ class _FakeProfiler:
         return False
 
     monkeypatch.setattr(jax.profiler, 'StepTraceAnnotation', Annotation)
-    monkeypatch.setattr(jax.profiler, 'start_trace',
-                        lambda d: self.calls.append(('start', d)))  # fmt: skip
-    monkeypatch.setattr(jax.profiler, 'stop_trace',
-                        lambda: self.calls.append(('stop',)))  # fmt: skip
+    monkeypatch.setattr(
+      jax.profiler, 'start_trace', lambda d: self.calls.append(('start', d))
+    )
+    monkeypatch.setattr(
+      jax.profiler, 'stop_trace', lambda: self.calls.append(('stop',))
+    )
 
 
 def _run_window(spec, logdir, start_step, num_steps, stop_at=None):
   logs = []
-  window = profiling.ProfileWindow(spec, logdir, start_step, num_steps,
-                                   logs.append)  # fmt: skip
+  window = profiling.ProfileWindow(
+    spec, logdir, start_step, num_steps, logs.append
+  )
   for step in range(start_step + 1, num_steps + 1):
     window.before_step(step)
     window.after_step(step, np.zeros(1))
@@ -154,24 +170,29 @@ def _run_window(spec, logdir, start_step, num_steps, stop_at=None):
   'first, num, start, total, stop_at, expected',
   [
     # A fresh run: steps 3-5.
-    (3, 3, 0, 10, None, [('start', 'w'), ('step', 3), ('step', 4),
-                         ('step', 5), ('stop',)]),
+    (
+      3,
+      3,
+      0,
+      10,
+      None,
+      [('start', 'w'), ('step', 3), ('step', 4), ('step', 5), ('stop',)],
+    ),
     # Resumed inside the window: only its remaining steps.
-    (3, 3, 3, 10, None, [('start', 'w'), ('step', 4), ('step', 5),
-                         ('stop',)]),
+    (3, 3, 3, 10, None, [('start', 'w'), ('step', 4), ('step', 5), ('stop',)]),
     # Resumed after the window: nothing.
     (3, 3, 5, 10, None, []),
     # A window past the end of training stops at the last step.
-    (9, 5, 0, 10, None, [('start', 'w'), ('step', 9), ('step', 10),
-                         ('stop',)]),
+    (9, 5, 0, 10, None, [('start', 'w'), ('step', 9), ('step', 10), ('stop',)]),
     # A stop signal inside the window: close() stops the trace.
     (3, 3, 0, 10, 4, [('start', 'w'), ('step', 3), ('step', 4), ('stop',)]),
     # Off.
     (3, 0, 0, 10, None, []),
   ],
-)  # fmt: skip
-def test_window_steps_by_hand(monkeypatch, first, num, start, total, stop_at,
-                              expected):  # fmt: skip
+)
+def test_window_steps_by_hand(
+  monkeypatch, first, num, start, total, stop_at, expected
+):
   fake = _FakeProfiler(monkeypatch)
   spec = profiling.ProfileSpec(first_step=first, num_steps=num)
   logs = _run_window(spec, 'w', start, total, stop_at)
@@ -192,15 +213,19 @@ def test_other_processes_do_not_trace(monkeypatch):
 @pytest.mark.parametrize(
   'block, expected',
   [
-    ({'first_step': 0, 'num_steps': 2}, 'config.profile.first_step=0 is '
-     'invalid: must be an integer >= 1'),
+    (
+      {'first_step': 0, 'num_steps': 2},
+      'config.profile.first_step=0 is invalid: must be an integer >= 1',
+    ),
     ({'first_step': 2, 'num_steps': -1}, 'config.profile.num_steps=-1'),
     ({'first_step': 2.5, 'num_steps': 1}, 'config.profile.first_step=2.5'),
-    ({'first_step': 7, 'num_steps': 1}, 'config.profile.first_step=7 is '
-     'invalid: must be <= num_train_steps=6'),
+    (
+      {'first_step': 7, 'num_steps': 1},
+      'config.profile.first_step=7 is invalid: must be <= num_train_steps=6',
+    ),
     ({'first_step': 2, 'num_steps': 1, 'every': 3}, "config.profile=['every']"),
   ],
-)  # fmt: skip
+)
 def test_bad_profile_blocks_fail_at_resolution(block, expected):
   config = _smoke()
   with config.unlocked():

@@ -320,6 +320,7 @@ def _case_model(name):
 BF16_CASES = [f'{n}-{m}' for n, m in PARAMS if _uses_bfloat16(_case_model(n))]
 
 
+@pytest.mark.processes  # A pytest of its own, with other XLA_FLAGS.
 def test_bfloat16_cases_pass_on_the_other_bf16_path_too(tmp_path):
   """XLA:CPU lowers bfloat16 dots natively where the CPU has AVX512-BF16 or
   AMX, and by conversion to float32 elsewhere. --xla_cpu_max_isa=AVX2 forces

@@ -1,6 +1,7 @@
 """The workdir: locked while a run uses it, kept to one config across
-resumes, strict JSON in every file, the history written as it goes, and a
-one-line failure when the workdir, the disk or the checkpoints fail."""
+resumes, strict JSON in every file, the history written as it goes (a
+crashed run resumes as if it never crashed), and a one-line failure when
+the workdir, the disk or the checkpoints fail."""
 
 import contextlib
 import errno
@@ -13,15 +14,17 @@ import subprocess
 import sys
 import time
 
+import commands
 import jax
 import numpy as np
 import pytest
 import smoke_config
 
 from vmoe_jsd import checkpoints, cli, paths, run_files, train
+from vmoe_jsd.config_errors import flatten
+from vmoe_jsd.data import arrays
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = os.path.join(ROOT, 'tests', 'smoke_config.py')
+ROOT = commands.ROOT
 
 
 def _smoke(**overrides):
@@ -37,24 +40,13 @@ def _strict_loads(text):
   return json.loads(text, parse_constant=refuse)
 
 
-def _env():
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = ''
-  env['JAX_COMPILATION_CACHE_DIR'] = jax.config.jax_compilation_cache_dir
-  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-  env['PYTHONPATH'] = os.pathsep.join([ROOT, os.path.join(ROOT, 'tests')])
-  return env
-
-
 def _main(*args, workdir, wait=True):
-  cmd = [sys.executable, '-m', 'vmoe_jsd.main', f'--config={SMOKE}',
-         f'--workdir={workdir}', *args]  # fmt: skip
+  command = commands.module(
+    'vmoe_jsd.main', f'--config={commands.SMOKE}', f'--workdir={workdir}', *args
+  )
   if not wait:
-    return subprocess.Popen(
-      cmd, cwd=ROOT, env=_env(), text=True, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE)  # fmt: skip
-  return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True,
-                        text=True, timeout=600)  # fmt: skip
+    return commands.start(command, merge=False)
+  return commands.run(command)
 
 
 def _one_error_line(stderr, start):
@@ -70,20 +62,31 @@ def _one_error_line(stderr, start):
 def test_results_with_nan_and_infinity_are_strict_json(tmp_path):
   result = {
     'accuracy': float('nan'),
-    'routing': {'encoderblock_1': {'kappa': float('-inf'), 'jsd': 0.25,
-                                   'load': (0.5, float('inf'), 0.5)}},
-    'loss': np.float32('nan'), 'steps': np.int64(7), 'ok': np.bool_(True),
+    'routing': {
+      'encoderblock_1': {
+        'kappa': float('-inf'),
+        'jsd': 0.25,
+        'load': (0.5, float('inf'), 0.5),
+      }
+    },
+    'loss': np.float32('nan'),
+    'steps': np.int64(7),
+    'ok': np.bool_(True),
     'curve': np.array([1.0, np.nan]),
-  }  # fmt: skip
+  }
   path = tmp_path / 'results.json'
   paths.write_json(path, result)
   back = _strict_loads(path.read_text())
   assert back == {
     'accuracy': None,
-    'routing': {'encoderblock_1': {'kappa': None, 'jsd': 0.25,
-                                   'load': [0.5, None, 0.5]}},
-    'loss': None, 'steps': 7, 'ok': True, 'curve': [1.0, None],
-  }  # fmt: skip
+    'routing': {
+      'encoderblock_1': {'kappa': None, 'jsd': 0.25, 'load': [0.5, None, 0.5]}
+    },
+    'loss': None,
+    'steps': 7,
+    'ok': True,
+    'curve': [1.0, None],
+  }
   run_files.append_jsonl(tmp_path / 'h.jsonl', [{'step': 1, 'xent': math.nan}])
   lines = (tmp_path / 'h.jsonl').read_text().splitlines()
   assert [_strict_loads(x) for x in lines] == [{'step': 1, 'xent': None}]
@@ -131,9 +134,11 @@ def test_a_second_lock_is_refused_naming_the_holder(tmp_path):
     run_files.WorkdirLock(tmp_path).acquire()
   text = str(e.value)
   assert '\n' not in text
-  assert text.startswith(f'--workdir={tmp_path} is in use by another run '
-                         f'(pid {os.getpid()} on {os.uname().nodename}, '
-                         'started 20')  # fmt: skip
+  assert text.startswith(
+    f'--workdir={tmp_path} is in use by another run '
+    f'(pid {os.getpid()} on {os.uname().nodename}, '
+    'started 20'
+  )
   assert 'command: ' in text
   first.release()
   run_files.WorkdirLock(tmp_path).acquire().release()  # Free again.
@@ -158,13 +163,13 @@ time.sleep(300)  # Held until the test kills this process.
 
 
 def _hold(workdir, barrier='', n=0):
-  return subprocess.Popen(
+  return commands.start(
     [sys.executable, '-c', HOLD, str(workdir), str(barrier), str(n)],
-    cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    text=True,
-  )  # fmt: skip
+    merge=False,
+  )
 
 
+@pytest.mark.processes  # A process that holds the lock, then is killed.
 def test_the_lock_of_a_killed_run_does_not_block_the_next(tmp_path):
   holder = _hold(tmp_path)
   assert holder.stdout.readline().strip() == 'locked', holder.stderr.read()
@@ -180,6 +185,7 @@ def test_the_lock_of_a_killed_run_does_not_block_the_next(tmp_path):
   run_files.WorkdirLock(tmp_path).acquire().release()
 
 
+@pytest.mark.processes  # Four processes try to lock at once.
 def test_runs_started_at_the_same_moment_exactly_one_locks(tmp_path):
   """Four processes try at once (a file barrier); the winner holds the
   lock until all have answered."""
@@ -219,8 +225,10 @@ def test_two_mains_at_once_one_trains_the_other_is_refused(tmp_path):
   assert codes == [0, 2], outs
   refused = outs[[p.returncode for p in procs].index(2)]
   winner = procs[[p.returncode for p in procs].index(0)].pid
-  _one_error_line(refused[1], f'--workdir={workdir} is in use by another run '
-                  f'(pid {winner} on ')  # fmt: skip
+  _one_error_line(
+    refused[1],
+    f'--workdir={workdir} is in use by another run (pid {winner} on ',
+  )
   assert run_files.finished_result(str(workdir)) is not None
 
 
@@ -237,14 +245,18 @@ def _trained_workdir(tmp_path, config):
 def test_a_resume_with_another_config_is_refused_listing_the_keys(tmp_path):
   old = _smoke().to_dict()
   workdir = _trained_workdir(tmp_path, old)
-  new = _smoke(**{'seed': 1, 'optimizer.learning_rate.peak_value': 0.01,
-                  'num_train_steps': 8}).to_dict()  # fmt: skip
+  new = _smoke(
+    **{
+      'seed': 1,
+      'optimizer.learning_rate.peak_value': 0.01,
+      'num_train_steps': 8,
+    }
+  ).to_dict()
   with pytest.raises(run_files.ConfigChangedError) as e:
     run_files.check_resume_config(workdir, new)
   text = str(e.value)
   assert '\n' not in text
-  assert text.startswith(f'--workdir={workdir} was trained with another '
-                         'config')  # fmt: skip
+  assert text.startswith(f'--workdir={workdir} was trained with another config')
   assert 'optimizer.learning_rate.peak_value: 0.001 -> 0.01; seed: 0 -> 1.' in (
     text
   )
@@ -256,11 +268,14 @@ def test_a_resume_with_another_config_is_refused_listing_the_keys(tmp_path):
 def test_keys_that_may_change_on_resume_are_logged_and_recorded(tmp_path):
   workdir = _trained_workdir(tmp_path, _smoke().to_dict())
   changed = {
-    'num_train_steps': 12, 'report_progress.every_steps': 3,
-    'save_checkpoint.every_steps': 5, 'evaluate.every_steps': 4,
-    'dataset.train.data_dir': '/elsewhere', 'num_expert_partitions': 2,
+    'num_train_steps': 12,
+    'report_progress.every_steps': 3,
+    'save_checkpoint.every_steps': 5,
+    'evaluate.every_steps': 4,
+    'dataset.train.data_dir': '/elsewhere',
+    'num_expert_partitions': 2,
     'profile.num_steps': 2,
-  }  # fmt: skip
+  }
   lines = []
   changes = run_files.check_resume_config(
     workdir, _smoke(**changed).to_dict(), log=lines.append
@@ -271,9 +286,11 @@ def test_keys_that_may_change_on_resume_are_logged_and_recorded(tmp_path):
   assert changes['dataset.train.data_dir'] == ('<absent>', '/elsewhere')
   assert len(lines) == 2 and lines[0].startswith('Resuming with: ')
   assert 'dataset.train.data_dir' not in lines[0]
-  assert lines[1] == ('Resuming with 1 key(s) that only one of config.json '
-                      'and this config has (options added or removed since): '
-                      'dataset.train.data_dir.')  # fmt: skip
+  assert lines[1] == (
+    'Resuming with 1 key(s) that only one of config.json '
+    'and this config has (options added or removed since): '
+    'dataset.train.data_dir.'
+  )
   (row,) = run_files.read_jsonl(workdir / run_files.CONFIG_CHANGES)
   assert row['forced'] is False
   assert row['changes']['num_train_steps'] == {'old': 6, 'new': 12}
@@ -285,8 +302,10 @@ def test_allow_config_change_resumes_and_records_it_as_forced(tmp_path):
   run_files.check_resume_config(
     workdir, _smoke(seed=3).to_dict(), allow_change=True, log=lines.append
   )
-  assert lines == ['WARNING: resuming with a changed config '
-                   '(--allow_config_change): seed: 0 -> 3.']  # fmt: skip
+  assert lines == [
+    'WARNING: resuming with a changed config '
+    '(--allow_config_change): seed: 0 -> 3.'
+  ]
   (row,) = run_files.read_jsonl(workdir / run_files.CONFIG_CHANGES)
   assert row['forced'] is True and row['changes'] == {
     'seed': {'old': 0, 'new': 3}
@@ -303,7 +322,7 @@ def test_options_the_code_gained_since_are_named_not_refused(tmp_path):
   """A workdir trained before the code had an option: its config.json
   lacks the key, which is accepted (and named); a changed value is not."""
   old = _smoke().to_dict()
-  num_keys = 1 + len(run_files.flat_config(old['evaluate']['stability']))
+  num_keys = 1 + len(flatten(old['evaluate']['stability']))
   del old['microsteps'], old['evaluate']['stability']
   workdir = _trained_workdir(tmp_path, old)
   lines = []
@@ -333,56 +352,76 @@ def test_a_key_the_old_config_lacks_is_a_change():
 # ----------------------------------------------------------------------------
 # The history, written as it goes; the training time across segments.
 # ----------------------------------------------------------------------------
-class _Crash(Exception):
-  pass
+def _read_history(workdir):
+  with open(os.path.join(workdir, run_files.HISTORY)) as f:
+    return [_strict_loads(line) for line in f]
 
 
-def test_history_survives_a_crash_and_a_resume_repeats_no_row(
-  tmp_path, monkeypatch
+def _final_params(workdir):
+  ckpt = checkpoints.Checkpointer(workdir, every_steps=2)
+  params = ckpt._manager.restore(6)['state']['params']
+  ckpt.close()
+  return params
+
+
+def test_crashed_run_resumes_as_uninterrupted_and_keeps_its_history(
+  tmp_path, monkeypatch, reference
 ):
-  """A run dies at step 6's report (rows 1-5 written, checkpoint 4 saved);
-  a resume with another seed is refused before it touches anything; the
-  resume proper keeps rows 1-4, trains 5 and 6 again, and its training time
-  adds the first segment's."""
-  workdir = tmp_path / 'run'
-  real_report = train.report
+  """A run dies before step 6 (rows 1-5 written as it went, checkpoint 4
+  saved); a resume with another seed is refused before it touches
+  anything; the resume proper keeps rows 1-4, trains 5 and 6 again, adds
+  the first segment's training time, and ends with the parameters of a run
+  that never crashed: data order and random streams are functions of the
+  step."""
+  config = _smoke(**smoke_config.REFERENCE)
+  original = arrays.ArrayDataset.train_batches
 
-  def report_then_crash(step, *args, **kwargs):
-    if step == 6:
-      raise _Crash(step)
-    return real_report(step, *args, **kwargs)
+  def crashing(self, *args, **kwargs):
+    for i, batch in enumerate(original(self, *args, **kwargs)):
+      if kwargs.get('start_step', 0) == 0 and i == 5:
+        raise KeyboardInterrupt('simulated crash at step 6')
+      yield batch
 
-  monkeypatch.setattr(train, 'report', report_then_crash)
-  with pytest.raises(_Crash):
-    train.train_and_evaluate(_smoke(), str(workdir))
-  history_path = workdir / run_files.HISTORY
-  first = [_strict_loads(x) for x in history_path.read_text().splitlines()]
+  workdir = str(tmp_path / 'crashed')
+  with monkeypatch.context() as m:
+    m.setattr(arrays.ArrayDataset, 'train_batches', crashing)
+    with pytest.raises(KeyboardInterrupt):
+      train.train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['4']
+  first = _read_history(workdir)
   assert [r['step'] for r in first] == [1, 2, 3, 4, 5]
   assert first[0]['train_seconds'] == 0.0  # Step 1 is compilation.
   assert all(r['train_seconds'] > 0 for r in first[1:])
-  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
-  monkeypatch.setattr(train, 'report', real_report)
 
   with pytest.raises(run_files.ConfigChangedError, match='seed: 0 -> 1'):
-    train.train_and_evaluate(_smoke(seed=1), str(workdir))
-  assert history_path.read_text().count('\n') == 5
+    train.train_and_evaluate(_smoke(seed=1, **smoke_config.REFERENCE), workdir)
+  assert _read_history(workdir) == first
 
-  result = train.train_and_evaluate(_smoke(), str(workdir))
-  rows = [_strict_loads(x) for x in history_path.read_text().splitlines()]
+  resumed = train.train_and_evaluate(config, workdir)
+  rows = _read_history(workdir)
   assert [r['step'] for r in rows] == [1, 2, 3, 4, 5, 6]
   assert rows[:4] == first[:4]
   # Step 5 is the resumed segment's compilation: no time of its own.
   assert rows[4]['train_seconds'] == rows[3]['train_seconds']
   assert rows[5]['train_seconds'] > rows[4]['train_seconds']
-  assert result['train_seconds_excluding_compile'] == rows[5]['train_seconds']
-  assert _strict_loads((workdir / run_files.RESULTS).read_text())['step'] == 6
+  assert resumed['train_seconds_excluding_compile'] == rows[5]['train_seconds']
+  with open(os.path.join(workdir, run_files.RESULTS)) as f:
+    assert _strict_loads(f.read())['step'] == 6
+  jax.tree_util.tree_map(
+    np.testing.assert_array_equal,
+    _final_params(reference.workdir),
+    _final_params(workdir),
+  )
+  assert resumed['accuracy'] == reference.result['accuracy']
 
 
 def test_a_cut_last_line_is_dropped_on_resume(tmp_path):
   path = tmp_path / run_files.HISTORY
-  path.write_text('{"step": 1, "train_seconds": 0.0}\n'
-                  '{"step": 2, "train_seconds": 1.5, "images_per_second": 8}\n'
-                  '{"step": 3, "trai')  # fmt: skip
+  path.write_text(
+    '{"step": 1, "train_seconds": 0.0}\n'
+    '{"step": 2, "train_seconds": 1.5, "images_per_second": 8}\n'
+    '{"step": 3, "trai'
+  )
   history = run_files.History(path, start_step=4)
   assert [r['step'] for r in history] == [1, 2]
   # Steps 3 and 4 are counted at step 2's rate: 2 steps of 8 images / 8 /s.
@@ -424,10 +463,12 @@ def test_workdir_problems_are_one_line(tmp_path):
   afile.write_text('x')
   cases = [
     (afile, f'--workdir={afile} is a file, not a folder'),
-    (afile / 'sub' / 'run',
-     f'--workdir={afile}/sub/run cannot be made: {afile} is a file, not a '
-     'folder'),
-  ]  # fmt: skip
+    (
+      afile / 'sub' / 'run',
+      f'--workdir={afile}/sub/run cannot be made: {afile} is a file, not a '
+      'folder',
+    ),
+  ]
   for workdir, message in cases:
     with pytest.raises(run_files.WorkdirError) as e:
       run_files.prepare_workdir(workdir)
@@ -463,8 +504,9 @@ def test_a_read_only_workdir_is_one_line(tmp_path):
       run_files.WorkdirLock(run_files.prepare_workdir(workdir)).acquire()
     assert re.fullmatch(
       f'--workdir={workdir} cannot be written: (Read-only file system|'
-      'Permission denied)', str(e.value),
-    ), str(e.value)  # fmt: skip
+      'Permission denied)',
+      str(e.value),
+    ), str(e.value)
     with pytest.raises(run_files.WorkdirError, match='/sub cannot be written'):
       run_files.prepare_workdir(workdir / 'sub')
 
@@ -473,8 +515,9 @@ def test_failure_lines_of_a_full_disk_and_damaged_checkpoints():
   enospc = OSError(errno.ENOSPC, 'No space left on device', '/w/results.json')
   assert cli.failure_line(enospc) == (
     'the disk is full (No space left on device: /w/results.json). Free space '
-    'and run the same command to resume from the last checkpoint', 1,
-  )  # fmt: skip
+    'and run the same command to resume from the last checkpoint',
+    1,
+  )
   # tensorstore's error, as orbax re-raises it from its writer thread.
   ts_error = ValueError(
     'RESOURCE_EXHAUSTED: Error writing local file "/w/checkpoints/4/x": '
@@ -507,18 +550,27 @@ runpy.run_module('vmoe_jsd.main', run_name='__main__')
 """
 
 
+@pytest.mark.processes  # main ends at once (os._exit): its own process.
 def test_main_says_a_full_disk_in_one_line(tmp_path):
   workdir = tmp_path / 'run'
-  proc = subprocess.run(
-    [sys.executable, '-c', FULL_DISK, f'--config={SMOKE}',
-     f'--workdir={workdir}'],
-    cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
-  )  # fmt: skip
+  proc = commands.run(
+    [
+      sys.executable,
+      '-c',
+      FULL_DISK,
+      f'--config={commands.SMOKE}',
+      f'--workdir={workdir}',
+    ]
+  )
   assert proc.returncode == 1, proc.stderr
-  _one_error_line(proc.stderr, 'the disk is full (No space left on device: '
-                  f'{workdir}/config.json). Free space')  # fmt: skip
+  _one_error_line(
+    proc.stderr,
+    'the disk is full (No space left on device: '
+    f'{workdir}/config.json). Free space',
+  )
 
 
+@pytest.mark.processes  # main's exit status and stderr.
 def test_main_says_a_workdir_that_is_a_file_in_one_line(tmp_path):
   afile = tmp_path / 'afile'
   afile.write_text('x')
@@ -528,9 +580,10 @@ def test_main_says_a_workdir_that_is_a_file_in_one_line(tmp_path):
 
 
 def _can_mount_tmpfs():
-  probe = subprocess.run(['unshare', '-rm', 'sh', '-c',
-                          'mount -t tmpfs -o size=1k tmpfs /mnt'],
-                         capture_output=True)  # fmt: skip
+  probe = subprocess.run(
+    ['unshare', '-rm', 'sh', '-c', 'mount -t tmpfs -o size=1k tmpfs /mnt'],
+    capture_output=True,
+  )
   return probe.returncode == 0
 
 
@@ -543,12 +596,12 @@ def test_a_really_full_disk_ends_in_one_line(tmp_path):
     pytest.skip('no user namespaces to mount a tmpfs in')
   disk = tmp_path / 'disk'
   os.makedirs(disk)
-  script = (f'mount -t tmpfs -o size=400k tmpfs {disk} && exec '
-            f'{sys.executable} -m vmoe_jsd.main --config={SMOKE} '
-            f'--workdir={disk}/run')  # fmt: skip
-  proc = subprocess.run(['unshare', '-rm', 'sh', '-c', script], cwd=ROOT,
-                        env=_env(), capture_output=True, text=True,
-                        timeout=600)  # fmt: skip
+  script = (
+    f'mount -t tmpfs -o size=400k tmpfs {disk} && exec '
+    f'{sys.executable} -m vmoe_jsd.main --config={commands.SMOKE} '
+    f'--workdir={disk}/run'
+  )
+  proc = commands.run(['unshare', '-rm', 'sh', '-c', script])
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert 'Traceback' not in proc.stderr + proc.stdout
   _one_error_line(proc.stderr, 'the disk is full (')
