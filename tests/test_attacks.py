@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from vmoe_jsd import losses
-from vmoe_jsd.evaluation import attacks
 from vmoe_jsd.config_errors import ConfigError
+from vmoe_jsd.evaluation import attacks
 from vmoe_jsd.models import moe as moe_lib
 
 EPS = 0.1

@@ -14,8 +14,8 @@ import pytest
 from smoke_config import get_config, with_overrides
 
 from vmoe_jsd import config_lib, data, streams
-from vmoe_jsd.evaluation import accuracy, core
 from vmoe_jsd.data import eval_padding
+from vmoe_jsd.evaluation import accuracy, core
 
 
 def _per_process(ds, batch_size, process_count, limit=None):

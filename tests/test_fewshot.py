@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from vmoe_jsd import augment, config_lib, sharding, train
-from vmoe_jsd.evaluation import fewshot
 from vmoe_jsd.data import synthetic
+from vmoe_jsd.evaluation import fewshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'tests'))

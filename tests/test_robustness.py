@@ -13,8 +13,8 @@ import pytest
 import scipy.ndimage
 
 from vmoe_jsd import augment
-from vmoe_jsd.evaluation import corruptions, robustness, serving
 from vmoe_jsd.config_errors import ConfigError
+from vmoe_jsd.evaluation import corruptions, robustness, serving
 from vmoe_jsd.models.spec import ModelSpec
 
 S, P = 28, 7
