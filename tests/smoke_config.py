@@ -3,6 +3,7 @@
 import ml_collections
 
 from vmoe_jsd import config_common
+from vmoe_jsd.data import arrays
 
 
 def get_config(arg=None):
@@ -90,3 +91,18 @@ def with_overrides(config, **overrides):
 # only by a stop): the run that the stopped, crashed and resumed runs of
 # the tests end as (conftest's `reference`).
 REFERENCE = {'evaluate.every_steps': 2, 'save_checkpoint.every_steps': 4}
+
+
+def crash_before_step(step: int):
+  """An ArrayDataset.train_batches that raises KeyboardInterrupt when a
+  fresh run (start_step 0) asks for the batch of `step`: a crash after
+  step - 1 steps, for monkeypatching."""
+  original = arrays.ArrayDataset.train_batches
+
+  def crashing(self, *args, **kwargs):
+    for i, batch in enumerate(original(self, *args, **kwargs)):
+      if kwargs.get('start_step', 0) == 0 and i == step - 1:
+        raise KeyboardInterrupt(f'simulated crash at step {step}')
+      yield batch
+
+  return crashing

@@ -101,14 +101,7 @@ def test_resumed_run_skips_a_window_that_has_passed(
   resumed run says so and does not trace again; its step 5 repeats the
   killed run's numbers."""
   rows = _recording_report(monkeypatch)
-  original = arrays.ArrayDataset.train_batches
-
-  def crashing(self, *args, **kwargs):
-    for i, batch in enumerate(original(self, *args, **kwargs)):
-      if kwargs.get('start_step', 0) == 0 and i == 5:
-        raise KeyboardInterrupt('simulated crash at step 6')
-      yield batch
-
+  crashing = smoke_config.crash_before_step(6)
   monkeypatch.setattr(arrays.ArrayDataset, 'train_batches', crashing)
   config = _smoke(**{'profile.first_step': 2, 'profile.num_steps': 2})
   workdir = str(tmp_path / 'run')

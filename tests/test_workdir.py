@@ -374,14 +374,7 @@ def test_crashed_run_resumes_as_uninterrupted_and_keeps_its_history(
   that never crashed: data order and random streams are functions of the
   step."""
   config = _smoke(**smoke_config.REFERENCE)
-  original = arrays.ArrayDataset.train_batches
-
-  def crashing(self, *args, **kwargs):
-    for i, batch in enumerate(original(self, *args, **kwargs)):
-      if kwargs.get('start_step', 0) == 0 and i == 5:
-        raise KeyboardInterrupt('simulated crash at step 6')
-      yield batch
-
+  crashing = smoke_config.crash_before_step(6)
   workdir = str(tmp_path / 'crashed')
   with monkeypatch.context() as m:
     m.setattr(arrays.ArrayDataset, 'train_batches', crashing)
