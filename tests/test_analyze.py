@@ -14,7 +14,7 @@ import smoke_config
 from PIL import Image
 
 from vmoe_jsd import analyze, checkpoints, cli, config_lib, streams, train
-from vmoe_jsd.evaluation import accuracy, core, figures
+from vmoe_jsd.evaluation import accuracy, core, experts, figures
 
 SMOKE = commands.SMOKE
 
@@ -330,3 +330,14 @@ def test_analyze_of_a_workdir_without_checkpoint_raises_one_line(tmp_path):
     analyze.analyze(_smoke(), str(tmp_path), str(tmp_path / 'out'))
   assert str(e.value).startswith(f'--workdir={tmp_path}: ')
   assert '\n' not in str(e.value)
+
+
+def test_expert_by_class_table_gives_each_class_its_shares():
+  counts = {1: np.array([[3.0, 1.0], [0.0, 0.0]]), 3: np.array([[0.0, 2.0]])}
+  assert experts.table(counts).splitlines() == [
+    'encoderblock_1: top-1 share per class (rows)',
+    '  0.75 0.25',
+    '  0.00 0.00',  # A class with no tokens: no division by zero.
+    'encoderblock_3: top-1 share per class (rows)',
+    '  0.00 1.00',
+  ]

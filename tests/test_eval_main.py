@@ -203,3 +203,24 @@ def test_eval_main_suite_errors_are_one_line(tmp_path, capsys):
     assert status == 2 and message in stderr, stderr
     assert len(stderr.strip().splitlines()) == 1, stderr
     assert stderr.startswith('vmoe_jsd.eval_main: error: '), stderr
+
+
+def test_suites_are_the_registry_evaluations_outside_standard():
+  """Every registered evaluation but accuracy and few-shot (the standard
+  suite) and analyze's class counts is a suite, in the registry's order."""
+  assert eval_main.SUITES == (
+    'standard',
+    'stability',
+    'corruptions',
+    'attacks',
+    'cheap',
+  )
+  assert eval_main.parse_suites('cheap, stability') == ('stability', 'cheap')
+  assert eval_main.parse_suites('robustness') == (
+    'corruptions',
+    'attacks',
+    'cheap',
+  )
+  assert eval_main.parse_suites('all') == eval_main.SUITES
+  with pytest.raises(ValueError, match="'expert_by_class' is unknown"):
+    eval_main.parse_suites('expert_by_class')
