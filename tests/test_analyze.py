@@ -141,6 +141,7 @@ def _map_agreement(maps, top1):
   return agree, pairs
 
 
+@pytest.mark.slow
 def test_routing_map_views_are_the_evaluation_views():
   """Test images 4..7: the map's views are the evaluation's views of those
   positions, and the agreement the map shows is the evaluation's."""

@@ -9,6 +9,7 @@ than start from scratch.
 
 import os
 import pathlib
+import shutil
 import threading
 
 import jax
@@ -157,14 +158,18 @@ def test_async_save_does_not_block_on_writing(tmp_path, monkeypatch):
   ckpt.close()
 
 
+@pytest.mark.slow
 def test_training_resumes_from_previous_checkpoint_past_truncated_one(
-  tmp_path,
+  tmp_path, reference
 ):
-  """End to end: the last checkpoint of a finished run is truncated; the
-  next run reports it, resumes from the one before and redoes the steps."""
-  config = smoke_config.get_config()
-  workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(config, workdir)
+  """End to end: the last checkpoint of a finished run (conftest's
+  `reference`: checkpoints 4 and 6) is truncated; the next run reports it,
+  resumes from the one before and redoes the steps."""
+  config = smoke_config.with_overrides(
+    smoke_config.get_config(), **smoke_config.REFERENCE
+  )
+  workdir = str(shutil.copytree(reference.workdir, tmp_path / 'run'))
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['4', '6']
   _truncate(os.path.join(workdir, 'checkpoints', '6'))
   with open(os.path.join(workdir, 'train_history.jsonl')) as f:
     first = [line for line in f if line.strip()]

@@ -61,6 +61,7 @@ def test_config_validates(path, tmp_path):
   config_lib.validate(local, num_devices=1)
 
 
+@pytest.mark.processes
 def test_upcycling_config_runs_from_a_dense_vit_npz(tmp_path):
   """configs/upcycle_vit_b16_i1k.py:runlocal, from a ViT .npz in
   vision_transformer's naming written here by hand."""

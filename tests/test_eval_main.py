@@ -22,6 +22,7 @@ def run(capsys, *args):
   return out
 
 
+@pytest.mark.slow
 def test_eval_main_on_our_checkpoint_matches_training_eval(
   tmp_path, capsys, reference
 ):

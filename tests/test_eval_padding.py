@@ -119,6 +119,7 @@ def test_group_real_tokens_matches_brute_force():
     np.testing.assert_allclose(got, flat * groups / tokens, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_padding_changes_no_figure():
   # 24 examples: batches of 16 (8 padded) against batches of 8 (none).
   # A small evaluation capacity makes the routers drop choices, so the

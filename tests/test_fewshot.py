@@ -97,6 +97,7 @@ def _fewshot_config():
   return config
 
 
+@pytest.mark.slow
 def test_evaluator_uses_pre_logits_and_the_closed_form():
   """The features are what the head sees (logits = f @ kernel + bias); the
   accuracies equal the float64 reference on those features."""

@@ -114,6 +114,7 @@ def test_startup_errors_name_the_problem(animals, tmp_path):
     folder.check({**cfg, 'channels': 4}, 1)
 
 
+@pytest.mark.slow
 def test_folder_trains_through_main(animals, tmp_path):
   """A corrupt file, a grey and an RGBA image: trains and evaluates."""
   config = smoke_config.get_config()

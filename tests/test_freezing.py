@@ -31,6 +31,7 @@ def _bits(x):
   return x.view(np.uint32 if x.dtype.itemsize == 4 else np.uint16)
 
 
+@pytest.mark.slow
 def test_frozen_parameters_stay_bitwise_unchanged_through_training(tmp_path):
   """Four real train steps (train.build_training's jitted step on the
   8-device mesh: AdamW with weight decay, clipping, the consistency loss),

@@ -188,6 +188,7 @@ def test_emulator_is_what_the_clients_talk_to(gcs):
     assert response.read() == b'hi'
 
 
+@pytest.mark.slow
 def test_gs_workdir_trains_resumes_and_evaluates(
   gcs, tmp_path, monkeypatch, capsys
 ):

@@ -34,6 +34,7 @@ def _runlocal(data_dir):
   return config
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_the_same_batches_reading_one_batch(
   tmp_path, monkeypatch, capsys
 ):

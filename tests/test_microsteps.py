@@ -99,9 +99,8 @@ def _assert_trees_close(a, b, rtol):
     np.testing.assert_allclose(y, x, rtol=rtol, atol=rtol * scale, err_msg=name)
 
 
-@pytest.mark.parametrize(
-  'loss', ['jsd', pytest.param('margin', marks=pytest.mark.slow)]
-)
+@pytest.mark.slow
+@pytest.mark.parametrize('loss', ['jsd', 'margin'])
 def test_four_microsteps_equal_one_batch(loss):
   """xent (mixup's soft targets), importance + z + GShard losses per group,
   the consistency mean over matched pairs (class-token pairs included),
@@ -231,6 +230,7 @@ def test_microsteps_config_errors(overrides, message):
   assert '\n' not in str(e.value)
 
 
+@pytest.mark.slow
 def test_inspect_step_counts_loop_collectives_per_microstep():
   """With M = 2 the MoE all-to-alls sit in the micro-step loop: inspect_step
   counts each twice per step (4 per pass of the one MoE layer, as at M=1)."""

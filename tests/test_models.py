@@ -56,6 +56,7 @@ def test_moe_placement_errors():
     models.moe_placement('last 5', 8)
 
 
+@pytest.mark.slow
 def test_vmoe_checkpoint_and_config_reproduce_the_original():
   """Acceptance: vmoe-format checkpoint + vmoe config -> vmoe's outputs."""
   with open(os.path.join(FIXTURE, 'config.json')) as f:

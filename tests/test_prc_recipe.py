@@ -105,6 +105,7 @@ def test_second_crop_scale_gives_view_2_its_own_area_range():
   assert areas[:, 1].max() - areas[:, 1].min() > 0.3
 
 
+@pytest.mark.slow
 def test_second_crop_scale_equal_to_crop_scale_changes_nothing():
   base = augment.ViewSettings(size=32, patch_size=8, randaugment=(2, 10))
   same = augment.ViewSettings(

@@ -66,6 +66,7 @@ def test_load_loss_accepts_bfloat16_and_computes_in_float32():
   assert float(got) == pytest.approx(load.var() / load.mean() ** 2, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_bfloat16_train_step_is_finite_close_to_float32_and_keeps_f32_state():
   # SGD at a constant learning rate 1 without decay: the update is -grads,
   # so the parameter change compares the two precisions' gradients.
@@ -130,6 +131,7 @@ def _grads(remat):
   return jax.jit(fn)(params), str(jax.make_jaxpr(fn)(params))
 
 
+@pytest.mark.slow
 def test_remat_policies_give_the_same_gradients():
   (value, grads), jaxpr = _grads('none')
   assert 'checkpoint' not in jaxpr and 'remat' not in jaxpr

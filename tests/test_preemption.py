@@ -209,6 +209,7 @@ def test_stoppable_split_asks_between_batches_only(stop_before):
     assert len(asked) == stop_before  # without asking again.
 
 
+@pytest.mark.slow
 def test_stop_in_start_up_or_training_then_resume_equals_uninterrupted(
   tmp_path, monkeypatch, capsys, reference, _private_stop_signal
 ):
@@ -277,6 +278,7 @@ def _recorded_evaluations(monkeypatch):
   return records
 
 
+@pytest.mark.slow
 def test_stop_during_evaluations_then_resume_equals_uninterrupted(
   tmp_path, monkeypatch, capsys, reference, _private_stop_signal
 ):
@@ -350,6 +352,7 @@ _EXTRA_EVALUATIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('extra', sorted(_EXTRA_EVALUATIONS))
 def test_stop_inside_robustness_or_fewshot_then_resume_equals_uninterrupted(
   tmp_path, monkeypatch, capsys, trained, _private_stop_signal, extra
@@ -577,6 +580,7 @@ def _poison_step_3(monkeypatch):
   monkeypatch.setattr(arrays.ArrayDataset, 'train_batches', poisoned)
 
 
+@pytest.mark.slow
 def test_nan_skip_policy_trains_on_past_a_nan_step(tmp_path, monkeypatch):
   _poison_step_3(monkeypatch)
   config = _load_smoke(

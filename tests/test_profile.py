@@ -62,6 +62,7 @@ def _recording_report(monkeypatch):
   return rows
 
 
+@pytest.mark.slow
 def test_trace_appears_and_changes_no_number(
   tmp_path, monkeypatch, capsys, reference
 ):

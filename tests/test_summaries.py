@@ -137,6 +137,7 @@ def _config(**overrides):
   return smoke_config.with_overrides(smoke_config.get_config(), **values)
 
 
+@pytest.mark.slow
 def test_in_step_summaries_match_numpy():
   """One train step on a (2, 4) mesh (experts sharded): the norms of the
   new params, the gradients (recomputed by step.make_grad_fn) and the

@@ -230,6 +230,7 @@ def _check_sweep(config, workdir, num_points, group_key, *extra):
   return rows, groups
 
 
+@pytest.mark.processes
 def test_sweep_runs_points_skips_them_again_and_collects(tmp_path):
   """Two points of the smoke config (2 steps each), two at a time."""
   cfg = tmp_path / 'sweep_smoke.py'

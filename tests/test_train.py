@@ -38,6 +38,7 @@ def _main(workdir, *flags):
   )
 
 
+@pytest.mark.processes
 def test_main_trains_as_train_and_evaluate_does(tmp_path, reference):
   """The command (on 8 devices, as the tests' runs: their programs come
   from the compilation cache) prints the project's own lines and writes
@@ -110,6 +111,7 @@ def test_main_killed_after_checkpoint_resumes_and_finishes(tmp_path):
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'router',
   [
@@ -139,6 +141,7 @@ def test_other_routers_validate_train_and_evaluate(tmp_path, router):
     assert 0.0 <= figs['dropped'] < 1.0
 
 
+@pytest.mark.slow
 def test_mixup_and_randaugment_in_the_train_step(monkeypatch):
   """The config-gated mixup block: called on the views with one group per
   device (partners never cross devices), soft targets, finite step."""

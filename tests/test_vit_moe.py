@@ -141,6 +141,7 @@ def test_router_logits_are_sown_clean():
   )
 
 
+@pytest.mark.slow
 def test_expert_parallel_matches_single_device():
   """(2 data x 4 expert) mesh: same outputs and gradients, via all-to-all."""
   assert jax.device_count() == 8, 'conftest sets 8 CPU devices'
@@ -298,22 +299,19 @@ def _assert_trees_close(got, want, rtol, atol):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'variant,mesh_shape',
-  [('indices_bf16', (2, 4))]
-  # 10-60 s each on 2 loaded cores (one compile per mesh): slow.
-  + [
-    pytest.param(v, s, marks=pytest.mark.slow)
-    for v, s in [
-      ('indices', (2, 4)),
-      ('indices', (1, 8)),
-      ('indices', (4, 2)),
-      ('indices', (8, 1)),
-      ('einsum_bpr', (2, 4)),
-      ('expert_choice', (4, 2)),
-      ('soft', (2, 4)),
-    ]
-  ],
+  [
+    ('indices_bf16', (2, 4)),
+    ('indices', (2, 4)),
+    ('indices', (1, 8)),
+    ('indices', (4, 2)),
+    ('indices', (8, 1)),
+    ('einsum_bpr', (2, 4)),
+    ('expert_choice', (4, 2)),
+    ('soft', (2, 4)),
+  ],  # 10-60 s each on 2 cores (one compile per mesh): slow.
 )
 def test_mesh_matches_one_device_in_train_mode(variant, mesh_shape):
   """Loss, gradients and one optimizer step: every mesh = one device."""

@@ -364,6 +364,7 @@ def _final_params(workdir):
   return params
 
 
+@pytest.mark.slow
 def test_crashed_run_resumes_as_uninterrupted_and_keeps_its_history(
   tmp_path, monkeypatch, reference
 ):
