@@ -4,9 +4,8 @@ import glob
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
+import commands
 import jax
 import ml_collections
 import pytest
@@ -126,14 +125,9 @@ def test_broken_config_gives_one_line(override, message):
 
 
 def _main(*args, workdir):
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = ''
-  env['JAX_COMPILATION_CACHE_DIR'] = jax.config.jax_compilation_cache_dir
-  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-  return subprocess.run(
-    [sys.executable, '-m', 'vmoe_jsd.main', f'--workdir={workdir}', *args],
-    cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-  )  # fmt: skip
+  return commands.run(
+    commands.module('vmoe_jsd.main', f'--workdir={workdir}', *args)
+  )
 
 
 @pytest.mark.parametrize(
@@ -224,9 +218,6 @@ def test_devices_line_and_idle_gpu_warning(monkeypatch):
   ],
 )
 def test_setup_rejects_bad_options_before_installing(arg, message):
-  proc = subprocess.run(
-    ['bash', os.path.join(ROOT, 'setup.sh'), arg],
-    capture_output=True, text=True, timeout=30,
-  )  # fmt: skip
+  proc = commands.run(['bash', os.path.join(ROOT, 'setup.sh'), arg], timeout=30)
   assert proc.returncode == 2
   assert message in proc.stderr

@@ -2,7 +2,6 @@
 
 import importlib.util
 import os
-import subprocess
 import sys
 
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from vmoe_jsd import config_lib, data
 
 sys.path.insert(0, os.path.dirname(__file__))
+import commands
 import smoke_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -210,13 +210,15 @@ def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
 
 @pytest.mark.processes  # main's exit before compiling.
 def test_main_rejects_bad_config_before_compiling(tmp_path):
-  proc = subprocess.run(
-    [sys.executable, '-m', 'vmoe_jsd.main',
-     f'--config={os.path.join(ROOT, "tests", "smoke_config.py")}',
-     f'--workdir={tmp_path}', '--config.model.encoder.moe.group_size=7'],
-    cwd=ROOT, capture_output=True, text=True, timeout=120,
-    env={**os.environ, 'XLA_FLAGS': ''},
-  )  # fmt: skip
+  proc = commands.run(
+    commands.module(
+      'vmoe_jsd.main',
+      f'--config={commands.SMOKE}',
+      f'--workdir={tmp_path}',
+      '--config.model.encoder.moe.group_size=7',
+    ),
+    timeout=120,
+  )
   assert proc.returncode != 0
   assert 'group_size=7 is invalid' in proc.stderr
   assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))

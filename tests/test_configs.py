@@ -4,9 +4,9 @@ import glob
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
+import commands
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,16 +84,14 @@ def test_upcycling_config_runs_from_a_dense_vit_npz(tmp_path):
   npz = str(tmp_path / 'vit.npz')
   np.savez(npz, **vit)
   workdir = str(tmp_path / 'run')
-  env = {
-    **os.environ,
-    'XLA_FLAGS': '',
-    'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir,
-  }
-  proc = subprocess.run(
-    [sys.executable, '-m', 'vmoe_jsd.main', f'--config={path}:runlocal',
-     f'--workdir={workdir}', f'--config.initialization.path={npz}'],
-    cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-  )  # fmt: skip
+  proc = commands.run(
+    commands.module(
+      'vmoe_jsd.main',
+      f'--config={path}:runlocal',
+      f'--workdir={workdir}',
+      f'--config.initialization.path={npz}',
+    )
+  )
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   assert 'upcycled' in proc.stdout
   with open(os.path.join(workdir, 'results.json')) as f:

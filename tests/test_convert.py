@@ -2,9 +2,8 @@
 
 import json
 import os
-import subprocess
-import sys
 
+import commands
 import flax
 import jax
 import jax.numpy as jnp
@@ -73,18 +72,13 @@ def test_orbax_vmoe_orbax_round_trip_is_bitwise(tmp_path):
 
   # orbax -> vmoe through the command line, once: the entry point works.
   prefix = str(tmp_path / 'vmoe' / 'ckpt')
-  result = subprocess.run(
-    [
-      sys.executable,
-      '-m',
+  result = commands.run(
+    commands.module(
       'vmoe_jsd.convert',
       f'--input={workdir}',
       f'--output={prefix}',
       '--num_shards=2',
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
+    ),
     timeout=120,
   )
   assert result.returncode == 0, result.stderr

@@ -2,9 +2,9 @@
 
 import gzip
 import os
-import subprocess
 import sys
 
+import commands
 import numpy as np
 import pytest
 
@@ -135,9 +135,9 @@ def test_first_mini_preparation_prints_one_line(tmp_path):
     f'import sys; from vmoe_jsd.data import mini; {prepare}; '
     f'sys.stdout.flush(); sys.stderr.write("SECOND\\n"); {prepare}'
   )
-  env = {**os.environ, 'XLA_FLAGS': '', 'TF_CPP_MIN_LOG_LEVEL': '0'}
-  proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                        text=True, timeout=300, env=env)  # fmt: skip
+  proc = commands.run(
+    [sys.executable, '-c', code], timeout=300, TF_CPP_MIN_LOG_LEVEL='0'
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   first, _, second = (proc.stdout + proc.stderr).partition('SECOND\n')
   assert first.count('\n') == 1 and first.endswith('\n'), first[:3000]

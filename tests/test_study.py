@@ -4,9 +4,9 @@ against hand-computed values; the report is written from results files."""
 import json
 import math
 import os
-import subprocess
 import sys
 
+import commands
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,8 +125,7 @@ def test_report_only_writes_results_md_from_the_run_folders(tmp_path):
       r = fake_result(acc + 0.01 * seed, (0.4, 0.3), (0.6, 0.8), (FLAT, FLAT))
       (d / 'results.json').write_text(json.dumps(r))
   report = tmp_path / 'docs' / 'results.md'
-  env = dict(os.environ, XLA_FLAGS='')
-  proc = subprocess.run(
+  proc = commands.run(
     [
       sys.executable,
       os.path.join(ROOT, 'tools', 'study.py'),
@@ -138,11 +137,7 @@ def test_report_only_writes_results_md_from_the_run_folders(tmp_path):
       '--label=pilot test',
       '--report_only',
       '--no_analyze',
-    ],
-    capture_output=True,
-    text=True,
-    cwd=ROOT,
-    env=env,
+    ]
   )
   assert proc.returncode == 0, proc.stderr
   text = report.read_text()
@@ -200,7 +195,7 @@ def test_search_then_final_reports_from_the_run_folders(tmp_path):
   }
   _write_runs(root, 'full', full, seeds=(0, 1))
   docs = tmp_path / 'docs'
-  proc = subprocess.run(
+  proc = commands.run(
     [
       sys.executable,
       os.path.join(ROOT, 'tools', 'study.py'),
@@ -215,10 +210,7 @@ def test_search_then_final_reports_from_the_run_folders(tmp_path):
       f'--search_report={docs / "search.md"}',
       '--report_only',
       '--no_analyze',
-    ],
-    capture_output=True,
-    text=True,
-    cwd=ROOT,
+    ]
   )
   assert proc.returncode == 0, proc.stderr
   choice = json.loads((docs / 'search_choice.json').read_text())
@@ -238,7 +230,7 @@ def test_search_then_final_reports_from_the_run_folders(tmp_path):
   assert summary.count('| met |') == 1 and summary.count('| not met |') == 1
   # A search with a missing run is refused, naming it.
   (root / 'n50' / 'l2@0.3_s0' / 'results.json').unlink()
-  proc = subprocess.run(
+  proc = commands.run(
     [
       sys.executable,
       os.path.join(ROOT, 'tools', 'study.py'),
@@ -249,10 +241,7 @@ def test_search_then_final_reports_from_the_run_folders(tmp_path):
       f'--root={root}',
       '--report_only',
       f'--search_report={docs / "search.md"}',
-    ],
-    capture_output=True,
-    text=True,
-    cwd=ROOT,
+    ]
   )
   assert proc.returncode != 0
   assert "lacks runs of ['l2@0.3']" in proc.stderr
@@ -394,7 +383,7 @@ def test_dry_run_prints_the_runs_still_to_train_and_writes_nothing(tmp_path):
   finished = dict(SEARCH['none'], step=50, num_train_steps=50)
   _write_runs(root, 'n50', {'none': finished})
   docs = tmp_path / 'docs'
-  proc = subprocess.run(
+  proc = commands.run(
     [
       sys.executable,
       os.path.join(ROOT, 'tools', 'study.py'),
@@ -404,10 +393,7 @@ def test_dry_run_prints_the_runs_still_to_train_and_writes_nothing(tmp_path):
       f'--root={root}',
       f'--search_report={docs / "search.md"}',
       '--dry_run',
-    ],
-    capture_output=True,
-    text=True,
-    cwd=ROOT,
+    ]
   )
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.splitlines()

@@ -5,10 +5,9 @@ import io
 import json
 import os
 import shlex
-import subprocess
 import sys
 
-import jax
+import commands
 import numpy as np
 import pytest
 
@@ -181,18 +180,8 @@ def test_collect_means_and_sample_stds_over_seeds(tmp_path):
 
 
 def _run_sweep_cli(*args):
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = ''  # one CPU device per point, as a user's run
-  env['JAX_COMPILATION_CACHE_DIR'] = jax.config.jax_compilation_cache_dir
-  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-  return subprocess.run(
-    [sys.executable, '-m', 'vmoe_jsd.sweep', *args],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=1200,
-  )
+  """The sweep command; one CPU device per point, as a user's run."""
+  return commands.run(commands.module('vmoe_jsd.sweep', *args), timeout=1200)
 
 
 def _check_sweep(config, workdir, num_points, group_key, *extra):

@@ -16,9 +16,8 @@ expert dropout only what lies upstream of the experts, see test_matches_vmoe).
 import copy
 import json
 import os
-import subprocess
-import sys
 
+import commands
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -328,28 +327,18 @@ def test_bfloat16_cases_pass_on_the_other_bf16_path_too(tmp_path):
   the CPU has it), so both pass whichever machine runs the suite."""
   if 'x86' not in os.uname().machine and 'amd64' not in os.uname().machine:
     pytest.skip('--xla_cpu_max_isa=AVX2 is an x86 ISA')
-  env = {
-    **os.environ,
-    'XLA_FLAGS': '--xla_cpu_max_isa=AVX2',
-    # The cache key may not tell ISAs apart: a fresh cache.
-    'VMOE_JSD_TEST_CACHE': str(tmp_path / 'cache'),
-  }
-  proc = subprocess.run(
-    [
-      sys.executable,
-      '-m',
+  proc = commands.run(
+    commands.module(
       'pytest',
       '-q',
-      '-p',
-      'no:cacheprovider',
       os.path.abspath(__file__),
       '-k',
       'test_matches_vmoe and (' + ' or '.join(BF16_CASES) + ')',
-    ],
-    env=env,
-    capture_output=True,
-    text=True,
+    ),
     timeout=900,
+    XLA_FLAGS='--xla_cpu_max_isa=AVX2',
+    # The cache key may not tell ISAs apart: a fresh cache.
+    VMOE_JSD_TEST_CACHE=str(tmp_path / 'cache'),
   )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
   assert f'{len(BF16_CASES)} passed' in proc.stdout, proc.stdout[-3000:]
