@@ -192,3 +192,29 @@ def test_attack_spec_defaults_are_vmoes_and_bad_values_fail_in_one_line():
     with pytest.raises(ConfigError, match=match) as info:
       attacks.AttackSpec.from_config(cfg)
     assert '\n' not in str(info.value)
+
+
+def test_attack_table_has_headers_and_counts_images():
+  result = {
+    'num_examples': 256,
+    'clean': {'accuracy': 0.8775},
+    'pgd': {
+      'accuracy': 0.25,
+      'accuracy_drop': 0.6275,
+      'prediction_changes': 0.7,
+      'routing_changes': {'encoderblock_1': 0.3},
+      'flip_rate': {'encoderblock_1': 0.2},
+      'router_kl': {'encoderblock_1': 0.0123},
+    },
+  }
+  lines = attacks.format_attacks(result).splitlines()
+  assert lines[0] == '256 test images; clean accuracy on them 0.8775'
+  assert lines[1].split() == ['attack', 'accuracy', 'drop', 'pred', 'changes']
+  assert lines[2].split() == ['pgd', '0.2500', '0.6275', '0.700']
+  assert lines[3].split() == [
+    'attack', 'layer', 'routing', 'changes', 'flips', 'router', 'kl'
+  ]  # fmt: skip
+  assert lines[4].split() == ['pgd', 'encoderblock_1', '0.300', '0.200',
+                              '0.0123']  # fmt: skip
+  for header, row in ((lines[1], lines[2]), (lines[3], lines[4])):
+    assert len(header) == len(row)  # right-aligned under the headers

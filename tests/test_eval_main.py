@@ -135,6 +135,9 @@ def test_eval_main_robustness_suites(tmp_path, capsys, trained):
     '--config.evaluate.robustness.corruptions=("contrast","rotation")',
   )
   assert '[corruptions]' in out and '[attacks]' in out and '[cheap]' in out
+  # Every suite's table says how many images its figures are on.
+  assert '[corruptions]\n32 test images; one column per severity' in out
+  assert 'on these 32 images: clean accuracy' in out and 'sev 5' in out
   standard = _strict_load(os.path.join(workdir, 'eval_test.json'))
   files = {
     s: _strict_load(os.path.join(workdir, f'{s}_test.json'))

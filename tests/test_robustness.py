@@ -309,3 +309,77 @@ def test_bad_robustness_options_fail_in_one_line():
     assert '\n' not in str(info.value)
   spec = robustness.RobustnessSpec.from_config({'limit': 5000}, 300)
   assert spec.limit == 300 and spec.attack.limit == 300 and not spec.enabled
+
+
+def test_corruption_table_names_severities_and_counts_images():
+  result = {
+    'num_examples': 2000,
+    'clean_accuracy': 0.875,
+    'corruptions': {
+      'shift': {
+        'severities': [1, 2, 3, 4],
+        'accuracy': [0.8, 0.7, None, 0.5],
+        'flip_rate': {'encoderblock_1': [0.1, 0.2, 0.3, 0.4]},
+      },
+      'contrast': {
+        'severities': [0.75, 0.5, 0.4, 0.3, 0.15],
+        'accuracy': [0.85, 0.8, 0.75, 0.7, 0.6],
+        'flip_rate': {'encoderblock_1': [0.01, 0.02, 0.03, 0.04, 0.05]},
+      },
+    },
+    'summary': {
+      'mean_accuracy': 0.7,
+      'accuracy_drop': 0.175,
+      'mean_flip_rate': {'encoderblock_1': 0.1},
+    },
+  }
+  lines = corruptions.format_corruptions(result).splitlines()
+  assert lines[0].startswith('2000 test images; one column per severity')
+  assert lines[1].split() == [
+    'family', 'row', *(w for i in range(1, 6) for w in ('sev', str(i)))
+  ]  # fmt: skip
+  assert lines[2].split() == ['shift', 'parameter', '1', '2', '3', '4']
+  assert lines[3].split() == ['accuracy', '0.800', '0.700', '-', '0.500']
+  assert lines[4].split() == ['flips', 'block_1', '0.100', '0.200', '0.300',
+                              '0.400']  # fmt: skip
+  assert lines[5].split()[:3] == ['contrast', 'parameter', '0.75']
+  # Each cell sits under its severity's header.
+  header = lines[1]
+  for row in lines[2:8]:
+    cells = row[30:].split()
+    ends = [header.index(f'sev {i + 1}') + 5 for i in range(len(cells))]
+    assert [row[: e].rstrip()[-len(c) :] for c, e in zip(cells, ends,
+            strict=True)] == cells  # fmt: skip
+  assert lines[-1] == (
+    'on these 2000 images: clean accuracy 0.8750, mean corruption accuracy '
+    '0.7000 (drop 0.1750); mean flip rate encoderblock_1 0.100'
+  )
+
+
+def test_cheap_table_names_every_column_and_counts_images():
+  row = {
+    'name': 'default',
+    'num_selected_experts': 2,
+    'capacity_factor': 1.0,
+    'capacity': 8,
+    'accuracy': 0.8775,
+    'accuracy_drop': 0.0,
+    'expert_flops': 1.0,
+    'expert_flops_assigned': 1.0,
+    'num_examples': 512,
+    'dropped': {'encoderblock_1': 0.01, 'encoderblock_3': None},
+  }
+  lines = serving.format_cheap({'rows': [row]}).splitlines()
+  assert lines[0].startswith('512 test images; ')
+  assert lines[1].split() == [
+    'variant', 'K', 'cf', 'C', 'acc', 'drop', 'flops', 'assign', 'dropped',
+    'block_1', 'block_3',
+  ]  # fmt: skip
+  assert lines[2].split() == [
+    'default', '2', '1', '8', '0.8775', '0.0000', '1.000', '1.000', '0.010',
+    '-',
+  ]  # fmt: skip
+  # The dropped cells end under their layer's name.
+  for layer in ('block_1', 'block_3'):
+    end = lines[1].index(layer) + len(layer)
+    assert lines[2][end - 1] != ' ' and lines[2][end : end + 1] in ('', ' ')

@@ -464,27 +464,35 @@ class AttackSpec:
 
 
 def format_attacks(result: Mapping) -> str:
+  """The attacks' accuracy table, then their routing per layer, each under
+  a header; the first line gives the images behind every figure."""
+  n = result['num_examples']
   rows = [
-    f'clean accuracy {core.dash(result["clean"]["accuracy"], ".4f")} '
-    f'({result["num_examples"]} images)'
+    f'{n} test images; clean accuracy on them '
+    f'{core.dash(result["clean"]["accuracy"], ".4f")}',
+    f'{"attack":<8}{"accuracy":>9}{"drop":>9}{"pred changes":>14}',
+  ]
+  routing = [
+    f'{"attack":<8}{"layer":<16}{"routing changes":>16}{"flips":>7}'
+    f'{"router kl":>10}'
   ]
   for name in ATTACKS:
     r = result.get(name)
     if r is None:
       continue
-    per_layer = '; '.join(
-      f'{layer}: routing_changes '
-      f'{core.dash(r.get("routing_changes", {}).get(layer))} flips '
-      f'{core.dash(r["flip_rate"][layer])} '
-      f'kl {core.dash(r["router_kl"][layer], ".4f")}'
-      for layer in r['flip_rate']
-    )
     rows.append(
-      f'{name:<8} accuracy {core.dash(r["accuracy"], ".4f")} (drop '
-      f'{core.dash(r["accuracy_drop"], ".4f")}), prediction changes '
-      f'{core.dash(r["prediction_changes"])}; {per_layer}'
+      f'{name:<8}{core.dash(r["accuracy"], ".4f"):>9}'
+      f'{core.dash(r["accuracy_drop"], ".4f"):>9}'
+      f'{core.dash(r["prediction_changes"]):>14}'
     )
-  return '\n'.join(rows)
+    routing += [
+      f'{name:<8}{layer:<16}'
+      f'{core.dash(r.get("routing_changes", {}).get(layer)):>16}'
+      f'{core.dash(r["flip_rate"][layer]):>7}'
+      f'{core.dash(r["router_kl"][layer], ".4f"):>10}'
+      for layer in r['flip_rate']
+    ]
+  return '\n'.join(rows + (routing if len(routing) > 1 else []))
 
 
 def build(ctx):

@@ -413,19 +413,33 @@ def run_corruptions(step_fn, params, dataset, batch_size, spec, put_batch):
 
 
 def format_corruptions(result: Mapping) -> str:
-  """Accuracy and flip rates per family and severity, then the summary."""
-  rows = []
+  """Accuracy and flip rates per family and severity, under a header
+  naming the severities, then the summary with its image count."""
+  width = max([len(t['accuracy']) for t in result['corruptions'].values()])
+  rows = [
+    f'{result["num_examples"]} test images; one column per severity'
+    ' (the parameter row gives its value, docs/robustness.md its unit)',
+    f'{"family":<16}{"row":<14}'
+    + ' '.join(f'sev {i + 1}'.rjust(6) for i in range(width)),
+  ]
   for name, t in result['corruptions'].items():
     rows.append(
-      f'{name:<16}accuracy  ' + ' '.join(core.dash(a) for a in t['accuracy'])
+      f'{name:<16}{"parameter":<14}'
+      + ' '.join(f'{s:>6g}' for s in t['severities'])
+    )
+    rows.append(
+      f'{"":<16}{"accuracy":<14}'
+      + ' '.join(core.dash(a).rjust(6) for a in t['accuracy'])
     )
     for layer, rates in t['flip_rate'].items():
       rows.append(
-        f'{"":<16}{layer[-7:]:<10}' + ' '.join(core.dash(r) for r in rates)
+        f'{"":<16}{"flips " + layer[-7:]:<14}'
+        + ' '.join(core.dash(r).rjust(6) for r in rates)
       )
   s = result['summary']
   rows.append(
-    f'clean accuracy {core.dash(result["clean_accuracy"], ".4f")}, mean '
+    f'on these {result["num_examples"]} images: clean accuracy '
+    f'{core.dash(result["clean_accuracy"], ".4f")}, mean '
     f'corruption accuracy {core.dash(s["mean_accuracy"], ".4f")} (drop '
     f'{core.dash(s["accuracy_drop"], ".4f")}); mean flip rate '
     + ', '.join(f'{k} {core.dash(v)}' for k, v in s['mean_flip_rate'].items())

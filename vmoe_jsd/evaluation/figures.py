@@ -32,21 +32,39 @@ from vmoe_jsd.data import fashion_mnist
 from vmoe_jsd.evaluation import core
 from vmoe_jsd.models.spec import ModelSpec
 
-# Distinct colours (Okabe-Ito, colour-blind safe) for up to 8 experts; more
-# experts cycle through matplotlib's tab20.
+# Distinct colours for up to 8 experts, painted over the view at
+# EXPERT_ALPHA with the view's black lifted to VIEW_FLOOR grey: chosen so
+# that any two experts stay at least 40 CIELAB units apart on a dark patch,
+# on a light one and across the two (tests/test_figures.py). More experts
+# cycle through matplotlib's tab20 (not checked).
 EXPERT_COLOURS = (
-  '#0072B2',
-  '#E69F00',
-  '#009E73',
-  '#CC79A7',
-  '#56B4E9',
-  '#D55E00',
-  '#F0E442',
-  '#999999',
+  '#0000FF',  # blue
+  '#FF8000',  # orange
+  '#00C000',  # green
+  '#FF00FF',  # magenta
+  '#33BBEE',  # sky blue
+  '#B00000',  # dark red
+  '#FFFF00',  # yellow
+  '#000080',  # navy
 )
+EXPERT_ALPHA = 0.7
+VIEW_FLOOR = 0.5  # grey level black pixels of a view are drawn at
 
 
 CENTRED = {'ha': 'center', 'va': 'center'}  # matplotlib text alignment
+# The cross on a matched patch whose top-1 differs from its match's: black
+# with a white rim, to read on every expert colour.
+CROSS = {'color': 'black', 'linewidth': 1.6}
+CROSS_KEY = (
+  "crossed: the patch's match in the other view\n(the patch showing its "
+  'centre point)\nchose another top-1 expert'
+)
+# Why the two views' crosses differ (the matching is one-way, per view).
+CROSS_NOTE = (
+  "Each view's patches are matched into the other view separately; the "
+  'crops differ in scale and place,\nso several patches can share one '
+  'match and some have none: the crosses of view 1 and view 2 differ.'
+)
 
 
 def expert_colour(e: int) -> str:
@@ -151,13 +169,13 @@ def plot_routing_maps(
   blocks = sorted(top1)
   n = images.shape[0]
   cols = 1 + 2 * len(blocks)
-  height = 2.5 * n + 1.2
+  height = 2.5 * n + 1.9
   fig, axes = plt.subplots(n, cols, figsize=(2.1 * cols, height), squeeze=False)
   fig.subplots_adjust(
     left=0.01,
     right=0.99,
     top=1 - 0.85 / height,
-    bottom=0.55 / height,
+    bottom=1.25 / height,
     hspace=0.45,
     wspace=0.06,
   )
@@ -190,8 +208,9 @@ def plot_routing_maps(
     ncol=min(len(handles), 6),
     fontsize=8,
     frameon=False,
-    bbox_to_anchor=(0.5, 0.0),
+    bbox_to_anchor=(0.5, 0.35 / height),
   )
+  fig.text(0.5, 0.05 / height, CROSS_NOTE, ha='center', fontsize=7.5)
   fig.suptitle(
     (title or 'Top-1 expert of each patch in two augmented views') + '\n'
     "views: random crops / flips of the image; a patch's match is the patch "
@@ -216,12 +235,15 @@ def _draw_view(ax, view, partner_map, top1, v: int, patch_size: int, block):
     patch_size: p.
     block: the MoE block (title).
   """
+  from matplotlib import patheffects  # noqa: PLC0415 - lazy matplotlib
   from matplotlib.patches import Rectangle  # noqa: PLC0415 - lazy matplotlib
 
+  rim = [patheffects.withStroke(linewidth=3.2, foreground='white')]
   size = view.shape[0]
   grid = size // patch_size
-  # Black lifted to mid grey so that the expert colours stay visible.
-  ax.imshow(_grey(view), cmap='gray', vmin=-0.8, vmax=1)
+  # Black lifted to VIEW_FLOOR grey so that the expert colours stay apart.
+  floor = VIEW_FLOOR / (VIEW_FLOOR - 1)  # the vmin that draws 0 at the floor
+  ax.imshow(_grey(view), cmap='gray', vmin=floor, vmax=1)
   other = top1[1 - v]
   agree = pairs = 0
   for k in range(grid * grid):
@@ -230,7 +252,7 @@ def _draw_view(ax, view, partner_map, top1, v: int, patch_size: int, block):
     e = int(top1[v, k])
     square = functools.partial(Rectangle, (x0, y0), patch_size, patch_size)
     ax.add_patch(
-      square(facecolor=expert_colour(e), alpha=0.55, ec='white', lw=0.5)
+      square(facecolor=expert_colour(e), alpha=EXPERT_ALPHA, ec='white', lw=0.5)
     )
     m = int(partner_map[k])
     if m < 0:
@@ -242,7 +264,7 @@ def _draw_view(ax, view, partner_map, top1, v: int, patch_size: int, block):
       continue
     for ys in ((y0 + 1, y0 + patch_size - 1), (y0 + patch_size - 1, y0 + 1)):
       ax.plot(
-        [x0 + 1, x0 + patch_size - 1], list(ys), color='red', linewidth=1.6
+        [x0 + 1, x0 + patch_size - 1], list(ys), **CROSS, path_effects=rim
       )
   ax.set_xlim(-0.5, size - 0.5)
   ax.set_ylim(size - 0.5, -0.5)
@@ -259,18 +281,19 @@ def _routing_map_legend(num_experts: int) -> list:
   from matplotlib.patches import Patch  # noqa: PLC0415 - lazy matplotlib
 
   handles = [
-    Patch(facecolor=expert_colour(e), alpha=0.6, label=f'expert {e}')
+    Patch(facecolor=expert_colour(e), alpha=EXPERT_ALPHA, label=f'expert {e}')
     for e in range(num_experts)
   ]
   handles.append(
     Line2D(
       [],
       [],
-      color='red',
+      color=CROSS['color'],
       marker='x',
       linestyle='none',
       markersize=8,
-      label='top-1 differs from matched patch',
+      markeredgewidth=CROSS['linewidth'],
+      label=CROSS_KEY,
     )
   )
   handles.append(
@@ -300,10 +323,27 @@ def figure_to_array(fig) -> np.ndarray:
   return pixels
 
 
+def class_shares(counts) -> np.ndarray:
+  """(classes, E) share of each class's tokens per expert (0 for none)."""
+  c = np.asarray(counts, np.float64)
+  return c / np.maximum(c.sum(1, keepdims=True), 1)
+
+
+def share_limits(shares) -> tuple[float, float]:
+  """The colour scale of the expert_by_class figure: the smallest and the
+  largest share over every layer (one colour bar for all of them)."""
+  lo = min(float(np.min(s)) for s in shares)
+  hi = max(float(np.max(s)) for s in shares)
+  return lo, max(hi, lo + 1e-6)  # a flat table: a non-empty scale
+
+
 def plot_expert_by_class(counts: dict, class_names: list[str]):
-  """Heatmaps: per layer, share of each class's tokens sent to each expert."""
+  """Heatmaps: per layer, share of each class's tokens sent to each expert,
+  on one colour scale fitted to the shares (share_limits)."""
   plt = _pyplot()
   blocks = sorted(counts)
+  shares = {b: class_shares(counts[b]) for b in blocks}
+  lo, hi = share_limits(shares.values())
   fig, axes = plt.subplots(
     1,
     len(blocks),
@@ -312,10 +352,9 @@ def plot_expert_by_class(counts: dict, class_names: list[str]):
     layout='constrained',
   )
   for j, block in enumerate(blocks):
-    c = np.asarray(counts[block], np.float64)
-    share = c / np.maximum(c.sum(1, keepdims=True), 1)
+    share = shares[block]
     ax = axes[0, j]
-    im = ax.imshow(share, cmap='viridis', vmin=0, vmax=1, aspect='auto')
+    im = ax.imshow(share, cmap='viridis', vmin=lo, vmax=hi, aspect='auto')
     ax.set_xticks(range(share.shape[1]))
     ax.set_xticklabels([f'{e}' for e in range(share.shape[1])])
     ax.set_yticks(range(share.shape[0]))
@@ -326,9 +365,15 @@ def plot_expert_by_class(counts: dict, class_names: list[str]):
     ax.set_title(f'block {block}')
     for r in range(share.shape[0]):
       for e in range(share.shape[1]):
-        colour = 'white' if share[r, e] < 0.6 else 'black'
+        light = share[r, e] > (lo + hi) / 2  # viridis: yellow at the top
+        colour = 'black' if light else 'white'
         ax.text(e, r, f'{share[r, e]:.2f}', **CENTRED, fontsize=7, color=colour)
-  fig.colorbar(im, ax=axes[0].tolist(), label="share of the class's patches")
+  fig.colorbar(
+    im,
+    ax=axes[0].tolist(),
+    label="share of the class's patch tokens whose top-1 is the expert\n"
+    f"(each row sums to 1; scale {lo:.2f} to {hi:.2f}: the data's range)",
+  )
   fig.suptitle('Which expert each class is routed to (clean test view)')
   return fig
 
