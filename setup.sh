@@ -43,18 +43,30 @@ if [[ "$DATA" == 1 ]]; then
   fi
 fi
 
+# pip, its output (notices, setuptools' editable-install banner) shown only
+# if it fails: setup prints its own lines.
+pip_install() {
+  local out
+  if ! out=$(.venv/bin/python -m pip install -q "$@" 2>&1); then
+    printf '%s\n' "$out" >&2
+    echo "setup.sh: pip install $* failed (its output above)" >&2
+    exit 1
+  fi
+}
+
 PYTHON="${PYTHON:-python3}"
 if [[ ! -x .venv/bin/python ]]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -r requirements.txt
+echo "Installing the pinned packages (requirements.txt) into .venv..."
+pip_install --upgrade pip
+pip_install -r requirements.txt
 if [[ -n "$JAX_EXTRA" ]]; then
   # The accelerator plugin at exactly the pinned jax/jaxlib version.
   JAX_VERSION=$(sed -n 's/^jax==\([^ ]*\).*/\1/p' requirements.txt)
-  .venv/bin/python -m pip install -q "jax[${JAX_EXTRA}]==${JAX_VERSION}" "jaxlib==${JAX_VERSION}"
+  pip_install "jax[${JAX_EXTRA}]==${JAX_VERSION}" "jaxlib==${JAX_VERSION}"
 fi
-.venv/bin/python -m pip install -q --no-deps -e .
+pip_install --no-deps -e .
 .venv/bin/python -c "import jax; print(f'JAX {jax.__version__}: backend {jax.default_backend()}, devices {jax.devices()}')" 2>/dev/null \
   || echo "JAX is installed; it found no ${ACCELERATOR} device here (fine on a login node)."
 echo "Ready: .venv/bin/python -m vmoe_jsd.main --config=configs/default.py --workdir=runs/default"

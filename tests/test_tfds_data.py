@@ -11,13 +11,15 @@ import logging
 import numpy as np
 import pytest
 
-tfds = pytest.importorskip('tensorflow_datasets')
+pytest.importorskip('tensorflow_datasets')
 pytest.importorskip('tensorflow')
 
 from PIL import Image  # noqa: E402
 
 from vmoe_jsd import data  # noqa: E402
 from vmoe_jsd.data import indexed, mini  # noqa: E402
+
+tfds = mini.import_tfds()  # Its builders leave no tmp*tfds folder behind.
 
 # (height, width) of the 12 training images; label = index % 3.
 SIZES = [

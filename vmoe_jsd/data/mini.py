@@ -13,6 +13,10 @@ The first preparation prints one line; what tfds and TensorFlow write
 meanwhile (tqdm bars with raw escape codes, "Downloading and preparing",
 absl warnings, C++ banners) is kept in a temporary file and shown only if
 the preparation fails (issue 16).
+
+`import_tfds()` is how the project imports tensorflow_datasets: it also
+stops tfds leaving an empty `tmp*tfds` folder in the temp directory for
+every builder of a dataset that is not prepared (issue 24).
 """
 
 from __future__ import annotations
@@ -26,6 +30,35 @@ import numpy as np
 
 SPLITS = {'train': 96, 'validation': 32, 'test': 32}
 SIDE_RANGE = (40, 96)
+
+
+def import_tfds():
+  """tensorflow_datasets (slow to import: only when a tfds dataset is used),
+  with its temp-folder leak stopped.
+
+  tfds (4.9) initialises every builder of a dataset not prepared in its
+  data_dir with `DatasetInfo.initialize_from_bucket`, which makes a
+  temporary folder before it asks GCS for the dataset's info files and
+  never removes it; with GCS off (tfds's default) there is nothing to copy,
+  so each such builder (`num_classes`, a mini dataset's first preparation,
+  a test's builder) left an empty `tmp*tfds` folder behind. The method is
+  wrapped once so that it runs only when GCS has files for the dataset.
+  """
+  import tensorflow_datasets as tfds  # noqa: PLC0415 - optional, heavy
+  from tensorflow_datasets.core.utils import gcs_utils  # noqa: PLC0415
+
+  info_cls = tfds.core.DatasetInfo
+  original = info_cls.initialize_from_bucket
+  if not getattr(original, 'only_with_gcs_files', False):
+
+    def initialize_from_bucket(self):
+      if gcs_utils.gcs_dataset_info_files(self.full_name):
+        original(self)
+
+    initialize_from_bucket.only_with_gcs_files = True
+    initialize_from_bucket.__wrapped__ = original
+    info_cls.initialize_from_bucket = initialize_from_bucket
+  return tfds
 
 
 def _fake_image(rng, shape, label: int, num_classes: int) -> np.ndarray:
@@ -43,8 +76,7 @@ def _fake_image(rng, shape, label: int, num_classes: int) -> np.ndarray:
 
 
 def _fake_example(features, rng, index: int) -> dict:
-  import tensorflow_datasets as tfds  # noqa: PLC0415 - optional, heavy
-
+  tfds = import_tfds()
   out = {}
   labels = {
     key: f
@@ -85,8 +117,7 @@ def prepare(name: str, data_dir: str, splits: dict | None = None):
   Returns:
     The builder of the prepared dataset.
   """
-  import tensorflow_datasets as tfds  # noqa: PLC0415 - optional, heavy
-
+  tfds = import_tfds()
   real = tfds.builder_cls(name)
   splits = dict(splits or SPLITS)
 

@@ -38,8 +38,7 @@ def num_classes(
   """Classes of a tfds dataset's label, from its builder's info (the
   prepared copy's dataset_info.json, or the builder's code when none is
   prepared: nothing is read or downloaded)."""
-  import tensorflow_datasets as tfds  # noqa: PLC0415 - optional, heavy
-
+  tfds = mini_lib.import_tfds()
   if mini:
     data_dir = data_dir or DEFAULT_MINI_DIR
   builder = tfds.builder(tfds_name, data_dir=data_dir)
@@ -71,8 +70,7 @@ class TfdsDataset(indexed.IndexedDataset):
     num_workers: int | None = None,
   ):
     # TensorFlow Datasets only when a tfds dataset is used (slow to import).
-    import tensorflow_datasets as tfds  # noqa: PLC0415 - optional, heavy
-
+    tfds = mini_lib.import_tfds()
     if mini:
       data_dir = data_dir or DEFAULT_MINI_DIR
       mini_lib.prepare(tfds_name, data_dir)
