@@ -56,13 +56,17 @@ sys.path.insert(0, ROOT)
 import input_pipeline  # noqa: E402 - benchmarks/, beside this file
 from bench_setup import train_setup  # noqa: E402 - after the path above
 
-from vmoe_jsd import augment, sharding  # noqa: E402 - after the path above
+from vmoe_jsd import augment, cli, sharding  # noqa: E402 - after the path above
 from vmoe_jsd.data import mini  # noqa: E402 - after the path above
 from vmoe_jsd.models import moe  # noqa: E402 - after the path above
 
 _SMOKE = flags.DEFINE_bool('smoke', False, 'tiny sizes: checks, not numbers')
-_BATCH = flags.DEFINE_integer('per_device_batch', 32, 'images per device')
-_STEPS = flags.DEFINE_integer('steps', 5, 'timed calls per measurement')
+_BATCH = flags.DEFINE_integer(
+  'per_device_batch', 32, 'images per device', lower_bound=1
+)
+_STEPS = flags.DEFINE_integer(
+  'steps', 5, 'timed calls per measurement', lower_bound=1
+)
 _DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'model dtypes')
 _DISPATCHERS = flags.DEFINE_list(
   'dispatchers', ['einsum', 'indices'], 'MoE dispatchers'
@@ -342,4 +346,4 @@ def main(_):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -24,12 +24,14 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from vmoe_jsd import augment
+from vmoe_jsd import augment, cli
 
-_BATCH = flags.DEFINE_integer('batch', 64, 'images per batch')
-_SIZE = flags.DEFINE_integer('size', 224, 'view side')
-_CANVAS = flags.DEFINE_integer('canvas', 320, 'host canvas side')
-_STEPS = flags.DEFINE_integer('steps', 10, 'timed batches per variant')
+_BATCH = flags.DEFINE_integer('batch', 64, 'images per batch', lower_bound=1)
+_SIZE = flags.DEFINE_integer('size', 224, 'view side', lower_bound=1)
+_CANVAS = flags.DEFINE_integer('canvas', 320, 'host canvas side', lower_bound=1)
+_STEPS = flags.DEFINE_integer(
+  'steps', 10, 'timed batches per variant', lower_bound=1
+)
 _VARIANTS = flags.DEFINE_list(
   'variants',
   ['crop', 'randaugment', 'randaugment_geometry', 'mixup'],
@@ -109,4 +111,4 @@ def main(_):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -29,6 +29,7 @@ ratios from one run, not absolute times across runs.
 """
 
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -44,13 +45,18 @@ from ml_collections import config_flags
 
 # Measure the code of this checkout, not whatever vmoe_jsd is installed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vmoe_jsd import checkpoints, config_lib, sharding, train  # noqa: E402
+from vmoe_jsd import checkpoints, cli, config_lib, sharding, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file')
 _NUM_DEVICES = flags.DEFINE_integer(
-  'num_devices', 1, 'simulated CPU devices (the state is sharded over them)'
+  'num_devices',
+  1,
+  'simulated CPU devices (the state is sharded over them)',
+  lower_bound=1,
 )
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'timed runs of each method')
+_REPEATS = flags.DEFINE_integer(
+  'repeats', 3, 'timed runs of each method', lower_bound=1
+)
 _ORBAX = flags.DEFINE_bool('orbax', False, 'also time an orbax save/restore')
 
 
@@ -189,11 +195,12 @@ def time_orbax(state, mib):
   jax.block_until_ready(ckpt.restore(1, abstract))
   restore = time.perf_counter() - t0
   ckpt.close()
+  shutil.rmtree(workdir)  # Scratch: nothing left in the temp directory.
   print(
     f'orbax save (sync, with checksums) {save:7.2f} s; restore (checked) '
-    f'{restore:7.2f} s for {mib:.0f} MiB in {workdir}'
+    f'{restore:7.2f} s for {mib:.0f} MiB'
   )
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

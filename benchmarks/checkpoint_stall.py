@@ -11,6 +11,7 @@ the median time of an iteration with a save minus that of one without.
 Also prints the time spent inside `maybe_save` itself and the state size.
 """
 
+import shutil
 import statistics
 import tempfile
 import time
@@ -20,11 +21,15 @@ from absl import app, flags
 from bench_setup import train_setup
 from ml_collections import config_flags
 
-from vmoe_jsd import checkpoints
+from vmoe_jsd import checkpoints, cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file')
-_STEPS = flags.DEFINE_integer('steps', 60, 'timed steps per mode')
-_EVERY = flags.DEFINE_integer('every', 10, 'save every this many steps')
+_STEPS = flags.DEFINE_integer(
+  'steps', 60, 'timed steps per mode', lower_bound=1
+)
+_EVERY = flags.DEFINE_integer(
+  'every', 10, 'save every this many steps', lower_bound=1
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'where to save (default tmp)')
 
 
@@ -68,7 +73,9 @@ def main(_):
       f'{statistics.median(inside) * 1e3:.1f} ms; wait at close '
       f'{final_wait * 1e3:.1f} ms'
     )
+  if not _WORKDIR.value:  # Our own scratch folder: leave nothing behind.
+    shutil.rmtree(root)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -29,19 +29,26 @@ import tempfile
 import time
 
 import numpy as np
-import tensorflow_datasets as tfds
 from absl import app, flags
 from PIL import Image
 
-from vmoe_jsd.data import indexed, tfds_data
+from vmoe_jsd import cli
+from vmoe_jsd.data import indexed, mini, tfds_data
+
+tfds = mini.import_tfds()  # No empty tmp*tfds folder per builder made.
+tfds.disable_progress_bar()  # No tqdm bars on the console while preparing.
 
 _PHOTOS = flags.DEFINE_string('photos_dir', None, 'folder of colour photos')
-_NUM = flags.DEFINE_integer('num_images', 400, 'JPEGs to make')
-_CROPS = flags.DEFINE_integer('crops', 200, 'random crops for the quality')
+_NUM = flags.DEFINE_integer('num_images', 400, 'JPEGs to make', lower_bound=1)
+_CROPS = flags.DEFINE_integer(
+  'crops', 200, 'random crops for the quality', lower_bound=1
+)
 _CANVASES = flags.DEFINE_list(
   'canvases', ['224', '256', '288', '320', '384', '448'], 'canvas sides'
 )
-_BATCHES = flags.DEFINE_integer('batches', 6, 'timed batches of 64')
+_BATCHES = flags.DEFINE_integer(
+  'batches', 6, 'timed batches of 64', lower_bound=1
+)
 
 
 def make_jpegs(photos_dir, num, seed=0):
@@ -253,4 +260,4 @@ def main(_):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('photos_dir')
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

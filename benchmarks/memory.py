@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from vmoe_jsd import config_lib, losses, models, optimizer, step, streams
+from vmoe_jsd import cli, config_lib, losses, models, optimizer, step, streams
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file')
 _DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'model.dtype')
@@ -156,4 +156,4 @@ def main(_):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

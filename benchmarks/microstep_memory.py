@@ -26,10 +26,12 @@ import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vmoe_jsd import augment, config_lib, inspect_step, train  # noqa: E402
+from vmoe_jsd import augment, cli, config_lib, inspect_step, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file')
-_DEVICES = flags.DEFINE_integer('num_devices', 8, 'simulated devices')
+_DEVICES = flags.DEFINE_integer(
+  'num_devices', 8, 'simulated devices', lower_bound=1
+)
 _MICRO = flags.DEFINE_list('microsteps', ['1', '2', '4'], 'values of M')
 
 GIB = 2**30
@@ -81,4 +83,4 @@ def main(_):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

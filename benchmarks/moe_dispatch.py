@@ -45,13 +45,17 @@ from einops import rearrange
 
 # Measure the code of this checkout, not whatever vmoe_jsd is installed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vmoe_jsd import models  # noqa: E402 - after the path above
+from vmoe_jsd import cli, models  # noqa: E402 - after the path above
 from vmoe_jsd.models import moe  # noqa: E402 - after the path above
 
 _SUITES = flags.DEFINE_list('suites', ['layer', 'dispatch'], 'suites to run')
 _GROUPS = flags.DEFINE_list('group_sizes', ['256', '1024', '4096'], 'S values')
-_ROUNDS = flags.DEFINE_integer('rounds', 5, 'interleaved timing rounds')
-_PER_VISIT = flags.DEFINE_integer('per_visit', 2, 'steps per program a round')
+_ROUNDS = flags.DEFINE_integer(
+  'rounds', 5, 'interleaved timing rounds', lower_bound=1
+)
+_PER_VISIT = flags.DEFINE_integer(
+  'per_visit', 2, 'steps per program a round', lower_bound=1
+)
 _VARIANTS = flags.DEFINE_list('variants', None, 'subset of the variants')
 _VMOE = flags.DEFINE_string(
   'vmoe_path',
@@ -314,4 +318,4 @@ def main(_):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

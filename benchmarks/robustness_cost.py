@@ -17,14 +17,16 @@ the next), so a change of machine load hits them alike.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+
+from vmoe_jsd import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,17 +44,30 @@ def timed(cmd: list[str]) -> tuple[float, float]:
   return wall, cpu
 
 
+def _limits(name: str, text: str) -> list[int]:
+  """The image limits of --name (two or more integers >= 1), or one line."""
+  parts = text.split(',')
+  if len(parts) < 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+    cli.fail(
+      f'--{name}={text!r} is invalid: expected two or more image counts '
+      "(integers >= 1), comma-separated, e.g. '400,2000'"
+    )
+  return [int(p) for p in parts]
+
+
 def main():
-  parser = argparse.ArgumentParser()
+  parser = cli.ArgumentParser()
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--config', default='configs/default.py')
   parser.add_argument('--limits', default='400,2000')
   parser.add_argument('--attack_limits', default='400,1200')
   parser.add_argument('--out', default=None, help='JSON of the timings')
   args = parser.parse_args()
-  limits = [int(x) for x in args.limits.split(',')]
-  attack_limits = [int(x) for x in args.attack_limits.split(',')]
-  scratch = tempfile.mkdtemp()
+  if not os.path.isdir(args.workdir):
+    cli.fail(cli.missing_path_message('workdir', args.workdir, 'a workdir'))
+  limits = _limits('limits', args.limits)
+  attack_limits = _limits('attack_limits', args.attack_limits)
+  scratch = tempfile.mkdtemp()  # The JSON files; removed after timing.
   base = [sys.executable, '-m', 'vmoe_jsd.eval_main', f'--config={args.config}',
           f'--checkpoint={args.workdir}']  # fmt: skip
   rows = []
@@ -71,6 +86,7 @@ def main():
       wall, cpu = timed(base + [f'--suite={suite}', flag, out])
       rows.append((suite, n, wall, cpu))
       print(f'{suite} N={n}: {wall:.1f} s wall, {cpu:.1f} s CPU', flush=True)
+  shutil.rmtree(scratch)
   fits = {}
   for suite in ('corruptions', 'attacks', 'cheap'):
     (n1, w1, c1), (n2, w2, c2) = [

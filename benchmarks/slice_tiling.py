@@ -9,11 +9,11 @@ reference), interleaved round by round; both must agree. Prints the best
 wall time of each. No assertion on time: a script for a quiet machine.
 """
 
-import argparse
 import time
 
 import numpy as np
 
+from vmoe_jsd import cli
 from vmoe_jsd.checkpoints import vmoe_format
 
 
@@ -30,7 +30,7 @@ def pairwise_tiles(bounds, shape) -> bool:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser()
+  parser = cli.ArgumentParser()
   parser.add_argument('--num_slices', type=int, default=8000)
   parser.add_argument('--rounds', type=int, default=3)
   args = parser.parse_args()

@@ -30,10 +30,14 @@ import numpy as np
 from absl import app, flags
 from jax.experimental import multihost_utils
 
-from vmoe_jsd import resilience
+from vmoe_jsd import cli, resilience
 
-_CHECKS = flags.DEFINE_integer('checks', 300, 'calls timed per method')
-_PROCESSES = flags.DEFINE_integer('processes', 2, 'processes to start')
+_CHECKS = flags.DEFINE_integer(
+  'checks', 300, 'calls timed per method', lower_bound=1
+)
+_PROCESSES = flags.DEFINE_integer(
+  'processes', 2, 'processes to start', lower_bound=1
+)
 _PROCESS_ID = flags.DEFINE_integer('process_id', -1, '(internal)')
 _PORT = flags.DEFINE_integer('port', 0, '(internal)')
 
@@ -104,4 +108,4 @@ def main(_):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -30,14 +30,18 @@ from ml_collections import config_flags
 
 # Measure the code of this checkout, not whatever vmoe_jsd is installed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vmoe_jsd import config_lib, sharding, train  # noqa: E402
+from vmoe_jsd import cli, config_lib, sharding, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file')
 _VARIANTS = flags.DEFINE_list(
   'variants', ['off', 'norms', 'norms+router'], 'variants to time'
 )
-_ROUNDS = flags.DEFINE_integer('rounds', 15, 'interleaved rounds')
-_STEPS = flags.DEFINE_integer('steps', 5, 'steps per variant per round')
+_ROUNDS = flags.DEFINE_integer(
+  'rounds', 15, 'interleaved rounds', lower_bound=1
+)
+_STEPS = flags.DEFINE_integer(
+  'steps', 5, 'steps per variant per round', lower_bound=1
+)
 
 
 def _overrides(variant: str) -> dict:
@@ -122,4 +126,4 @@ def main(_):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

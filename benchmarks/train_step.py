@@ -24,10 +24,10 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_setup import train_setup  # noqa: E402 - after the path above
 
-from vmoe_jsd import augment, sharding  # noqa: E402 - after the path above
+from vmoe_jsd import augment, cli, sharding  # noqa: E402 - after the path above
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file')
-_STEPS = flags.DEFINE_integer('steps', 20, 'timed steps')
+_STEPS = flags.DEFINE_integer('steps', 20, 'timed steps', lower_bound=1)
 
 
 def main(_):
@@ -76,4 +76,4 @@ def main(_):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

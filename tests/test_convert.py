@@ -155,7 +155,7 @@ def test_errors(tmp_path, capsys):
   missing = str(tmp_path / 'missing')
   with pytest.raises(FileNotFoundError, match='missing'):
     convert.convert(missing, str(tmp_path / 'out'))
-  assert convert.main([f'--input={missing}', '--output=x']) == 1
+  assert convert.main([f'--input={missing}', '--output=x']) == 2
   assert 'Input not found' in capsys.readouterr().err
 
   (tmp_path / 'empty').mkdir()

@@ -144,3 +144,68 @@ def test_first_mini_preparation_prints_one_line(tmp_path):
   assert first.startswith('Preparing an offline mini cifar10 (6 generated')
   assert '\x1b' not in first and '\r' not in first
   assert second == ''
+
+
+def _damaged(fake_fmnist, damage):
+  """The train split's files with `damage(images path, labels path)`
+  applied; the DataError message of loading them."""
+  path, _, _ = fake_fmnist
+  images, labels = (str(path / f) for f in fashion_mnist.FILES['train'])
+  damage(images, labels)
+  with pytest.raises(indexed.DataError) as e:
+    data.get_dataset(
+      {'name': 'fashion_mnist', 'split': 'train', 'data_dir': str(path)}
+    )
+  assert '\n' not in str(e.value)
+  return str(e.value), images, labels
+
+
+def _cut(path, keep):
+  with open(path, 'rb') as f:
+    content = f.read()
+  with open(path, 'wb') as f:
+    f.write(content[:keep])
+
+
+def test_a_truncated_fashion_mnist_file_is_named(fake_fmnist):
+  """Each damage: one line naming the file and what is wrong (issue 24)."""
+  text, images, _ = _damaged(fake_fmnist, lambda i, _: _cut(i, 200))
+  assert text == (
+    f'{images} is truncated (the gzip stream ends early); copy the file again'
+  )
+
+
+def test_the_other_splits_labels_are_named(fake_fmnist):
+  path = fake_fmnist[0]
+  test_labels = str(path / fashion_mnist.FILES['test'][1])
+  copy = lambda _, lbl: open(lbl, 'wb').write(open(test_labels, 'rb').read())
+  text, images, labels = _damaged(fake_fmnist, copy)
+  assert text == (
+    f'{images} holds 30 images but {labels} holds 12 labels; the two files '
+    'must be of the same split'
+  )
+
+
+def test_wrong_format_fashion_mnist_files_are_named(fake_fmnist, tmp_path):
+  def plain(images, _):  # Not gzip at all.
+    with open(images, 'wb') as f:
+      f.write(b'P5 28 28 255 not an idx file')
+
+  text, images, _ = _damaged(fake_fmnist, plain)
+  assert text.startswith(f'{images} is not a gzipped IDX file (Not a gzip')
+
+  def bad_magic(images, _):
+    with gzip.open(images, 'wb') as f:
+      f.write(b'\x1f\x8b\x08\x03' + bytes(100))
+
+  text, images, _ = _damaged(fake_fmnist, bad_magic)
+  assert text.startswith(f"{images} is not an IDX file (bad magic b'\\x1f")
+
+  def swapped(images, labels):  # The labels file over the images file.
+    with open(labels, 'rb') as f:
+      content = f.read()
+    with open(images, 'wb') as f:
+      f.write(content)
+
+  text, images, _ = _damaged(fake_fmnist, swapped)
+  assert text.startswith(f'{images} holds an array of shape (30,), not images')

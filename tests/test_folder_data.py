@@ -10,7 +10,7 @@ import smoke_config
 from PIL import Image
 
 from vmoe_jsd import config_lib, data, train
-from vmoe_jsd.data import folder
+from vmoe_jsd.data import folder, indexed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -292,3 +292,21 @@ def test_entry_turned_into_a_fifo_after_listing_is_skipped(tmp_path, caplog):
   np.testing.assert_array_equal(out['eval']['mask'], [True, False, True])
   assert ds.num_skipped == 1
   assert any('not a regular file' in r.getMessage() for r in caplog.records)
+
+
+def test_a_split_of_unreadable_images_names_one_in_one_line(tmp_path):
+  """Undecodable images are skipped (above); a split with none readable is
+  one line naming one of them (indexed.DataError: exit 2 from main)."""
+  for cls in ('cat', 'dog'):
+    os.makedirs(tmp_path / 'train' / cls)
+    (tmp_path / 'train' / cls / 'a.jpg').write_bytes(b'not a JPEG')
+  ds = data.get_dataset({'name': 'folder', 'data_dir': str(tmp_path),
+                         'split': 'train'}, default_image_size=4)  # fmt: skip
+  with pytest.raises(indexed.DataError) as e:
+    next(ds.train_batches(2, seed=0))
+  first = str(tmp_path / 'train' / 'cat' / 'a.jpg')
+  assert str(e.value) == (
+    f'folder:{tmp_path}/train: no readable image in the split (2 unreadable;'
+    f' e.g. {first}: UnidentifiedImageError: cannot identify image file); '
+    'expected image files (JPEG, PNG, GIF, ...) that PIL can decode'
+  )

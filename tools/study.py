@@ -11,7 +11,7 @@ Reports are written FROM the runs' results.json files, never by hand
 (tools/study_report.py writes them).
 
   # Everything (resumable): the weight search, then the finalists, 3 seeds.
-  python tools/study.py
+  .venv/bin/python tools/study.py
 
 Two phases:
   1. search (`--phase=search`): every loss at weights 0.03, 0.1, 0.3 on a
@@ -26,7 +26,7 @@ Two phases:
      with the search's table.
 
   # Exactly some settings at some schedule (pilots, checks):
-  python tools/study.py --steps=300 --seeds=0 \
+  .venv/bin/python tools/study.py --steps=300 --seeds=0 \
       --settings=none,jsd,hard_target,cross_correlation --label=pilot \
       --report=/tmp/pilot.md
 
@@ -46,7 +46,7 @@ import sys
 import study_report as report
 from study_report import TOP1_SUFFIX
 
-from vmoe_jsd import sweep
+from vmoe_jsd import cli, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, 'configs', 'default.py')
@@ -536,8 +536,8 @@ def robustness_phase(args, argv):
   print(f'Wrote {args.robustness_report}', flush=True)
 
 
-def parse_args() -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = cli.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   add, docs = parser.add_argument, os.path.join(ROOT, 'docs')
@@ -599,23 +599,55 @@ def parse_args() -> argparse.Namespace:
   add(
     '--robustness_report', default=os.path.join(docs, 'robustness_results.md')
   )
-  return parser.parse_args()
+  return check_args(parser.parse_args(argv))
 
 
-def main():
-  args = parse_args()
+COUNTS = {'jobs': 1, 'finalists': 1, 'search_steps': 1, 'steps': 0}
+
+
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+  """`args`, or one line (cli.fail, status 2) naming a bad value."""
   for loss in args.losses.split(','):
     if loss and loss not in DEFAULT_WEIGHTS:
-      raise SystemExit(
+      cli.fail(
         f'--losses: {loss!r} is not a consistency loss; choose from '
         f'{list(DEFAULT_WEIGHTS)}'
       )
-  argv = [os.path.relpath(sys.argv[0], ROOT)] + [
-    a for a in sys.argv[1:] if a not in ('--report_only', '--no_analyze')
+  for name, low in COUNTS.items():
+    if getattr(args, name) < low:
+      cli.fail(
+        f'--{name}={getattr(args, name)} is invalid: must be an integer '
+        f'>= {low}'
+      )
+  for name in ('seeds', 'search_seeds'):
+    if not all(x.isdigit() for x in getattr(args, name).split(',') if x):
+      cli.fail(
+        f'--{name}={getattr(args, name)!r} is invalid: expected seeds '
+        "(integers >= 0), comma-separated, e.g. '0,1,2'"
+      )
+  try:  # parse_setting's SystemExit(message) has status 1: made 2 here.
+    _ = [parse_setting(x) for x in args.settings.split(',') if x]
+  except SystemExit as e:
+    cli.fail(f'--settings={args.settings!r}: {e}')
+  try:
+    _ = [float(w) for w in args.search_weights.split(',') if w]
+  except ValueError:
+    cli.fail(
+      f'--search_weights={args.search_weights!r} is invalid: expected '
+      "numbers, comma-separated, e.g. '0.03,0.1,0.3'"
+    )
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  argv = [os.path.relpath(os.path.abspath(__file__), ROOT)] + [
+    a for a in argv if a not in ('--report_only', '--no_analyze')
   ]
   if args.robustness:
     if not args.settings:
-      raise SystemExit('--robustness needs --settings (the trained runs)')
+      cli.fail('--robustness needs --settings (the trained runs)')
     robustness_phase(args, argv)
   elif args.settings:
     custom(args, argv)

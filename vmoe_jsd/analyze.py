@@ -321,6 +321,11 @@ def main(argv):
     summary = analyze_spec(spec, workdir, out, flag_values.num_images)
   except CheckpointError as e:
     cli.fail(str(e))
+  except Exception as e:
+    failure = cli.failure_line(e)  # A damaged data file: one line.
+    if failure is None:
+      raise
+    cli.fail(*failure)
   print(format_summary(summary))
   print(f'Wrote {out} in {summary["seconds"]:.1f}s')
 

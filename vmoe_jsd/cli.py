@@ -5,12 +5,16 @@ value of the wrong type), and a run that fails for a reason the user can
 act on (the workdir is in use, not a folder, read-only or trained with
 another config; a full disk; no checkpoint can be restored), end with ONE
 line on stderr instead of a traceback: exit status 2 for the command line,
-the config and the workdir, 1 for the others. TensorFlow's start-up
-banners and the INFO records of libraries stay off the console.
+the config, the workdir and a damaged input data file (data.indexed.
+DataError, naming the file), 1 for the others. `ArgumentParser` gives the
+argparse commands (convert, tools/study.py, benchmarks) the same one
+line. TensorFlow's start-up banners and the INFO records of libraries stay
+off the console.
 """
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import errno
 import glob
@@ -27,7 +31,7 @@ from ml_collections import config_flags
 
 from vmoe_jsd import checkpoints, config_lib, run_files
 from vmoe_jsd.config_errors import flatten
-from vmoe_jsd.data import mini
+from vmoe_jsd.data import indexed, mini
 
 REPO_CONFIGS = os.path.join(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs'
@@ -38,12 +42,62 @@ class CliError(Exception):
   """A problem with the command line or the config, as one line of text."""
 
 
+def program_name() -> str:
+  """'vmoe_jsd.main' for `python -m vmoe_jsd.main`, 'benchmarks/memory.py'
+  for a script outside the package, else 'vmoe_jsd'."""
+  path = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ''
+  name, folder = os.path.basename(path), os.path.basename(os.path.dirname(path))
+  if not name.endswith('.py'):
+    return 'vmoe_jsd'
+  if folder == 'vmoe_jsd':
+    return f'vmoe_jsd.{name[:-3]}'
+  return f'{folder}/{name}' if folder in ('benchmarks', 'tools') else 'vmoe_jsd'
+
+
+def print_error(message: str) -> None:
+  """Prints `prog: error: message` (one line) to stderr."""
+  print(
+    f'{program_name()}: error: {one_line(message)}', file=sys.stderr, flush=True
+  )
+
+
 def fail(message: str, status: int = 2):
   """Prints `prog: error: message` (one line) to stderr and exits."""
-  prog = os.path.basename(sys.argv[0]) if sys.argv else ''
-  prog = f'vmoe_jsd.{prog[:-3]}' if prog.endswith('.py') else 'vmoe_jsd'
-  print(f'{prog}: error: {one_line(message)}', file=sys.stderr, flush=True)
+  print_error(message)
   sys.exit(status)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse's parser whose errors are `fail`'s one line (status 2) with
+  the usage in it, instead of argparse's usage block."""
+
+  def error(self, message: str):
+    usage = self.format_usage().strip().removeprefix('usage: ')
+    fail(f'{message}. Usage: {usage}')
+
+
+def missing_path_message(flag: str, path: str, what: str) -> str:
+  """`--flag='path' does not exist` with the closest existing sibling (a
+  typo) and `what` would be valid."""
+  folder = os.path.dirname(path.rstrip('/')) or '.'
+  try:  # Names and their stems (a vmoe prefix's PREFIX.index: PREFIX).
+    names = sorted(
+      {
+        m
+        for n in os.listdir(folder)
+        if not n.startswith('.')
+        for m in (os.path.splitext(n)[0], n)
+      }
+    )
+  except OSError:
+    names = []
+  base = os.path.basename(path.rstrip('/'))
+  close = difflib.get_close_matches(base, names, n=1)
+  near = (
+    os.path.join(os.path.dirname(path.rstrip('/')), close[0]) if close else ''
+  )
+  hint = f' (did you mean {near}?)' if close else ''
+  return f'--{flag}={path!r} does not exist{hint}; expected {what}'
 
 
 def one_line(message: str) -> str:
@@ -139,6 +193,15 @@ def _flag_error_line(error: Exception, argv: Sequence[str], name: str) -> str:
   if unknown:
     return unknown
   text = str(error)
+  required = re.findall(
+    r'Flag --([\w.]+) must have a value other than None', text
+  )
+  if required:
+    required = list(dict.fromkeys(required))
+    names = ' and '.join(f'--{n}' for n in required)
+    return (
+      f'{names} {"is" if len(required) == 1 else "are"} required (see --help)'
+    )
   if 'Traceback (most recent call last)' in text:
     # config_flags embeds the traceback of get_config(); keep its last line.
     lines = [x for x in text.splitlines() if x.strip()]
@@ -282,11 +345,15 @@ def failure_line(error: BaseException) -> tuple[str, int] | None:
   """(one line, exit status) for a failure the user can act on, else None.
 
   Status 2: the workdir cannot be used as asked (in use, not a folder,
-  read-only, trained with another config), as for a bad config; status 1:
+  read-only, trained with another config) or an input data file is
+  damaged (indexed.DataError, naming the file), as for a bad config; 1:
   the run failed on the way (a full disk, no checkpoint can be restored).
   """
   if isinstance(error, run_files.WorkdirError):
     return one_line(str(error)), 2
+  damaged = [e for e in _chain(error) if isinstance(e, indexed.DataError)]
+  if damaged:  # Also when raised in the input pipeline's threads.
+    return one_line(str(damaged[0])), 2
   if isinstance(error, checkpoints.NoUsableCheckpointError):
     return one_line(str(error)), 1
   full = disk_full_text(error)

@@ -16,7 +16,6 @@ params only, in `--num_shards` data shards. Nothing is overwritten.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import sys
 from collections.abc import Mapping, Sequence
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vmoe_jsd import checkpoints, paths
+from vmoe_jsd import checkpoints, cli, paths
 
 FORMATS = ('orbax', 'vmoe')
 
@@ -124,7 +123,7 @@ def convert(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
     prog='python -m vmoe_jsd.convert',
     description=(
       'Convert params between our orbax checkpoints and vmoe checkpoints; '
@@ -149,8 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     summary = convert(args.input, args.output, num_shards=args.num_shards)
   except (FileNotFoundError, ValueError) as e:
-    print(f'convert: error: {e}', file=sys.stderr)
-    return 1
+    cli.print_error(str(e))  # A missing or wrong --input: one line.
+    return 2
   step = '' if summary['step'] is None else f' (step {summary["step"]})'
   print(
     f'{summary["direction"]}{step}: wrote {summary["num_arrays"]} arrays, '

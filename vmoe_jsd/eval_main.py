@@ -44,6 +44,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from vmoe_jsd import (
+  checkpoints,
   cli,
   config_lib,
   initialization,
@@ -234,11 +235,38 @@ def _checked(config):
         f'{len(suites)} suites; drop --output (each suite has its own file)'
       )
     spec = cli.check_config(config, jax.device_count())
+    _check_checkpoint(_CHECKPOINT.value)
     if 'cheap' in suites:
       serving.check_serving(spec.model)
   except (cli.CliError, ValueError) as e:
     cli.fail(cli.one_line(str(e)))
   return spec, suites
+
+
+def _check_checkpoint(path: str) -> None:
+  """CliError unless --checkpoint names a folder or a vmoe prefix."""
+  vmoe = path if path.endswith('.index') else path + '.index'
+  if paths.exists(vmoe):
+    return
+  if paths.isdir(path):
+    try:  # Lists folders only: a damaged newest step is judged later.
+      checkpoints.find_orbax_state_dir(path)
+    except ValueError as e:
+      raise cli.CliError(f'--checkpoint={path!r}: {e}') from None
+    return
+  if not paths.exists(path):
+    raise cli.CliError(
+      cli.missing_path_message(
+        'checkpoint',
+        path,
+        'a workdir, its checkpoints/ folder, a step folder or a vmoe '
+        'prefix (PREFIX.index)',
+      )
+    )
+  raise cli.CliError(
+    f'--checkpoint={path!r} is a file, not a folder; expected a workdir, '
+    'its checkpoints/ folder, a step folder or a vmoe prefix (PREFIX.index)'
+  )
 
 
 def main(argv):
@@ -251,7 +279,13 @@ def main(argv):
       config.dataset.test.split = _SPLIT.value
   spec, suites = _checked(config)
   cli.quiet_console()
-  results = evaluate_suites(spec, _CHECKPOINT.value, suites)
+  try:
+    results = evaluate_suites(spec, _CHECKPOINT.value, suites)
+  except Exception as e:
+    failure = cli.failure_line(e)
+    if failure is None:
+      raise
+    cli.fail(*failure)
   first = next(iter(results.values()))
   for step, why in first.get('skipped_checkpoints', {}).items():
     print(

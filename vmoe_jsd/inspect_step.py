@@ -166,13 +166,24 @@ def main(argv):
   # _select_devices), not when jax is imported: importing is no jax use.
   if num_devices is not None:
     if num_devices < 1:
-      raise ValueError(f'--num_devices={num_devices} must be >= 1')
+      cli.fail(
+        f'--num_devices={num_devices} is invalid: must be an integer >= 1 '
+        "(CPU devices to compile for; leave it out for the machine's)"
+      )
     flag = '--xla_force_host_platform_device_count='
     old = re.sub(rf'{flag}\d+', '', os.environ.get('XLA_FLAGS', ''))
     os.environ['XLA_FLAGS'] = f'{old} {flag}{num_devices}'.strip()
+  if FLAGS.json and not os.path.isdir(os.path.dirname(FLAGS.json) or '.'):
+    cli.fail(
+      f'--json={FLAGS.json!r}: its folder does not exist; expected a file '
+      'path in an existing folder'
+    )
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   config = FLAGS.config
-  devices = _select_devices(num_devices)
+  try:
+    devices = _select_devices(num_devices)
+  except ValueError as e:
+    cli.fail(str(e))
   try:  # A config error is one line (cli's convention), before compiling.
     spec = cli.check_config(
       config, jax.device_count() if devices is None else len(devices)

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 
 import numpy as np
 
 from vmoe_jsd.data.arrays import ArrayDataset
+from vmoe_jsd.data.indexed import DataError
 
 DEFAULT_DIR = '/usr/share/datasets/fashion-mnist'
 FILES = {
@@ -54,16 +56,42 @@ _IDX_DTYPES = {
 }
 
 
-def read_idx(path: str) -> np.ndarray:
-  """Reads a (possibly gzipped) IDX file into a numpy array."""
+def _read_bytes(path: str) -> bytes:
+  """The (gunzipped) bytes of `path`; DataError if it cannot be read."""
   opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'rb') as f:
-    data = f.read()
+  try:
+    with opener(path, 'rb') as f:
+      return f.read()
+  except EOFError:
+    raise DataError(
+      f'{path} is truncated (the gzip stream ends early); copy the file again'
+    ) from None
+  except (gzip.BadGzipFile, zlib.error) as e:
+    raise DataError(
+      f'{path} is not a gzipped IDX file ({e}); expected a *-ubyte.gz file'
+    ) from None
+  except OSError as e:
+    raise DataError(f'{path} cannot be read ({e.strerror or e})') from None
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads a (possibly gzipped) IDX file into a numpy array.
+
+  Raises:
+    DataError: the file is truncated, not gzip, or not IDX (named).
+  """
+  data = _read_bytes(path)
   if len(data) < 4 or data[0] != 0 or data[1] != 0:
-    raise ValueError(f'{path} is not an IDX file (bad magic {data[:4]!r})')
+    raise DataError(
+      f'{path} is not an IDX file (bad magic {data[:4]!r}; an IDX file '
+      'starts with two zero bytes, a type code and the number of dimensions)'
+    )
   type_code, ndim = data[2], data[3]
   if type_code not in _IDX_DTYPES:
-    raise ValueError(f'{path}: unknown IDX type code {type_code:#x}')
+    raise DataError(
+      f'{path}: unknown IDX type code {type_code:#x}; valid: '
+      f'{", ".join(f"{c:#x}" for c in _IDX_DTYPES)}'
+    )
   header = 4 + 4 * ndim
   shape = tuple(
     int.from_bytes(data[4 + 4 * i : 8 + 4 * i], 'big') for i in range(ndim)
@@ -71,11 +99,30 @@ def read_idx(path: str) -> np.ndarray:
   dtype = np.dtype(_IDX_DTYPES[type_code])
   expected = int(np.prod(shape)) * dtype.itemsize
   if len(data) - header != expected:
-    raise ValueError(
+    raise DataError(
       f'{path} is truncated or corrupt: header says shape {shape} '
-      f'({expected} bytes) but {len(data) - header} bytes follow'
+      f'({expected} bytes) but {max(len(data) - header, 0)} bytes follow'
     )
   return np.frombuffer(data, dtype, offset=header).reshape(shape)
+
+
+def _check_pair(paths, images: np.ndarray, labels: np.ndarray) -> None:
+  """DataError unless (N, H, W) images go with N labels."""
+  if images.ndim != 3:
+    raise DataError(
+      f'{paths[0]} holds an array of shape {images.shape}, not images '
+      '(N, 28, 28); is it a labels file?'
+    )
+  if labels.ndim != 1:
+    raise DataError(
+      f'{paths[1]} holds an array of shape {labels.shape}, not labels (N,)'
+      '; is it an images file?'
+    )
+  if len(images) != len(labels):
+    raise DataError(
+      f'{paths[0]} holds {len(images)} images but {paths[1]} holds '
+      f'{len(labels)} labels; the two files must be of the same split'
+    )
 
 
 def load(split: str, data_dir: str | None = None) -> ArrayDataset:
@@ -97,10 +144,13 @@ def load(split: str, data_dir: str | None = None) -> ArrayDataset:
     raise FileNotFoundError(
       f'Fashion-MNIST files not found: {missing}. {HOW_TO_GET}'
     )
-  images = read_idx(paths[0])[..., None]
-  labels = read_idx(paths[1]).astype(np.int32)
+  images, labels = read_idx(paths[0]), read_idx(paths[1])
+  _check_pair(paths, images, labels)
   return ArrayDataset(
-    images[sl], labels[sl], num_classes=10, name=f'fashion_mnist:{split}'
+    images[sl][..., None],
+    labels[sl].astype(np.int32),
+    num_classes=10,
+    name=f'fashion_mnist:{split}',
   )
 
 

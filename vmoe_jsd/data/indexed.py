@@ -36,6 +36,7 @@ import io
 import itertools
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator
 
@@ -44,6 +45,12 @@ import numpy as np
 from vmoe_jsd.data import eval_padding
 
 CHANNEL_MODES = {1: 'L', 3: 'RGB'}
+
+
+class DataError(ValueError):
+  """Input data that cannot be used as a whole (a truncated, mismatched or
+  wrongly formatted file): one line naming the file and what is wrong.
+  Commands end with it on stderr and exit status 2 (cli.failure_line)."""
 
 
 class UnreadableRecord(Exception):
@@ -356,7 +363,13 @@ class IndexedDataset(IndexedBatches):
       out = self._decode_train((index + offset) % self._num_records)
       if out is not None:
         return out
-    raise ValueError(f'{self.name}: no readable image in the split')
+    first = min(self._bad)
+    why = re.sub(r' <_io\.BytesIO object at \w+>', '', self._bad[first])
+    raise DataError(
+      f'{self.name}: no readable image in the split ({len(self._bad)} '
+      f'unreadable; e.g. {self.describe(first)}: {why}); '
+      'expected image files (JPEG, PNG, GIF, ...) that PIL can decode'
+    )
 
   def _train_batch(self, indices) -> dict[str, np.ndarray]:
     examples = list(self._pool.map(self._train_example, indices))
