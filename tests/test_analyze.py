@@ -244,6 +244,7 @@ def folder_analysis(tmp_path_factory):
   return summary, drawn
 
 
+@pytest.mark.slow
 def test_analyze_reads_a_folder_test_split_at_the_augmentation_size(
   folder_analysis,
 ):
@@ -255,6 +256,7 @@ def test_analyze_reads_a_folder_test_split_at_the_augmentation_size(
   assert 'routing_maps.png' in summary['files']
 
 
+@pytest.mark.slow
 def test_routing_maps_of_the_whole_test_split_agree_as_the_evaluation(
   folder_analysis,
 ):

@@ -169,6 +169,7 @@ def test_bad_fewshot_config_is_rejected(key, value, message):
     config_lib.validate(config, num_devices=8)
 
 
+@pytest.mark.slow
 def test_training_runs_fewshot_periodically_and_at_the_end(tmp_path, capsys):
   config = _fewshot_config()
   with config.unlocked():
